@@ -1,0 +1,482 @@
+"""The regional combiner: serves the global model to its region, folds updates.
+
+One combiner runs per region. Per round it
+
+1. learns of the new round from Redis (pub/sub, with polling as a fallback),
+2. fetches model version ``v_r`` from the global aggregator once and serves it
+   from memory to every worker of the region (one copy per region crosses the
+   global tier, not one per worker),
+3. validates each worker's update (identity, round, selection, size, codec,
+   metadata, shape, dtype, finiteness, norm) and folds it into one running
+   weighted sum (memory O(model), not O(clients x model)),
+4. sends one partial (``Σ w_i·Δ_i``, ``Σ w_i``) to the global aggregator when
+   every selected client of the region reported, or when the global tier asks
+   for a flush at the round deadline.
+
+A rejected update is counted by reason and never touches the sum, so it
+cannot poison the round. If the combiner restarts mid-round, the updates it
+had folded are lost with its memory: their clients are forgotten in Redis and
+count as dropped for that round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from fedkube import codec
+from fedkube.aggregator.strategies.fedavg import WeightedSum
+from fedkube.aggregator.validation import Template, check_update, template_of
+from fedkube.errors import CodecError, LeaseLost, UpdateRejected
+from fedkube.logs import fields
+from fedkube.metrics import Metrics
+from fedkube.protocol import (
+    H_CLIENT,
+    H_CODEC,
+    H_JOB,
+    H_REGION,
+    H_ROUND,
+    H_TENANT,
+    H_WEIGHT,
+    M_CLIENT,
+    M_JOB,
+    M_KIND,
+    M_ROUND,
+    M_TENANT,
+    Envelope,
+    Reason,
+    RoundState,
+    check_metadata,
+    parse_int,
+    parse_weight,
+)
+from fedkube.roundstate import RoundInfo, RoundStore
+from fedkube.spec import FederatedJob
+from fedkube.web import bearer, json_error, start_site, token_matches
+
+log = logging.getLogger("fedkube.combiner")
+
+TIER = "combiner"
+POLL_INTERVAL_S = 0.5
+LEASE_TTL_MS = 5000
+
+
+@dataclass
+class _Round:
+    """What the combiner holds for the round it is collecting."""
+
+    info: RoundInfo
+    selected: set[str]  # this region's selected clients
+    folded: set[str] = field(default_factory=set)
+    sum: WeightedSum | None = None
+    flushed: bool = False
+
+
+@dataclass
+class CombinerConfig:
+    job: FederatedJob
+    region: str
+    redis_url: str
+    global_url: str
+    tenant_digests: dict[str, str]
+    aggregator_token: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    lease_ttl_ms: int = LEASE_TTL_MS
+
+
+class Combiner:
+    def __init__(self, config: CombinerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.job = config.job
+        self.name = config.job.name
+        self.region = config.region
+        self.metrics = metrics or Metrics()
+        self.store = RoundStore.connect(config.redis_url, self.name)
+        clients = [c for c in config.job.clients() if c.region == config.region]
+        self.clients = {c.id: c for c in clients}
+        self.tenants = {c.tenant for c in clients}
+        self.max_bytes = config.job.spec.transport.max_update_bytes
+        self.current: _Round | None = None
+        self.job_status: str | None = None
+        self.models: dict[int, bytes] = {}
+        self.template: Template | None = None
+        self._fetches: dict[int, asyncio.Task[bytes]] = {}
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._lease = secrets.token_hex(8)
+        self._http: aiohttp.ClientSession | None = None
+        self.stopped = asyncio.Event()
+        self.port = config.port
+
+    # -- lifecycle ---------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_bytes)
+        app.router.add_get("/v1/task", self.handle_task)
+        app.router.add_get("/v1/model/{version}", self.handle_model)
+        app.router.add_post("/v1/update", self.handle_update)
+        app.router.add_get("/metrics", self.metrics.handle)
+        app.router.add_get("/healthz", self.handle_health)
+        return app
+
+    async def start(self) -> None:
+        role = f"combiner-{self.region}"
+        while not await self.store.acquire_lease(role, self._lease, self.config.lease_ttl_ms):
+            log.info("waiting for lease %s", role, extra=fields(job=self.name, region=self.region))
+            await asyncio.sleep(self.config.lease_ttl_ms / 4000)
+        self._http = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.config.aggregator_token}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
+        self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
+        self._tasks = [
+            asyncio.create_task(self._follow_rounds()),
+            asyncio.create_task(self._keep_lease(role)),
+        ]
+        log.info("combiner serving on port %d", self.port,
+                 extra=fields(job=self.name, region=self.region))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._flush_tasks]:
+            task.cancel()
+        for task in [*self._tasks, *self._flush_tasks]:
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await task
+        await self._runner.cleanup()
+        if self._http:
+            await self._http.close()
+        await self.store.release_lease(f"combiner-{self.region}", self._lease)
+        await self.store.close()
+
+    async def _keep_lease(self, role: str) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.config.lease_ttl_ms / 3000)
+                await self.store.renew_lease(role, self._lease, self.config.lease_ttl_ms)
+        except LeaseLost:
+            log.error("lost lease %s; stopping", role, extra=fields(job=self.name))
+            self.stopped.set()
+            raise
+
+    # -- following the global round ----------------------------------------
+    async def _follow_rounds(self) -> None:
+        """Track the job's current round: pub/sub for speed, polling for safety."""
+        pubsub = self.store.redis.pubsub()
+        await pubsub.subscribe(self.store.channel)
+        try:
+            while not self.stopped.is_set():
+                await self._sync_round()
+                if self.job_status in ("succeeded", "failed"):
+                    self.stopped.set()
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await pubsub.get_message(ignore_subscribe_messages=True,
+                                             timeout=POLL_INTERVAL_S)
+        finally:
+            await pubsub.aclose()
+
+    async def _sync_round(self) -> None:
+        job = await self.store.job_info()
+        self.job_status = job.get("status")
+        number = int(job.get("round", 0))
+        info = await self.store.round_info(number) if number else None
+        if info is not None and (self.current is None or self.current.info.token != info.token):
+            await self._begin_round(info)
+        elif info is not None and self.current is not None:
+            self.current.info = info
+        if self.job_status in ("succeeded", "failed"):
+            async with self._changed:
+                self._changed.notify_all()
+            return
+        current = self.current
+        if (current and current.selected and not current.flushed
+                and current.info.state == RoundState.aggregating):
+            self._schedule_flush(current)
+
+    async def _begin_round(self, info: RoundInfo) -> None:
+        async with self._lock:
+            previous = self.current
+            selected = {c for c in await self.store.selected(info.round) if c in self.clients}
+            reported = await self.store.reported(info.round)
+            lost = [c for c in reported if c in self.clients]
+            if lost and (previous is None or previous.info.round != info.round):
+                # Folded by an earlier incarnation of this combiner: that sum is gone.
+                await self.store.forget_reports(info.round, lost)
+                log.warning("forgot %d reports folded before a restart", len(lost),
+                            extra=fields(job=self.name, round=info.round, region=self.region))
+            self.current = _Round(info=info, selected=selected)
+        self.metrics.round_current.labels(self.name, TIER, self.region).set(info.round)
+        self.metrics.clients_selected.labels(self.name, self.region).set(len(selected))
+        self.metrics.clients_reported.labels(self.name, self.region).set(0)
+        log.info("round opened: %d selected here", len(selected),
+                 extra=fields(job=self.name, round=info.round, region=self.region))
+        for version in list(self.models):
+            if version < info.version - 1:
+                del self.models[version]
+        if selected:
+            self._background(self._prefetch(info.version))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _prefetch(self, version: int) -> None:
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            await self.model_bytes(version)
+
+    async def model_bytes(self, version: int) -> bytes:
+        """Model ``version`` from the cache, fetched from the global tier once."""
+        if version in self.models:
+            return self.models[version]
+        task = self._fetches.get(version)
+        if task is None:
+            task = asyncio.create_task(self._fetch_model(version))
+            self._fetches[version] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._fetches.pop(version, None)
+
+    async def _fetch_model(self, version: int) -> bytes:
+        assert self._http is not None
+        url = f"{self.config.global_url}/v1/model/{version}"
+        async with self._http.get(url, params={"region": self.region}) as response:
+            response.raise_for_status()
+            data = await response.read()
+        tensors, _meta = codec.decode(data)
+        self.template = template_of(tensors)
+        self.models[version] = data
+        return data
+
+    # -- handlers ------------------------------------------------------------
+    async def handle_health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "region": self.region})
+
+    def _authenticate(self, request: web.Request) -> str:
+        tenant = request.headers.get(H_TENANT, "")
+        if tenant not in self.tenants:
+            raise UpdateRejected(Reason.unknown_tenant.value,
+                                 f"tenant {tenant!r} is not served by region {self.region}", 403)
+        if not token_matches(bearer(request), self.config.tenant_digests.get(tenant)):
+            raise UpdateRejected(Reason.unauthenticated.value,
+                                 f"bad or missing token for tenant {tenant!r}", 401)
+        client = request.headers.get(H_CLIENT, "")
+        if client and (client not in self.clients or self.clients[client].tenant != tenant):
+            raise UpdateRejected(Reason.unknown_tenant.value,
+                                 f"client {client!r} is not a client of tenant {tenant!r}", 403)
+        return tenant
+
+    async def handle_task(self, request: web.Request) -> web.Response:
+        """Long poll: the next round this client should train in."""
+        try:
+            self._authenticate(request)
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
+        client = request.headers.get(H_CLIENT, "")
+        after = int(request.query.get("after", "0"))
+        wait_s = min(float(request.query.get("wait", "20")), 60.0)
+        deadline = time.monotonic() + wait_s
+        while True:
+            task = self._task_for(client, after)
+            if task is not None:
+                return web.json_response(task)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return web.json_response({"status": "wait"})
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _task_for(self, client: str, after: int) -> dict[str, object] | None:
+        if self.job_status in ("succeeded", "failed"):
+            return {"status": "done", "job_status": self.job_status}
+        current = self.current
+        if current is None or current.info.round <= after or current.flushed:
+            return None
+        if client not in current.selected or client in current.folded:
+            return None
+        if current.info.state != RoundState.collecting:
+            return None
+        return {"status": "train", "round": current.info.round, "version": current.info.version,
+                "deadline": current.info.deadline}
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        try:
+            tenant = self._authenticate(request)
+            version = int(request.match_info["version"])
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
+        except ValueError:
+            return json_error(400, "malformed", "version must be an integer")
+        try:
+            data = await self.model_bytes(version)
+        except aiohttp.ClientResponseError as exc:
+            return json_error(exc.status, "unavailable", f"model {version}: {exc.message}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return json_error(503, "unavailable", f"global aggregator unreachable: {exc}")
+        self.metrics.bytes_down.labels(self.name, TIER, self.region, tenant).inc(len(data))
+        current = self.current
+        if current is not None:
+            await self.store.add_counters(current.info.round, bytes_down=len(data))
+        return web.Response(body=data, content_type=codec.CONTENT_TYPE)
+
+    async def handle_update(self, request: web.Request) -> web.Response:
+        tenant = "unknown"
+        try:
+            tenant = self._authenticate(request)
+            result = await self._accept_update(request, tenant)
+        except UpdateRejected as exc:
+            self.metrics.updates_rejected.labels(
+                self.name, TIER, self.region, tenant, exc.reason).inc()
+            round_no = self.current.info.round if self.current else None
+            if exc.reason in (Reason.duplicate.value, Reason.late.value) and round_no:
+                await self.store.add_counters(round_no, **{exc.reason: 1})
+            log.warning("update rejected: %s", exc.detail, extra=fields(
+                job=self.name, round=round_no, region=self.region, tenant=tenant,
+                client=request.headers.get(H_CLIENT), reason=exc.reason))
+            return json_error(exc.status, exc.reason, exc.detail)
+        return web.json_response(result)
+
+    async def _accept_update(self, request: web.Request, tenant: str) -> dict[str, object]:
+        client = request.headers.get(H_CLIENT, "")
+        if request.headers.get(H_JOB) != self.name:
+            raise UpdateRejected(Reason.metadata_mismatch.value,
+                                 f"job {request.headers.get(H_JOB)!r} is not {self.name!r}")
+        if request.headers.get(H_CODEC, codec.CODEC) != codec.CODEC:
+            raise UpdateRejected(Reason.malformed.value,
+                                 f"codec {request.headers.get(H_CODEC)!r} is not supported", 415)
+        if request.content_length is not None and request.content_length > self.max_bytes:
+            raise UpdateRejected(Reason.oversized.value,
+                                 f"{request.content_length} bytes > {self.max_bytes}", 413)
+        number = parse_int(request.headers.get(H_ROUND), "round")
+        weight = parse_weight(request.headers.get(H_WEIGHT))
+        current = self.current
+        self._check_round(current, number, client)
+        assert current is not None
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise UpdateRejected(Reason.oversized.value, f"body > {self.max_bytes} bytes",
+                                 413) from None
+        try:
+            tensors, metadata = codec.decode(body)
+        except CodecError as exc:
+            raise UpdateRejected(Reason.malformed.value, str(exc)) from None
+        check_metadata(metadata, {M_JOB: self.name, M_ROUND: str(number), M_TENANT: tenant,
+                                  M_CLIENT: client, M_KIND: "update"})
+        if parse_weight(metadata.get("fedkube.weight")) != weight:
+            raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
+        if self.template is None:
+            await self.model_bytes(current.info.version)
+        assert self.template is not None
+        check_update(tensors, self.template, self.job.spec.transport.norm_bound)
+        started = time.perf_counter()
+        async with self._lock:
+            # Re-check under the lock: a flush or a new round may have happened.
+            self._check_round(self.current, number, client)
+            if not await self.store.record_report(number, client, weight):
+                raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
+            if current.sum is None:
+                current.sum = WeightedSum.zeros_like(tensors)
+            await asyncio.get_running_loop().run_in_executor(
+                None, current.sum.fold, tensors, weight)
+            current.folded.add(client)
+            complete = current.folded >= current.selected
+        self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(
+            time.perf_counter() - started)
+        self.metrics.updates_accepted.labels(self.name, TIER, self.region, tenant).inc()
+        self.metrics.bytes_up.labels(self.name, TIER, self.region, tenant).inc(len(body))
+        self.metrics.clients_reported.labels(self.name, self.region).set(len(current.folded))
+        await self.store.add_counters(number, bytes_up=len(body))
+        log.info("update folded", extra=fields(job=self.name, round=number, region=self.region,
+                                               tenant=tenant, client=client))
+        if complete:
+            self._schedule_flush(current)
+        return {"status": "accepted", "round": number}
+
+    def _check_round(self, current: _Round | None, number: int, client: str) -> None:
+        if current is None or number > current.info.round:
+            raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
+        if number < current.info.round or current.flushed or (
+                current.info.state != RoundState.collecting):
+            raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
+        if client not in current.selected:
+            raise UpdateRejected(Reason.not_selected.value,
+                                 f"{client} was not selected for round {number}", 403)
+        if client in current.folded:
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
+
+    # -- flushing the partial ------------------------------------------------
+    def _schedule_flush(self, current: _Round) -> None:
+        if current.flushed:
+            return
+        current.flushed = True
+        self._background(self._flush(current))
+
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a task that stop() waits for or cancels (and that is not GC'd early)."""
+        task = asyncio.create_task(coroutine)
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    async def _flush(self, current: _Round) -> None:
+        """Send the partial; retry until the global tier has it or moved on."""
+        async with self._lock:
+            partial = current.sum
+            tensors = partial.sums if partial else {}
+            weight = partial.weight if partial else 0.0
+            count = partial.count if partial else 0
+            envelope = Envelope(self.name, current.info.round, self.region, "", weight)
+            metadata = {**envelope.metadata("partial"), "fedkube.count": str(count)}
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, codec.encode, tensors, metadata)
+        headers = {H_JOB: self.name, H_ROUND: str(current.info.round), H_REGION: self.region,
+                   H_CODEC: codec.CODEC, "Content-Type": codec.CONTENT_TYPE}
+        assert self._http is not None
+        delay = 0.2
+        while not self.stopped.is_set():
+            try:
+                async with self._http.post(f"{self.config.global_url}/v1/partial",
+                                           data=body, headers=headers) as response:
+                    answer = await response.text()
+                    if response.status < 300 or response.status in (409, 410):
+                        log.info("partial sent: %d updates, weight %.0f (%s)", count, weight,
+                                 response.status, extra=fields(
+                                     job=self.name, round=current.info.round, region=self.region))
+                        return
+                    log.error("global refused partial: %s %s", response.status, answer,
+                              extra=fields(job=self.name, round=current.info.round))
+                    return
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("global unreachable (%s); retrying", exc,
+                            extra=fields(job=self.name, round=current.info.round))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def run_combiner(config: CombinerConfig, stop: asyncio.Event,
+                       on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve until the job ends or ``stop`` is set."""
+    combiner = Combiner(config)
+    await combiner.start()
+    if on_ready:
+        on_ready(combiner.port)
+    waiter = asyncio.create_task(stop.wait())
+    done = asyncio.create_task(combiner.stopped.wait())
+    await asyncio.wait({waiter, done}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    done.cancel()
+    # Let in-flight partials finish before leaving (bounded by their own retries).
+    if combiner._flush_tasks:  # noqa: SLF001
+        await asyncio.wait(combiner._flush_tasks, timeout=10)  # noqa: SLF001
+    await combiner.stop()

@@ -1,0 +1,432 @@
+"""The global aggregator: drives rounds, reduces regional partials, checkpoints.
+
+For each round it selects participants (seeded), opens the round in Redis,
+serves model version ``v_r`` to the combiners, waits for one partial per
+region that has selected clients (or the deadline), reduces them with the
+job's strategy, evaluates on the held-out split, checkpoints, appends the
+round's record to the history and opens the next round.
+
+Deadline rule: at the deadline, if at least ``quorum`` clients reported the
+combiners are asked to flush (state ``aggregating``); otherwise the spec's
+``onQuorumMissed`` extends the deadline or fails the job with a status that
+says why. Partials are written to the checkpoint volume before they are
+acknowledged, so ``--resume`` after a crash continues the same round with
+none of them lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from fedkube import codec
+from fedkube.aggregator import checkpoint
+from fedkube.aggregator.strategies import REGISTRY
+from fedkube.aggregator.strategies.fedavg import Partial
+from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
+from fedkube.errors import CodecError, LeaseLost, QuorumNotReached, UpdateRejected
+from fedkube.learning import build_model, evaluate, float_state, load_data, load_float_state
+from fedkube.logs import fields
+from fedkube.metrics import Metrics
+from fedkube.protocol import (
+    H_JOB,
+    H_REGION,
+    H_ROUND,
+    M_JOB,
+    M_KIND,
+    M_REGION,
+    M_ROUND,
+    Reason,
+    RoundState,
+    check_metadata,
+    parse_int,
+)
+from fedkube.roundstate import RoundInfo, RoundStore, select_clients
+from fedkube.spec import FederatedJob, quorum
+from fedkube.web import bearer, json_error, start_site, token_matches
+
+log = logging.getLogger("fedkube.global")
+
+TIER = "global"
+POLL_INTERVAL_S = 0.25
+LEASE_TTL_MS = 5000
+
+
+@dataclass
+class GlobalConfig:
+    job: FederatedJob
+    redis_url: str
+    checkpoint_dir: Path
+    aggregator_digest: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    resume: bool = False
+    lease_ttl_ms: int = LEASE_TTL_MS
+
+
+class GlobalAggregator:
+    def __init__(self, config: GlobalConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.job = config.job
+        self.spec = config.job.spec
+        self.name = config.job.name
+        self.metrics = metrics or Metrics()
+        self.store = RoundStore.connect(config.redis_url, self.name)
+        self.strategy = REGISTRY[self.spec.strategy.name].module
+        self.clients = config.job.clients()
+        self.region_of = {c.id: c.region for c in self.clients}
+        self.regions = set(config.job.region_names())
+        self.model = build_model(config.job)
+        self.weights = float_state(self.model)
+        self.template: Template = template_of(self.weights)
+        self.version = 1
+        self.model_bytes: dict[int, bytes] = {}
+        self.round_no = 0
+        self.partials: dict[str, Partial] = {}
+        self._arrived = asyncio.Event()
+        self._lease = secrets.token_hex(8)
+        self._test_data = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._continue: RoundInfo | None = None
+        self.port = config.port
+
+    # -- lifecycle ---------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.spec.transport.max_update_bytes * 4)
+        app.router.add_get("/v1/model/{version}", self.handle_model)
+        app.router.add_post("/v1/partial", self.handle_partial)
+        app.router.add_get("/v1/status", self.handle_status)
+        app.router.add_get("/metrics", self.metrics.handle)
+        app.router.add_get("/healthz", self.handle_health)
+        return app
+
+    async def start(self) -> None:
+        while not await self.store.acquire_lease("global", self._lease, self.config.lease_ttl_ms):
+            log.info("waiting for the global lease", extra=fields(job=self.name))
+            await asyncio.sleep(self.config.lease_ttl_ms / 4000)
+        await self._restore()
+        self._publish_model()
+        self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
+        self._tasks.append(asyncio.create_task(self._keep_lease()))
+        log.info("global aggregator serving on port %d, next round %d", self.port,
+                 self.round_no + 1 if self._continue is None else self._continue.round,
+                 extra=fields(job=self.name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await task
+        await self._runner.cleanup()
+        await self.store.release_lease("global", self._lease)
+        await self.store.close()
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_ttl_ms / 3000)
+            await self.store.renew_lease("global", self._lease, self.config.lease_ttl_ms)
+
+    async def _restore(self) -> None:
+        """Fresh start, or continue from the checkpoint and Redis (``--resume``)."""
+        directory = self.config.checkpoint_dir
+        if not self.config.resume:
+            checkpoint.clear(directory)
+            await self.store.delete_all(keep_leases=True)
+            await self.store.start_job(self.spec.rounds)
+            return
+        saved = checkpoint.load_latest(directory, self.name)
+        last_closed = 0
+        if saved is not None:
+            self.weights, last_closed = saved.weights, saved.round
+            self.version = last_closed + 1
+        self.round_no = last_closed
+        current = await self.store.current_round()
+        info = await self.store.round_info(current) if current else None
+        if (info is not None and current == last_closed + 1
+                and info.state in (RoundState.collecting, RoundState.aggregating)):
+            self._continue = info
+            for region, body in checkpoint.load_partials(directory, current).items():
+                self.partials[region] = self._decode_partial(body, current, region)
+        else:
+            await self.store.trim_history(last_closed)
+        await self.store.start_job(self.spec.rounds)
+        log.info("resuming after round %d (%d partials kept)", last_closed, len(self.partials),
+                 extra=fields(job=self.name))
+
+    def _publish_model(self) -> None:
+        self.model_bytes = {
+            v: b for v, b in self.model_bytes.items() if v >= self.version - 1
+        }
+        self.model_bytes[self.version] = codec.encode(
+            self.weights,
+            {"fedkube.job": self.name, "fedkube.version": str(self.version), M_KIND: "model"},
+        )
+
+    # -- the round loop ------------------------------------------------------
+    async def run(self) -> str:
+        """Drive rounds to the end; returns the job's final status."""
+        try:
+            while self.round_no < self.spec.rounds:
+                info = self._continue or await self._open(self.round_no + 1)
+                self._continue = None
+                partials = await self._collect(info)
+                await self._close(info, partials)
+        except QuorumNotReached as exc:
+            log.error("%s", exc, extra=fields(job=self.name, round=self.round_no + 1))
+            await self.store.finish_job("failed", str(exc), self.spec.state.key_ttl_seconds)
+            return "failed"
+        message = f"{self.spec.rounds} rounds completed"
+        await self.store.finish_job("succeeded", message, self.spec.state.key_ttl_seconds)
+        log.info("job succeeded", extra=fields(job=self.name))
+        return "succeeded"
+
+    async def _open(self, number: int) -> RoundInfo:
+        ids = [c.id for c in self.clients]
+        selected = select_clients(ids, self.spec.participation.fraction, self.spec.seed, number)
+        needed = quorum(self.spec.participation, len(selected))
+        self.partials = {}
+        self._arrived.clear()
+        info = await self.store.open_round(
+            number, selected, needed, self.spec.participation.round_timeout_seconds, self.version)
+        self.metrics.round_current.labels(self.name, TIER, "").set(number)
+        for region in self.regions:
+            here = sum(1 for c in selected if self.region_of[c] == region)
+            self.metrics.clients_selected.labels(self.name, region).set(here)
+        log.info("round opened: %d selected, quorum %d", len(selected), needed,
+                 extra=fields(job=self.name, round=number))
+        return info
+
+    async def _collect(self, info: RoundInfo) -> list[Partial]:
+        number = info.round
+        selected = await self.store.selected(number)
+        expected = {self.region_of[c] for c in selected}
+        flush_deadline: float | None = None
+        timeout = self.spec.participation.round_timeout_seconds
+        while True:
+            if expected <= self.partials.keys():
+                return list(self.partials.values())
+            now = time.time()
+            current = await self.store.round_info(number)
+            assert current is not None
+            if current.state == RoundState.collecting and now >= current.deadline:
+                reported = await self.store.reported_count(number)
+                if reported >= current.quorum:
+                    await self.store.transition(number, RoundState.collecting,
+                                                RoundState.aggregating)
+                    await self.store.publish({"type": "round_flush", "round": number})
+                    flush_deadline = now + timeout
+                    log.info("deadline: %d reported, asking combiners to flush", reported,
+                             extra=fields(job=self.name, round=number))
+                else:
+                    await self._quorum_missed(current, reported, len(selected))
+            elif current.state == RoundState.aggregating:
+                flush_deadline = flush_deadline or now + timeout
+                if now >= flush_deadline:
+                    got = sum(p.count for p in self.partials.values())
+                    if got >= current.quorum and got > 0:
+                        log.warning("regions %s sent no partial; closing without them",
+                                    sorted(expected - self.partials.keys()),
+                                    extra=fields(job=self.name, round=number))
+                        return list(self.partials.values())
+                    await self.store.transition(number, RoundState.aggregating,
+                                                RoundState.collecting)
+                    await self._quorum_missed(current, got, len(selected))
+                    flush_deadline = None
+            wait = max(0.01, min(POLL_INTERVAL_S, current.deadline - now))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait)
+            self._arrived.clear()
+
+    async def _quorum_missed(self, info: RoundInfo, reported: int, selected: int) -> None:
+        policy = self.spec.participation
+        if policy.on_quorum_missed == "extend" and info.extensions < policy.max_extensions:
+            await self.store.extend(info.round, policy.round_timeout_seconds)
+            log.warning("quorum missed (%d of %d, need %d): deadline extended (%d/%d)",
+                        reported, selected, info.quorum, info.extensions + 1,
+                        policy.max_extensions, extra=fields(job=self.name, round=info.round))
+            return
+        raise QuorumNotReached(
+            f"round {info.round}: {reported} of {selected} selected clients reported, "
+            f"quorum is {info.quorum} (after {info.extensions} deadline extensions)"
+        )
+
+    async def _close(self, info: RoundInfo, partials: list[Partial]) -> None:
+        number = info.round
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        delta = await loop.run_in_executor(None, self.strategy.reduce_partials, partials)
+        self.weights = self.strategy.apply_delta(
+            self.weights, delta, self.spec.strategy.server_learning_rate)
+        self.metrics.aggregation_seconds.labels(self.name, TIER, "").observe(
+            time.perf_counter() - started)
+        loss = accuracy = None
+        if number % self.spec.evaluation.every_rounds == 0 or number == self.spec.rounds:
+            loss, accuracy = await loop.run_in_executor(None, self._evaluate)
+            self.metrics.model_loss.labels(self.name).set(loss)
+            self.metrics.model_accuracy.labels(self.name).set(accuracy)
+        selected = await self.store.selected(number)
+        counters = await self.store.counters(number)
+        by_region: dict[str, dict[str, int]] = {}
+        for region in sorted(self.regions):
+            chosen = sum(1 for c in selected if self.region_of[c] == region)
+            got = self.partials[region].count if region in self.partials else 0
+            by_region[region] = {"selected": chosen, "reported": got}
+            if chosen:
+                self.metrics.participation.labels(self.name, region).set(got / chosen)
+                self.metrics.clients_dropped.labels(self.name, region).inc(chosen - got)
+            self.metrics.clients_reported.labels(self.name, region).set(got)
+        reported = sum(p.count for p in partials)
+        record = {
+            "round": number,
+            "loss": loss,
+            "accuracy": accuracy,
+            "selected": len(selected),
+            "reported": reported,
+            "dropped": len(selected) - reported,
+            "participation": reported / len(selected) if selected else 0.0,
+            "weight": sum(p.weight for p in partials),
+            "duration_s": time.time() - info.opened_at,
+            "bytes_up": counters.get("bytes_up", 0),
+            "bytes_down": counters.get("bytes_down", 0),
+            "duplicates": counters.get("duplicate", 0),
+            "late": counters.get("late", 0),
+            "regions": by_region,
+            "extensions": (await self.store.round_info(number) or info).extensions,
+        }
+        checkpoint.save(self.config.checkpoint_dir, self.name, number, self.weights, record)
+        self.round_no = number
+        self.version = number + 1
+        self._publish_model()
+        await self.store.close_round(number, record, self.spec.state.key_ttl_seconds)
+        checkpoint.drop_partials(self.config.checkpoint_dir, number)
+        self.partials = {}
+        self.metrics.round_duration.labels(self.name).observe(record["duration_s"])
+        self.metrics.rounds_completed.labels(self.name).inc()
+        log.info("round closed: %d/%d reported, accuracy %s", reported, len(selected),
+                 "n/a" if accuracy is None else f"{accuracy:.4f}",
+                 extra=fields(job=self.name, round=number))
+
+    def _evaluate(self) -> tuple[float, float]:
+        if self._test_data is None:
+            self._test_data = load_data(self.job, "test")
+        load_float_state(self.model, self.weights)
+        return evaluate(self.model, self._test_data)
+
+    # -- handlers ------------------------------------------------------------
+    def _authorised(self, request: web.Request) -> bool:
+        return token_matches(bearer(request), self.config.aggregator_digest)
+
+    async def handle_health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "round": self.round_no})
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        return web.json_response({"job": self.name, "last_closed_round": self.round_no,
+                                  "version": self.version, "partials": sorted(self.partials)})
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        try:
+            version = int(request.match_info["version"])
+        except ValueError:
+            return json_error(400, Reason.malformed.value, "version must be an integer")
+        data = self.model_bytes.get(version)
+        if data is None:
+            return json_error(404, "unknown_version",
+                              f"model version {version} is not served (current {self.version})")
+        region = request.query.get("region", "")
+        self.metrics.bytes_down.labels(self.name, TIER, region, "").inc(len(data))
+        return web.Response(body=data, content_type=codec.CONTENT_TYPE)
+
+    async def handle_partial(self, request: web.Request) -> web.Response:
+        region = request.headers.get(H_REGION, "")
+        label = region if region in self.regions else "unknown"
+        try:
+            if not self._authorised(request):
+                raise UpdateRejected(Reason.unauthenticated.value, "bad or missing token", 401)
+            partial, body = await self._accept_partial(request, region)
+        except UpdateRejected as exc:
+            self.metrics.updates_rejected.labels(self.name, TIER, label, "", exc.reason).inc()
+            log.warning("partial rejected: %s", exc.detail, extra=fields(
+                job=self.name, region=label, reason=exc.reason))
+            return json_error(exc.status, exc.reason, exc.detail)
+        self.metrics.bytes_up.labels(self.name, TIER, region, "").inc(len(body))
+        self.metrics.updates_accepted.labels(self.name, TIER, region, "").inc()
+        self._arrived.set()
+        return web.json_response({"status": "accepted", "region": partial.region})
+
+    async def _accept_partial(self, request: web.Request, region: str) -> tuple[Partial, bytes]:
+        if request.headers.get(H_JOB) != self.name:
+            raise UpdateRejected(Reason.metadata_mismatch.value, "partial for another job")
+        if region not in self.regions:
+            raise UpdateRejected(Reason.unknown_tenant.value, f"unknown region {region!r}", 403)
+        number = parse_int(request.headers.get(H_ROUND), "round")
+        open_round = self.round_no + 1
+        if number < open_round:
+            raise UpdateRejected(Reason.late.value, f"round {number} is closed", 410)
+        if number > open_round:
+            raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
+        if region in self.partials:
+            raise UpdateRejected(Reason.duplicate.value, f"{region} already sent round {number}",
+                                 409)
+        body = await request.read()
+        partial = self._decode_partial(body, number, region)
+        # Durable before acknowledged: a restarted aggregator reloads it.
+        await asyncio.get_running_loop().run_in_executor(
+            None, checkpoint.save_partial, self.config.checkpoint_dir, number, region, body)
+        self.partials[region] = partial
+        return partial, body
+
+    def _decode_partial(self, body: bytes, number: int, region: str) -> Partial:
+        try:
+            tensors, metadata = codec.decode(body)
+        except CodecError as exc:
+            raise UpdateRejected(Reason.malformed.value, str(exc)) from None
+        check_metadata(metadata, {M_JOB: self.name, M_ROUND: str(number), M_REGION: region,
+                                  M_KIND: "partial"})
+        try:
+            weight = float(metadata["fedkube.weight"])
+            count = int(metadata["fedkube.count"])
+        except (KeyError, ValueError):
+            raise UpdateRejected(Reason.bad_weight.value, "partial lacks weight/count") from None
+        if not (weight >= 0 and count >= 0) or (count > 0) != (weight > 0):
+            raise UpdateRejected(Reason.bad_weight.value, f"weight {weight} with count {count}")
+        if count:
+            check_structure(tensors, self.template)
+            check_finite(tensors)
+        return Partial(region=region, sums=dict(tensors), weight=weight, count=count)
+
+
+async def run_global(config: GlobalConfig, stop: asyncio.Event,
+                     on_ready: Callable[[int], None] | None = None) -> str:
+    """Serve and drive the job until it ends, ``stop`` is set or the lease is lost."""
+    aggregator = GlobalAggregator(config)
+    await aggregator.start()
+    if on_ready:
+        on_ready(aggregator.port)
+    runner = asyncio.create_task(aggregator.run())
+    stopper = asyncio.create_task(stop.wait())
+    lease = aggregator._tasks[0]  # noqa: SLF001 - the lease task ends only by LeaseLost
+    done, _ = await asyncio.wait({runner, stopper, lease}, return_when=asyncio.FIRST_COMPLETED)
+    status = "stopped"
+    if runner in done:
+        status = runner.result()
+    else:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        if lease in done and lease.exception() is not None:
+            status = "lease-lost"
+    stopper.cancel()
+    await aggregator.stop()
+    return status

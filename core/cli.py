@@ -1,0 +1,216 @@
+"""The ``fedkube`` command line.
+
+User commands: ``run`` (the embedded runtime, or Ray), ``compare`` (federated
+vs centralised vs each tenant alone), ``validate``. Service commands (what
+the pods and the local runtime execute): ``aggregator``, ``combiner``,
+``worker``. Secrets come from the environment (``FEDKUBE_TOKEN``,
+``FEDKUBE_AGGREGATOR_TOKEN``) or files, never from arguments that ``ps``
+would show.
+
+Exit codes: 0 success, 1 the job failed, 2 invalid input, 3 lease lost,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedkube.errors import FedkubeError, SpecError
+from fedkube.spec import load_job
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_LEASE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise FedkubeError(f"environment variable {name} is not set")
+    return value
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    clients = job.clients()
+    print(f"{args.job}: valid FederatedJob {job.name!r}: {len(job.spec.tenants)} tenants, "
+          f"{len(clients)} clients, {len(job.spec.regions)} regions, {job.spec.rounds} rounds")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedkube.local.runner import RunOptions, run_job
+
+    options = RunOptions(
+        job_path=Path(args.job), out_dir=Path(args.out) if args.out else None,
+        resume=args.resume, runtime=args.runtime, ray_address=args.ray_address,
+        redis_url=args.redis_url, quiet=args.quiet, history_format=args.history_format,
+    )
+    result = run_job(options)
+    return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedkube.baselines import compare
+
+    report = compare(Path(args.job), Path(args.out) if args.out else None, quiet=args.quiet)
+    print(report.table())
+    return EXIT_OK if report.federated_status == "succeeded" else EXIT_FAILED
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedkube.aggregator.global_aggregator import GlobalConfig, run_global
+    from fedkube.logs import configure
+    from fedkube.web import AGGREGATOR_TOKEN_ENV, digest, port_file_write, stop_on_signals
+
+    configure("global", args.log_level)
+    config = GlobalConfig(
+        job=load_job(args.job), redis_url=args.redis_url,
+        checkpoint_dir=Path(args.checkpoint_dir), aggregator_digest=digest(
+            _env(AGGREGATOR_TOKEN_ENV)), host=args.host, port=args.port, resume=args.resume,
+    )
+
+    async def main() -> str:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        return await run_global(config, stop, on_ready=lambda port: port_file_write(
+            args.port_file, port))
+
+    status = asyncio.run(main())
+    return {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "lease-lost": EXIT_LEASE}.get(
+        status, EXIT_INTERRUPTED)
+
+
+def cmd_combiner(args: argparse.Namespace) -> int:
+    from fedkube.aggregator.combiner import CombinerConfig, run_combiner
+    from fedkube.logs import configure
+    from fedkube.web import AGGREGATOR_TOKEN_ENV, load_digests, port_file_write, stop_on_signals
+
+    configure("combiner", args.log_level)
+    job = load_job(args.job)
+    if args.region not in job.region_names():
+        raise SpecError([("--region", f"{args.region!r} is not a region of job {job.name!r}")])
+    config = CombinerConfig(
+        job=job, region=args.region, redis_url=args.redis_url, global_url=args.global_url,
+        tenant_digests=load_digests(args.tenant_tokens),
+        aggregator_token=_env(AGGREGATOR_TOKEN_ENV), host=args.host, port=args.port,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        await run_combiner(config, stop, on_ready=lambda port: port_file_write(
+            args.port_file, port))
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fedkube.logs import configure
+    from fedkube.web import TOKEN_ENV, port_file_write, stop_on_signals
+    from fedkube.workers.runtime import Worker, WorkerConfig, pick_device, serve_metrics
+
+    configure("worker", args.log_level)
+    job = load_job(args.job)
+    clients = {c.id: c for c in job.clients()}
+    if args.client not in clients:
+        raise SpecError([("--client", f"{args.client!r} is not a client of job {job.name!r} "
+                          f"(clients: {', '.join(sorted(clients))})")])
+    client = clients[args.client]
+    tenant = next(t for t in job.spec.tenants if t.name == client.tenant)
+    config = WorkerConfig(job=job, client=client, combiner_url=args.combiner_url,
+                          token=_env(TOKEN_ENV), device=pick_device(tenant.resources.gpu))
+    worker = Worker(config)
+    if args.metrics_port is not None:
+        port = serve_metrics(worker.metrics, args.host, args.metrics_port)
+        port_file_write(args.port_file, port)
+
+    async def main() -> str:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        return await worker.run(stop)
+
+    status = asyncio.run(main())
+    return EXIT_OK if status in ("succeeded", "stopped") else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkube", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a FederatedJob manifest on this machine (or Ray)")
+    p.add_argument("job", help="FederatedJob manifest (YAML)")
+    p.add_argument("--out", help="run directory (default runs/<job name>)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its "
+                   "last closed round")
+    p.add_argument("--runtime", choices=["process", "ray"], default="process")
+    p.add_argument("--ray-address", help="existing Ray cluster (implies --runtime ray)")
+    p.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
+    p.add_argument("--history-format", choices=["jsonl", "csv"], default="jsonl")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="federated vs centralised vs each tenant alone")
+    p.add_argument("job")
+    p.add_argument("--out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("validate", help="check a manifest and say what is wrong")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_validate)
+
+    def service(name: str, helptext: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--job", required=True, help="FederatedJob manifest (the ConfigMap)")
+        s.add_argument("--host", default="127.0.0.1")
+        s.add_argument("--port-file", help="write the bound port here (for --port 0)")
+        s.add_argument("--log-level", default="INFO")
+        return s
+
+    p = service("aggregator", "global aggregator service")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_aggregator)
+
+    p = service("combiner", "regional combiner service")
+    p.add_argument("--region", required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--global-url", required=True)
+    p.add_argument("--tenant-tokens", required=True, help="JSON file: tenant -> sha256 digest")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_combiner)
+
+    p = service("worker", "one client's training loop")
+    p.add_argument("--client", required=True, help="client id, <tenant>-<replica>")
+    p.add_argument("--combiner-url", required=True)
+    p.add_argument("--metrics-port", type=int, help="serve /metrics here (0: any free port)")
+    p.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "ray_address", None):
+        args.runtime = "ray"
+    try:
+        return int(args.func(args))
+    except SpecError as exc:
+        print(f"fedkube: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except FedkubeError as exc:
+        print(f"fedkube: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        logging.getLogger("fedkube").warning("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Resolve ``module.path:callable`` entrypoints from the job spec."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from fedkube.errors import EntrypointError
+
+
+def resolve(reference: str) -> Callable[..., Any]:
+    """Import ``module:attr`` and return the callable it names."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise EntrypointError(f"entrypoint {reference!r} is not of the form module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EntrypointError(f"entrypoint {reference!r}: cannot import {module_name}: {exc}")
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise EntrypointError(f"entrypoint {reference!r}: {module_name} has no {attribute}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise EntrypointError(f"entrypoint {reference!r} is not callable")
+    return target

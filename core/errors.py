@@ -1,0 +1,58 @@
+"""Every exception fedkube raises on purpose, in one place.
+
+Callers catch these by meaning (a bad manifest, a rejected update) instead of
+catching broad exceptions that would hide real bugs.
+"""
+
+from __future__ import annotations
+
+
+class FedkubeError(Exception):
+    """Base class for fedkube's own errors."""
+
+
+class SpecError(FedkubeError):
+    """A FederatedJob manifest is invalid.
+
+    ``problems`` holds ``(field_path, reason)`` pairs, so that the CLI, the
+    operator and the tests can all name the offending field.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = [f"{path}: {reason}" for path, reason in problems]
+        super().__init__("invalid FederatedJob:\n  " + "\n  ".join(lines))
+
+
+class EntrypointError(FedkubeError):
+    """A ``module:callable`` entrypoint cannot be resolved."""
+
+
+class CodecError(FedkubeError):
+    """Bytes that claim to be a tensor payload are not one we accept."""
+
+
+class UpdateRejected(FedkubeError):
+    """A worker's update (or a combiner's partial) failed validation.
+
+    ``reason`` is a short stable token used as the ``reason`` label of
+    ``fedkube_updates_rejected_total``; ``status`` is the HTTP status returned.
+    """
+
+    def __init__(self, reason: str, detail: str, status: int = 400):
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        super().__init__(f"{reason}: {detail}")
+
+
+class QuorumNotReached(FedkubeError):
+    """A round hit its deadline without enough reports and may not extend."""
+
+
+class CheckpointError(FedkubeError):
+    """A checkpoint is missing, unreadable or belongs to another job."""
+
+
+class LeaseLost(FedkubeError):
+    """Another process holds the lease this one needs (split-brain guard)."""

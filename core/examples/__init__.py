@@ -1,0 +1,1 @@
+"""Built-in example tasks (model and data factories) for demos and tests."""

@@ -1,0 +1,128 @@
+"""What a person sees of a run: progress lines, summary, history file, plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedkube.spec import FederatedJob
+
+if TYPE_CHECKING:
+    from fedkube.local.runner import RunResult
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def _pct(value: float | None) -> str:
+    return "   n/a" if value is None else f"{100 * value:5.2f}%"
+
+
+class ProgressPrinter:
+    """One line per closed round, flushed as it happens."""
+
+    def __init__(self, job: FederatedJob, enabled: bool = True):
+        self.job = job
+        self.enabled = enabled
+
+    def header(self, out: Path, runtime: str) -> None:
+        if not self.enabled:
+            return
+        spec = self.job.spec
+        print(f"fedkube run {self.job.name}: {len(spec.tenants)} tenants, "
+              f"{len(self.job.clients())} clients, {len(spec.regions)} regions, "
+              f"{spec.rounds} rounds, strategy {spec.strategy.name}, runtime {runtime}",
+              flush=True)
+        print(f"run directory {out}", flush=True)
+
+    def round(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        loss = record.get("loss")
+        print(
+            f"round {record['round']:>3}/{self.job.spec.rounds}  "
+            f"clients {record['reported']}/{record['selected']} "
+            f"({100 * record['participation']:.0f}%)  "
+            f"loss {'n/a' if loss is None else f'{loss:.4f}'}  "
+            f"acc {_pct(record.get('accuracy'))}  "
+            f"up {human_bytes(record.get('bytes_up', 0))}  "
+            f"down {human_bytes(record.get('bytes_down', 0))}  "
+            f"{record['duration_s']:.2f}s",
+            flush=True,
+        )
+
+
+def write_history(history: list[dict[str, Any]], out: Path, fmt: str) -> Path:
+    if fmt == "csv":
+        path = out / "history.csv"
+        columns = ["round", "loss", "accuracy", "selected", "reported", "dropped",
+                   "participation", "duration_s", "bytes_up", "bytes_down", "duplicates", "late"]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+        return path
+    path = out / "history.jsonl"
+    path.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in history))
+    return path
+
+
+def plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evaluated = [r for r in history if r.get("accuracy") is not None]
+    rounds = [r["round"] for r in evaluated]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    acc_ax.plot(rounds, [100 * r["accuracy"] for r in evaluated], marker="o", color="tab:blue")
+    acc_ax.set(title="held-out accuracy", xlabel="round", ylabel="accuracy (%)")
+    acc_ax.grid(alpha=0.3)
+    loss_ax.plot(rounds, [r["loss"] for r in evaluated], marker="o", color="tab:red")
+    loss_ax.set(title="held-out loss", xlabel="round", ylabel="cross-entropy")
+    loss_ax.grid(alpha=0.3)
+    fig.suptitle(f"fedkube: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary(job: FederatedJob, result: RunResult) -> str:
+    history = result.history
+    lines = [f"fedkube run {job.name}: {result.status} in {result.wall_s:.1f}s"
+             + (f" ({result.message})" if result.message else "")]
+    if history:
+        last = history[-1]
+        evaluated = [r for r in history if r.get("accuracy") is not None]
+        best = max(evaluated, key=lambda r: r["accuracy"]) if evaluated else None
+        reported = sum(r["reported"] for r in history)
+        selected = sum(r["selected"] for r in history)
+        rows = [
+            ("rounds closed", f"{last['round']} of {job.spec.rounds}"),
+            ("final accuracy", _pct(evaluated[-1]["accuracy"]) if evaluated else "n/a"),
+            ("final loss", f"{evaluated[-1]['loss']:.4f}" if evaluated else "n/a"),
+            ("best accuracy", f"{_pct(best['accuracy'])} (round {best['round']})" if best
+             else "n/a"),
+            ("participation", f"{100 * reported / max(selected, 1):.1f}% "
+                              f"({reported}/{selected} updates, "
+                              f"{sum(r['dropped'] for r in history)} dropped)"),
+            ("bytes up / down", f"{human_bytes(sum(r['bytes_up'] for r in history))} / "
+                                f"{human_bytes(sum(r['bytes_down'] for r in history))}"),
+            ("mean round time", f"{sum(r['duration_s'] for r in history) / len(history):.2f}s"),
+        ]
+        if result.history_path:
+            rows.append(("history", str(result.history_path)))
+        if result.plot_path:
+            rows.append(("plot", str(result.plot_path)))
+        width = max(len(name) for name, _ in rows)
+        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""``fedkube run``: the whole job on one machine (or a Ray cluster).
+
+Starts a real ``redis-server`` (append-only, in the run directory), the
+global aggregator, one combiner per region and every client's worker, each
+in its own process (or Ray actor), talking over loopback HTTP exactly as the
+pods do. Follows progress from Redis, and when the job ends writes the
+history (JSONL or CSV), a PNG plot and a summary.
+
+Run directory layout (``runs/<job>`` by default)::
+
+    redis/         Redis append-only file (round state; kept for --resume)
+    checkpoints/   global model per round (safetensors + JSON)
+    secrets/       tenant and aggregator tokens (mode 0600)
+    logs/          one JSON-lines log per process
+    ports/         ports the services bound
+    history.jsonl  one record per round (or history.csv)
+    plot.png       accuracy and loss per round
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import redis
+
+from fedkube.errors import FedkubeError
+from fedkube.process import die_with_parent
+from fedkube.local import report
+from fedkube.redis_server import RedisServer
+from fedkube.roundstate import job_prefix
+from fedkube.spec import FederatedJob, load_job
+from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class RunOptions:
+    job_path: Path
+    out_dir: Path | None = None
+    resume: bool = False
+    runtime: str = "process"
+    ray_address: str | None = None
+    redis_url: str | None = None
+    quiet: bool = False
+    history_format: str = "jsonl"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    status: str
+    message: str
+    history: list[dict[str, Any]]
+    out_dir: Path
+    wall_s: float
+    history_path: Path | None = None
+    plot_path: Path | None = None
+
+
+class Handle(Protocol):
+    name: str
+
+    def poll(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def wait(self, timeout: float) -> int | None: ...
+
+
+class Launcher(Protocol):
+    """Starts one fedkube service (its CLI argv) somewhere: a process, a Ray actor."""
+
+    host: str
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> Handle: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessHandle:
+    def __init__(self, name: str, process: Any):
+        self.name = name
+        self.process = process
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, timeout: float) -> int | None:
+        import subprocess
+
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+class ProcessLauncher:
+    """Each service in its own OS process: ``python -m fedkube.cli ...``."""
+
+    host = "127.0.0.1"
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> Handle:
+        import subprocess
+
+        with open(log, "ab") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fedkube.cli", *argv],
+                env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            )
+        return ProcessHandle(name, process)
+
+    def close(self) -> None:
+        return None
+
+
+def _prepare_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / "checkpoints").exists() and not (out / "redis").exists():
+            raise FedkubeError(f"--resume: {out} holds no earlier run of this job")
+        return
+    for part in ("redis", "checkpoints", "logs", "ports", "secrets"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    for name in ("history.jsonl", "history.csv", "plot.png", "summary.txt"):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _secrets(out: Path, job: FederatedJob) -> dict[str, str]:
+    """Per-tenant tokens plus the aggregator's, kept across --resume."""
+    folder = out / "secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / "tokens.json"
+    tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
+        tokens.setdefault(name, secrets.token_urlsafe(32))
+    path.write_text(json.dumps(tokens))
+    path.chmod(0o600)
+    digests = {name: digest(token) for name, token in tokens.items() if name != "__aggregator__"}
+    (folder / "tenant-digests.json").write_text(json.dumps(digests))
+    return tokens
+
+
+def _wait_port(path: Path, handle: Handle, timeout_s: float = READY_TIMEOUT_S) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        code = handle.poll()
+        if code is not None:
+            raise FedkubeError(f"{handle.name} exited with code {code} before it was ready")
+        time.sleep(0.05)
+    raise FedkubeError(f"{handle.name} did not become ready within {timeout_s:.0f}s")
+
+
+class LocalRun:
+    """One run of one job: the services it started and how to follow them."""
+
+    def __init__(self, options: RunOptions, launcher: Launcher):
+        self.options = options
+        self.launcher = launcher
+        self.job = load_job(options.job_path)
+        self.out = (options.out_dir or Path("runs") / self.job.name).resolve()
+        self.handles: dict[str, Handle] = {}
+        self.redis_server: RedisServer | None = None
+
+    def start(self) -> None:
+        job, out = self.job, self.out
+        _prepare_dir(out, self.options.resume)
+        for part in ("logs", "ports"):
+            (out / part).mkdir(parents=True, exist_ok=True)
+        for stale in (out / "ports").glob("*"):
+            stale.unlink()
+        tokens = _secrets(out, job)
+        if self.options.redis_url:
+            self.redis_url = self.options.redis_url
+        else:
+            self.redis_server = RedisServer(out / "redis", host=self.launcher.host).start()
+            self.redis_url = self.redis_server.url
+        job_file = str(self.options.job_path.resolve())
+        base_env = {AGGREGATOR_TOKEN_ENV: tokens["__aggregator__"], **self.options.extra_env}
+        host = self.launcher.host
+        argv = ["aggregator", "--job", job_file, "--redis-url", self.redis_url,
+                "--checkpoint-dir", str(out / "checkpoints"), "--host", host, "--port", "0",
+                "--port-file", str(out / "ports" / "global")]
+        self._start("global", argv + (["--resume"] if self.options.resume else []), base_env)
+        global_url = f"http://{host}:{_wait_port(out / 'ports' / 'global', self.handles['global'])}"
+        combiner_urls: dict[str, str] = {}
+        for region in job.region_names():
+            self._start(f"combiner-{region}", [
+                "combiner", "--job", job_file, "--region", region, "--redis-url", self.redis_url,
+                "--global-url", global_url,
+                "--tenant-tokens", str(out / "secrets" / "tenant-digests.json"),
+                "--host", host, "--port", "0", "--port-file", str(out / "ports" / region)],
+                base_env)
+        for region in job.region_names():
+            port = _wait_port(out / "ports" / region, self.handles[f"combiner-{region}"])
+            combiner_urls[region] = f"http://{host}:{port}"
+        for client in job.clients():
+            self._start(f"worker-{client.id}", [
+                "worker", "--job", job_file, "--client", client.id,
+                "--combiner-url", combiner_urls[client.region], "--host", host,
+                "--metrics-port", "0", "--port-file", str(out / "ports" / f"worker-{client.id}")],
+                {TOKEN_ENV: tokens[client.tenant], **self.options.extra_env})
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.handles[name] = self.launcher.start(name, argv, env, self.out / "logs" / f"{name}.log")
+
+    def follow(self, on_round: Callable[[dict[str, Any]], None]) -> tuple[str, str]:
+        """Report each closed round until the job ends; returns (status, message)."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        prefix = job_prefix(self.job.name)
+        seen = 0
+        try:
+            while True:
+                for item in client.lrange(prefix + "history", seen, -1):
+                    on_round(json.loads(item))
+                    seen += 1
+                info = client.hgetall(prefix + "job")
+                status = info.get("status")
+                global_code = self.handles["global"].poll()
+                if status in ("succeeded", "failed") and global_code is not None:
+                    for item in client.lrange(prefix + "history", seen, -1):
+                        on_round(json.loads(item))
+                    return status, info.get("message", "")
+                if global_code is not None:
+                    return "failed", (f"global aggregator exited with code {global_code}; "
+                                      f"see {self.out / 'logs' / 'global.log'}")
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def history(self) -> list[dict[str, Any]]:
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            return [json.loads(item) for item in
+                    client.lrange(job_prefix(self.job.name) + "history", 0, -1)]
+        finally:
+            client.close()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Let services exit on their own (the job ended), then terminate the rest."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(h.poll() is None for h in self.handles.values()):
+            time.sleep(0.1)
+        for handle in self.handles.values():
+            handle.terminate()
+        for handle in self.handles.values():
+            handle.wait(timeout=10)
+        self.launcher.close()
+        if self.redis_server:
+            self.redis_server.stop()
+
+
+def make_launcher(options: RunOptions) -> Launcher:
+    if options.runtime == "ray" or options.ray_address:
+        from fedkube.local.ray_runtime import RayLauncher
+
+        return RayLauncher(options.ray_address)
+    return ProcessLauncher()
+
+
+def run_job(options: RunOptions, launcher: Launcher | None = None) -> RunResult:
+    """Run a job to its end and write its history, plot and summary."""
+    started = time.monotonic()
+    run = LocalRun(options, launcher or make_launcher(options))
+    printer = report.ProgressPrinter(run.job, enabled=not options.quiet)
+    printer.header(run.out, options.runtime)
+    status, message, history = "interrupted", "stopped before the job ended", []
+    try:
+        run.start()
+        status, message = run.follow(printer.round)
+        history = run.history()
+    except KeyboardInterrupt:
+        message = "stopped by the user"
+    finally:
+        run.stop(grace_s=15.0 if status != "interrupted" else 0.0)
+    result = RunResult(status=status, message=message, history=history, out_dir=run.out,
+                       wall_s=time.monotonic() - started)
+    if history:
+        result.history_path = report.write_history(history, run.out, options.history_format)
+        result.plot_path = report.plot(history, run.out / "plot.png", run.job.name)
+    summary = report.summary(run.job, result)
+    (run.out / "summary.txt").write_text(summary + "\n")
+    if not options.quiet:
+        print(summary)
+    return result

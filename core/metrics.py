@@ -1,0 +1,81 @@
+"""The ``fedkube_*`` Prometheus series, one definition for every service.
+
+Each service builds its collectors in its own ``CollectorRegistry`` so that
+several services can share a process (tests, Ray actors) without clashing.
+Labels: ``job`` always; ``tier`` (worker, combiner, global), ``region`` and
+``tenant`` where they apply. "Up" is toward the global aggregator (updates,
+partials), "down" toward the workers (models); byte counters are labelled by
+the tier that measured them.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_SECONDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """All collectors; a service touches the ones that concern it."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.round_current = Gauge(
+            "fedkube_round_current", "Round currently open (or last closed).",
+            ["job", "tier", "region"], registry=r)
+        self.round_duration = Histogram(
+            "fedkube_round_duration_seconds", "Wall time from a round's opening to its close.",
+            ["job"], buckets=_SECONDS, registry=r)
+        self.rounds_completed = Counter(
+            "fedkube_rounds_completed_total", "Rounds closed with an aggregate.", ["job"],
+            registry=r)
+        self.clients_selected = Gauge(
+            "fedkube_clients_selected", "Clients selected for the current round.",
+            ["job", "region"], registry=r)
+        self.clients_reported = Gauge(
+            "fedkube_clients_reported", "Clients whose update was accepted this round.",
+            ["job", "region"], registry=r)
+        self.clients_dropped = Counter(
+            "fedkube_clients_dropped_total", "Selected clients that did not report before close.",
+            ["job", "region"], registry=r)
+        self.participation = Gauge(
+            "fedkube_participation_ratio", "Reported over selected clients, last closed round.",
+            ["job", "region"], registry=r)
+        self.bytes_up = Counter(
+            "fedkube_bytes_up_total", "Payload bytes received from the tier below.",
+            ["job", "tier", "region", "tenant"], registry=r)
+        self.bytes_down = Counter(
+            "fedkube_bytes_down_total", "Model bytes sent to the tier below.",
+            ["job", "tier", "region", "tenant"], registry=r)
+        self.updates_accepted = Counter(
+            "fedkube_updates_accepted_total", "Updates validated and folded.",
+            ["job", "tier", "region", "tenant"], registry=r)
+        self.updates_rejected = Counter(
+            "fedkube_updates_rejected_total", "Updates refused, by reason.",
+            ["job", "tier", "region", "tenant", "reason"], registry=r)
+        self.aggregation_seconds = Histogram(
+            "fedkube_aggregation_seconds", "Time spent folding or reducing, per tier.",
+            ["job", "tier", "region"], buckets=_SECONDS, registry=r)
+        self.model_loss = Gauge(
+            "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r)
+        self.model_accuracy = Gauge(
+            "fedkube_model_accuracy", "Global model accuracy on the held-out set.", ["job"],
+            registry=r)
+        self.train_seconds = Histogram(
+            "fedkube_worker_train_seconds", "Local training time per round.",
+            ["job", "region", "tenant"], buckets=_SECONDS, registry=r)
+        self.worker_rounds = Counter(
+            "fedkube_worker_rounds_total", "Rounds in which the worker sent an update.",
+            ["job", "region", "tenant"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def handle(self, _request: web.Request) -> web.Response:
+        """aiohttp handler for ``GET /metrics``."""
+        response = web.Response(body=self.exposition())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response

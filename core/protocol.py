@@ -1,0 +1,135 @@
+"""The round protocol: states, transitions, and what a message must say.
+
+A round moves ``open -> collecting -> aggregating -> closed``; ``failed`` ends
+the job. Transitions are a pure function so that every component (and the
+tests) agree on them.
+
+Every payload names its job, round, tenant, client and codec twice:
+in HTTP headers (cheap to check before reading a body) and in the
+safetensors metadata (bound to the bytes). The receiver checks both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from fedkube.errors import UpdateRejected
+
+
+class RoundState(str, Enum):
+    open = "open"
+    collecting = "collecting"
+    aggregating = "aggregating"
+    closed = "closed"
+    failed = "failed"
+
+
+_TRANSITIONS: dict[RoundState, set[RoundState]] = {
+    RoundState.open: {RoundState.collecting, RoundState.failed},
+    RoundState.collecting: {RoundState.aggregating, RoundState.failed},
+    RoundState.aggregating: {RoundState.closed, RoundState.collecting, RoundState.failed},
+    RoundState.closed: set(),
+    RoundState.failed: set(),
+}
+
+
+def can_transition(current: RoundState, target: RoundState) -> bool:
+    """Whether a round in ``current`` may move to ``target``.
+
+    ``aggregating -> collecting`` exists for a quorum miss that extends the
+    deadline after combiners were asked to flush.
+    """
+    return target in _TRANSITIONS[current]
+
+
+class Reason(str, Enum):
+    """Why an update was rejected: the ``reason`` label of the metric."""
+
+    unauthenticated = "unauthenticated"
+    unknown_tenant = "unknown_tenant"
+    not_selected = "not_selected"
+    wrong_round = "wrong_round"
+    late = "late"
+    duplicate = "duplicate"
+    oversized = "oversized"
+    malformed = "malformed"
+    metadata_mismatch = "metadata_mismatch"
+    wrong_shape = "wrong_shape"
+    wrong_dtype = "wrong_dtype"
+    non_finite = "non_finite"
+    norm_bound = "norm_bound"
+    bad_weight = "bad_weight"
+
+
+# HTTP headers (lower-case, as aiohttp normalises lookups).
+H_JOB = "X-Fedkube-Job"
+H_ROUND = "X-Fedkube-Round"
+H_TENANT = "X-Fedkube-Tenant"
+H_CLIENT = "X-Fedkube-Client"
+H_REGION = "X-Fedkube-Region"
+H_CODEC = "X-Fedkube-Codec"
+H_WEIGHT = "X-Fedkube-Weight"
+
+# Keys in the safetensors ``__metadata__`` of a payload.
+M_JOB = "fedkube.job"
+M_ROUND = "fedkube.round"
+M_TENANT = "fedkube.tenant"
+M_CLIENT = "fedkube.client"
+M_REGION = "fedkube.region"
+M_KIND = "fedkube.kind"
+M_WEIGHT = "fedkube.weight"
+M_COUNT = "fedkube.count"
+M_VERSION = "fedkube.version"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Who sent a payload, for which round, with what weight."""
+
+    job: str
+    round: int
+    sender: str  # client id for an update, region for a partial
+    tenant: str
+    weight: float
+
+    def metadata(self, kind: str) -> dict[str, str]:
+        return {
+            M_JOB: self.job,
+            M_ROUND: str(self.round),
+            M_CLIENT if kind == "update" else M_REGION: self.sender,
+            M_TENANT: self.tenant,
+            M_WEIGHT: repr(float(self.weight)),
+            M_KIND: kind,
+        }
+
+
+def parse_int(value: str | None, field: str) -> int:
+    try:
+        return int(value) if value is not None else _missing(field)
+    except ValueError:
+        raise UpdateRejected(Reason.malformed.value, f"{field} is not an integer") from None
+
+
+def parse_weight(value: str | None) -> float:
+    try:
+        weight = float(value) if value is not None else _missing("weight")
+    except ValueError:
+        raise UpdateRejected(Reason.bad_weight.value, "weight is not a number") from None
+    if not (weight > 0 and weight < float("inf")):
+        raise UpdateRejected(Reason.bad_weight.value, f"weight must be positive, got {weight}")
+    return weight
+
+
+def _missing(field: str) -> int:
+    raise UpdateRejected(Reason.malformed.value, f"missing {field}")
+
+
+def check_metadata(metadata: dict[str, str], expected: dict[str, str]) -> None:
+    """Reject a payload whose embedded metadata disagrees with its headers."""
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise UpdateRejected(
+                Reason.metadata_mismatch.value,
+                f"payload metadata {key}={metadata.get(key)!r} but request says {value!r}",
+            )

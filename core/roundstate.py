@@ -1,0 +1,312 @@
+"""Round state in Redis: small, frequent operations only.
+
+Model and update bytes never go through Redis (they travel over HTTP between
+the tiers); Redis holds what any component needs to restart and continue.
+
+Key layout (``{job}`` is literal braces around the job name: a Redis Cluster
+hash tag, so every key of one job lives in one slot and MULTI works)::
+
+    fedkube:{job}:job                 hash  status, round, rounds, message, started_at, finished_at
+    fedkube:{job}:round:<r>           hash  state, token, opened_at, deadline, version, selected,
+                                            quorum, extensions, reported, dropped, closed_at
+    fedkube:{job}:round:<r>:selected  set   client ids selected for round r
+    fedkube:{job}:round:<r>:reported  hash  client id -> weight (HSETNX: a duplicate is a no-op)
+    fedkube:{job}:round:<r>:counters  hash  bytes_up, bytes_down, duplicates, late
+    fedkube:{job}:history             list  one JSON document per closed round
+    fedkube:{job}:lease:<role>        str   leader lease token (SET NX PX), e.g. lease:global
+    fedkube:{job}:events              pub/sub channel: round_opened, round_flush, round_closed, job_finished
+
+A closed round's keys expire after ``spec.state.keyTtlSeconds``; when the job
+ends every key of the job gets that TTL, so a finished job leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from fedkube.errors import LeaseLost
+from fedkube.protocol import RoundState, can_transition
+
+
+def job_prefix(job: str) -> str:
+    return f"fedkube:{{{job}}}:"
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round: int
+    state: RoundState
+    token: str
+    opened_at: float
+    deadline: float
+    version: int
+    selected: int
+    quorum: int
+    extensions: int
+
+    @classmethod
+    def from_hash(cls, number: int, data: dict[str, str]) -> RoundInfo:
+        return cls(
+            round=number,
+            state=RoundState(data["state"]),
+            token=data["token"],
+            opened_at=float(data["opened_at"]),
+            deadline=float(data["deadline"]),
+            version=int(data["version"]),
+            selected=int(data["selected"]),
+            quorum=int(data["quorum"]),
+            extensions=int(data.get("extensions", 0)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "state": self.state.value,
+            "token": self.token,
+            "deadline": self.deadline,
+            "version": self.version,
+            "selected": self.selected,
+            "quorum": self.quorum,
+        }
+
+
+def select_clients(client_ids: Sequence[str], fraction: float, seed: int, number: int) -> list[str]:
+    """The clients of round ``number``: a seeded sample, the same after a restart."""
+    k = max(1, round(fraction * len(client_ids)))
+    rng = random.Random(f"{seed}:{number}")
+    return sorted(rng.sample(list(client_ids), k))
+
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_TRANSITION = """
+local current = redis.call('hget', KEYS[1], 'state')
+if current == ARGV[1] then
+  redis.call('hset', KEYS[1], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RoundStore:
+    """Typed access to one job's round state.
+
+    Every method is one or a few Redis round trips; none moves tensors.
+    """
+
+    def __init__(self, client: aioredis.Redis, job: str):
+        self.redis = client
+        self.job = job
+        self.prefix = job_prefix(job)
+        self.channel = self.prefix + "events"
+
+    @classmethod
+    def connect(cls, url: str, job: str) -> RoundStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), job)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def key(self, *parts: object) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    # -- job ---------------------------------------------------------------
+    async def job_info(self) -> dict[str, str]:
+        return await self.redis.hgetall(self.key("job"))
+
+    async def start_job(self, rounds: int) -> None:
+        await self.redis.hset(
+            self.key("job"),
+            mapping={"status": "running", "rounds": rounds, "started_at": time.time()},
+        )
+
+    async def current_round(self) -> int:
+        value = await self.redis.hget(self.key("job"), "round")
+        return int(value) if value else 0
+
+    async def finish_job(self, status: str, message: str, ttl_seconds: int) -> None:
+        await self.redis.hset(
+            self.key("job"),
+            mapping={"status": status, "message": message, "finished_at": time.time()},
+        )
+        await self.publish({"type": "job_finished", "status": status, "message": message})
+        await self.expire_all(ttl_seconds)
+
+    async def expire_all(self, ttl_seconds: int) -> int:
+        count = 0
+        async for key in self.redis.scan_iter(match=self.prefix + "*", count=500):
+            await self.redis.expire(key, ttl_seconds)
+            count += 1
+        return count
+
+    async def delete_all(self, keep_leases: bool = False) -> int:
+        """Remove every key of the job (the operator's finalizer uses this).
+
+        ``keep_leases`` spares the lease keys: a fresh start of the global
+        aggregator must not take the leases of combiners already running.
+        """
+        keys = [k async for k in self.redis.scan_iter(match=self.prefix + "*", count=500)
+                if not (keep_leases and k.startswith(self.prefix + "lease:"))]
+        if keys:
+            await self.redis.delete(*keys)
+        return len(keys)
+
+    # -- rounds ------------------------------------------------------------
+    async def open_round(
+        self,
+        number: int,
+        selected: Sequence[str],
+        quorum: int,
+        timeout_s: float,
+        version: int,
+    ) -> RoundInfo:
+        """Write round ``number`` as collecting and make it the job's current round."""
+        now = time.time()
+        info = RoundInfo(
+            round=number,
+            state=RoundState.collecting,
+            token=secrets.token_hex(8),
+            opened_at=now,
+            deadline=now + timeout_s,
+            version=version,
+            selected=len(selected),
+            quorum=quorum,
+            extensions=0,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                self.key("round", number),
+                self.key("round", number, "selected"),
+                self.key("round", number, "reported"),
+                self.key("round", number, "counters"),
+            )
+            pipe.hset(
+                self.key("round", number),
+                mapping={
+                    "state": RoundState.open.value,
+                    "token": info.token,
+                    "opened_at": info.opened_at,
+                    "deadline": info.deadline,
+                    "version": version,
+                    "selected": len(selected),
+                    "quorum": quorum,
+                    "extensions": 0,
+                },
+            )
+            pipe.sadd(self.key("round", number, "selected"), *selected)
+            pipe.hset(self.key("round", number), "state", RoundState.collecting.value)
+            pipe.hset(self.key("job"), "round", number)
+            await pipe.execute()
+        await self.publish({"type": "round_opened", **info.as_dict()})
+        return info
+
+    async def round_info(self, number: int) -> RoundInfo | None:
+        data = await self.redis.hgetall(self.key("round", number))
+        return RoundInfo.from_hash(number, data) if data else None
+
+    async def selected(self, number: int) -> set[str]:
+        return set(await self.redis.smembers(self.key("round", number, "selected")))
+
+    async def is_selected(self, number: int, client: str) -> bool:
+        return bool(await self.redis.sismember(self.key("round", number, "selected"), client))
+
+    async def transition(self, number: int, current: RoundState, target: RoundState) -> bool:
+        """Compare-and-set the round's state; False if it was not ``current``."""
+        if not can_transition(current, target):
+            raise ValueError(f"illegal round transition {current.value} -> {target.value}")
+        done = await self.redis.eval(
+            _TRANSITION, 1, self.key("round", number), current.value, target.value
+        )
+        return bool(done)
+
+    async def extend(self, number: int, timeout_s: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("round", number), "deadline", time.time() + timeout_s)
+            pipe.hincrby(self.key("round", number), "extensions", 1)
+            await pipe.execute()
+
+    async def record_report(self, number: int, client: str, weight: float) -> bool:
+        """Record that ``client`` reported; False if it already had (a duplicate)."""
+        return bool(await self.redis.hsetnx(self.key("round", number, "reported"), client, weight))
+
+    async def forget_reports(self, number: int, clients: Sequence[str]) -> None:
+        if clients:
+            await self.redis.hdel(self.key("round", number, "reported"), *clients)
+
+    async def reported(self, number: int) -> dict[str, float]:
+        data = await self.redis.hgetall(self.key("round", number, "reported"))
+        return {client: float(weight) for client, weight in data.items()}
+
+    async def reported_count(self, number: int) -> int:
+        return int(await self.redis.hlen(self.key("round", number, "reported")))
+
+    async def add_counters(self, number: int, **deltas: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, delta in deltas.items():
+                pipe.hincrby(self.key("round", number, "counters"), name, delta)
+            await pipe.execute()
+
+    async def counters(self, number: int) -> dict[str, int]:
+        data = await self.redis.hgetall(self.key("round", number, "counters"))
+        return {name: int(value) for name, value in data.items()}
+
+    async def close_round(self, number: int, record: dict[str, Any], ttl_seconds: int) -> None:
+        """Mark the round closed, append its history record, expire its keys."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.key("round", number),
+                mapping={
+                    "state": RoundState.closed.value,
+                    "closed_at": time.time(),
+                    "reported": record.get("reported", 0),
+                    "dropped": record.get("dropped", 0),
+                },
+            )
+            pipe.rpush(self.key("history"), json.dumps(record, sort_keys=True))
+            for suffix in ("", ":selected", ":reported", ":counters"):
+                pipe.expire(self.key("round", number) + suffix, ttl_seconds)
+            await pipe.execute()
+        await self.publish({"type": "round_closed", "round": number})
+
+    async def history(self, start: int = 0) -> list[dict[str, Any]]:
+        """Closed rounds' records, from the ``start``-th on."""
+        return [json.loads(item) for item in await self.redis.lrange(self.key("history"), start, -1)]
+
+    async def trim_history(self, last_round: int) -> None:
+        """Drop history records past ``last_round`` (a resume from an older checkpoint)."""
+        kept = [r for r in await self.history() if r["round"] <= last_round]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key("history"))
+            if kept:
+                pipe.rpush(self.key("history"), *[json.dumps(r, sort_keys=True) for r in kept])
+            await pipe.execute()
+
+    # -- events and leases -------------------------------------------------
+    async def publish(self, event: dict[str, Any]) -> None:
+        await self.redis.publish(self.channel, json.dumps(event))
+
+    async def acquire_lease(self, role: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self.redis.set(self.key("lease", role), token, nx=True, px=ttl_ms))
+
+    async def renew_lease(self, role: str, token: str, ttl_ms: int) -> None:
+        if not await self.redis.eval(_RENEW, 1, self.key("lease", role), token, ttl_ms):
+            raise LeaseLost(f"lease {role!r} of job {self.job!r} is held by another process")
+
+    async def release_lease(self, role: str, token: str) -> None:
+        key = self.key("lease", role)
+        if await self.redis.get(key) == token:
+            await self.redis.delete(key)

@@ -1,0 +1,313 @@
+"""The FederatedJob spec: one typed model, the single source of truth.
+
+The same manifest YAML is read by ``fedkube run`` (embedded runtime), by the
+Ray runtime and (later) by the operator; the CRD schema is derived from these
+models. Field names on the wire are camelCase, as Kubernetes users expect;
+Python code uses snake_case attributes.
+
+Validation happens here, at the boundary: an invalid manifest raises
+:class:`~fedkube.errors.SpecError` listing every problem with its field path
+(``spec.tenants[1].region``) and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from fedkube.errors import SpecError
+
+API_VERSION = "fedkube.io/v1alpha1"
+KIND = "FederatedJob"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Entrypoint(_Model):
+    """A ``module:callable`` reference plus keyword arguments for it."""
+
+    entrypoint: str = Field(pattern=ENTRYPOINT, description="module.path:callable")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class PartitionScheme(str, Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+class Partition(_Model):
+    """How the built-in example data is split across tenants.
+
+    Real deployments point each tenant at its own data (``tenants[].data``);
+    the partition then only matters for simulated tenants.
+    """
+
+    scheme: PartitionScheme = PartitionScheme.iid
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration")
+
+
+class DataSpec(Entrypoint):
+    partition: Partition = Field(default_factory=Partition)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class Region(_Model):
+    name: str = Field(pattern=DNS_LABEL, max_length=40)
+
+
+class Resources(_Model):
+    cpu: str | None = Field(default=None, pattern=QUANTITY)
+    memory: str | None = Field(default=None, pattern=QUANTITY)
+    gpu: int = Field(default=0, ge=0)
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _number_to_string(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
+
+
+class TenantData(_Model):
+    """Per-tenant overrides of the data factory's kwargs (e.g. a local path)."""
+
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Tenant(_Model):
+    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    region: str
+    replicas: int = Field(default=1, ge=1, le=1000)
+    resources: Resources = Field(default_factory=Resources)
+    data: TenantData = Field(default_factory=TenantData)
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Training(_Model):
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Optimizer = Optimizer.sgd
+    learning_rate: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+
+
+class Participation(_Model):
+    """Who takes part in a round, and when a round may close.
+
+    ``fraction`` of all clients is selected each round (seeded, reproducible).
+    A round closes as soon as every selected client reported, or at its
+    deadline if at least ``minClients`` (or ``minFraction`` of the selected)
+    reported; otherwise ``onQuorumMissed`` decides: extend the deadline (at
+    most ``maxExtensions`` times) or fail the job.
+    """
+
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    min_clients: int | None = Field(default=None, ge=1)
+    min_fraction: float = Field(default=0.5, gt=0, le=1)
+    round_timeout_seconds: float = Field(default=60.0, gt=0)
+    on_quorum_missed: Literal["extend", "fail"] = "extend"
+    max_extensions: int = Field(default=3, ge=0)
+
+
+class Strategy(_Model):
+    name: Literal["fedavg"] = "fedavg"
+    server_learning_rate: float = Field(default=1.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Evaluation(_Model):
+    every_rounds: int = Field(default=1, ge=1)
+
+
+class Transport(_Model):
+    max_update_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    norm_bound: float | None = Field(default=None, gt=0)
+
+
+class State(_Model):
+    """Where round state lives and how long it outlives the job."""
+
+    redis_url: str | None = None
+    key_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+
+
+class JobSpec(_Model):
+    rounds: int = Field(ge=1, le=100_000)
+    seed: int = 0
+    model: Entrypoint
+    data: DataSpec
+    regions: list[Region] = Field(min_length=1)
+    tenants: list[Tenant] = Field(min_length=1)
+    training: Training = Field(default_factory=Training)
+    participation: Participation = Field(default_factory=Participation)
+    strategy: Strategy = Field(default_factory=Strategy)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    transport: Transport = Field(default_factory=Transport)
+    state: State = Field(default_factory=State)
+
+
+class Metadata(_Model):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    namespace: str | None = None
+
+
+class FederatedJob(_Model):
+    """A whole manifest: ``apiVersion``, ``kind``, ``metadata`` and ``spec``."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    api_version: Literal["fedkube.io/v1alpha1"]
+    kind: Literal["FederatedJob"]
+    metadata: Metadata
+    spec: JobSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    def clients(self) -> list[Client]:
+        return list_clients(self.spec)
+
+    def region_names(self) -> list[str]:
+        return [region.name for region in self.spec.regions]
+
+
+@dataclass(frozen=True)
+class Client:
+    """One training participant: replica ``replica`` of tenant ``tenant``.
+
+    ``tenant_index`` / ``num_tenants`` say which data partition the tenant
+    owns when the data factory simulates tenants from one data set.
+    """
+
+    id: str
+    tenant: str
+    region: str
+    replica: int
+    replicas: int
+    tenant_index: int
+    num_tenants: int
+
+
+def list_clients(spec: JobSpec) -> list[Client]:
+    """Every client of the job, in a stable order (tenant order, then replica)."""
+    return [
+        Client(
+            id=f"{tenant.name}-{replica}",
+            tenant=tenant.name,
+            region=tenant.region,
+            replica=replica,
+            replicas=tenant.replicas,
+            tenant_index=index,
+            num_tenants=len(spec.tenants),
+        )
+        for index, tenant in enumerate(spec.tenants)
+        for replica in range(tenant.replicas)
+    ]
+
+
+def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Rules that span fields; the CRD states the same rules in CEL."""
+    problems: list[tuple[str, str]] = []
+    region_names = [region.name for region in spec.regions]
+    for index, name in enumerate(region_names):
+        if region_names.index(name) != index:
+            problems.append((f"spec.regions[{index}].name", f"duplicate region {name!r}"))
+    seen: set[str] = set()
+    for index, tenant in enumerate(spec.tenants):
+        if tenant.name in seen:
+            problems.append((f"spec.tenants[{index}].name", f"duplicate tenant {tenant.name!r}"))
+        seen.add(tenant.name)
+        if tenant.region not in region_names:
+            problems.append(
+                (
+                    f"spec.tenants[{index}].region",
+                    f"region {tenant.region!r} is not declared in spec.regions "
+                    f"({', '.join(region_names)})",
+                )
+            )
+    total = sum(tenant.replicas for tenant in spec.tenants)
+    minimum = spec.participation.min_clients
+    if minimum is not None and minimum > total:
+        problems.append(
+            (
+                "spec.participation.minClients",
+                f"{minimum} exceeds the {total} clients that the tenants' replicas provide",
+            )
+        )
+    return problems
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def parse_job(document: Any) -> FederatedJob:
+    """Validate a manifest already parsed from YAML/JSON."""
+    if not isinstance(document, dict):
+        raise SpecError([("<root>", "a FederatedJob manifest must be a mapping")])
+    try:
+        job = FederatedJob.model_validate(document)
+    except ValidationError as exc:
+        problems = [(_field_path(err["loc"]) or "<root>", err["msg"]) for err in exc.errors()]
+        raise SpecError(problems) from None
+    problems = _cross_field_problems(job.spec)
+    if problems:
+        raise SpecError(problems)
+    return job
+
+
+def load_job(path: str | Path) -> FederatedJob:
+    """Read and validate a manifest file (the YAML that ``kubectl apply`` takes)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError([("<root>", f"not valid YAML: {exc}")]) from None
+    jobs = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
+    if len(jobs) != 1:
+        raise SpecError([("<root>", f"expected exactly one {KIND} in {path}, found {len(jobs)}")])
+    return parse_job(jobs[0])
+
+
+def dump_job(job: FederatedJob) -> dict[str, Any]:
+    """The manifest as plain data with wire (camelCase) names, defaults filled in."""
+    return job.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def quorum(participation: Participation, selected: int) -> int:
+    """How many reports a round with ``selected`` participants needs to close."""
+    if participation.min_clients is not None:
+        return min(participation.min_clients, selected)
+    needed = math.ceil(participation.min_fraction * selected - 1e-9)
+    return max(1, min(selected, needed))

@@ -1,0 +1,83 @@
+"""HTTP plumbing shared by the services: serving an app, bearer-token auth.
+
+Tokens are compared as SHA-256 digests with ``hmac.compare_digest``; a
+service only ever holds the digests of the tokens it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "FEDKUBE_TOKEN"
+AGGREGATOR_TOKEN_ENV = "FEDKUBE_AGGREGATOR_TOKEN"
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def token_matches(presented: str | None, expected_digest: str | None) -> bool:
+    if presented is None or expected_digest is None:
+        return False
+    return hmac.compare_digest(digest(presented), expected_digest)
+
+
+def load_digests(path: str | Path) -> dict[str, str]:
+    """Read ``{name: sha256-hex}`` (the tenant-tokens file, a Secret in Kubernetes)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in data.items()
+    ):
+        raise ValueError(f"{path}: expected a JSON object of name -> sha256 hex digest")
+    return dict(data)
+
+
+def json_error(status: int, reason: str, detail: str) -> web.Response:
+    return web.json_response({"error": reason, "detail": detail}, status=status)
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app``; returns the runner and the port actually bound (for port 0)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the socket
+    sockets = getattr(server, "sockets", None) or []
+    bound = int(sockets[0].getsockname()[1]) if sockets else port
+    return runner, bound
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Turn SIGTERM/SIGINT into a graceful stop (Kubernetes sends SIGTERM)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            log.debug("cannot install handler for %s in this thread", sig)
+
+
+def port_file_write(path: str | None, port: int) -> None:
+    """Tell a launcher which port was bound (written atomically)."""
+    if path:
+        target = Path(path)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(target)
