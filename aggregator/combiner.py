@@ -283,8 +283,14 @@ class Combiner:
         except UpdateRejected as exc:
             return json_error(exc.status, exc.reason, exc.detail)
         client = request.headers.get(H_CLIENT, "")
-        after = int(request.query.get("after", "0"))
-        wait_s = min(float(request.query.get("wait", "20")), 60.0)
+        if client not in self.clients:
+            return json_error(400, Reason.malformed.value, "the X-Fedkube-Client header is missing")
+        await self.store.register_client(client)
+        try:
+            after = int(request.query.get("after", "0"))
+            wait_s = min(float(request.query.get("wait", "20")), 60.0)
+        except ValueError:
+            return json_error(400, Reason.malformed.value, "after and wait must be numbers")
         deadline = time.monotonic() + wait_s
         while True:
             task = self._task_for(client, after)
@@ -407,14 +413,16 @@ class Combiner:
     def _check_round(self, current: _Round | None, number: int, client: str) -> None:
         if current is None or number > current.info.round:
             raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
+        if number == current.info.round and client in current.folded:
+            # A retry of an accepted update (its answer was lost): harmless, and
+            # said so even after the region flushed.
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
         if number < current.info.round or current.flushed or (
                 current.info.state != RoundState.collecting):
             raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
         if client not in current.selected:
             raise UpdateRejected(Reason.not_selected.value,
                                  f"{client} was not selected for round {number}", 403)
-        if client in current.folded:
-            raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
 
     # -- flushing the partial ------------------------------------------------
     def _schedule_flush(self, current: _Round) -> None:

@@ -192,6 +192,7 @@ class GlobalAggregator:
         ids = [c.id for c in self.clients]
         selected = select_clients(ids, self.spec.participation.fraction, self.spec.seed, number)
         needed = quorum(self.spec.participation, len(selected))
+        await self._await_clients(number, selected, needed)
         self.partials = {}
         self._arrived.clear()
         info = await self.store.open_round(
@@ -203,6 +204,26 @@ class GlobalAggregator:
         log.info("round opened: %d selected, quorum %d", len(selected), needed,
                  extra=fields(job=self.name, round=number))
         return info
+
+    async def _await_clients(self, number: int, selected: list[str], needed: int) -> None:
+        """Open a round only once a quorum of its selected clients has registered."""
+        limit = self.spec.participation.start_timeout_seconds
+        started = time.monotonic()
+        logged = 0.0
+        while True:
+            ready = len(set(selected) & await self.store.registered_clients())
+            if ready >= needed:
+                return
+            waited = time.monotonic() - started
+            if waited >= limit:
+                raise QuorumNotReached(
+                    f"round {number}: only {ready} of the {len(selected)} selected clients "
+                    f"registered within {limit:.0f}s (quorum is {needed})")
+            if waited - logged >= 10:
+                logged = waited
+                log.info("waiting for clients: %d of %d registered, need %d", ready,
+                         len(selected), needed, extra=fields(job=self.name, round=number))
+            await asyncio.sleep(POLL_INTERVAL_S)
 
     async def _collect(self, info: RoundInfo) -> list[Partial]:
         number = info.round
@@ -241,8 +262,11 @@ class GlobalAggregator:
                     await self._quorum_missed(current, got, len(selected))
                     flush_deadline = None
             wait = max(0.01, min(POLL_INTERVAL_S, current.deadline - now))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), wait)
+            # asyncio.wait, not wait_for: wait_for can swallow a cancellation
+            # that races with the event (Python 3.11).
+            arrival = asyncio.ensure_future(self._arrived.wait())
+            await asyncio.wait({arrival}, timeout=wait)
+            arrival.cancel()
             self._arrived.clear()
 
     async def _quorum_missed(self, info: RoundInfo, reported: int, selected: int) -> None:

@@ -12,6 +12,7 @@ hash tag, so every key of one job lives in one slot and MULTI works)::
     fedkube:{job}:round:<r>:selected  set   client ids selected for round r
     fedkube:{job}:round:<r>:reported  hash  client id -> weight (HSETNX: a duplicate is a no-op)
     fedkube:{job}:round:<r>:counters  hash  bytes_up, bytes_down, duplicates, late
+    fedkube:{job}:clients             hash  client id -> time it last polled (registration)
     fedkube:{job}:history             list  one JSON document per closed round
     fedkube:{job}:lease:<role>        str   leader lease token (SET NX PX), e.g. lease:global
     fedkube:{job}:events              pub/sub channel: round_opened, round_flush, round_closed, job_finished
@@ -294,6 +295,13 @@ class RoundStore:
             if kept:
                 pipe.rpush(self.key("history"), *[json.dumps(r, sort_keys=True) for r in kept])
             await pipe.execute()
+
+    # -- client registration -----------------------------------------------
+    async def register_client(self, client: str) -> None:
+        await self.redis.hset(self.key("clients"), client, time.time())
+
+    async def registered_clients(self) -> set[str]:
+        return set(await self.redis.hkeys(self.key("clients")))
 
     # -- events and leases -------------------------------------------------
     async def publish(self, event: dict[str, Any]) -> None:

@@ -112,7 +112,9 @@ class Participation(_Model):
     """Who takes part in a round, and when a round may close.
 
     ``fraction`` of all clients is selected each round (seeded, reproducible).
-    A round closes as soon as every selected client reported, or at its
+    A round opens once a quorum of its selected clients has registered (a
+    worker registers by polling its combiner), so that slow starts do not eat
+    into the round's deadline. A round closes as soon as every selected client reported, or at its
     deadline if at least ``minClients`` (or ``minFraction`` of the selected)
     reported; otherwise ``onQuorumMissed`` decides: extend the deadline (at
     most ``maxExtensions`` times) or fail the job.
@@ -122,6 +124,9 @@ class Participation(_Model):
     min_clients: int | None = Field(default=None, ge=1)
     min_fraction: float = Field(default=0.5, gt=0, le=1)
     round_timeout_seconds: float = Field(default=60.0, gt=0)
+    start_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="how long a round waits for a quorum of its "
+        "selected clients to have registered before it opens; then the job fails")
     on_quorum_missed: Literal["extend", "fail"] = "extend"
     max_extensions: int = Field(default=3, ge=0)
 

@@ -66,6 +66,16 @@ class Worker:
         }
         self.last_round = 0
         self.rounds_done = 0
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One forward/backward pass before registering: torch's lazy start-up
+        (thread pools, kernels) would otherwise eat into the first round's deadline."""
+        batch = min(len(self.data), self.job.spec.training.batch_size)
+        x = torch.as_tensor(self.data.x[:batch], dtype=torch.float32, device=self.config.device)
+        y = torch.as_tensor(self.data.y[:batch], dtype=torch.long, device=self.config.device)
+        torch.nn.functional.cross_entropy(self.model(x), y).backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _labels(self) -> tuple[str, str, str]:
         return self.job.name, self.client.region, self.client.tenant

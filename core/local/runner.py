@@ -211,12 +211,16 @@ class LocalRun:
         for region in job.region_names():
             port = _wait_port(out / "ports" / region, self.handles[f"combiner-{region}"])
             combiner_urls[region] = f"http://{host}:{port}"
+        # Workers share this machine: give each a fair share of torch's threads
+        # instead of letting every process spin up one thread per core.
+        threads = str(max(1, (os.cpu_count() or 1) // len(job.clients())))
         for client in job.clients():
             self._start(f"worker-{client.id}", [
                 "worker", "--job", job_file, "--client", client.id,
                 "--combiner-url", combiner_urls[client.region], "--host", host,
                 "--metrics-port", "0", "--port-file", str(out / "ports" / f"worker-{client.id}")],
-                {TOKEN_ENV: tokens[client.tenant], **self.options.extra_env})
+                {TOKEN_ENV: tokens[client.tenant], "OMP_NUM_THREADS": threads,
+                 **self.options.extra_env})
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.handles[name] = self.launcher.start(name, argv, env, self.out / "logs" / f"{name}.log")

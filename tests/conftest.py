@@ -1,0 +1,40 @@
+"""Shared fixtures: a real redis-server, small job manifests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedkube.redis_server import RedisServer
+from fedkube.spec import FederatedJob, parse_job
+from tests.support import small_job_dict
+
+
+@pytest.fixture
+def job_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write a small manifest (with overrides) to a file and return its path."""
+
+    def write(name: str = "small", **spec_overrides: Any) -> Path:
+        document = small_job_dict(**spec_overrides)
+        document["metadata"]["name"] = name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def small_job() -> FederatedJob:
+    return parse_job(small_job_dict())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped after the test."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

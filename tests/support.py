@@ -1,0 +1,52 @@
+"""Helpers for the tests: small manifests and waiting on conditions."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_JOB: dict[str, Any] = {
+    "apiVersion": "fedkube.io/v1alpha1",
+    "kind": "FederatedJob",
+    "metadata": {"name": "small"},
+    "spec": {
+        "rounds": 3,
+        "seed": 3,
+        "model": {"entrypoint": "fedkube.examples.digits:make_model", "kwargs": {"hidden": 16}},
+        "data": {"entrypoint": "fedkube.examples.digits:make_data",
+                 "partition": {"scheme": "iid"}},
+        "regions": [{"name": "eu"}, {"name": "us"}],
+        "tenants": [
+            {"name": "a", "region": "eu"},
+            {"name": "b", "region": "eu"},
+            {"name": "c", "region": "us"},
+            {"name": "d", "region": "us"},
+        ],
+        "training": {"epochs": 1, "batchSize": 64, "learningRate": 0.1},
+        "participation": {"minFraction": 0.5, "roundTimeoutSeconds": 30},
+    },
+}
+
+
+def small_job_dict(**spec_overrides: Any) -> dict[str, Any]:
+    """A deep copy of the small job with ``spec`` keys replaced."""
+    document = copy.deepcopy(SMALL_JOB)
+    document["spec"].update(copy.deepcopy(spec_overrides))
+    return document
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

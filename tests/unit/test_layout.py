@@ -1,0 +1,28 @@
+"""The owner's folder layout must not break the standard library."""
+
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def test_stdlib_operator_and_fedkube_operator_import_from_the_repo_root():
+    # Running from the root puts the root first on sys.path: the folder
+    # operator/ must not shadow the standard library's operator module.
+    code = (
+        "import operator, collections, fedkube.operator.about as about;"
+        "assert operator.itemgetter(1)([0, 7]) == 7;"
+        "assert operator.__file__.endswith('operator.py'), operator.__file__;"
+        "print(about.NAME)"
+    )
+    for args in (["-c", code], ["-S", "-c", "import operator; operator.eq"]):
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_services_import_under_one_package_name():
+    import fedkube.aggregator.combiner
+    import fedkube.aggregator.global_aggregator
+    import fedkube.workers.runtime
+
+    assert fedkube.workers.runtime.Worker and fedkube.aggregator.combiner.Combiner

@@ -1,0 +1,86 @@
+"""The job spec: one typed model, errors that name the field."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from fedkube.aggregator.strategies import REGISTRY
+from fedkube.errors import SpecError
+from fedkube.spec import Strategy, load_job, parse_job, quorum
+from tests.support import ROOT, small_job_dict
+
+
+def problems_of(document) -> dict[str, str]:
+    with pytest.raises(SpecError) as caught:
+        parse_job(document)
+    return dict(caught.value.problems)
+
+
+def test_the_example_manifest_is_valid_and_has_the_demo_shape():
+    job = load_job(ROOT / "examples" / "digits.yaml")
+    assert len(job.spec.regions) == 2
+    assert len(job.spec.tenants) >= 4
+    assert job.spec.data.partition.scheme.value == "dirichlet"
+    assert job.spec.data.partition.alpha == 0.5
+    assert job.spec.rounds == 20
+
+
+def test_defaults_are_filled_and_camel_case_names_map_to_attributes():
+    job = parse_job(small_job_dict())
+    assert job.spec.training.batch_size == 64
+    assert job.spec.participation.round_timeout_seconds == 30
+    assert job.spec.strategy.name == "fedavg"
+    assert [c.id for c in job.clients()] == ["a-0", "b-0", "c-0", "d-0"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        ({"tenants": []}, "spec.tenants", "at least 1"),
+        ({"rounds": -1}, "spec.rounds", "greater than or equal to 1"),
+        ({"model": {"entrypoint": "not an entrypoint"}}, "spec.model.entrypoint", "pattern"),
+        ({"tenants": [{"name": "a", "region": "mars"}]}, "spec.tenants[0].region", "mars"),
+        ({"tenants": [{"name": "a", "region": "eu"}, {"name": "a", "region": "us"}]},
+         "spec.tenants[1].name", "duplicate tenant"),
+        ({"participation": {"minClients": 9}}, "spec.participation.minClients", "exceeds"),
+        ({"trainig": {"epochs": 2}}, "spec.trainig", "Extra inputs"),
+        ({"tenants": [{"name": "Bad_Name", "region": "eu"}]}, "spec.tenants[0].name", "pattern"),
+    ],
+)
+def test_an_invalid_manifest_names_the_field_and_the_reason(overrides, field, words):
+    problems = problems_of(small_job_dict(**overrides))
+    assert field in problems, problems
+    assert words in problems[field]
+
+
+def test_wrong_kind_and_missing_metadata_are_reported():
+    document = small_job_dict()
+    document["kind"] = "Deployment"
+    del document["metadata"]
+    problems = problems_of(document)
+    assert "kind" in problems and "metadata" in problems
+
+
+def test_load_job_reports_unreadable_files_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_job(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_job(bad)
+
+
+@pytest.mark.parametrize(("selected", "min_fraction", "min_clients", "expected"),
+                         [(6, 0.5, None, 3), (5, 0.5, None, 3), (1, 0.5, None, 1),
+                          (6, 1.0, None, 6), (6, 0.5, 4, 4), (2, 0.5, 4, 2)])
+def test_quorum(selected, min_fraction, min_clients, expected):
+    job = parse_job(small_job_dict(participation={"minFraction": min_fraction}))
+    policy = job.spec.participation.model_copy(update={"min_clients": min_clients})
+    assert quorum(policy, selected) == expected
+
+
+def test_strategy_names_in_the_spec_match_the_registry():
+    allowed = set(typing.get_args(Strategy.model_fields["name"].annotation))
+    assert allowed == set(REGISTRY)
