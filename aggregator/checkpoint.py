@@ -42,12 +42,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def save(directory: Path, job: str, number: int, weights: dict[str, np.ndarray],
-         metadata: dict[str, Any], keep: int = KEEP) -> Path:
+def save(
+    directory: Path,
+    job: str,
+    number: int,
+    weights: dict[str, np.ndarray],
+    metadata: dict[str, Any],
+    keep: int = KEEP,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"round-{number:06d}"
-    _atomic_write(directory / f"{stem}.safetensors",
-                  codec.encode(weights, {"fedkube.job": job, "fedkube.round": str(number)}))
+    _atomic_write(
+        directory / f"{stem}.safetensors",
+        codec.encode(weights, {"fedkube.job": job, "fedkube.round": str(number)}),
+    )
     meta = {"job": job, "round": number, **metadata}
     _atomic_write(directory / f"{stem}.json", json.dumps(meta, sort_keys=True).encode())
     _atomic_write(directory / "latest.json", json.dumps({"round": number, "stem": stem}).encode())

@@ -144,8 +144,11 @@ class Combiner:
             asyncio.create_task(self._follow_rounds()),
             asyncio.create_task(self._keep_lease(role)),
         ]
-        log.info("combiner serving on port %d", self.port,
-                 extra=fields(job=self.name, region=self.region))
+        log.info(
+            "combiner serving on port %d",
+            self.port,
+            extra=fields(job=self.name, region=self.region),
+        )
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._flush_tasks]:
@@ -181,8 +184,9 @@ class Combiner:
                     self.stopped.set()
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await pubsub.get_message(ignore_subscribe_messages=True,
-                                             timeout=POLL_INTERVAL_S)
+                    await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=POLL_INTERVAL_S
+                    )
         finally:
             await pubsub.aclose()
 
@@ -200,8 +204,12 @@ class Combiner:
                 self._changed.notify_all()
             return
         current = self.current
-        if (current and current.selected and not current.flushed
-                and current.info.state == RoundState.aggregating):
+        if (
+            current
+            and current.selected
+            and not current.flushed
+            and current.info.state == RoundState.aggregating
+        ):
             self._schedule_flush(current)
 
     async def _begin_round(self, info: RoundInfo) -> None:
@@ -213,14 +221,20 @@ class Combiner:
             if lost and (previous is None or previous.info.round != info.round):
                 # Folded by an earlier incarnation of this combiner: that sum is gone.
                 await self.store.forget_reports(info.round, lost)
-                log.warning("forgot %d reports folded before a restart", len(lost),
-                            extra=fields(job=self.name, round=info.round, region=self.region))
+                log.warning(
+                    "forgot %d reports folded before a restart",
+                    len(lost),
+                    extra=fields(job=self.name, round=info.round, region=self.region),
+                )
             self.current = _Round(info=info, selected=selected)
         self.metrics.round_current.labels(self.name, TIER, self.region).set(info.round)
         self.metrics.clients_selected.labels(self.name, self.region).set(len(selected))
         self.metrics.clients_reported.labels(self.name, self.region).set(0)
-        log.info("round opened: %d selected here", len(selected),
-                 extra=fields(job=self.name, round=info.round, region=self.region))
+        log.info(
+            "round opened: %d selected here",
+            len(selected),
+            extra=fields(job=self.name, round=info.round, region=self.region),
+        )
         for version in list(self.models):
             if version < info.version - 1:
                 del self.models[version]
@@ -265,15 +279,22 @@ class Combiner:
     def _authenticate(self, request: web.Request) -> str:
         tenant = request.headers.get(H_TENANT, "")
         if tenant not in self.tenants:
-            raise UpdateRejected(Reason.unknown_tenant.value,
-                                 f"tenant {tenant!r} is not served by region {self.region}", 403)
+            raise UpdateRejected(
+                Reason.unknown_tenant.value,
+                f"tenant {tenant!r} is not served by region {self.region}",
+                403,
+            )
         if not token_matches(bearer(request), self.config.tenant_digests.get(tenant)):
-            raise UpdateRejected(Reason.unauthenticated.value,
-                                 f"bad or missing token for tenant {tenant!r}", 401)
+            raise UpdateRejected(
+                Reason.unauthenticated.value, f"bad or missing token for tenant {tenant!r}", 401
+            )
         client = request.headers.get(H_CLIENT, "")
         if client and (client not in self.clients or self.clients[client].tenant != tenant):
-            raise UpdateRejected(Reason.unknown_tenant.value,
-                                 f"client {client!r} is not a client of tenant {tenant!r}", 403)
+            raise UpdateRejected(
+                Reason.unknown_tenant.value,
+                f"client {client!r} is not a client of tenant {tenant!r}",
+                403,
+            )
         return tenant
 
     async def handle_task(self, request: web.Request) -> web.Response:
@@ -313,8 +334,12 @@ class Combiner:
             return None
         if current.info.state != RoundState.collecting:
             return None
-        return {"status": "train", "round": current.info.round, "version": current.info.version,
-                "deadline": current.info.deadline}
+        return {
+            "status": "train",
+            "round": current.info.round,
+            "version": current.info.version,
+            "deadline": current.info.deadline,
+        }
 
     async def handle_model(self, request: web.Request) -> web.Response:
         try:
@@ -343,27 +368,43 @@ class Combiner:
             result = await self._accept_update(request, tenant)
         except UpdateRejected as exc:
             self.metrics.updates_rejected.labels(
-                self.name, TIER, self.region, tenant, exc.reason).inc()
+                self.name, TIER, self.region, tenant, exc.reason
+            ).inc()
             round_no = self.current.info.round if self.current else None
             if exc.reason in (Reason.duplicate.value, Reason.late.value) and round_no:
                 await self.store.add_counters(round_no, **{exc.reason: 1})
-            log.warning("update rejected: %s", exc.detail, extra=fields(
-                job=self.name, round=round_no, region=self.region, tenant=tenant,
-                client=request.headers.get(H_CLIENT), reason=exc.reason))
+            log.warning(
+                "update rejected: %s",
+                exc.detail,
+                extra=fields(
+                    job=self.name,
+                    round=round_no,
+                    region=self.region,
+                    tenant=tenant,
+                    client=request.headers.get(H_CLIENT),
+                    reason=exc.reason,
+                ),
+            )
             return json_error(exc.status, exc.reason, exc.detail)
         return web.json_response(result)
 
     async def _accept_update(self, request: web.Request, tenant: str) -> dict[str, object]:
         client = request.headers.get(H_CLIENT, "")
         if request.headers.get(H_JOB) != self.name:
-            raise UpdateRejected(Reason.metadata_mismatch.value,
-                                 f"job {request.headers.get(H_JOB)!r} is not {self.name!r}")
+            raise UpdateRejected(
+                Reason.metadata_mismatch.value,
+                f"job {request.headers.get(H_JOB)!r} is not {self.name!r}",
+            )
         if request.headers.get(H_CODEC, codec.CODEC) != codec.CODEC:
-            raise UpdateRejected(Reason.malformed.value,
-                                 f"codec {request.headers.get(H_CODEC)!r} is not supported", 415)
+            raise UpdateRejected(
+                Reason.malformed.value,
+                f"codec {request.headers.get(H_CODEC)!r} is not supported",
+                415,
+            )
         if request.content_length is not None and request.content_length > self.max_bytes:
-            raise UpdateRejected(Reason.oversized.value,
-                                 f"{request.content_length} bytes > {self.max_bytes}", 413)
+            raise UpdateRejected(
+                Reason.oversized.value, f"{request.content_length} bytes > {self.max_bytes}", 413
+            )
         number = parse_int(request.headers.get(H_ROUND), "round")
         weight = parse_weight(request.headers.get(H_WEIGHT))
         current = self.current
@@ -372,14 +413,23 @@ class Combiner:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise UpdateRejected(Reason.oversized.value, f"body > {self.max_bytes} bytes",
-                                 413) from None
+            raise UpdateRejected(
+                Reason.oversized.value, f"body > {self.max_bytes} bytes", 413
+            ) from None
         try:
             tensors, metadata = codec.decode(body)
         except CodecError as exc:
             raise UpdateRejected(Reason.malformed.value, str(exc)) from None
-        check_metadata(metadata, {M_JOB: self.name, M_ROUND: str(number), M_TENANT: tenant,
-                                  M_CLIENT: client, M_KIND: "update"})
+        check_metadata(
+            metadata,
+            {
+                M_JOB: self.name,
+                M_ROUND: str(number),
+                M_TENANT: tenant,
+                M_CLIENT: client,
+                M_KIND: "update",
+            },
+        )
         if parse_weight(metadata.get("fedkube.weight")) != weight:
             raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
         if self.template is None:
@@ -395,17 +445,23 @@ class Combiner:
             if current.sum is None:
                 current.sum = WeightedSum.zeros_like(tensors)
             await asyncio.get_running_loop().run_in_executor(
-                None, current.sum.fold, tensors, weight)
+                None, current.sum.fold, tensors, weight
+            )
             current.folded.add(client)
             complete = current.folded >= current.selected
         self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
         self.metrics.updates_accepted.labels(self.name, TIER, self.region, tenant).inc()
         self.metrics.bytes_up.labels(self.name, TIER, self.region, tenant).inc(len(body))
         self.metrics.clients_reported.labels(self.name, self.region).set(len(current.folded))
         await self.store.add_counters(number, bytes_up=len(body))
-        log.info("update folded", extra=fields(job=self.name, round=number, region=self.region,
-                                               tenant=tenant, client=client))
+        log.info(
+            "update folded",
+            extra=fields(
+                job=self.name, round=number, region=self.region, tenant=tenant, client=client
+            ),
+        )
         if complete:
             self._schedule_flush(current)
         return {"status": "accepted", "round": number}
@@ -417,12 +473,16 @@ class Combiner:
             # A retry of an accepted update (its answer was lost): harmless, and
             # said so even after the region flushed.
             raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
-        if number < current.info.round or current.flushed or (
-                current.info.state != RoundState.collecting):
+        if (
+            number < current.info.round
+            or current.flushed
+            or (current.info.state != RoundState.collecting)
+        ):
             raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
         if client not in current.selected:
-            raise UpdateRejected(Reason.not_selected.value,
-                                 f"{client} was not selected for round {number}", 403)
+            raise UpdateRejected(
+                Reason.not_selected.value, f"{client} was not selected for round {number}", 403
+            )
 
     # -- flushing the partial ------------------------------------------------
     def _schedule_flush(self, current: _Round) -> None:
@@ -447,33 +507,54 @@ class Combiner:
             envelope = Envelope(self.name, current.info.round, self.region, "", weight)
             metadata = {**envelope.metadata("partial"), "fedkube.count": str(count)}
             body = await asyncio.get_running_loop().run_in_executor(
-                None, codec.encode, tensors, metadata)
-        headers = {H_JOB: self.name, H_ROUND: str(current.info.round), H_REGION: self.region,
-                   H_CODEC: codec.CODEC, "Content-Type": codec.CONTENT_TYPE}
+                None, codec.encode, tensors, metadata
+            )
+        headers = {
+            H_JOB: self.name,
+            H_ROUND: str(current.info.round),
+            H_REGION: self.region,
+            H_CODEC: codec.CODEC,
+            "Content-Type": codec.CONTENT_TYPE,
+        }
         assert self._http is not None
         delay = 0.2
         while not self.stopped.is_set():
             try:
-                async with self._http.post(f"{self.config.global_url}/v1/partial",
-                                           data=body, headers=headers) as response:
+                async with self._http.post(
+                    f"{self.config.global_url}/v1/partial", data=body, headers=headers
+                ) as response:
                     answer = await response.text()
                     if response.status < 300 or response.status in (409, 410):
-                        log.info("partial sent: %d updates, weight %.0f (%s)", count, weight,
-                                 response.status, extra=fields(
-                                     job=self.name, round=current.info.round, region=self.region))
+                        log.info(
+                            "partial sent: %d updates, weight %.0f (%s)",
+                            count,
+                            weight,
+                            response.status,
+                            extra=fields(
+                                job=self.name, round=current.info.round, region=self.region
+                            ),
+                        )
                         return
-                    log.error("global refused partial: %s %s", response.status, answer,
-                              extra=fields(job=self.name, round=current.info.round))
+                    log.error(
+                        "global refused partial: %s %s",
+                        response.status,
+                        answer,
+                        extra=fields(job=self.name, round=current.info.round),
+                    )
                     return
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.warning("global unreachable (%s); retrying", exc,
-                            extra=fields(job=self.name, round=current.info.round))
+                log.warning(
+                    "global unreachable (%s); retrying",
+                    exc,
+                    extra=fields(job=self.name, round=current.info.round),
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
-async def run_combiner(config: CombinerConfig, stop: asyncio.Event,
-                       on_ready: Callable[[int], None] | None = None) -> None:
+async def run_combiner(
+    config: CombinerConfig, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
+) -> None:
     """Serve until the job ends or ``stop`` is set."""
     combiner = Combiner(config)
     await combiner.start()

@@ -116,9 +116,12 @@ class GlobalAggregator:
         self._publish_model()
         self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
         self._tasks.append(asyncio.create_task(self._keep_lease()))
-        log.info("global aggregator serving on port %d, next round %d", self.port,
-                 self.round_no + 1 if self._continue is None else self._continue.round,
-                 extra=fields(job=self.name))
+        log.info(
+            "global aggregator serving on port %d, next round %d",
+            self.port,
+            self.round_no + 1 if self._continue is None else self._continue.round,
+            extra=fields(job=self.name),
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -150,21 +153,26 @@ class GlobalAggregator:
         self.round_no = last_closed
         current = await self.store.current_round()
         info = await self.store.round_info(current) if current else None
-        if (info is not None and current == last_closed + 1
-                and info.state in (RoundState.collecting, RoundState.aggregating)):
+        if (
+            info is not None
+            and current == last_closed + 1
+            and info.state in (RoundState.collecting, RoundState.aggregating)
+        ):
             self._continue = info
             for region, body in checkpoint.load_partials(directory, current).items():
                 self.partials[region] = self._decode_partial(body, current, region)
         else:
             await self.store.trim_history(last_closed)
         await self.store.start_job(self.spec.rounds)
-        log.info("resuming after round %d (%d partials kept)", last_closed, len(self.partials),
-                 extra=fields(job=self.name))
+        log.info(
+            "resuming after round %d (%d partials kept)",
+            last_closed,
+            len(self.partials),
+            extra=fields(job=self.name),
+        )
 
     def _publish_model(self) -> None:
-        self.model_bytes = {
-            v: b for v, b in self.model_bytes.items() if v >= self.version - 1
-        }
+        self.model_bytes = {v: b for v, b in self.model_bytes.items() if v >= self.version - 1}
         self.model_bytes[self.version] = codec.encode(
             self.weights,
             {"fedkube.job": self.name, "fedkube.version": str(self.version), M_KIND: "model"},
@@ -196,13 +204,18 @@ class GlobalAggregator:
         self.partials = {}
         self._arrived.clear()
         info = await self.store.open_round(
-            number, selected, needed, self.spec.participation.round_timeout_seconds, self.version)
+            number, selected, needed, self.spec.participation.round_timeout_seconds, self.version
+        )
         self.metrics.round_current.labels(self.name, TIER, "").set(number)
         for region in self.regions:
             here = sum(1 for c in selected if self.region_of[c] == region)
             self.metrics.clients_selected.labels(self.name, region).set(here)
-        log.info("round opened: %d selected, quorum %d", len(selected), needed,
-                 extra=fields(job=self.name, round=number))
+        log.info(
+            "round opened: %d selected, quorum %d",
+            len(selected),
+            needed,
+            extra=fields(job=self.name, round=number),
+        )
         return info
 
     async def _await_clients(self, number: int, selected: list[str], needed: int) -> None:
@@ -218,11 +231,17 @@ class GlobalAggregator:
             if waited >= limit:
                 raise QuorumNotReached(
                     f"round {number}: only {ready} of the {len(selected)} selected clients "
-                    f"registered within {limit:.0f}s (quorum is {needed})")
+                    f"registered within {limit:.0f}s (quorum is {needed})"
+                )
             if waited - logged >= 10:
                 logged = waited
-                log.info("waiting for clients: %d of %d registered, need %d", ready,
-                         len(selected), needed, extra=fields(job=self.name, round=number))
+                log.info(
+                    "waiting for clients: %d of %d registered, need %d",
+                    ready,
+                    len(selected),
+                    needed,
+                    extra=fields(job=self.name, round=number),
+                )
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def _collect(self, info: RoundInfo) -> list[Partial]:
@@ -240,12 +259,16 @@ class GlobalAggregator:
             if current.state == RoundState.collecting and now >= current.deadline:
                 reported = await self.store.reported_count(number)
                 if reported >= current.quorum:
-                    await self.store.transition(number, RoundState.collecting,
-                                                RoundState.aggregating)
+                    await self.store.transition(
+                        number, RoundState.collecting, RoundState.aggregating
+                    )
                     await self.store.publish({"type": "round_flush", "round": number})
                     flush_deadline = now + timeout
-                    log.info("deadline: %d reported, asking combiners to flush", reported,
-                             extra=fields(job=self.name, round=number))
+                    log.info(
+                        "deadline: %d reported, asking combiners to flush",
+                        reported,
+                        extra=fields(job=self.name, round=number),
+                    )
                 else:
                     await self._quorum_missed(current, reported, len(selected))
             elif current.state == RoundState.aggregating:
@@ -253,12 +276,15 @@ class GlobalAggregator:
                 if now >= flush_deadline:
                     got = sum(p.count for p in self.partials.values())
                     if got >= current.quorum and got > 0:
-                        log.warning("regions %s sent no partial; closing without them",
-                                    sorted(expected - self.partials.keys()),
-                                    extra=fields(job=self.name, round=number))
+                        log.warning(
+                            "regions %s sent no partial; closing without them",
+                            sorted(expected - self.partials.keys()),
+                            extra=fields(job=self.name, round=number),
+                        )
                         return list(self.partials.values())
-                    await self.store.transition(number, RoundState.aggregating,
-                                                RoundState.collecting)
+                    await self.store.transition(
+                        number, RoundState.aggregating, RoundState.collecting
+                    )
                     await self._quorum_missed(current, got, len(selected))
                     flush_deadline = None
             wait = max(0.01, min(POLL_INTERVAL_S, current.deadline - now))
@@ -273,9 +299,15 @@ class GlobalAggregator:
         policy = self.spec.participation
         if policy.on_quorum_missed == "extend" and info.extensions < policy.max_extensions:
             await self.store.extend(info.round, policy.round_timeout_seconds)
-            log.warning("quorum missed (%d of %d, need %d): deadline extended (%d/%d)",
-                        reported, selected, info.quorum, info.extensions + 1,
-                        policy.max_extensions, extra=fields(job=self.name, round=info.round))
+            log.warning(
+                "quorum missed (%d of %d, need %d): deadline extended (%d/%d)",
+                reported,
+                selected,
+                info.quorum,
+                info.extensions + 1,
+                policy.max_extensions,
+                extra=fields(job=self.name, round=info.round),
+            )
             return
         raise QuorumNotReached(
             f"round {info.round}: {reported} of {selected} selected clients reported, "
@@ -288,9 +320,11 @@ class GlobalAggregator:
         started = time.perf_counter()
         delta = await loop.run_in_executor(None, self.strategy.reduce_partials, partials)
         self.weights = self.strategy.apply_delta(
-            self.weights, delta, self.spec.strategy.server_learning_rate)
+            self.weights, delta, self.spec.strategy.server_learning_rate
+        )
         self.metrics.aggregation_seconds.labels(self.name, TIER, "").observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
         loss = accuracy = None
         if number % self.spec.evaluation.every_rounds == 0 or number == self.spec.rounds:
             loss, accuracy = await loop.run_in_executor(None, self._evaluate)
@@ -334,9 +368,13 @@ class GlobalAggregator:
         self.partials = {}
         self.metrics.round_duration.labels(self.name).observe(record["duration_s"])
         self.metrics.rounds_completed.labels(self.name).inc()
-        log.info("round closed: %d/%d reported, accuracy %s", reported, len(selected),
-                 "n/a" if accuracy is None else f"{accuracy:.4f}",
-                 extra=fields(job=self.name, round=number))
+        log.info(
+            "round closed: %d/%d reported, accuracy %s",
+            reported,
+            len(selected),
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            extra=fields(job=self.name, round=number),
+        )
 
     def _evaluate(self) -> tuple[float, float]:
         if self._test_data is None:
@@ -354,8 +392,14 @@ class GlobalAggregator:
     async def handle_status(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
             return json_error(401, Reason.unauthenticated.value, "bad or missing token")
-        return web.json_response({"job": self.name, "last_closed_round": self.round_no,
-                                  "version": self.version, "partials": sorted(self.partials)})
+        return web.json_response(
+            {
+                "job": self.name,
+                "last_closed_round": self.round_no,
+                "version": self.version,
+                "partials": sorted(self.partials),
+            }
+        )
 
     async def handle_model(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
@@ -366,8 +410,11 @@ class GlobalAggregator:
             return json_error(400, Reason.malformed.value, "version must be an integer")
         data = self.model_bytes.get(version)
         if data is None:
-            return json_error(404, "unknown_version",
-                              f"model version {version} is not served (current {self.version})")
+            return json_error(
+                404,
+                "unknown_version",
+                f"model version {version} is not served (current {self.version})",
+            )
         region = request.query.get("region", "")
         self.metrics.bytes_down.labels(self.name, TIER, region, "").inc(len(data))
         return web.Response(body=data, content_type=codec.CONTENT_TYPE)
@@ -381,8 +428,11 @@ class GlobalAggregator:
             partial, body = await self._accept_partial(request, region)
         except UpdateRejected as exc:
             self.metrics.updates_rejected.labels(self.name, TIER, label, "", exc.reason).inc()
-            log.warning("partial rejected: %s", exc.detail, extra=fields(
-                job=self.name, region=label, reason=exc.reason))
+            log.warning(
+                "partial rejected: %s",
+                exc.detail,
+                extra=fields(job=self.name, region=label, reason=exc.reason),
+            )
             return json_error(exc.status, exc.reason, exc.detail)
         self.metrics.bytes_up.labels(self.name, TIER, region, "").inc(len(body))
         self.metrics.updates_accepted.labels(self.name, TIER, region, "").inc()
@@ -401,13 +451,15 @@ class GlobalAggregator:
         if number > open_round:
             raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
         if region in self.partials:
-            raise UpdateRejected(Reason.duplicate.value, f"{region} already sent round {number}",
-                                 409)
+            raise UpdateRejected(
+                Reason.duplicate.value, f"{region} already sent round {number}", 409
+            )
         body = await request.read()
         partial = self._decode_partial(body, number, region)
         # Durable before acknowledged: a restarted aggregator reloads it.
         await asyncio.get_running_loop().run_in_executor(
-            None, checkpoint.save_partial, self.config.checkpoint_dir, number, region, body)
+            None, checkpoint.save_partial, self.config.checkpoint_dir, number, region, body
+        )
         self.partials[region] = partial
         return partial, body
 
@@ -416,8 +468,9 @@ class GlobalAggregator:
             tensors, metadata = codec.decode(body)
         except CodecError as exc:
             raise UpdateRejected(Reason.malformed.value, str(exc)) from None
-        check_metadata(metadata, {M_JOB: self.name, M_ROUND: str(number), M_REGION: region,
-                                  M_KIND: "partial"})
+        check_metadata(
+            metadata, {M_JOB: self.name, M_ROUND: str(number), M_REGION: region, M_KIND: "partial"}
+        )
         try:
             weight = float(metadata["fedkube.weight"])
             count = int(metadata["fedkube.count"])
@@ -431,8 +484,9 @@ class GlobalAggregator:
         return Partial(region=region, sums=dict(tensors), weight=weight, count=count)
 
 
-async def run_global(config: GlobalConfig, stop: asyncio.Event,
-                     on_ready: Callable[[int], None] | None = None) -> str:
+async def run_global(
+    config: GlobalConfig, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
+) -> str:
     """Serve and drive the job until it ends, ``stop`` is set or the lease is lost."""
     aggregator = GlobalAggregator(config)
     await aggregator.start()

@@ -50,7 +50,9 @@ def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in tensors.values())))
+    return float(
+        np.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in tensors.values()))
+    )
 
 
 def check_norm(tensors: Mapping[str, np.ndarray], bound: float | None) -> None:

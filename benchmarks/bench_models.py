@@ -8,8 +8,9 @@ learning.
 from __future__ import annotations
 
 import numpy as np
-from fedkube.learning import ArrayData, DataContext
 from torch import nn
+
+from fedkube.learning import ArrayData, DataContext
 
 
 def make_model(inputs: int = 1000, outputs: int = 1000) -> nn.Module:
@@ -17,8 +18,9 @@ def make_model(inputs: int = 1000, outputs: int = 1000) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, outputs))
 
 
-def make_data(context: DataContext, inputs: int = 1000, classes: int = 10,
-              samples: int = 64) -> ArrayData:
+def make_data(
+    context: DataContext, inputs: int = 1000, classes: int = 10, samples: int = 64
+) -> ArrayData:
     """A few random samples with ``inputs`` features and integer labels < ``classes``."""
     client = context.client
     salt = 0 if client is None else 1 + client.tenant_index * 1000 + client.replica

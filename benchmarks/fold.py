@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+
 from fedkube import codec
 from fedkube.aggregator.strategies.fedavg import FOLD_CHUNK, WeightedSum
 from fedkube.protocol import Envelope
@@ -101,9 +102,21 @@ def memory_child(mode: str, n_updates: int, n_distinct: int) -> dict[str, int]:
     """Run the memory measurement in a fresh interpreter; returns its JSON answer."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", mode, "--updates", str(n_updates),
-         "--distinct", str(n_distinct)],
-        env=env, check=True, capture_output=True, text=True)
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            mode,
+            "--updates",
+            str(n_updates),
+            "--distinct",
+            str(n_distinct),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,8 +150,9 @@ def memory_main(mode: str, n_updates: int, n_distinct: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=100)
-    parser.add_argument("--distinct", type=int, default=4,
-                        help="distinct update dicts generated and cycled through")
+    parser.add_argument(
+        "--distinct", type=int, default=4, help="distinct update dicts generated and cycled through"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-child", choices=["fold", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,6 +199,7 @@ def main() -> None:
                     acc.fold(source[i % len(source)], weights[i])
                 else:
                     fold(acc.sums, source[i % len(source)], weights[i])
+
         return go
 
     cases = {
@@ -232,36 +247,59 @@ def main() -> None:
     naive_rate = [folded / t for t in naive_t]
     plain_rate = [folded / t for t in plain_t]
 
-    print(f"FedAvg fold benchmark: {n_updates} updates of a {PARAMS:,}-parameter float32 model "
-          f"({model_bytes / MB:.0f} MB per update, {folded / GB:.1f} GB folded per run)")
-    print(f"updates: {n_distinct} distinct update dicts generated and cycled "
-          f"(working set {n_distinct * model_bytes / MB:.0f} MB + accumulator, L3 {l3_size()}, so "
-          f"every fold streams from memory); WeightedSum chunk = {FOLD_CHUNK} elements")
-    print(f"timing: time.perf_counter, {repeats} repeats each, interleaved across cases; "
-          f"'best' = fastest repeat, 'median' = median repeat; memcpy/add: {inner} ops per "
-          f"repeat; folds: {n_updates} updates per repeat into a pre-touched accumulator")
+    print(
+        f"FedAvg fold benchmark: {n_updates} updates of a {PARAMS:,}-parameter float32 model "
+        f"({model_bytes / MB:.0f} MB per update, {folded / GB:.1f} GB folded per run)"
+    )
+    print(
+        f"updates: {n_distinct} distinct update dicts generated and cycled "
+        f"(working set {n_distinct * model_bytes / MB:.0f} MB + accumulator, L3 {l3_size()}, so "
+        f"every fold streams from memory); WeightedSum chunk = {FOLD_CHUNK} elements"
+    )
+    print(
+        f"timing: time.perf_counter, {repeats} repeats each, interleaved across cases; "
+        f"'best' = fastest repeat, 'median' = median repeat; memcpy/add: {inner} ops per "
+        f"repeat; folds: {n_updates} updates per repeat into a pre-touched accumulator"
+    )
     print()
-    header = (f"{'measurement':<52} {'best GB/s':>9} {'med GB/s':>8} {'traffic best':>13} "
-              f"{'traffic med':>12}  note")
+    header = (
+        f"{'measurement':<52} {'best GB/s':>9} {'med GB/s':>8} {'traffic best':>13} "
+        f"{'traffic med':>12}  note"
+    )
     print(header)
     print("-" * len(header))
-    print(f"{'(a) memcpy np.copyto, 40 MB float32':<52} {'':>18} {bw_cells(memcpy_bw)}   "
-          f"  traffic = 2 x size (read+write)")
-    print(f"{'(b) numpy in-place add a += b, 40 MB float32':<52} {'':>18} {bw_cells(add_bw)}   "
-          f"  traffic = 3 x size (read a, read b, write a)")
+    print(
+        f"{'(a) memcpy np.copyto, 40 MB float32':<52} {'':>18} {bw_cells(memcpy_bw)}   "
+        f"  traffic = 2 x size (read+write)"
+    )
+    print(
+        f"{'(b) numpy in-place add a += b, 40 MB float32':<52} {'':>18} {bw_cells(add_bw)}   "
+        f"  traffic = 3 x size (read a, read b, write a)"
+    )
 
     def fold_row(label: str, rates: list[float], note: str) -> None:
         traffic = [3 * r for r in rates]
-        print(f"{label:<52} {max(rates) / GB:9.2f} {statistics.median(rates) / GB:8.2f} "
-              f"{max(traffic) / GB:13.2f} {statistics.median(traffic) / GB:12.2f}  {note}")
+        print(
+            f"{label:<52} {max(rates) / GB:9.2f} {statistics.median(rates) / GB:8.2f} "
+            f"{max(traffic) / GB:13.2f} {statistics.median(traffic) / GB:12.2f}  {note}"
+        )
 
-    fold_row("(c) WeightedSum.fold, owned float32 arrays", fold_rate,
-             "GB/s = update bytes folded per second; traffic = 3 x that")
-    fold_row("(c) WeightedSum.fold, safetensors zero-copy views", view_rate,
-             "what the combiner folds (codec.decode read-only views)")
+    fold_row(
+        "(c) WeightedSum.fold, owned float32 arrays",
+        fold_rate,
+        "GB/s = update bytes folded per second; traffic = 3 x that",
+    )
+    fold_row(
+        "(c) WeightedSum.fold, safetensors zero-copy views",
+        view_rate,
+        "what the combiner folds (codec.decode read-only views)",
+    )
     fold_row("    context: naive acc += w * delta", naive_rate, "allocates a temporary per layer")
-    fold_row("    context: unweighted np.add(acc, d, out=acc)", plain_rate,
-             "same dict loop, no weight: the a += b floor")
+    fold_row(
+        "    context: unweighted np.add(acc, d, out=acc)",
+        plain_rate,
+        "same dict loop, no weight: the a += b floor",
+    )
     print()
 
     best_add = max(add_bw)
@@ -270,39 +308,56 @@ def main() -> None:
         ratio_best = 3 * max(rates) / best_add
         ratio_med = 3 * statistics.median(rates) / med_add
         verdict = "MET" if ratio_best >= 0.60 else "NOT MET"
-        print(f"fold/in-place-add traffic ratio ({label}): best {ratio_best:6.1%}, "
-              f"median {ratio_med:6.1%}   target fold >= 60 % of in-place add bandwidth: "
-              f"{verdict} (best vs best)")
+        print(
+            f"fold/in-place-add traffic ratio ({label}): best {ratio_best:6.1%}, "
+            f"median {ratio_med:6.1%}   target fold >= 60 % of in-place add bandwidth: "
+            f"{verdict} (best vs best)"
+        )
     naive_ratio = 3 * max(naive_rate) / best_add
-    print(f"naive acc += w * delta for context: {naive_ratio:6.1%} of in-place add bandwidth "
-          f"(its real traffic is higher: it also writes and re-reads the temporary); "
-          f"WeightedSum.fold is {max(view_rate) / max(naive_rate):.2f}x the naive rate")
-    print(f"for context, same access pattern: WeightedSum.fold (views) reaches "
-          f"{max(view_rate) / max(plain_rate):6.1%} of the unweighted dict np.add over the same "
-          f"cycled updates (best vs best); (b) re-adds one 40 MB pair (80 MB working set, "
-          f"L3 here {l3_size()})")
+    print(
+        f"naive acc += w * delta for context: {naive_ratio:6.1%} of in-place add bandwidth "
+        f"(its real traffic is higher: it also writes and re-reads the temporary); "
+        f"WeightedSum.fold is {max(view_rate) / max(naive_rate):.2f}x the naive rate"
+    )
+    print(
+        f"for context, same access pattern: WeightedSum.fold (views) reaches "
+        f"{max(view_rate) / max(plain_rate):6.1%} of the unweighted dict np.add over the same "
+        f"cycled updates (best vs best); (b) re-adds one 40 MB pair (80 MB working set, "
+        f"L3 here {l3_size()})"
+    )
     print()
 
     def mem_line(label: str, mem: dict[str, int], target: bool) -> None:
         traced = mem["traced_peak"] / model_bytes
         rss = mem["rss_growth"]
-        rss_txt = (f"peak RSS growth {rss / MB:6.1f} MB = {rss / model_bytes:4.2f}"
-                   if rss >= 0 else "peak RSS growth n/a (no /proc/self/clear_refs)")
-        line = (f"{label:<34} tracemalloc peak {mem['traced_peak'] / MB:6.1f} MB = {traced:4.2f}"
-                f" | {rss_txt}")
+        rss_txt = (
+            f"peak RSS growth {rss / MB:6.1f} MB = {rss / model_bytes:4.2f}"
+            if rss >= 0
+            else "peak RSS growth n/a (no /proc/self/clear_refs)"
+        )
+        line = (
+            f"{label:<34} tracemalloc peak {mem['traced_peak'] / MB:6.1f} MB = {traced:4.2f}"
+            f" | {rss_txt}"
+        )
         if target:
             worst = max(traced, rss / model_bytes)
             line += f"   target <= 2: {'MET' if worst <= 2 else 'NOT MET'}"
         print(line)
 
-    print("extra model-sized buffers during one 100-update fold, beyond the updates themselves "
-          "(the accumulator is included and counts as one):")
-    print("  measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536 so freed blocks "
-          "leave RSS); updates are safetensors views of 4 cycled payloads")
+    print(
+        "extra model-sized buffers during one 100-update fold, beyond the updates themselves "
+        "(the accumulator is included and counts as one):"
+    )
+    print(
+        "  measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536 so freed blocks "
+        "leave RSS); updates are safetensors views of 4 cycled payloads"
+    )
     mem_line("WeightedSum.fold", mem_fold, True)
     mem_line("naive acc += w * delta (context)", mem_naive, False)
-    print(f"\ncorrectness spot check (first 8 folds vs float64 reference): max abs error "
-          f"{max_err:.2e}")
+    print(
+        f"\ncorrectness spot check (first 8 folds vs float64 reference): max abs error "
+        f"{max_err:.2e}"
+    )
 
 
 if __name__ == "__main__":

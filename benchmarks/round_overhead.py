@@ -54,6 +54,7 @@ sys.path.insert(0, str(HERE))  # bench_models:make_model / make_data
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
+
 from fedkube import codec  # noqa: E402
 from fedkube.aggregator.combiner import Combiner, CombinerConfig  # noqa: E402
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig  # noqa: E402
@@ -75,8 +76,15 @@ SIM_WEIGHT = 64.0
 
 
 # -- manifests ------------------------------------------------------------------
-def manifest(name: str, rounds: int, tenants: int, replicas: int, model: dict[str, Any],
-             data: dict[str, Any], training: dict[str, Any] | None = None) -> dict[str, Any]:
+def manifest(
+    name: str,
+    rounds: int,
+    tenants: int,
+    replicas: int,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     regions = ["eu", "us"]
     return {
         "apiVersion": "fedkube.io/v1alpha1",
@@ -89,13 +97,20 @@ def manifest(name: str, rounds: int, tenants: int, replicas: int, model: dict[st
             "data": data,
             "regions": [{"name": r} for r in regions],
             "tenants": [
-                {"name": f"tenant-{i:02d}", "region": regions[i % len(regions)],
-                 "replicas": replicas}
+                {
+                    "name": f"tenant-{i:02d}",
+                    "region": regions[i % len(regions)],
+                    "replicas": replicas,
+                }
                 for i in range(tenants)
             ],
             "training": training or {"epochs": 1},
-            "participation": {"fraction": 1.0, "minFraction": 0.5,
-                              "roundTimeoutSeconds": 60, "onQuorumMissed": "fail"},
+            "participation": {
+                "fraction": 1.0,
+                "minFraction": 0.5,
+                "roundTimeoutSeconds": 60,
+                "onQuorumMissed": "fail",
+            },
             "strategy": {"name": "fedavg", "serverLearningRate": 1.0},
             "evaluation": {"everyRounds": rounds + 1},  # only the last round evaluates
             "state": {"keyTtlSeconds": 3600},
@@ -106,11 +121,19 @@ def manifest(name: str, rounds: int, tenants: int, replicas: int, model: dict[st
 BENCH_MODEL = {"entrypoint": "bench_models:make_model", "kwargs": {"inputs": 1000, "outputs": 1000}}
 BENCH_DATA = {"entrypoint": "bench_models:make_data", "kwargs": {"inputs": 1000, "classes": 10}}
 DIGITS_MODEL = {"entrypoint": "fedkube.examples.digits:make_model", "kwargs": {"hidden": 128}}
-DIGITS_DATA = {"entrypoint": "fedkube.examples.digits:make_data",
-               "partition": {"scheme": "dirichlet", "alpha": 0.5}, "testFraction": 0.2}
+DIGITS_DATA = {
+    "entrypoint": "fedkube.examples.digits:make_data",
+    "partition": {"scheme": "dirichlet", "alpha": 0.5},
+    "testFraction": 0.2,
+}
 # As in examples/digits.yaml.
-DIGITS_TRAINING = {"epochs": 3, "batchSize": 16, "optimizer": "sgd", "learningRate": 0.05,
-                   "momentum": 0.9}
+DIGITS_TRAINING = {
+    "epochs": 3,
+    "batchSize": 16,
+    "optimizer": "sgd",
+    "learningRate": 0.05,
+    "momentum": 0.9,
+}
 
 
 @dataclass
@@ -123,16 +146,22 @@ class Scenario:
 
 # -- clients ------------------------------------------------------------------
 def client_headers(job: FederatedJob, client: Client, token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", H_JOB: job.name, H_TENANT: client.tenant,
-            H_CLIENT: client.id}
+    return {
+        "Authorization": f"Bearer {token}",
+        H_JOB: job.name,
+        H_TENANT: client.tenant,
+        H_CLIENT: client.id,
+    }
 
 
-async def sim_client(job: FederatedJob, client: Client, url: str, token: str,
-                     stats: dict[str, Any]) -> None:
+async def sim_client(
+    job: FederatedJob, client: Client, url: str, token: str, stats: dict[str, Any]
+) -> None:
     """A worker that trains for zero seconds: the same HTTP exchange as Worker._train_round."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-    async with aiohttp.ClientSession(headers=client_headers(job, client, token),
-                                     timeout=timeout) as http:
+    async with aiohttp.ClientSession(
+        headers=client_headers(job, client, token), timeout=timeout
+    ) as http:
         last = 0
         while True:
             params = {"after": str(last), "wait": "20"}
@@ -154,8 +183,12 @@ async def sim_client(job: FederatedJob, client: Client, url: str, token: str,
             delta = {name: np.zeros(array.shape, np.float32) for name, array in tensors.items()}
             envelope = Envelope(job.name, number, client.id, client.tenant, SIM_WEIGHT)
             body = codec.encode(delta, envelope.metadata("update"))
-            headers = {H_ROUND: str(number), H_WEIGHT: repr(SIM_WEIGHT), H_CODEC: codec.CODEC,
-                       "Content-Type": codec.CONTENT_TYPE}
+            headers = {
+                H_ROUND: str(number),
+                H_WEIGHT: repr(SIM_WEIGHT),
+                H_CODEC: codec.CODEC,
+                "Content-Type": codec.CONTENT_TYPE,
+            }
             async with http.post(f"{url}/v1/update", data=body, headers=headers) as response:
                 answer = await response.json(content_type=None)
             marks["done"].append(time.time())
@@ -170,10 +203,10 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
     urls, tokens = config["urls"], config["tokens"]
     stats: dict[str, Any] = {"refused": [], "train_s": {}, "marks": {}}
     if config["mode"] == "sim":
-        coros = [sim_client(job, c, urls[c.region], tokens[c.tenant], stats)
-                 for c in job.clients()]
+        coros = [sim_client(job, c, urls[c.region], tokens[c.tenant], stats) for c in job.clients()]
     else:
         import torch
+
         from fedkube.workers.runtime import Worker, WorkerConfig
 
         torch.set_num_threads(1)  # 8 workers in one process on 2 cores: no oversubscription
@@ -185,16 +218,22 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
                 started = time.perf_counter()
                 result = super()._train(global_weights, number)
                 stats["train_s"].setdefault(str(number), {})[self.client.id] = (
-                    time.perf_counter() - started)
+                    time.perf_counter() - started
+                )
                 return result
 
         clients = job.clients()
         # One executor thread per worker, as if each had its own process.
         asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=len(clients) + 2))
+            ThreadPoolExecutor(max_workers=len(clients) + 2)
+        )
         stop = asyncio.Event()
-        workers = [TimedWorker(WorkerConfig(job=job, client=c, combiner_url=urls[c.region],
-                                            token=tokens[c.tenant])) for c in clients]
+        workers = [
+            TimedWorker(
+                WorkerConfig(job=job, client=c, combiner_url=urls[c.region], token=tokens[c.tenant])
+            )
+            for c in clients
+        ]
         coros = [w.run(stop) for w in workers]
     if ready is not None:
         ready.set()
@@ -243,21 +282,35 @@ async def run_scenario(sc: Scenario) -> Result:
     aggregator_token = secrets.token_urlsafe(24)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedkube-bench-") as tmp, RedisServer() as redis:
-        agg = GlobalAggregator(GlobalConfig(job=job, redis_url=redis.url,
-                                            checkpoint_dir=Path(tmp) / "checkpoints",
-                                            aggregator_digest=digest(aggregator_token)))
+        agg = GlobalAggregator(
+            GlobalConfig(
+                job=job,
+                redis_url=redis.url,
+                checkpoint_dir=Path(tmp) / "checkpoints",
+                aggregator_digest=digest(aggregator_token),
+            )
+        )
         await agg.start()
         combiners = []
         for region in job.region_names():
-            combiner = Combiner(CombinerConfig(
-                job=job, region=region, redis_url=redis.url,
-                global_url=f"http://127.0.0.1:{agg.port}",
-                tenant_digests={name: digest(tok) for name, tok in tokens.items()},
-                aggregator_token=aggregator_token))
+            combiner = Combiner(
+                CombinerConfig(
+                    job=job,
+                    region=region,
+                    redis_url=redis.url,
+                    global_url=f"http://127.0.0.1:{agg.port}",
+                    tenant_digests={name: digest(tok) for name, tok in tokens.items()},
+                    aggregator_token=aggregator_token,
+                )
+            )
             await combiner.start()
             combiners.append(combiner)
-        config = {"manifest": sc.manifest, "mode": sc.mode, "tokens": tokens,
-                  "urls": {c.region: f"http://127.0.0.1:{c.port}" for c in combiners}}
+        config = {
+            "manifest": sc.manifest,
+            "mode": sc.mode,
+            "tokens": tokens,
+            "urls": {c.region: f"http://127.0.0.1:{c.port}" for c in combiners},
+        }
         params = sum(int(a.size) for a in agg.weights.values())
         model_bytes = sum(int(a.nbytes) for a in agg.weights.values())
 
@@ -265,8 +318,12 @@ async def run_scenario(sc: Scenario) -> Result:
         client_task: asyncio.Task[dict[str, Any]] | None = None
         if sc.clients_where == "child":
             child = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--client-child",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                sys.executable,
+                __file__,
+                "--client-child",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
             assert child.stdin is not None and child.stdout is not None
             child.stdin.write(json.dumps(config).encode())
             child.stdin.close()
@@ -291,8 +348,10 @@ async def run_scenario(sc: Scenario) -> Result:
                 assert client_task is not None
                 stats = await asyncio.wait_for(client_task, 60)
             history = await agg.store.history()
-            hashes = {r["round"]: await agg.store.redis.hgetall(agg.store.key("round", r["round"]))
-                      for r in history}
+            hashes = {
+                r["round"]: await agg.store.redis.hgetall(agg.store.key("round", r["round"]))
+                for r in history
+            }
         finally:
             if child is not None and child.returncode is None:
                 child.kill()
@@ -307,42 +366,71 @@ async def run_scenario(sc: Scenario) -> Result:
                 await combiner.stop()
             await agg.stop()
 
-    result = Result(sc, len(job.clients()), params, model_bytes, status,
-                    refused=stats["refused"], total_s=time.perf_counter() - started,
-                    service_cpu_per_round=service_cpu / len(history),
-                    client_cpu_per_round=(stats["cpu_s"] / len(history)
-                                          if sc.clients_where == "child" else None))
+    result = Result(
+        sc,
+        len(job.clients()),
+        params,
+        model_bytes,
+        status,
+        refused=stats["refused"],
+        total_s=time.perf_counter() - started,
+        service_cpu_per_round=service_cpu / len(history),
+        client_cpu_per_round=(
+            stats["cpu_s"] / len(history) if sc.clients_where == "child" else None
+        ),
+    )
     for record in history[1:]:  # round 1 is the warm-up
         number = record["round"]
         info = hashes[number]
         wall = float(info["closed_at"]) - float(info["opened_at"])
         trains = stats["train_s"].get(str(number), {})
         slowest = max(trains.values()) if trains else 0.0
-        result.rows.append({
-            "round": number, "wall": wall, "duration": record["duration_s"],
-            "slowest_train": slowest, "overhead": wall - slowest,
-            "reported": record["reported"], "selected": record["selected"],
-            "bytes": record["bytes_up"] + record["bytes_down"],
-            "evaluated": record["accuracy"] is not None,
-        })
+        result.rows.append(
+            {
+                "round": number,
+                "wall": wall,
+                "duration": record["duration_s"],
+                "slowest_train": slowest,
+                "overhead": wall - slowest,
+                "reported": record["reported"],
+                "selected": record["selected"],
+                "bytes": record["bytes_up"] + record["bytes_down"],
+                "evaluated": record["accuracy"] is not None,
+            }
+        )
         marks = stats["marks"].get(str(number))
         if marks and len(marks["done"]) == record["selected"]:
             opened, closed = float(info["opened_at"]), float(info["closed_at"])
-            result.rows[-1]["phases"] = (max(marks["task"]) - opened, max(marks["model"]) - opened,
-                                         max(marks["done"]) - opened, closed - max(marks["done"]))
+            result.rows[-1]["phases"] = (
+                max(marks["task"]) - opened,
+                max(marks["model"]) - opened,
+                max(marks["done"]) - opened,
+                closed - max(marks["done"]),
+            )
     return result
 
 
 # -- report ---------------------------------------------------------------------
 def print_table(results: list[Result], rounds: int) -> None:
-    cols = [("scenario", 46), ("clients", 7), ("model params", 12), ("rounds", 6),
-            ("med round wall s", 16), ("med duration_s", 14), ("med slowest train s", 19),
-            ("med overhead s", 14), ("min overhead s", 14), ("max overhead s", 14),
-            ("MB/round w<->c", 14),
-            ("svc CPU s/rnd", 13), ("client CPU s/rnd", 16),
-            ("target", 34)]
-    header = " | ".join(f"{name:>{width}}" if i else f"{name:<{width}}"
-                        for i, (name, width) in enumerate(cols))
+    cols = [
+        ("scenario", 46),
+        ("clients", 7),
+        ("model params", 12),
+        ("rounds", 6),
+        ("med round wall s", 16),
+        ("med duration_s", 14),
+        ("med slowest train s", 19),
+        ("med overhead s", 14),
+        ("min overhead s", 14),
+        ("max overhead s", 14),
+        ("MB/round w<->c", 14),
+        ("svc CPU s/rnd", 13),
+        ("client CPU s/rnd", 16),
+        ("target", 34),
+    ]
+    header = " | ".join(
+        f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(cols)
+    )
     print(header)
     print("-" * len(header))
     for res in results:
@@ -355,35 +443,49 @@ def print_table(results: list[Result], rounds: int) -> None:
         else:
             target = "(context)"
         cells = [
-            res.scenario.label, str(res.clients), f"{res.params:,}",
+            res.scenario.label,
+            str(res.clients),
+            f"{res.params:,}",
             f"{len(rows)}/{rounds}",
             f"{statistics.median(r['wall'] for r in rows):.3f}",
             f"{statistics.median(r['duration'] for r in rows):.3f}",
             f"{statistics.median(r['slowest_train'] for r in rows):.3f}",
-            f"{med_over:.3f}", f"{min(over):.3f}", f"{max_over:.3f}",
+            f"{med_over:.3f}",
+            f"{min(over):.3f}",
+            f"{max_over:.3f}",
             f"{statistics.median(r['bytes'] for r in rows) / 1e6:.1f}",
             f"{res.service_cpu_per_round:.3f}",
             "in svc" if res.client_cpu_per_round is None else f"{res.client_cpu_per_round:.3f}",
             target,
         ]
-        print(" | ".join(f"{cell:>{width}}" if i else f"{cell:<{width}}"
-                         for i, (cell, (_, width)) in enumerate(zip(cells, cols, strict=True))))
+        print(
+            " | ".join(
+                f"{cell:>{width}}" if i else f"{cell:<{width}}"
+                for i, (cell, (_, width)) in enumerate(zip(cells, cols, strict=True))
+            )
+        )
 
 
 def print_rounds(results: list[Result]) -> None:
-    print("\nper measured round (overhead s; * = evaluated on the test split; "
-          "reported/selected):")
+    print("\nper measured round (overhead s; * = evaluated on the test split; reported/selected):")
     for res in results:
-        cells = [f"r{r['round']}:{r['overhead']:.3f}{'*' if r['evaluated'] else ''}"
-                 f"({r['reported']}/{r['selected']})" for r in res.rows]
-        print(f"  {res.scenario.label:<46} {' '.join(cells)}   status={res.status}, "
-              f"scenario wall {res.total_s:.1f}s")
+        cells = [
+            f"r{r['round']}:{r['overhead']:.3f}{'*' if r['evaluated'] else ''}"
+            f"({r['reported']}/{r['selected']})"
+            for r in res.rows
+        ]
+        print(
+            f"  {res.scenario.label:<46} {' '.join(cells)}   status={res.status}, "
+            f"scenario wall {res.total_s:.1f}s"
+        )
         phases = [r["phases"] for r in res.rows if "phases" in r]
         if phases:
             med = [statistics.median(p[i] for p in phases) for i in range(4)]
-            print(f"    median phases, s after round open: last task handed out {med[0]:.3f}, "
-                  f"last model received {med[1]:.3f}, last update accepted {med[2]:.3f}; "
-                  f"then -> round closed {med[3]:.3f}")
+            print(
+                f"    median phases, s after round open: last task handed out {med[0]:.3f}, "
+                f"last model received {med[1]:.3f}, last update accepted {med[2]:.3f}; "
+                f"then -> round closed {med[3]:.3f}"
+            )
         if res.refused:
             print(f"    refused updates: {res.refused[:5]}{' ...' if len(res.refused) > 5 else ''}")
 
@@ -391,17 +493,30 @@ def print_rounds(results: list[Result]) -> None:
 async def main_async(args: argparse.Namespace) -> None:
     rounds = args.rounds
     scenarios = [
-        Scenario("8 tenants, real Worker training (digits)",
-                 manifest("bench-digits8", rounds, 8, 1, DIGITS_MODEL, DIGITS_DATA,
-                          DIGITS_TRAINING), "worker", "child"),
-        Scenario("8 tenants, no training, clients in 2nd process",
-                 manifest("bench-sim8", rounds, 8, 1, BENCH_MODEL, BENCH_DATA), "sim", "child"),
-        Scenario("100 clients, no training, clients in 2nd proc",
-                 manifest("bench-sim100", rounds, 10, 10, BENCH_MODEL, BENCH_DATA), "sim",
-                 "child"),
-        Scenario("100 clients, no training, all in one process",
-                 manifest("bench-sim100-inproc", rounds, 10, 10, BENCH_MODEL, BENCH_DATA),
-                 "sim", "inproc"),
+        Scenario(
+            "8 tenants, real Worker training (digits)",
+            manifest("bench-digits8", rounds, 8, 1, DIGITS_MODEL, DIGITS_DATA, DIGITS_TRAINING),
+            "worker",
+            "child",
+        ),
+        Scenario(
+            "8 tenants, no training, clients in 2nd process",
+            manifest("bench-sim8", rounds, 8, 1, BENCH_MODEL, BENCH_DATA),
+            "sim",
+            "child",
+        ),
+        Scenario(
+            "100 clients, no training, clients in 2nd proc",
+            manifest("bench-sim100", rounds, 10, 10, BENCH_MODEL, BENCH_DATA),
+            "sim",
+            "child",
+        ),
+        Scenario(
+            "100 clients, no training, all in one process",
+            manifest("bench-sim100-inproc", rounds, 10, 10, BENCH_MODEL, BENCH_DATA),
+            "sim",
+            "inproc",
+        ),
     ]
     if args.only:
         scenarios = [s for s in scenarios if args.only in s.label]
@@ -410,22 +525,32 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"running: {sc.label} ...", file=sys.stderr, flush=True)
         results.append(await run_scenario(sc))
     model_bytes = results[-1].model_bytes if results else 0
-    print(f"\nPer-round orchestration overhead = round wall - slowest worker's training time "
-          f"({rounds} rounds per scenario, round 1 discarded as warm-up; median and max over "
-          f"the rest)")
-    print("round wall = closed_at - opened_at in Redis (open -> closed incl. reduce, eval when "
-          "due, checkpoint write, next model published); duration_s = history record "
-          "(open -> record, before the checkpoint)")
-    print("services: redis-server + GlobalAggregator + 2 Combiners (eu, us) in this process, "
-          "loopback HTTP; fraction 1.0, roundTimeoutSeconds 60; everyRounds > rounds, so only "
-          "the last round evaluates")
-    print(f"MB/round w<->c = worker<->combiner bytes (models down + updates up, from the round "
-          f"counters); the global tier adds ~2 x regions x model ({model_bytes / 1e6:.1f} MB "
-          f"for the 1M model) per round")
-    print("svc CPU s/rnd = CPU of this process (global + combiners, all threads) + redis-server "
-          "during the rounds, averaged over all rounds (warm-up included); client CPU s/rnd = the "
-          "clients' CPU in their own process ('all in one process': included in svc CPU); "
-          "2 cores here\n")
+    print(
+        f"\nPer-round orchestration overhead = round wall - slowest worker's training time "
+        f"({rounds} rounds per scenario, round 1 discarded as warm-up; median and max over "
+        f"the rest)"
+    )
+    print(
+        "round wall = closed_at - opened_at in Redis (open -> closed incl. reduce, eval when "
+        "due, checkpoint write, next model published); duration_s = history record "
+        "(open -> record, before the checkpoint)"
+    )
+    print(
+        "services: redis-server + GlobalAggregator + 2 Combiners (eu, us) in this process, "
+        "loopback HTTP; fraction 1.0, roundTimeoutSeconds 60; everyRounds > rounds, so only "
+        "the last round evaluates"
+    )
+    print(
+        f"MB/round w<->c = worker<->combiner bytes (models down + updates up, from the round "
+        f"counters); the global tier adds ~2 x regions x model ({model_bytes / 1e6:.1f} MB "
+        f"for the 1M model) per round"
+    )
+    print(
+        "svc CPU s/rnd = CPU of this process (global + combiners, all threads) + redis-server "
+        "during the rounds, averaged over all rounds (warm-up included); client CPU s/rnd = the "
+        "clients' CPU in their own process ('all in one process': included in svc CPU); "
+        "2 cores here\n"
+    )
     print_table(results, rounds)
     print_rounds(results)
 
@@ -439,8 +564,9 @@ def main() -> None:
     if args.client_child:
         client_child_main()
         return
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(main_async(args))
 
 

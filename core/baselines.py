@@ -34,17 +34,26 @@ class CompareReport:
             ("centralised, pooled data", self.central_accuracy),
             (f"best tenant alone ({best_name})", best),
         ]
-        lines = [f"fedkube compare {self.job}: held-out accuracy, {self.epochs} local epochs "
-                 "of training for every model", ""]
-        lines += [f"  {name:<40} {'n/a' if acc is None else f'{100 * acc:6.2f}%'}"
-                  for name, acc in rows]
+        lines = [
+            f"fedkube compare {self.job}: held-out accuracy, {self.epochs} local epochs "
+            "of training for every model",
+            "",
+        ]
+        lines += [
+            f"  {name:<40} {'n/a' if acc is None else f'{100 * acc:6.2f}%'}" for name, acc in rows
+        ]
         lines.append("")
-        lines += [f"    {name:<38} {100 * acc:6.2f}%"
-                  for name, acc in sorted(self.tenant_accuracy.items())]
+        lines += [
+            f"    {name:<38} {100 * acc:6.2f}%"
+            for name, acc in sorted(self.tenant_accuracy.items())
+        ]
         if fed is not None:
             gap = 100 * (self.central_accuracy - fed)
-            lines += ["", f"  gap to centralised: {gap:+.2f} points; federated beats every "
-                      f"tenant alone: {'yes' if fed > best else 'no'}"]
+            lines += [
+                "",
+                f"  gap to centralised: {gap:+.2f} points; federated beats every "
+                f"tenant alone: {'yes' if fed > best else 'no'}",
+            ]
         return "\n".join(lines)
 
 
@@ -57,9 +66,15 @@ def centralised_accuracy(job: FederatedJob, epochs: int) -> float:
 def tenant_alone_accuracy(job: FederatedJob, tenant_index: int, epochs: int) -> float:
     """A tenant's whole data (all of its replicas' shares) and nobody else's."""
     tenant = job.spec.tenants[tenant_index]
-    whole = Client(id=f"{tenant.name}-alone", tenant=tenant.name, region=tenant.region,
-                   replica=0, replicas=1, tenant_index=tenant_index,
-                   num_tenants=len(job.spec.tenants))
+    whole = Client(
+        id=f"{tenant.name}-alone",
+        tenant=tenant.name,
+        region=tenant.region,
+        replica=0,
+        replicas=1,
+        tenant_index=tenant_index,
+        num_tenants=len(job.spec.tenants),
+    )
     model = build_model(job)
     train(model, load_data(job, "train", whole), job.spec.training, job.spec.seed, epochs=epochs)
     return evaluate(model, load_data(job, "test"))[1]

@@ -36,8 +36,10 @@ def _env(name: str) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     clients = job.clients()
-    print(f"{args.job}: valid FederatedJob {job.name!r}: {len(job.spec.tenants)} tenants, "
-          f"{len(clients)} clients, {len(job.spec.regions)} regions, {job.spec.rounds} rounds")
+    print(
+        f"{args.job}: valid FederatedJob {job.name!r}: {len(job.spec.tenants)} tenants, "
+        f"{len(clients)} clients, {len(job.spec.regions)} regions, {job.spec.rounds} rounds"
+    )
     return EXIT_OK
 
 
@@ -45,9 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedkube.local.runner import RunOptions, run_job
 
     options = RunOptions(
-        job_path=Path(args.job), out_dir=Path(args.out) if args.out else None,
-        resume=args.resume, runtime=args.runtime, ray_address=args.ray_address,
-        redis_url=args.redis_url, quiet=args.quiet, history_format=args.history_format,
+        job_path=Path(args.job),
+        out_dir=Path(args.out) if args.out else None,
+        resume=args.resume,
+        runtime=args.runtime,
+        ray_address=args.ray_address,
+        redis_url=args.redis_url,
+        quiet=args.quiet,
+        history_format=args.history_format,
     )
     result = run_job(options)
     return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
@@ -68,20 +75,26 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     configure("global", args.log_level)
     config = GlobalConfig(
-        job=load_job(args.job), redis_url=args.redis_url,
-        checkpoint_dir=Path(args.checkpoint_dir), aggregator_digest=digest(
-            _env(AGGREGATOR_TOKEN_ENV)), host=args.host, port=args.port, resume=args.resume,
+        job=load_job(args.job),
+        redis_url=args.redis_url,
+        checkpoint_dir=Path(args.checkpoint_dir),
+        aggregator_digest=digest(_env(AGGREGATOR_TOKEN_ENV)),
+        host=args.host,
+        port=args.port,
+        resume=args.resume,
     )
 
     async def main() -> str:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        return await run_global(config, stop, on_ready=lambda port: port_file_write(
-            args.port_file, port))
+        return await run_global(
+            config, stop, on_ready=lambda port: port_file_write(args.port_file, port)
+        )
 
     status = asyncio.run(main())
     return {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "lease-lost": EXIT_LEASE}.get(
-        status, EXIT_INTERRUPTED)
+        status, EXIT_INTERRUPTED
+    )
 
 
 def cmd_combiner(args: argparse.Namespace) -> int:
@@ -94,16 +107,22 @@ def cmd_combiner(args: argparse.Namespace) -> int:
     if args.region not in job.region_names():
         raise SpecError([("--region", f"{args.region!r} is not a region of job {job.name!r}")])
     config = CombinerConfig(
-        job=job, region=args.region, redis_url=args.redis_url, global_url=args.global_url,
+        job=job,
+        region=args.region,
+        redis_url=args.redis_url,
+        global_url=args.global_url,
         tenant_digests=load_digests(args.tenant_tokens),
-        aggregator_token=_env(AGGREGATOR_TOKEN_ENV), host=args.host, port=args.port,
+        aggregator_token=_env(AGGREGATOR_TOKEN_ENV),
+        host=args.host,
+        port=args.port,
     )
 
     async def main() -> None:
         stop = asyncio.Event()
         stop_on_signals(stop)
-        await run_combiner(config, stop, on_ready=lambda port: port_file_write(
-            args.port_file, port))
+        await run_combiner(
+            config, stop, on_ready=lambda port: port_file_write(args.port_file, port)
+        )
 
     asyncio.run(main())
     return EXIT_OK
@@ -118,12 +137,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     clients = {c.id: c for c in job.clients()}
     if args.client not in clients:
-        raise SpecError([("--client", f"{args.client!r} is not a client of job {job.name!r} "
-                          f"(clients: {', '.join(sorted(clients))})")])
+        raise SpecError(
+            [
+                (
+                    "--client",
+                    f"{args.client!r} is not a client of job {job.name!r} "
+                    f"(clients: {', '.join(sorted(clients))})",
+                )
+            ]
+        )
     client = clients[args.client]
     tenant = next(t for t in job.spec.tenants if t.name == client.tenant)
-    config = WorkerConfig(job=job, client=client, combiner_url=args.combiner_url,
-                          token=_env(TOKEN_ENV), device=pick_device(tenant.resources.gpu))
+    config = WorkerConfig(
+        job=job,
+        client=client,
+        combiner_url=args.combiner_url,
+        token=_env(TOKEN_ENV),
+        device=pick_device(tenant.resources.gpu),
+    )
     worker = Worker(config)
     if args.metrics_port is not None:
         port = serve_metrics(worker.metrics, args.host, args.metrics_port)
@@ -145,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a FederatedJob manifest on this machine (or Ray)")
     p.add_argument("job", help="FederatedJob manifest (YAML)")
     p.add_argument("--out", help="run directory (default runs/<job name>)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its "
-                   "last closed round")
+    p.add_argument(
+        "--resume", action="store_true", help="continue a killed run from its last closed round"
+    )
     p.add_argument("--runtime", choices=["process", "ray"], default="process")
     p.add_argument("--ray-address", help="existing Ray cluster (implies --runtime ray)")
     p.add_argument("--redis-url", help="use this Redis instead of starting redis-server")

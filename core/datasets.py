@@ -15,8 +15,12 @@ import numpy as np
 from fedkube.learning import ArrayData, DataContext
 
 
-def load_npz(context: DataContext, path: str | None = None, testPath: str | None = None,  # noqa: N803
-             pooledPath: str | None = None) -> ArrayData:  # noqa: N803
+def load_npz(
+    context: DataContext,
+    path: str | None = None,
+    testPath: str | None = None,  # noqa: N803
+    pooledPath: str | None = None,
+) -> ArrayData:  # noqa: N803
     chosen = {"train": path, "test": testPath, "pooled": pooledPath}[context.role]
     if not chosen:
         raise ValueError(f"load_npz: no file given for role {context.role!r}")

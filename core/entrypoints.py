@@ -17,7 +17,8 @@ def resolve(reference: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise EntrypointError(f"entrypoint {reference!r}: cannot import {module_name}: {exc}")
+        message = f"entrypoint {reference!r}: cannot import {module_name}: {exc}"
+        raise EntrypointError(message) from exc
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):

@@ -53,7 +53,9 @@ def build_model(job: FederatedJob) -> nn.Module:
     torch.manual_seed(job.spec.seed)
     model = resolve(job.spec.model.entrypoint)(**job.spec.model.kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{job.spec.model.entrypoint} returned {type(model).__name__}, not nn.Module")
+        raise TypeError(
+            f"{job.spec.model.entrypoint} returned {type(model).__name__}, not nn.Module"
+        )
     return model
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
+
+LOG_FILE_ENV = "FEDKUBE_LOG_FILE"  # log there instead of stderr (services inside Ray actors)
 
 CONTEXT_FIELDS = ("component", "job", "round", "region", "tenant", "client", "reason")
 
@@ -42,7 +45,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(component: str, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    path = os.environ.get(LOG_FILE_ENV)
+    handler: logging.Handler = (
+        logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(JsonFormatter(component))
     root = logging.getLogger()
     root.handlers[:] = [handler]

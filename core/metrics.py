@@ -24,52 +24,101 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.round_current = Gauge(
-            "fedkube_round_current", "Round currently open (or last closed).",
-            ["job", "tier", "region"], registry=r)
+            "fedkube_round_current",
+            "Round currently open (or last closed).",
+            ["job", "tier", "region"],
+            registry=r,
+        )
         self.round_duration = Histogram(
-            "fedkube_round_duration_seconds", "Wall time from a round's opening to its close.",
-            ["job"], buckets=_SECONDS, registry=r)
+            "fedkube_round_duration_seconds",
+            "Wall time from a round's opening to its close.",
+            ["job"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.rounds_completed = Counter(
-            "fedkube_rounds_completed_total", "Rounds closed with an aggregate.", ["job"],
-            registry=r)
+            "fedkube_rounds_completed_total",
+            "Rounds closed with an aggregate.",
+            ["job"],
+            registry=r,
+        )
         self.clients_selected = Gauge(
-            "fedkube_clients_selected", "Clients selected for the current round.",
-            ["job", "region"], registry=r)
+            "fedkube_clients_selected",
+            "Clients selected for the current round.",
+            ["job", "region"],
+            registry=r,
+        )
         self.clients_reported = Gauge(
-            "fedkube_clients_reported", "Clients whose update was accepted this round.",
-            ["job", "region"], registry=r)
+            "fedkube_clients_reported",
+            "Clients whose update was accepted this round.",
+            ["job", "region"],
+            registry=r,
+        )
         self.clients_dropped = Counter(
-            "fedkube_clients_dropped_total", "Selected clients that did not report before close.",
-            ["job", "region"], registry=r)
+            "fedkube_clients_dropped_total",
+            "Selected clients that did not report before close.",
+            ["job", "region"],
+            registry=r,
+        )
         self.participation = Gauge(
-            "fedkube_participation_ratio", "Reported over selected clients, last closed round.",
-            ["job", "region"], registry=r)
+            "fedkube_participation_ratio",
+            "Reported over selected clients, last closed round.",
+            ["job", "region"],
+            registry=r,
+        )
         self.bytes_up = Counter(
-            "fedkube_bytes_up_total", "Payload bytes received from the tier below.",
-            ["job", "tier", "region", "tenant"], registry=r)
+            "fedkube_bytes_up_total",
+            "Payload bytes received from the tier below.",
+            ["job", "tier", "region", "tenant"],
+            registry=r,
+        )
         self.bytes_down = Counter(
-            "fedkube_bytes_down_total", "Model bytes sent to the tier below.",
-            ["job", "tier", "region", "tenant"], registry=r)
+            "fedkube_bytes_down_total",
+            "Model bytes sent to the tier below.",
+            ["job", "tier", "region", "tenant"],
+            registry=r,
+        )
         self.updates_accepted = Counter(
-            "fedkube_updates_accepted_total", "Updates validated and folded.",
-            ["job", "tier", "region", "tenant"], registry=r)
+            "fedkube_updates_accepted_total",
+            "Updates validated and folded.",
+            ["job", "tier", "region", "tenant"],
+            registry=r,
+        )
         self.updates_rejected = Counter(
-            "fedkube_updates_rejected_total", "Updates refused, by reason.",
-            ["job", "tier", "region", "tenant", "reason"], registry=r)
+            "fedkube_updates_rejected_total",
+            "Updates refused, by reason.",
+            ["job", "tier", "region", "tenant", "reason"],
+            registry=r,
+        )
         self.aggregation_seconds = Histogram(
-            "fedkube_aggregation_seconds", "Time spent folding or reducing, per tier.",
-            ["job", "tier", "region"], buckets=_SECONDS, registry=r)
+            "fedkube_aggregation_seconds",
+            "Time spent folding or reducing, per tier.",
+            ["job", "tier", "region"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.model_loss = Gauge(
-            "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r)
+            "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r
+        )
         self.model_accuracy = Gauge(
-            "fedkube_model_accuracy", "Global model accuracy on the held-out set.", ["job"],
-            registry=r)
+            "fedkube_model_accuracy",
+            "Global model accuracy on the held-out set.",
+            ["job"],
+            registry=r,
+        )
         self.train_seconds = Histogram(
-            "fedkube_worker_train_seconds", "Local training time per round.",
-            ["job", "region", "tenant"], buckets=_SECONDS, registry=r)
+            "fedkube_worker_train_seconds",
+            "Local training time per round.",
+            ["job", "region", "tenant"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.worker_rounds = Counter(
-            "fedkube_worker_rounds_total", "Rounds in which the worker sent an update.",
-            ["job", "region", "tenant"], registry=r)
+            "fedkube_worker_rounds_total",
+            "Rounds in which the worker sent an update.",
+            ["job", "region", "tenant"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

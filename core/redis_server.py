@@ -28,8 +28,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """A ``redis-server`` child process; a context manager."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self, data_dir: Path | None = None, port: int | None = None, host: str = "127.0.0.1"
+    ):
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = data_dir
@@ -45,16 +46,34 @@ class RedisServer:
             raise FedkubeError(
                 "redis-server is not installed: run scripts/setup.sh (Debian package redis-server)"
             )
-        args = [binary, "--port", str(self.port), "--bind", self.host, "--save", "",
-                "--protected-mode", "no", "--loglevel", "warning"]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            args += ["--dir", str(self.data_dir), "--appendonly", "yes",
-                     "--appendfsync", "everysec"]
+            args += [
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ]
         else:
             args += ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+        )
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout_s
         while True:

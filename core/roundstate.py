@@ -15,7 +15,7 @@ hash tag, so every key of one job lives in one slot and MULTI works)::
     fedkube:{job}:clients             hash  client id -> time it last polled (registration)
     fedkube:{job}:history             list  one JSON document per closed round
     fedkube:{job}:lease:<role>        str   leader lease token (SET NX PX), e.g. lease:global
-    fedkube:{job}:events              pub/sub channel: round_opened, round_flush, round_closed, job_finished
+    fedkube:{job}:events              pub/sub: round_opened, round_flush, round_closed, job_finished
 
 A closed round's keys expire after ``spec.state.keyTtlSeconds``; when the job
 ends every key of the job gets that TTL, so a finished job leaves nothing.
@@ -110,7 +110,9 @@ class RoundStore:
     """
 
     def __init__(self, client: aioredis.Redis, job: str):
-        self.redis = client
+        # Connected with decode_responses=True: every reply is str. redis-py's
+        # stubs cannot express that, hence Any rather than casts on every call.
+        self.redis: Any = client
         self.job = job
         self.prefix = job_prefix(job)
         self.channel = self.prefix + "events"
@@ -160,8 +162,11 @@ class RoundStore:
         ``keep_leases`` spares the lease keys: a fresh start of the global
         aggregator must not take the leases of combiners already running.
         """
-        keys = [k async for k in self.redis.scan_iter(match=self.prefix + "*", count=500)
-                if not (keep_leases and k.startswith(self.prefix + "lease:"))]
+        keys = [
+            k
+            async for k in self.redis.scan_iter(match=self.prefix + "*", count=500)
+            if not (keep_leases and k.startswith(self.prefix + "lease:"))
+        ]
         if keys:
             await self.redis.delete(*keys)
         return len(keys)
@@ -285,7 +290,9 @@ class RoundStore:
 
     async def history(self, start: int = 0) -> list[dict[str, Any]]:
         """Closed rounds' records, from the ``start``-th on."""
-        return [json.loads(item) for item in await self.redis.lrange(self.key("history"), start, -1)]
+        return [
+            json.loads(item) for item in await self.redis.lrange(self.key("history"), start, -1)
+        ]
 
     async def trim_history(self, last_round: int) -> None:
         """Drop history records past ``last_round`` (a resume from an older checkpoint)."""

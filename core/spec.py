@@ -41,8 +41,8 @@ class _Model(BaseModel):
 class Entrypoint(_Model):
     """A ``module:callable`` reference plus keyword arguments for it."""
 
-    entrypoint: str = Field(pattern=ENTRYPOINT, description="module.path:callable")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    entrypoint: str = Field(pattern=ENTRYPOINT, description="`module.path:callable`")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for it")
 
 
 class PartitionScheme(str, Enum):
@@ -57,23 +57,33 @@ class Partition(_Model):
     the partition then only matters for simulated tenants.
     """
 
-    scheme: PartitionScheme = PartitionScheme.iid
-    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration")
+    scheme: PartitionScheme = Field(
+        default=PartitionScheme.iid, description="how simulated tenants split the data set"
+    )
+    alpha: float = Field(
+        default=0.5, gt=0, description="Dirichlet concentration (smaller: more label skew)"
+    )
 
 
 class DataSpec(Entrypoint):
     partition: Partition = Field(default_factory=Partition)
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    test_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="held-out share that the global tier evaluates on"
+    )
 
 
 class Region(_Model):
-    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    name: str = Field(
+        pattern=DNS_LABEL, max_length=40, description="DNS label; one combiner per region"
+    )
 
 
 class Resources(_Model):
-    cpu: str | None = Field(default=None, pattern=QUANTITY)
-    memory: str | None = Field(default=None, pattern=QUANTITY)
-    gpu: int = Field(default=0, ge=0)
+    cpu: str | None = Field(default=None, pattern=QUANTITY, description="Kubernetes quantity")
+    memory: str | None = Field(default=None, pattern=QUANTITY, description="Kubernetes quantity")
+    gpu: int = Field(
+        default=0, ge=0, description="GPUs per worker; trains on CUDA when > 0 and one is present"
+    )
 
     @field_validator("cpu", mode="before")
     @classmethod
@@ -84,13 +94,20 @@ class Resources(_Model):
 class TenantData(_Model):
     """Per-tenant overrides of the data factory's kwargs (e.g. a local path)."""
 
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="merged over spec.data.kwargs for this tenant's workers"
+    )
 
 
 class Tenant(_Model):
-    name: str = Field(pattern=DNS_LABEL, max_length=40)
-    region: str
-    replicas: int = Field(default=1, ge=1, le=1000)
+    name: str = Field(pattern=DNS_LABEL, max_length=40, description="DNS label, unique")
+    region: str = Field(description="one of spec.regions")
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="workers (clients) of this tenant; they split its data",
+    )
     resources: Resources = Field(default_factory=Resources)
     data: TenantData = Field(default_factory=TenantData)
 
@@ -101,11 +118,11 @@ class Optimizer(str, Enum):
 
 
 class Training(_Model):
-    epochs: int = Field(default=1, ge=1, le=1000)
+    epochs: int = Field(default=1, ge=1, le=1000, description="local epochs per round")
     batch_size: int = Field(default=32, ge=1)
     optimizer: Optimizer = Optimizer.sgd
     learning_rate: float = Field(default=0.05, gt=0)
-    momentum: float = Field(default=0.0, ge=0, lt=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum")
 
 
 class Participation(_Model):
@@ -120,42 +137,72 @@ class Participation(_Model):
     most ``maxExtensions`` times) or fail the job.
     """
 
-    fraction: float = Field(default=1.0, gt=0, le=1)
-    min_clients: int | None = Field(default=None, ge=1)
-    min_fraction: float = Field(default=0.5, gt=0, le=1)
-    round_timeout_seconds: float = Field(default=60.0, gt=0)
+    fraction: float = Field(
+        default=1.0, gt=0, le=1, description="share of clients selected per round"
+    )
+    min_clients: int | None = Field(
+        default=None, ge=1, description="quorum as a count (overrides minFraction)"
+    )
+    min_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="quorum as a share of the selected clients"
+    )
+    round_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="deadline after a round opens"
+    )
     start_timeout_seconds: float = Field(
-        default=600.0, gt=0, description="how long a round waits for a quorum of its "
-        "selected clients to have registered before it opens; then the job fails")
-    on_quorum_missed: Literal["extend", "fail"] = "extend"
-    max_extensions: int = Field(default=3, ge=0)
+        default=600.0,
+        gt=0,
+        description="how long a round waits for a quorum of its "
+        "selected clients to have registered before it opens; then the job fails",
+    )
+    on_quorum_missed: Literal["extend", "fail"] = Field(
+        default="extend", description="at a deadline without quorum"
+    )
+    max_extensions: int = Field(
+        default=3, ge=0, description="deadline extensions before the job fails"
+    )
 
 
 class Strategy(_Model):
-    name: Literal["fedavg"] = "fedavg"
-    server_learning_rate: float = Field(default=1.0, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: Literal["fedavg"] = Field(default="fedavg", description="a registered strategy")
+    server_learning_rate: float = Field(
+        default=1.0, gt=0, description="server step on the mean delta (1.0: plain FedAvg)"
+    )
 
 
 class Evaluation(_Model):
-    every_rounds: int = Field(default=1, ge=1)
+    every_rounds: int = Field(
+        default=1, ge=1, description="evaluate the global model every N rounds (and after the last)"
+    )
 
 
 class Transport(_Model):
-    max_update_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    norm_bound: float | None = Field(default=None, gt=0)
+    max_update_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="larger updates are rejected (reason oversized)",
+    )
+    norm_bound: float | None = Field(
+        default=None,
+        gt=0,
+        description="reject updates whose L2 norm exceeds it (reason norm_bound)",
+    )
 
 
 class State(_Model):
     """Where round state lives and how long it outlives the job."""
 
-    redis_url: str | None = None
-    key_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    redis_url: str | None = Field(
+        default=None, description="use this Redis (else `fedkube run` starts its own)"
+    )
+    key_ttl_seconds: int = Field(
+        default=24 * 3600, ge=1, description="TTL of a closed round's and a finished job's keys"
+    )
 
 
 class JobSpec(_Model):
     rounds: int = Field(ge=1, le=100_000)
-    seed: int = 0
+    seed: int = Field(default=0, description="model initialisation, selection, partitioning")
     model: Entrypoint
     data: DataSpec
     regions: list[Region] = Field(min_length=1)

@@ -18,8 +18,7 @@ SMALL_JOB: dict[str, Any] = {
         "rounds": 3,
         "seed": 3,
         "model": {"entrypoint": "fedkube.examples.digits:make_model", "kwargs": {"hidden": 16}},
-        "data": {"entrypoint": "fedkube.examples.digits:make_data",
-                 "partition": {"scheme": "iid"}},
+        "data": {"entrypoint": "fedkube.examples.digits:make_data", "partition": {"scheme": "iid"}},
         "regions": [{"name": "eu"}, {"name": "us"}],
         "tenants": [
             {"name": "a", "region": "eu"},

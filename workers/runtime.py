@@ -14,6 +14,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -102,16 +103,18 @@ class Worker:
         return "stopped"
 
     def _f(self, number: int | None = None) -> dict[str, object]:
-        return fields(job=self.job.name, round=number, tenant=self.client.tenant,
-                      client=self.client.id)
+        return fields(
+            job=self.job.name, round=number, tenant=self.client.tenant, client=self.client.id
+        )
 
-    async def _next_task(self, http: aiohttp.ClientSession) -> dict[str, object]:
+    async def _next_task(self, http: aiohttp.ClientSession) -> dict[str, Any]:
         params = {"after": str(self.last_round), "wait": str(self.config.poll_wait_s)}
         async with http.get(f"{self.config.combiner_url}/v1/task", params=params) as response:
             if response.status >= 400:
                 detail = await response.text()
                 raise aiohttp.ClientResponseError(
-                    response.request_info, (), status=response.status, message=detail)
+                    response.request_info, (), status=response.status, message=detail
+                )
             return dict(await response.json())
 
     async def _train_round(self, http: aiohttp.ClientSession, number: int, version: int) -> None:
@@ -127,21 +130,35 @@ class Worker:
         weight = float(len(self.data))
         envelope = Envelope(self.job.name, number, self.client.id, self.client.tenant, weight)
         body = codec.encode(delta, envelope.metadata("update"))
-        headers = {H_ROUND: str(number), H_WEIGHT: repr(weight), H_CODEC: codec.CODEC,
-                   "Content-Type": codec.CONTENT_TYPE}
-        async with http.post(f"{self.config.combiner_url}/v1/update", data=body,
-                             headers=headers) as response:
+        headers = {
+            H_ROUND: str(number),
+            H_WEIGHT: repr(weight),
+            H_CODEC: codec.CODEC,
+            "Content-Type": codec.CONTENT_TYPE,
+        }
+        async with http.post(
+            f"{self.config.combiner_url}/v1/update", data=body, headers=headers
+        ) as response:
             answer = await response.json(content_type=None)
         self.last_round = number
         if response.status < 300:
             self.rounds_done += 1
             self.metrics.worker_rounds.labels(*self._labels()).inc()
             self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(body))
-            log.info("update sent: loss %.4f, %d samples, %.2fs training", loss, int(weight),
-                     train_s, extra=self._f(number))
+            log.info(
+                "update sent: loss %.4f, %d samples, %.2fs training",
+                loss,
+                int(weight),
+                train_s,
+                extra=self._f(number),
+            )
         else:
-            log.warning("update refused (%s): %s", answer.get("error"), answer.get("detail"),
-                        extra=self._f(number))
+            log.warning(
+                "update refused (%s): %s",
+                answer.get("error"),
+                answer.get("detail"),
+                extra=self._f(number),
+            )
 
     def _worker_bytes(self) -> tuple[str, str, str, str]:
         return self.job.name, TIER, self.client.region, self.client.tenant

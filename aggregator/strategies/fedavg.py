@@ -83,11 +83,11 @@ def reduce_partials(partials: Sequence[Partial]) -> Tensors:
     if not live:
         raise ValueError("no partial carries any weight: nothing to aggregate")
     total = sum(p.weight for p in live)
-    names = live[0].sums.keys()
-    return {
-        name: (sum(p.sums[name].astype(np.float64) for p in live) / total).astype(np.float32)
-        for name in names
-    }
+    sums = {name: np.zeros(array.shape, np.float64) for name, array in live[0].sums.items()}
+    for partial in live:
+        for name, acc in sums.items():
+            acc += partial.sums[name]
+    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}
 
 
 def apply_delta(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], lr: float):
@@ -101,8 +101,8 @@ def apply_delta(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarra
 def flat_fedavg(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Tensors:
     """Reference FedAvg over all clients at once (for tests and benchmarks)."""
     total = float(sum(weights))
-    return {
-        name: (sum(w * d[name].astype(np.float64) for d, w in zip(deltas, weights, strict=True))
-               / total).astype(np.float32)
-        for name in deltas[0]
-    }
+    sums = {name: np.zeros(array.shape, np.float64) for name, array in deltas[0].items()}
+    for delta, weight in zip(deltas, weights, strict=True):
+        for name, acc in sums.items():
+            acc += weight * delta[name].astype(np.float64)
+    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}

@@ -19,7 +19,10 @@ from fedkube.learning import ArrayData, DataContext
 
 def make_model(hidden: int = 64) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, 10),
     )
 

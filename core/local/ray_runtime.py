@@ -18,9 +18,10 @@ from typing import Any
 import ray
 
 from fedkube.errors import FedkubeError
+from fedkube.logs import LOG_FILE_ENV
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
+@ray.remote(num_cpus=0, max_concurrency=2)  # type: ignore[call-overload]
 class ServiceActor:
     """Runs one fedkube service; a second thread answers small questions."""
 
@@ -88,16 +89,20 @@ class RayLauncher:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+                ray.init(
+                    num_cpus=max(2, os.cpu_count() or 2),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
         self.host = "127.0.0.1" if address is None else str(ray.util.get_node_ip_address())
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> RayHandle:
         argv = list(argv)
         if self.address is not None and "--host" in argv:
             argv[argv.index("--host") + 1] = "0.0.0.0"  # reached at the actor node's IP
-        actor = ServiceActor.options(name=None).remote(
-            {**env, "FEDKUBE_LOG_FILE": str(log)})
+        options = ServiceActor.options  # type: ignore[attr-defined]
+        actor = options(name=None).remote({**env, LOG_FILE_ENV: str(log)})
         url_host = self.host if self.address is None else ray.get(actor.node_ip.remote())
         if not isinstance(url_host, str):
             raise FedkubeError(f"{name}: Ray actor did not report its node address")

@@ -36,10 +36,12 @@ class ProgressPrinter:
         if not self.enabled:
             return
         spec = self.job.spec
-        print(f"fedkube run {self.job.name}: {len(spec.tenants)} tenants, "
-              f"{len(self.job.clients())} clients, {len(spec.regions)} regions, "
-              f"{spec.rounds} rounds, strategy {spec.strategy.name}, runtime {runtime}",
-              flush=True)
+        print(
+            f"fedkube run {self.job.name}: {len(spec.tenants)} tenants, "
+            f"{len(self.job.clients())} clients, {len(spec.regions)} regions, "
+            f"{spec.rounds} rounds, strategy {spec.strategy.name}, runtime {runtime}",
+            flush=True,
+        )
         print(f"run directory {out}", flush=True)
 
     def round(self, record: dict[str, Any]) -> None:
@@ -62,8 +64,20 @@ class ProgressPrinter:
 def write_history(history: list[dict[str, Any]], out: Path, fmt: str) -> Path:
     if fmt == "csv":
         path = out / "history.csv"
-        columns = ["round", "loss", "accuracy", "selected", "reported", "dropped",
-                   "participation", "duration_s", "bytes_up", "bytes_down", "duplicates", "late"]
+        columns = [
+            "round",
+            "loss",
+            "accuracy",
+            "selected",
+            "reported",
+            "dropped",
+            "participation",
+            "duration_s",
+            "bytes_up",
+            "bytes_down",
+            "duplicates",
+            "late",
+        ]
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
@@ -98,8 +112,10 @@ def plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def summary(job: FederatedJob, result: RunResult) -> str:
     history = result.history
-    lines = [f"fedkube run {job.name}: {result.status} in {result.wall_s:.1f}s"
-             + (f" ({result.message})" if result.message else "")]
+    lines = [
+        f"fedkube run {job.name}: {result.status} in {result.wall_s:.1f}s"
+        + (f" ({result.message})" if result.message else "")
+    ]
     if history:
         last = history[-1]
         evaluated = [r for r in history if r.get("accuracy") is not None]
@@ -110,13 +126,21 @@ def summary(job: FederatedJob, result: RunResult) -> str:
             ("rounds closed", f"{last['round']} of {job.spec.rounds}"),
             ("final accuracy", _pct(evaluated[-1]["accuracy"]) if evaluated else "n/a"),
             ("final loss", f"{evaluated[-1]['loss']:.4f}" if evaluated else "n/a"),
-            ("best accuracy", f"{_pct(best['accuracy'])} (round {best['round']})" if best
-             else "n/a"),
-            ("participation", f"{100 * reported / max(selected, 1):.1f}% "
-                              f"({reported}/{selected} updates, "
-                              f"{sum(r['dropped'] for r in history)} dropped)"),
-            ("bytes up / down", f"{human_bytes(sum(r['bytes_up'] for r in history))} / "
-                                f"{human_bytes(sum(r['bytes_down'] for r in history))}"),
+            (
+                "best accuracy",
+                f"{_pct(best['accuracy'])} (round {best['round']})" if best else "n/a",
+            ),
+            (
+                "participation",
+                f"{100 * reported / max(selected, 1):.1f}% "
+                f"({reported}/{selected} updates, "
+                f"{sum(r['dropped'] for r in history)} dropped)",
+            ),
+            (
+                "bytes up / down",
+                f"{human_bytes(sum(r['bytes_up'] for r in history))} / "
+                f"{human_bytes(sum(r['bytes_down'] for r in history))}",
+            ),
             ("mean round time", f"{sum(r['duration_s'] for r in history) / len(history):.2f}s"),
         ]
         if result.history_path:

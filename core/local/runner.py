@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import redis
 
 from fedkube.errors import FedkubeError
-from fedkube.process import die_with_parent
 from fedkube.local import report
+from fedkube.process import die_with_parent
 from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
 from fedkube.spec import FederatedJob, load_job
@@ -120,8 +120,11 @@ class ProcessLauncher:
         with open(log, "ab") as sink:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedkube.cli", *argv],
-                env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                env={**os.environ, **env},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
             )
         return ProcessHandle(name, process)
 
@@ -187,27 +190,57 @@ class LocalRun:
         for stale in (out / "ports").glob("*"):
             stale.unlink()
         tokens = _secrets(out, job)
-        if self.options.redis_url:
-            self.redis_url = self.options.redis_url
+        external = self.options.redis_url or job.spec.state.redis_url
+        if external:
+            self.redis_url = external
         else:
             self.redis_server = RedisServer(out / "redis", host=self.launcher.host).start()
             self.redis_url = self.redis_server.url
         job_file = str(self.options.job_path.resolve())
         base_env = {AGGREGATOR_TOKEN_ENV: tokens["__aggregator__"], **self.options.extra_env}
         host = self.launcher.host
-        argv = ["aggregator", "--job", job_file, "--redis-url", self.redis_url,
-                "--checkpoint-dir", str(out / "checkpoints"), "--host", host, "--port", "0",
-                "--port-file", str(out / "ports" / "global")]
+        argv = [
+            "aggregator",
+            "--job",
+            job_file,
+            "--redis-url",
+            self.redis_url,
+            "--checkpoint-dir",
+            str(out / "checkpoints"),
+            "--host",
+            host,
+            "--port",
+            "0",
+            "--port-file",
+            str(out / "ports" / "global"),
+        ]
         self._start("global", argv + (["--resume"] if self.options.resume else []), base_env)
         global_url = f"http://{host}:{_wait_port(out / 'ports' / 'global', self.handles['global'])}"
         combiner_urls: dict[str, str] = {}
         for region in job.region_names():
-            self._start(f"combiner-{region}", [
-                "combiner", "--job", job_file, "--region", region, "--redis-url", self.redis_url,
-                "--global-url", global_url,
-                "--tenant-tokens", str(out / "secrets" / "tenant-digests.json"),
-                "--host", host, "--port", "0", "--port-file", str(out / "ports" / region)],
-                base_env)
+            self._start(
+                f"combiner-{region}",
+                [
+                    "combiner",
+                    "--job",
+                    job_file,
+                    "--region",
+                    region,
+                    "--redis-url",
+                    self.redis_url,
+                    "--global-url",
+                    global_url,
+                    "--tenant-tokens",
+                    str(out / "secrets" / "tenant-digests.json"),
+                    "--host",
+                    host,
+                    "--port",
+                    "0",
+                    "--port-file",
+                    str(out / "ports" / region),
+                ],
+                base_env,
+            )
         for region in job.region_names():
             port = _wait_port(out / "ports" / region, self.handles[f"combiner-{region}"])
             combiner_urls[region] = f"http://{host}:{port}"
@@ -215,12 +248,29 @@ class LocalRun:
         # instead of letting every process spin up one thread per core.
         threads = str(max(1, (os.cpu_count() or 1) // len(job.clients())))
         for client in job.clients():
-            self._start(f"worker-{client.id}", [
-                "worker", "--job", job_file, "--client", client.id,
-                "--combiner-url", combiner_urls[client.region], "--host", host,
-                "--metrics-port", "0", "--port-file", str(out / "ports" / f"worker-{client.id}")],
-                {TOKEN_ENV: tokens[client.tenant], "OMP_NUM_THREADS": threads,
-                 **self.options.extra_env})
+            self._start(
+                f"worker-{client.id}",
+                [
+                    "worker",
+                    "--job",
+                    job_file,
+                    "--client",
+                    client.id,
+                    "--combiner-url",
+                    combiner_urls[client.region],
+                    "--host",
+                    host,
+                    "--metrics-port",
+                    "0",
+                    "--port-file",
+                    str(out / "ports" / f"worker-{client.id}"),
+                ],
+                {
+                    TOKEN_ENV: tokens[client.tenant],
+                    "OMP_NUM_THREADS": threads,
+                    **self.options.extra_env,
+                },
+            )
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.handles[name] = self.launcher.start(name, argv, env, self.out / "logs" / f"{name}.log")
@@ -241,10 +291,12 @@ class LocalRun:
                 if status in ("succeeded", "failed") and global_code is not None:
                     for item in client.lrange(prefix + "history", seen, -1):
                         on_round(json.loads(item))
-                    return status, info.get("message", "")
+                    return str(status), str(info.get("message", ""))
                 if global_code is not None:
-                    return "failed", (f"global aggregator exited with code {global_code}; "
-                                      f"see {self.out / 'logs' / 'global.log'}")
+                    return "failed", (
+                        f"global aggregator exited with code {global_code}; "
+                        f"see {self.out / 'logs' / 'global.log'}"
+                    )
                 time.sleep(0.2)
         finally:
             client.close()
@@ -252,8 +304,10 @@ class LocalRun:
     def history(self) -> list[dict[str, Any]]:
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
-            return [json.loads(item) for item in
-                    client.lrange(job_prefix(self.job.name) + "history", 0, -1)]
+            return [
+                json.loads(item)
+                for item in client.lrange(job_prefix(self.job.name) + "history", 0, -1)
+            ]
         finally:
             client.close()
 
@@ -294,8 +348,13 @@ def run_job(options: RunOptions, launcher: Launcher | None = None) -> RunResult:
         message = "stopped by the user"
     finally:
         run.stop(grace_s=15.0 if status != "interrupted" else 0.0)
-    result = RunResult(status=status, message=message, history=history, out_dir=run.out,
-                       wall_s=time.monotonic() - started)
+    result = RunResult(
+        status=status,
+        message=message,
+        history=history,
+        out_dir=run.out,
+        wall_s=time.monotonic() - started,
+    )
     if history:
         result.history_path = report.write_history(history, run.out, options.history_format)
         result.plot_path = report.plot(history, run.out / "plot.png", run.job.name)

@@ -44,9 +44,22 @@ def history(run: LocalRun) -> list[dict]:
 def test_fedkube_run_trains_over_several_rounds_and_writes_its_outputs(job_file, tmp_path):
     manifest = job_file(rounds=3)
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(manifest), "--out",
-                           str(out), "--history-format", "jsonl"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedkube.cli",
+            "run",
+            str(manifest),
+            "--out",
+            str(out),
+            "--history-format",
+            "jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"round\s+3/3\s+clients 4/4", done.stdout)
     assert "succeeded" in done.stdout
@@ -55,8 +68,11 @@ def test_fedkube_run_trains_over_several_rounds_and_writes_its_outputs(job_file,
     assert records[-1]["accuracy"] > records[0]["accuracy"]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in records)
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log = [json.loads(line) for line in (out / "logs" / "global.log").read_text().splitlines()
-           if line.startswith("{")]
+    log = [
+        json.loads(line)
+        for line in (out / "logs" / "global.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
     closed = [e for e in log if e["msg"].startswith("round closed")]
     assert [e["round"] for e in closed] == [1, 2, 3] and all(e["job"] == "small" for e in closed)
     # the embedded Redis is stopped and no service is left running
@@ -65,15 +81,20 @@ def test_fedkube_run_trains_over_several_rounds_and_writes_its_outputs(job_file,
 
 def test_an_invalid_manifest_fails_fast_and_names_the_field(job_file, tmp_path):
     manifest = job_file(tenants=[{"name": "a", "region": "mars"}])
-    done = subprocess.run([sys.executable, "-m", "fedkube.cli", "run", str(manifest)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedkube.cli", "run", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "spec.tenants[0].region" in done.stderr and "mars" in done.stderr
 
 
 def test_every_service_serves_fedkube_metrics_with_labels(job_file, tmp_path):
-    run = LocalRun(RunOptions(job_path=job_file(rounds=2), out_dir=tmp_path / "run"),
-                   ProcessLauncher())
+    run = LocalRun(
+        RunOptions(job_path=job_file(rounds=2), out_dir=tmp_path / "run"), ProcessLauncher()
+    )
     try:
         run.start()
         wait_for(lambda: history(run), timeout=120, what="round 1 to close")
@@ -85,29 +106,49 @@ def test_every_service_serves_fedkube_metrics_with_labels(job_file, tmp_path):
     finally:
         run.follow(lambda _record: None)
         run.stop()
-    for series in ["fedkube_round_current", "fedkube_round_duration_seconds",
-                   "fedkube_participation_ratio", "fedkube_clients_selected",
-                   "fedkube_clients_reported", "fedkube_clients_dropped_total",
-                   "fedkube_model_accuracy", "fedkube_model_loss",
-                   "fedkube_aggregation_seconds", "fedkube_bytes_up_total",
-                   "fedkube_bytes_down_total"]:
-        assert re.search(rf'^{series}(_count|_bucket)?\{{[^}}]*job="small"', global_metrics,
-                         re.M), series
-    assert re.search(r'fedkube_updates_accepted_total\{job="small",region="eu",'
-                     r'tenant="a",tier="combiner"\} [1-9]', eu)
-    assert re.search(r'fedkube_bytes_up_total\{job="small",region="eu",tenant="b",'
-                     r'tier="combiner"\} [1-9]', eu)
-    assert re.search(r'fedkube_bytes_down_total\{job="small",region="eu",tenant="a",'
-                     r'tier="combiner"\} [1-9]', eu)
+    for series in [
+        "fedkube_round_current",
+        "fedkube_round_duration_seconds",
+        "fedkube_participation_ratio",
+        "fedkube_clients_selected",
+        "fedkube_clients_reported",
+        "fedkube_clients_dropped_total",
+        "fedkube_model_accuracy",
+        "fedkube_model_loss",
+        "fedkube_aggregation_seconds",
+        "fedkube_bytes_up_total",
+        "fedkube_bytes_down_total",
+    ]:
+        assert re.search(
+            rf'^{series}(_count|_bucket)?\{{[^}}]*job="small"', global_metrics, re.M
+        ), series
+    assert re.search(
+        r'fedkube_updates_accepted_total\{job="small",region="eu",'
+        r'tenant="a",tier="combiner"\} [1-9]',
+        eu,
+    )
+    assert re.search(
+        r'fedkube_bytes_up_total\{job="small",region="eu",tenant="b",'
+        r'tier="combiner"\} [1-9]',
+        eu,
+    )
+    assert re.search(
+        r'fedkube_bytes_down_total\{job="small",region="eu",tenant="a",'
+        r'tier="combiner"\} [1-9]',
+        eu,
+    )
     assert re.search(r'fedkube_round_current\{job="small",region="eu",tier="combiner"\}', eu)
-    assert re.search(r'fedkube_worker_rounds_total\{job="small",region="eu",tenant="a"\} [1-9]',
-                     worker)
-    assert re.search(r'fedkube_worker_train_seconds_count\{job="small",region="eu",tenant="a"\}',
-                     worker)
+    assert re.search(
+        r'fedkube_worker_rounds_total\{job="small",region="eu",tenant="a"\} [1-9]', worker
+    )
+    assert re.search(
+        r'fedkube_worker_train_seconds_count\{job="small",region="eu",tenant="a"\}', worker
+    )
 
 
 def test_a_worker_killed_mid_run_is_counted_as_dropped_and_rounds_close_on_quorum(
-        job_file, tmp_path):
+    job_file, tmp_path
+):
     manifest = job_file(rounds=4, participation={"minFraction": 0.5, "roundTimeoutSeconds": 3})
     run = LocalRun(RunOptions(job_path=manifest, out_dir=tmp_path / "run"), ProcessLauncher())
     try:
@@ -138,12 +179,28 @@ def test_a_killed_aggregator_resumes_the_same_round_and_loses_none(job_file, tmp
         run.handles["global"].process.send_signal(signal.SIGKILL)
         run.handles["global"].process.wait()
         closed_before = len(history(run))
-        argv = ["aggregator", "--job", str(manifest), "--redis-url", run.redis_url,
-                "--checkpoint-dir", str(run.out / "checkpoints"), "--port", port, "--resume"]
-        run.handles["global"] = run.launcher.start("global", argv, {
-            "FEDKUBE_AGGREGATOR_TOKEN": json.loads(
-                (run.out / "secrets" / "tokens.json").read_text())["__aggregator__"]},
-            run.out / "logs" / "global-resumed.log")
+        argv = [
+            "aggregator",
+            "--job",
+            str(manifest),
+            "--redis-url",
+            run.redis_url,
+            "--checkpoint-dir",
+            str(run.out / "checkpoints"),
+            "--port",
+            port,
+            "--resume",
+        ]
+        run.handles["global"] = run.launcher.start(
+            "global",
+            argv,
+            {
+                "FEDKUBE_AGGREGATOR_TOKEN": json.loads(
+                    (run.out / "secrets" / "tokens.json").read_text()
+                )["__aggregator__"]
+            },
+            run.out / "logs" / "global-resumed.log",
+        )
         status, message = run.follow(lambda _record: None)
         records = history(run)
     finally:
@@ -162,14 +219,23 @@ def test_fedkube_run_resume_continues_a_killed_run(job_file, tmp_path):
     command = [sys.executable, "-m", "fedkube.cli", "run", str(manifest), "--out", str(out)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest.json"
-    wait_for(lambda: latest.exists() and json.loads(latest.read_text())["round"] >= 2,
-             timeout=180, what="two checkpoints")
+    wait_for(
+        lambda: latest.exists() and json.loads(latest.read_text())["round"] >= 2,
+        timeout=180,
+        what="two checkpoints",
+    )
     first.send_signal(signal.SIGKILL)
     first.wait()
     # The services die with the runner: nothing of the first run keeps going.
-    wait_for(lambda: not subprocess.run(["pgrep", "-f", f"--checkpoint-dir {out}"],
-                                        capture_output=True).stdout, timeout=30,
-             what="the killed run's services to exit")
+    wait_for(
+        lambda: (
+            not subprocess.run(
+                ["pgrep", "-f", f"--checkpoint-dir {out}"], capture_output=True
+            ).stdout
+        ),
+        timeout=30,
+        what="the killed run's services to exit",
+    )
     killed_at = json.loads(latest.read_text())["round"]
     second = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -180,8 +246,7 @@ def test_fedkube_run_resume_continues_a_killed_run(job_file, tmp_path):
 
 
 def test_run_job_in_process_returns_the_history(job_file, tmp_path):
-    result = run_job(RunOptions(job_path=job_file(rounds=2), out_dir=tmp_path / "run",
-                                quiet=True))
+    result = run_job(RunOptions(job_path=job_file(rounds=2), out_dir=tmp_path / "run", quiet=True))
     assert result.status == "succeeded"
     assert [r["round"] for r in result.history] == [1, 2]
     assert result.history_path and result.history_path.exists()

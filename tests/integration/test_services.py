@@ -47,33 +47,47 @@ class Tier:
 
     async def wait_round(self, number: int, timeout: float = 20.0) -> None:
         async def opened() -> None:
-            while any(c.current is None or c.current.info.round != number
-                      for c in self.combiners.values()):
+            while any(
+                c.current is None or c.current.info.round != number for c in self.combiners.values()
+            ):
                 await asyncio.sleep(0.02)
+
         await asyncio.wait_for(opened(), timeout)
 
     async def wait_closed(self, number: int, timeout: float = 20.0) -> None:
         async def closed() -> None:
             while self.aggregator.round_no < number:
                 await asyncio.sleep(0.02)
+
         await asyncio.wait_for(closed(), timeout)
 
     async def register(self, client: str) -> None:
         tenant = client.split("-")[0]
-        headers = {"Authorization": f"Bearer {TOKENS[tenant]}", "X-Fedkube-Tenant": tenant,
-                   "X-Fedkube-Client": client}
+        headers = {
+            "Authorization": f"Bearer {TOKENS[tenant]}",
+            "X-Fedkube-Tenant": tenant,
+            "X-Fedkube-Client": client,
+        }
         region = "us" if client[0] in "cd" else "eu"
-        async with self.http.get(self.url(region) + "/v1/task", params={"wait": "0"},
-                                 headers=headers) as response:
+        async with self.http.get(
+            self.url(region) + "/v1/task", params={"wait": "0"}, headers=headers
+        ) as response:
             assert response.status == 200
 
     async def metrics(self, region: str) -> str:
         async with self.http.get(self.url(region) + "/metrics") as response:
             return await response.text()
 
-    async def send(self, client: str, number: int, tensors: dict[str, np.ndarray] | bytes,
-                   weight: float = 10.0, token: str | None = None, tenant: str | None = None,
-                   meta_round: int | None = None) -> tuple[int, dict]:
+    async def send(
+        self,
+        client: str,
+        number: int,
+        tensors: dict[str, np.ndarray] | bytes,
+        weight: float = 10.0,
+        token: str | None = None,
+        tenant: str | None = None,
+        meta_round: int | None = None,
+    ) -> tuple[int, dict]:
         tenant = tenant or client.split("-")[0]
         region = "us" if client[0] in "cd" else "eu"
         if isinstance(tensors, bytes):
@@ -81,31 +95,51 @@ class Tier:
         else:
             envelope = Envelope(self.job.name, meta_round or number, client, tenant, weight)
             body = codec.encode(tensors, envelope.metadata("update"))
-        headers = {"Authorization": f"Bearer {token or TOKENS.get(tenant, 'x')}",
-                   "X-Fedkube-Job": self.job.name, "X-Fedkube-Tenant": tenant,
-                   "X-Fedkube-Client": client, "X-Fedkube-Round": str(number),
-                   "X-Fedkube-Weight": repr(weight), "X-Fedkube-Codec": "safetensors"}
-        async with self.http.post(self.url(region) + "/v1/update", data=body,
-                                  headers=headers) as response:
+        headers = {
+            "Authorization": f"Bearer {token or TOKENS.get(tenant, 'x')}",
+            "X-Fedkube-Job": self.job.name,
+            "X-Fedkube-Tenant": tenant,
+            "X-Fedkube-Client": client,
+            "X-Fedkube-Round": str(number),
+            "X-Fedkube-Weight": repr(weight),
+            "X-Fedkube-Codec": "safetensors",
+        }
+        async with self.http.post(
+            self.url(region) + "/v1/update", data=body, headers=headers
+        ) as response:
             return response.status, await response.json(content_type=None)
 
 
 @pytest.fixture
 async def tier(redis_server, tmp_path):
-    job = parse_job(small_job_dict(
-        rounds=2, participation={"minFraction": 0.5, "roundTimeoutSeconds": 20},
-        transport={"maxUpdateBytes": 64 * 1024}))
-    aggregator = GlobalAggregator(GlobalConfig(
-        job=job, redis_url=redis_server.url, checkpoint_dir=tmp_path / "ckpt",
-        aggregator_digest=digest(AGG_TOKEN)))
+    job = parse_job(
+        small_job_dict(
+            rounds=2,
+            participation={"minFraction": 0.5, "roundTimeoutSeconds": 20},
+            transport={"maxUpdateBytes": 64 * 1024},
+        )
+    )
+    aggregator = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_server.url,
+            checkpoint_dir=tmp_path / "ckpt",
+            aggregator_digest=digest(AGG_TOKEN),
+        )
+    )
     await aggregator.start()
     combiners = {}
     for region in ("eu", "us"):
-        combiners[region] = Combiner(CombinerConfig(
-            job=job, region=region, redis_url=redis_server.url,
-            global_url=f"http://127.0.0.1:{aggregator.port}",
-            tenant_digests={t: digest(v) for t, v in TOKENS.items()},
-            aggregator_token=AGG_TOKEN))
+        combiners[region] = Combiner(
+            CombinerConfig(
+                job=job,
+                region=region,
+                redis_url=redis_server.url,
+                global_url=f"http://127.0.0.1:{aggregator.port}",
+                tenant_digests={t: digest(v) for t, v in TOKENS.items()},
+                aggregator_token=AGG_TOKEN,
+            )
+        )
         await combiners[region].start()
     run = asyncio.create_task(aggregator.run())
     async with aiohttp.ClientSession() as http:
@@ -122,8 +156,10 @@ async def tier(redis_server, tmp_path):
 
 def deltas_for(aggregator: GlobalAggregator, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {name: (0.01 * rng.standard_normal(w.shape)).astype(np.float32)
-            for name, w in aggregator.weights.items()}
+    return {
+        name: (0.01 * rng.standard_normal(w.shape)).astype(np.float32)
+        for name, w in aggregator.weights.items()
+    }
 
 
 def rejected(metrics: str, reason: str) -> float:
@@ -137,8 +173,10 @@ async def test_bad_updates_are_refused_by_reason_and_the_round_aggregates_exactl
     start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
     good = {c: deltas_for(tier.aggregator, i) for i, c in enumerate(["a-0", "b-0", "c-0", "d-0"])}
     weights = {"a-0": 10.0, "b-0": 30.0, "c-0": 5.0, "d-0": 55.0}
-    wrong_shape = {k: np.zeros(v.shape[::-1] if v.ndim == 2 else v.shape[0] + 1, np.float32)
-                   for k, v in good["a-0"].items()}
+    wrong_shape = {
+        k: np.zeros(v.shape[::-1] if v.ndim == 2 else v.shape[0] + 1, np.float32)
+        for k, v in good["a-0"].items()
+    }
     nan = {k: v.copy() for k, v in good["a-0"].items()}
     next(iter(nan.values())).flat[0] = np.nan
     inf = {k: v.copy() for k, v in good["a-0"].items()}
@@ -168,8 +206,16 @@ async def test_bad_updates_are_refused_by_reason_and_the_round_aggregates_exactl
         assert status >= 400 and body["error"] == reason, (reason, body)
     assert duplicate[0] == 409 and duplicate[1]["error"] == "duplicate"
     eu = await tier.metrics("eu")
-    for reason in ["duplicate", "wrong_shape", "wrong_round", "metadata_mismatch", "unknown_tenant",
-                   "unauthenticated", "oversized", "malformed"]:
+    for reason in [
+        "duplicate",
+        "wrong_shape",
+        "wrong_round",
+        "metadata_mismatch",
+        "unknown_tenant",
+        "unauthenticated",
+        "oversized",
+        "malformed",
+    ]:
         assert rejected(eu, reason) == 1, reason
     assert rejected(eu, "non_finite") == 2
     # the aggregate is exactly FedAvg over the four good updates (two regions = flat)
@@ -180,8 +226,10 @@ async def test_bad_updates_are_refused_by_reason_and_the_round_aggregates_exactl
         np.testing.assert_allclose(saved.weights[name], expected[name], rtol=1e-5, atol=1e-7)
     record = (await tier.aggregator.store.history())[0]
     assert record["reported"] == 4 and record["dropped"] == 0
-    assert record["regions"] == {"eu": {"selected": 2, "reported": 2},
-                                 "us": {"selected": 2, "reported": 2}}
+    assert record["regions"] == {
+        "eu": {"selected": 2, "reported": 2},
+        "us": {"selected": 2, "reported": 2},
+    }
 
 
 async def test_a_late_update_is_refused_and_counted(tier):
@@ -196,8 +244,11 @@ async def test_a_late_update_is_refused_and_counted(tier):
 
 async def test_the_combiner_serves_one_model_copy_per_region(tier):
     await tier.wait_round(1)
-    headers = {"Authorization": f"Bearer {TOKENS['a']}", "X-Fedkube-Tenant": "a",
-               "X-Fedkube-Client": "a-0"}
+    headers = {
+        "Authorization": f"Bearer {TOKENS['a']}",
+        "X-Fedkube-Tenant": "a",
+        "X-Fedkube-Client": "a-0",
+    }
     for _ in range(3):
         async with tier.http.get(tier.url("eu") + "/v1/model/1", headers=headers) as response:
             assert response.status == 200
@@ -212,12 +263,17 @@ async def test_the_combiner_serves_one_model_copy_per_region(tier):
 
 async def test_a_task_long_poll_hands_out_the_open_round(tier):
     await tier.wait_round(1)
-    headers = {"Authorization": f"Bearer {TOKENS['c']}", "X-Fedkube-Tenant": "c",
-               "X-Fedkube-Client": "c-0"}
-    async with tier.http.get(tier.url("us") + "/v1/task", params={"after": "0"},
-                             headers=headers) as response:
+    headers = {
+        "Authorization": f"Bearer {TOKENS['c']}",
+        "X-Fedkube-Tenant": "c",
+        "X-Fedkube-Client": "c-0",
+    }
+    async with tier.http.get(
+        tier.url("us") + "/v1/task", params={"after": "0"}, headers=headers
+    ) as response:
         task = await response.json()
     assert task == {"status": "train", "round": 1, "version": 1, "deadline": task["deadline"]}
-    async with tier.http.get(tier.url("us") + "/v1/task", params={"after": "1", "wait": "0.2"},
-                             headers=headers) as response:
+    async with tier.http.get(
+        tier.url("us") + "/v1/task", params={"after": "1", "wait": "0.2"}, headers=headers
+    ) as response:
         assert (await response.json()) == {"status": "wait"}

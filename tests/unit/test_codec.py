@@ -16,8 +16,11 @@ from fedkube.errors import CodecError
 
 def sample() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"w": rng.standard_normal((3, 4)).astype(np.float32),
-            "b": np.arange(4, dtype=np.float32), "steps": np.array([7], dtype=np.int64)}
+    return {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": np.arange(4, dtype=np.float32),
+        "steps": np.array([7], dtype=np.int64),
+    }
 
 
 def test_roundtrip_keeps_values_dtypes_and_metadata():
@@ -51,15 +54,28 @@ def header_payload(header: dict, body: bytes) -> bytes:
         (b"", "shorter"),
         (pickle.dumps({"w": [1.0, 2.0]}), "header"),
         (struct.pack("<Q", 10) + b"{not json}", "not JSON"),
-        (header_payload({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"0000"),
-         "unsupported dtype"),
-        (header_payload({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"0000"),
-         "outside"),
-        (header_payload({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"0000"),
-         "bytes for shape"),
-        (header_payload({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                        b"0" * 12), "overlap"),
+        (
+            header_payload({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"0000"),
+            "unsupported dtype",
+        ),
+        (
+            header_payload({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"0000"),
+            "outside",
+        ),
+        (
+            header_payload({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"0000"),
+            "bytes for shape",
+        ),
+        (
+            header_payload(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"0" * 12,
+            ),
+            "overlap",
+        ),
         (header_payload({"__metadata__": {"k": 1}}, b""), "__metadata__"),
     ],
 )

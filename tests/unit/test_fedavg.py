@@ -18,8 +18,13 @@ from fedkube.aggregator.strategies.fedavg import (
 def updates(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     # One tensor larger than a fold chunk, so chunk boundaries are exercised.
-    return [{"big": rng.standard_normal(FOLD_CHUNK * 2 + 17).astype(np.float32),
-             "small": rng.standard_normal((3, 5)).astype(np.float32)} for _ in range(count)]
+    return [
+        {
+            "big": rng.standard_normal(FOLD_CHUNK * 2 + 17).astype(np.float32),
+            "small": rng.standard_normal((3, 5)).astype(np.float32),
+        }
+        for _ in range(count)
+    ]
 
 
 def test_fold_equals_the_weighted_sum_and_leaves_updates_untouched():
@@ -64,8 +69,9 @@ def test_regions_where_nobody_reported_are_skipped():
     acc.fold(deltas[1], 2.0)
     empty = Partial("quiet", {}, 0.0, 0)
     result = reduce_partials([Partial("eu", acc.sums, acc.weight, acc.count), empty])
-    np.testing.assert_allclose(result["small"], (deltas[0]["small"] + deltas[1]["small"]) / 2,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        result["small"], (deltas[0]["small"] + deltas[1]["small"]) / 2, rtol=1e-5
+    )
 
 
 def test_no_weight_at_all_is_an_error_not_a_division_by_zero():

@@ -42,8 +42,11 @@ def test_defaults_are_filled_and_camel_case_names_map_to_attributes():
         ({"rounds": -1}, "spec.rounds", "greater than or equal to 1"),
         ({"model": {"entrypoint": "not an entrypoint"}}, "spec.model.entrypoint", "pattern"),
         ({"tenants": [{"name": "a", "region": "mars"}]}, "spec.tenants[0].region", "mars"),
-        ({"tenants": [{"name": "a", "region": "eu"}, {"name": "a", "region": "us"}]},
-         "spec.tenants[1].name", "duplicate tenant"),
+        (
+            {"tenants": [{"name": "a", "region": "eu"}, {"name": "a", "region": "us"}]},
+            "spec.tenants[1].name",
+            "duplicate tenant",
+        ),
         ({"participation": {"minClients": 9}}, "spec.participation.minClients", "exceeds"),
         ({"trainig": {"epochs": 2}}, "spec.trainig", "Extra inputs"),
         ({"tenants": [{"name": "Bad_Name", "region": "eu"}]}, "spec.tenants[0].name", "pattern"),
@@ -72,9 +75,17 @@ def test_load_job_reports_unreadable_files_and_bad_yaml(tmp_path):
         load_job(bad)
 
 
-@pytest.mark.parametrize(("selected", "min_fraction", "min_clients", "expected"),
-                         [(6, 0.5, None, 3), (5, 0.5, None, 3), (1, 0.5, None, 1),
-                          (6, 1.0, None, 6), (6, 0.5, 4, 4), (2, 0.5, 4, 2)])
+@pytest.mark.parametrize(
+    ("selected", "min_fraction", "min_clients", "expected"),
+    [
+        (6, 0.5, None, 3),
+        (5, 0.5, None, 3),
+        (1, 0.5, None, 1),
+        (6, 1.0, None, 6),
+        (6, 0.5, 4, 4),
+        (2, 0.5, 4, 2),
+    ],
+)
 def test_quorum(selected, min_fraction, min_clients, expected):
     job = parse_job(small_job_dict(participation={"minFraction": min_fraction}))
     policy = job.spec.participation.model_copy(update={"min_clients": min_clients})
