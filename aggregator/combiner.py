@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from fedkube import codec
+from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.validation import Template, check_update, template_of
 from fedkube.errors import CodecError, LeaseLost, UpdateRejected
@@ -112,6 +113,7 @@ class Combiner:
         self.template: Template | None = None
         self._fetches: dict[int, asyncio.Task[bytes]] = {}
         self._lock = asyncio.Lock()
+        self._buffers = BufferPool()
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -151,11 +153,14 @@ class Combiner:
         )
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._flush_tasks]:
+        # Loops check `stopped` as well: a cancellation that races with a
+        # timeout can be lost on Python 3.11, and shutdown must not hang on it.
+        self.stopped.set()
+        tasks = [*self._tasks, *self._flush_tasks]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._flush_tasks]:
-            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         await self._runner.cleanup()
         if self._http:
             await self._http.close()
@@ -164,7 +169,7 @@ class Combiner:
 
     async def _keep_lease(self, role: str) -> None:
         try:
-            while True:
+            while not self.stopped.is_set():
                 await asyncio.sleep(self.config.lease_ttl_ms / 3000)
                 await self.store.renew_lease(role, self._lease, self.config.lease_ttl_ms)
         except LeaseLost:
@@ -401,21 +406,28 @@ class Combiner:
                 f"codec {request.headers.get(H_CODEC)!r} is not supported",
                 415,
             )
-        if request.content_length is not None and request.content_length > self.max_bytes:
-            raise UpdateRejected(
-                Reason.oversized.value, f"{request.content_length} bytes > {self.max_bytes}", 413
-            )
         number = parse_int(request.headers.get(H_ROUND), "round")
         weight = parse_weight(request.headers.get(H_WEIGHT))
         current = self.current
         self._check_round(current, number, client)
         assert current is not None
+        buffer, length = await read_body(request, self.max_bytes, self._buffers)
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise UpdateRejected(
-                Reason.oversized.value, f"body > {self.max_bytes} bytes", 413
-            ) from None
+            body = memoryview(buffer)[:length]
+            return await self._fold(tenant, client, number, weight, current, body)
+        finally:
+            self._buffers.give(buffer)
+
+    async def _fold(
+        self,
+        tenant: str,
+        client: str,
+        number: int,
+        weight: float,
+        current: _Round,
+        body: memoryview,
+    ) -> dict[str, object]:
+        """Decode, check and fold one update whose request checks have passed."""
         try:
             tensors, metadata = codec.decode(body)
         except CodecError as exc:

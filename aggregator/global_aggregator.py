@@ -32,7 +32,7 @@ from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.fedavg import Partial
 from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
-from fedkube.errors import CodecError, LeaseLost, QuorumNotReached, UpdateRejected
+from fedkube.errors import CodecError, QuorumNotReached, UpdateRejected
 from fedkube.learning import build_model, evaluate, float_state, load_data, load_float_state
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -96,6 +96,7 @@ class GlobalAggregator:
         self._test_data = None
         self._tasks: list[asyncio.Task[None]] = []
         self._continue: RoundInfo | None = None
+        self.stopping = asyncio.Event()
         self.port = config.port
 
     # -- lifecycle ---------------------------------------------------------
@@ -124,16 +125,19 @@ class GlobalAggregator:
         )
 
     async def stop(self) -> None:
+        # Loops check `stopping` too: a cancellation racing with a timeout can
+        # be lost on Python 3.11, and shutdown must not hang on it.
+        self.stopping.set()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
         await self._runner.cleanup()
         await self.store.release_lease("global", self._lease)
         await self.store.close()
 
     async def _keep_lease(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             await asyncio.sleep(self.config.lease_ttl_ms / 3000)
             await self.store.renew_lease("global", self._lease, self.config.lease_ttl_ms)
 
@@ -224,6 +228,7 @@ class GlobalAggregator:
         started = time.monotonic()
         logged = 0.0
         while True:
+            self._check_stopping()
             ready = len(set(selected) & await self.store.registered_clients())
             if ready >= needed:
                 return
@@ -251,6 +256,7 @@ class GlobalAggregator:
         flush_deadline: float | None = None
         timeout = self.spec.participation.round_timeout_seconds
         while True:
+            self._check_stopping()
             if expected <= self.partials.keys():
                 return list(self.partials.values())
             now = time.time()
@@ -294,6 +300,10 @@ class GlobalAggregator:
             await asyncio.wait({arrival}, timeout=wait)
             arrival.cancel()
             self._arrived.clear()
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise asyncio.CancelledError("the global aggregator is stopping")
 
     async def _quorum_missed(self, info: RoundInfo, reported: int, selected: int) -> None:
         policy = self.spec.participation

@@ -63,7 +63,7 @@ def _limits(info: FieldInfo) -> str:
 
 
 def rows(model: type[BaseModel] = JobSpec, prefix: str = "spec") -> list[tuple[str, ...]]:
-    found = []
+    found: list[tuple[str, ...]] = []
     for name, info in model.model_fields.items():
         path = f"{prefix}.{info.alias or name}"
         annotation = info.annotation

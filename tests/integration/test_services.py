@@ -147,8 +147,9 @@ async def tier(redis_server, tmp_path):
         for client in ["a-0", "b-0", "c-0", "d-0"]:
             await tier.register(client)  # as a worker's first poll does
         yield tier
+    aggregator.stopping.set()
     run.cancel()
-    await asyncio.gather(run, return_exceptions=True)
+    await asyncio.wait({run}, timeout=10)
     for combiner in combiners.values():
         await combiner.stop()
     await aggregator.stop()
@@ -277,3 +278,52 @@ async def test_a_task_long_poll_hands_out_the_open_round(tier):
         tier.url("us") + "/v1/task", params={"after": "1", "wait": "0.2"}, headers=headers
     ) as response:
         assert (await response.json()) == {"status": "wait"}
+
+
+async def test_a_round_without_quorum_fails_the_job_with_a_clear_status(redis_server, tmp_path):
+    # prepare: quorum 3 of 4, no deadline extension, and only one client reports
+    job = parse_job(
+        small_job_dict(
+            rounds=2,
+            participation={"minClients": 3, "roundTimeoutSeconds": 1, "onQuorumMissed": "fail"},
+        )
+    )
+    aggregator = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_server.url,
+            checkpoint_dir=tmp_path / "ckpt",
+            aggregator_digest=digest(AGG_TOKEN),
+        )
+    )
+    await aggregator.start()
+    combiner = Combiner(
+        CombinerConfig(
+            job=job,
+            region="eu",
+            redis_url=redis_server.url,
+            global_url=f"http://127.0.0.1:{aggregator.port}",
+            tenant_digests={t: digest(v) for t, v in TOKENS.items()},
+            aggregator_token=AGG_TOKEN,
+        )
+    )
+    await combiner.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            tier = Tier(job, aggregator, {"eu": combiner}, None, http, tmp_path / "ckpt")
+            for client in ["a-0", "b-0"]:
+                await tier.register(client)
+            await aggregator.store.register_client("c-0")  # registered, then silent
+            # execute
+            run = asyncio.create_task(aggregator.run())
+            await tier.wait_round(1)
+            assert (await tier.send("a-0", 1, deltas_for(aggregator, 0)))[0] == 200
+            status = await asyncio.wait_for(run, timeout=30)
+        # assert
+        info = await aggregator.store.job_info()
+        assert status == "failed" and info["status"] == "failed"
+        assert "round 1: 1 of 4 selected clients reported, quorum is 3" in info["message"]
+        assert await aggregator.store.redis.ttl(aggregator.store.key("job")) > 0
+    finally:
+        await combiner.stop()
+        await aggregator.stop()
