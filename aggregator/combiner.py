@@ -25,9 +25,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -114,6 +117,7 @@ class Combiner:
         self._fetches: dict[int, asyncio.Task[bytes]] = {}
         self._lock = asyncio.Lock()
         self._buffers = BufferPool()
+        self._cache_dir = Path(tempfile.mkdtemp(prefix=f"fedkube-{self.name}-{self.region}-"))
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_tasks: set[asyncio.Task[None]] = set()
@@ -166,6 +170,7 @@ class Combiner:
             await self._http.close()
         await self.store.release_lease(f"combiner-{self.region}", self._lease)
         await self.store.close()
+        shutil.rmtree(self._cache_dir, ignore_errors=True)
 
     async def _keep_lease(self, role: str) -> None:
         try:
@@ -243,6 +248,7 @@ class Combiner:
         for version in list(self.models):
             if version < info.version - 1:
                 del self.models[version]
+                self._model_path(version).unlink(missing_ok=True)
         if selected:
             self._background(self._prefetch(info.version))
         async with self._changed:
@@ -275,6 +281,12 @@ class Combiner:
         tensors, _meta = codec.decode(data)
         self.template = template_of(tensors)
         self.models[version] = data
+        # Served from a file so that aiohttp can use sendfile(2): a region's
+        # hundred downloads then cost no user-space copies.
+        path = self._model_path(version)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
         return data
 
     # -- handlers ------------------------------------------------------------
@@ -346,7 +358,7 @@ class Combiner:
             "deadline": current.info.deadline,
         }
 
-    async def handle_model(self, request: web.Request) -> web.Response:
+    async def handle_model(self, request: web.Request) -> web.StreamResponse:
         try:
             tenant = self._authenticate(request)
             version = int(request.match_info["version"])
@@ -364,7 +376,12 @@ class Combiner:
         current = self.current
         if current is not None:
             await self.store.add_counters(current.info.round, bytes_down=len(data))
-        return web.Response(body=data, content_type=codec.CONTENT_TYPE)
+        return web.FileResponse(
+            self._model_path(version), headers={"Content-Type": codec.CONTENT_TYPE}
+        )
+
+    def _model_path(self, version: int) -> Path:
+        return self._cache_dir / f"model-{version}.safetensors"
 
     async def handle_update(self, request: web.Request) -> web.Response:
         tenant = "unknown"

@@ -93,6 +93,7 @@ def plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     evaluated = [r for r in history if r.get("accuracy") is not None]
     rounds = [r["round"] for r in evaluated]
@@ -103,6 +104,8 @@ def plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     loss_ax.plot(rounds, [r["loss"] for r in evaluated], marker="o", color="tab:red")
     loss_ax.set(title="held-out loss", xlabel="round", ylabel="cross-entropy")
     loss_ax.grid(alpha=0.3)
+    for axis in (acc_ax, loss_ax):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"fedkube: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
