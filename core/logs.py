@@ -46,6 +46,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure(component: str, level: str = "INFO") -> None:
     path = os.environ.get(LOG_FILE_ENV)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     handler: logging.Handler = (
         logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     )

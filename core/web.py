@@ -78,6 +78,7 @@ def port_file_write(path: str | None, port: int) -> None:
     """Tell a launcher which port was bound (written atomically)."""
     if path:
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a Ray actor's node may lack it
         tmp = target.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(target)

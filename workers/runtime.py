@@ -22,6 +22,7 @@ import torch
 from prometheus_client import start_http_server
 
 from fedkube import codec
+from fedkube.errors import FedkubeError
 from fedkube.learning import build_model, float_state, load_data, load_float_state, train
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -99,7 +100,16 @@ class Worker:
                     log.info("job finished: %s", task.get("job_status"), extra=self._f())
                     return str(task.get("job_status"))
                 if task["status"] == "train":
-                    await self._train_round(http, int(task["round"]), int(task["version"]))
+                    number = int(task["round"])
+                    try:
+                        await self._train_round(http, number, int(task["version"]))
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                        # The round may still be open: the next poll hands it out again.
+                        log.warning(
+                            "round failed in transit (%s); asking again", exc, extra=self._f(number)
+                        )
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
         return "stopped"
 
     def _f(self, number: int | None = None) -> dict[str, object]:
@@ -110,6 +120,10 @@ class Worker:
     async def _next_task(self, http: aiohttp.ClientSession) -> dict[str, Any]:
         params = {"after": str(self.last_round), "wait": str(self.config.poll_wait_s)}
         async with http.get(f"{self.config.combiner_url}/v1/task", params=params) as response:
+            if response.status in (401, 403):
+                raise FedkubeError(
+                    f"combiner refused client {self.client.id}: {await response.text()}"
+                )
             if response.status >= 400:
                 detail = await response.text()
                 raise aiohttp.ClientResponseError(

@@ -68,7 +68,13 @@ class RunResult:
 
 
 class Handle(Protocol):
+    """A started service: where to reach it, and its life."""
+
     name: str
+    url_host: str  # the address other services use to reach it
+
+    def read_port(self, path: Path) -> int | None:
+        """The port the service wrote to ``path`` (on its own node), once it has."""
 
     def poll(self) -> int | None: ...
 
@@ -88,9 +94,14 @@ class Launcher(Protocol):
 
 
 class ProcessHandle:
+    url_host = "127.0.0.1"
+
     def __init__(self, name: str, process: Any):
         self.name = name
         self.process = process
+
+    def read_port(self, path: Path) -> int | None:
+        return int(path.read_text()) if path.exists() else None
 
     def poll(self) -> int | None:
         return self.process.poll()
@@ -152,23 +163,29 @@ def _secrets(out: Path, job: FederatedJob) -> dict[str, str]:
     tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
     for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
         tokens.setdefault(name, secrets.token_urlsafe(32))
-    path.write_text(json.dumps(tokens))
-    path.chmod(0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(tokens))
     digests = {name: digest(token) for name, token in tokens.items() if name != "__aggregator__"}
     (folder / "tenant-digests.json").write_text(json.dumps(digests))
     return tokens
 
 
-def _wait_port(path: Path, handle: Handle, timeout_s: float = READY_TIMEOUT_S) -> int:
+def _wait_port(path: Path, handle: Handle, log: Path, timeout_s: float = READY_TIMEOUT_S) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists():
-            return int(path.read_text())
+        port = handle.read_port(path)
+        if port is not None:
+            return port
         code = handle.poll()
         if code is not None:
-            raise FedkubeError(f"{handle.name} exited with code {code} before it was ready")
+            raise FedkubeError(
+                f"{handle.name} exited with code {code} before it was ready; its log: {log}"
+            )
         time.sleep(0.05)
-    raise FedkubeError(f"{handle.name} did not become ready within {timeout_s:.0f}s")
+    raise FedkubeError(
+        f"{handle.name} did not become ready within {timeout_s:.0f}s; its log: {log}"
+    )
 
 
 class LocalRun:
@@ -215,7 +232,8 @@ class LocalRun:
             str(out / "ports" / "global"),
         ]
         self._start("global", argv + (["--resume"] if self.options.resume else []), base_env)
-        global_url = f"http://{host}:{_wait_port(out / 'ports' / 'global', self.handles['global'])}"
+        port = _wait_port(out / "ports" / "global", self.handles["global"], self._log("global"))
+        global_url = f"http://{self.handles['global'].url_host}:{port}"
         combiner_urls: dict[str, str] = {}
         for region in job.region_names():
             self._start(
@@ -242,8 +260,9 @@ class LocalRun:
                 base_env,
             )
         for region in job.region_names():
-            port = _wait_port(out / "ports" / region, self.handles[f"combiner-{region}"])
-            combiner_urls[region] = f"http://{host}:{port}"
+            name = f"combiner-{region}"
+            port = _wait_port(out / "ports" / region, self.handles[name], self._log(name))
+            combiner_urls[region] = f"http://{self.handles[name].url_host}:{port}"
         # Workers share this machine: give each a fair share of torch's threads
         # instead of letting every process spin up one thread per core.
         threads = str(max(1, (os.cpu_count() or 1) // len(job.clients())))
@@ -272,8 +291,11 @@ class LocalRun:
                 },
             )
 
+    def _log(self, name: str) -> Path:
+        return self.out / "logs" / f"{name}.log"
+
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.handles[name] = self.launcher.start(name, argv, env, self.out / "logs" / f"{name}.log")
+        self.handles[name] = self.launcher.start(name, argv, env, self._log(name))
 
     def follow(self, on_round: Callable[[dict[str, Any]], None]) -> tuple[str, str]:
         """Report each closed round until the job ends; returns (status, message)."""

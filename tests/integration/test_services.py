@@ -22,9 +22,11 @@ from fedkube.aggregator import checkpoint
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
 from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube.errors import FedkubeError
 from fedkube.protocol import Envelope
 from fedkube.spec import FederatedJob, parse_job
 from fedkube.web import digest
+from fedkube.workers.runtime import Worker, WorkerConfig
 from tests.support import small_job_dict
 
 pytestmark = pytest.mark.integration
@@ -110,6 +112,36 @@ class Tier:
             return response.status, await response.json(content_type=None)
 
 
+async def start_global(job: FederatedJob, redis_url: str, checkpoints: Path) -> GlobalAggregator:
+    aggregator = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_url,
+            checkpoint_dir=checkpoints,
+            aggregator_digest=digest(AGG_TOKEN),
+        )
+    )
+    await aggregator.start()
+    return aggregator
+
+
+async def start_combiner(
+    job: FederatedJob, region: str, redis_url: str, aggregator: GlobalAggregator
+) -> Combiner:
+    combiner = Combiner(
+        CombinerConfig(
+            job=job,
+            region=region,
+            redis_url=redis_url,
+            global_url=f"http://127.0.0.1:{aggregator.port}",
+            tenant_digests={t: digest(v) for t, v in TOKENS.items()},
+            aggregator_token=AGG_TOKEN,
+        )
+    )
+    await combiner.start()
+    return combiner
+
+
 @pytest.fixture
 async def tier(redis_server, tmp_path):
     job = parse_job(
@@ -119,28 +151,10 @@ async def tier(redis_server, tmp_path):
             transport={"maxUpdateBytes": 64 * 1024},
         )
     )
-    aggregator = GlobalAggregator(
-        GlobalConfig(
-            job=job,
-            redis_url=redis_server.url,
-            checkpoint_dir=tmp_path / "ckpt",
-            aggregator_digest=digest(AGG_TOKEN),
-        )
-    )
-    await aggregator.start()
-    combiners = {}
-    for region in ("eu", "us"):
-        combiners[region] = Combiner(
-            CombinerConfig(
-                job=job,
-                region=region,
-                redis_url=redis_server.url,
-                global_url=f"http://127.0.0.1:{aggregator.port}",
-                tenant_digests={t: digest(v) for t, v in TOKENS.items()},
-                aggregator_token=AGG_TOKEN,
-            )
-        )
-        await combiners[region].start()
+    aggregator = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    combiners = {
+        r: await start_combiner(job, r, redis_server.url, aggregator) for r in ("eu", "us")
+    }
     run = asyncio.create_task(aggregator.run())
     async with aiohttp.ClientSession() as http:
         tier = Tier(job, aggregator, combiners, run, http, tmp_path / "ckpt")
@@ -288,26 +302,8 @@ async def test_a_round_without_quorum_fails_the_job_with_a_clear_status(redis_se
             participation={"minClients": 3, "roundTimeoutSeconds": 1, "onQuorumMissed": "fail"},
         )
     )
-    aggregator = GlobalAggregator(
-        GlobalConfig(
-            job=job,
-            redis_url=redis_server.url,
-            checkpoint_dir=tmp_path / "ckpt",
-            aggregator_digest=digest(AGG_TOKEN),
-        )
-    )
-    await aggregator.start()
-    combiner = Combiner(
-        CombinerConfig(
-            job=job,
-            region="eu",
-            redis_url=redis_server.url,
-            global_url=f"http://127.0.0.1:{aggregator.port}",
-            tenant_digests={t: digest(v) for t, v in TOKENS.items()},
-            aggregator_token=AGG_TOKEN,
-        )
-    )
-    await combiner.start()
+    aggregator = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    combiner = await start_combiner(job, "eu", redis_server.url, aggregator)
     try:
         async with aiohttp.ClientSession() as http:
             tier = Tier(job, aggregator, {"eu": combiner}, None, http, tmp_path / "ckpt")
@@ -327,3 +323,14 @@ async def test_a_round_without_quorum_fails_the_job_with_a_clear_status(redis_se
     finally:
         await combiner.stop()
         await aggregator.stop()
+
+
+async def test_a_worker_with_a_wrong_token_stops_with_a_clear_error(tier):
+    client = next(c for c in tier.job.clients() if c.id == "a-0")
+    worker = Worker(
+        WorkerConfig(
+            job=tier.job, client=client, combiner_url=tier.url("eu"), token="not-the-token"
+        )
+    )
+    with pytest.raises(FedkubeError, match="combiner refused client a-0"):
+        await asyncio.wait_for(worker.run(asyncio.Event()), timeout=30)
