@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from fedkube import codec
 from fedkube.aggregator.bodies import BufferPool, read_body
@@ -176,7 +177,10 @@ class Combiner:
         try:
             while not self.stopped.is_set():
                 await asyncio.sleep(self.config.lease_ttl_ms / 3000)
-                await self.store.renew_lease(role, self._lease, self.config.lease_ttl_ms)
+                try:
+                    await self.store.renew_lease(role, self._lease, self.config.lease_ttl_ms)
+                except RedisError as exc:  # transient: the next tick tries again
+                    log.warning("lease renewal failed: %s", exc, extra=fields(job=self.name))
         except LeaseLost:
             log.error("lost lease %s; stopping", role, extra=fields(job=self.name))
             self.stopped.set()
@@ -184,15 +188,35 @@ class Combiner:
 
     # -- following the global round ----------------------------------------
     async def _follow_rounds(self) -> None:
-        """Track the job's current round: pub/sub for speed, polling for safety."""
+        """Track the job's current round: pub/sub for speed, polling for safety.
+
+        Redis going away (a restart, a failover) pauses the combiner instead of
+        ending this task: it reconnects and resynchronises from the round state.
+        """
+        delay = POLL_INTERVAL_S
+        while not self.stopped.is_set():
+            try:
+                await self._follow_once()
+                return
+            except RedisError as exc:
+                log.warning(
+                    "Redis unavailable (%s); retrying in %.1fs",
+                    exc,
+                    delay,
+                    extra=fields(job=self.name, region=self.region),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _follow_once(self) -> None:
         pubsub = self.store.redis.pubsub()
-        await pubsub.subscribe(self.store.channel)
         try:
+            await pubsub.subscribe(self.store.channel)
             while not self.stopped.is_set():
                 await self._sync_round()
                 if self.job_status in ("succeeded", "failed"):
                     self.stopped.set()
-                    break
+                    return
                 with contextlib.suppress(asyncio.TimeoutError):
                     await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=POLL_INTERVAL_S

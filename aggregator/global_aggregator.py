@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from fedkube import codec
 from fedkube.aggregator import checkpoint
@@ -139,7 +140,10 @@ class GlobalAggregator:
     async def _keep_lease(self) -> None:
         while not self.stopping.is_set():
             await asyncio.sleep(self.config.lease_ttl_ms / 3000)
-            await self.store.renew_lease("global", self._lease, self.config.lease_ttl_ms)
+            try:
+                await self.store.renew_lease("global", self._lease, self.config.lease_ttl_ms)
+            except RedisError as exc:  # transient: the next tick tries again
+                log.warning("lease renewal failed: %s", exc, extra=fields(job=self.name))
 
     async def _restore(self) -> None:
         """Fresh start, or continue from the checkpoint and Redis (``--resume``)."""
