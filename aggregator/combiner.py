@@ -4,8 +4,8 @@ One combiner runs per region. Per round it
 
 1. learns of the new round from Redis (pub/sub, with polling as a fallback),
 2. fetches model version ``v_r`` from the global aggregator once and serves it
-   from memory to every worker of the region (one copy per region crosses the
-   global tier, not one per worker),
+   to every worker of the region from a local file with sendfile (one copy per
+   region crosses the global tier, not one per worker),
 3. validates each worker's update (identity, round, selection, size, codec,
    metadata, shape, dtype, finiteness, norm) and folds it into one running
    weighted sum (memory O(model), not O(clients x model)),
@@ -121,7 +121,7 @@ class Combiner:
         self._cache_dir = Path(tempfile.mkdtemp(prefix=f"fedkube-{self.name}-{self.region}-"))
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
-        self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._background_tasks: set[asyncio.Task[None]] = set()
         self._lease = secrets.token_hex(8)
         self._http: aiohttp.ClientSession | None = None
         self.stopped = asyncio.Event()
@@ -161,7 +161,7 @@ class Combiner:
         # Loops check `stopped` as well: a cancellation that races with a
         # timeout can be lost on Python 3.11, and shutdown must not hang on it.
         self.stopped.set()
-        tasks = [*self._tasks, *self._flush_tasks]
+        tasks = [*self._tasks, *self._background_tasks]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -547,8 +547,8 @@ class Combiner:
     def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a task that stop() waits for or cancels (and that is not GC'd early)."""
         task = asyncio.create_task(coroutine)
-        self._flush_tasks.add(task)
-        task.add_done_callback(self._flush_tasks.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     async def _flush(self, current: _Round) -> None:
         """Send the partial; retry until the global tier has it or moved on."""
@@ -619,6 +619,6 @@ async def run_combiner(
     waiter.cancel()
     done.cancel()
     # Let in-flight partials finish before leaving (bounded by their own retries).
-    if combiner._flush_tasks:  # noqa: SLF001
-        await asyncio.wait(combiner._flush_tasks, timeout=10)  # noqa: SLF001
+    if combiner._background_tasks:  # noqa: SLF001
+        await asyncio.wait(combiner._background_tasks, timeout=10)  # noqa: SLF001
     await combiner.stop()

@@ -158,6 +158,7 @@ class GlobalAggregator:
         if saved is not None:
             self.weights, last_closed = saved.weights, saved.round
             self.version = last_closed + 1
+            await self._finish_close(saved)
         self.round_no = last_closed
         current = await self.store.current_round()
         info = await self.store.round_info(current) if current else None
@@ -178,6 +179,23 @@ class GlobalAggregator:
             len(self.partials),
             extra=fields(job=self.name),
         )
+
+    async def _finish_close(self, saved: checkpoint.Checkpoint) -> None:
+        """Close in Redis a round that was checkpointed but not yet closed there.
+
+        ``_close`` writes the checkpoint first and closes the round in Redis
+        second; a crash between the two would otherwise lose that round's
+        history record. The checkpoint's metadata is that record.
+        """
+        info = await self.store.round_info(saved.round)
+        if info is not None and info.state != RoundState.closed:
+            record = {key: value for key, value in saved.metadata.items() if key != "job"}
+            await self.store.close_round(saved.round, record, self.spec.state.key_ttl_seconds)
+            log.warning(
+                "round %d was checkpointed but not closed in Redis; closed it now",
+                saved.round,
+                extra=fields(job=self.name, round=saved.round),
+            )
 
     def _publish_model(self) -> None:
         self.model_bytes = {v: b for v, b in self.model_bytes.items() if v >= self.version - 1}

@@ -334,3 +334,34 @@ async def test_a_worker_with_a_wrong_token_stops_with_a_clear_error(tier):
     )
     with pytest.raises(FedkubeError, match="combiner refused client a-0"):
         await asyncio.wait_for(worker.run(asyncio.Event()), timeout=30)
+
+
+async def test_a_round_checkpointed_but_not_closed_in_redis_is_closed_on_resume(
+    redis_server, tmp_path
+):
+    # prepare: a crash between the checkpoint write and the Redis close of round 1
+    job = parse_job(small_job_dict(rounds=3))
+    first = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    info = await first.store.open_round(1, ["a-0", "b-0"], quorum=1, timeout_s=30, version=1)
+    record = {"round": 1, "reported": 2, "dropped": 0, "accuracy": 0.5, "loss": 1.0}
+    checkpoint.save(tmp_path / "ckpt", job.name, 1, first.weights, record)
+    await first.stop()  # releases its lease, as a crashed one's would expire
+    # execute
+    resumed = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_server.url,
+            checkpoint_dir=tmp_path / "ckpt",
+            aggregator_digest=digest(AGG_TOKEN),
+            resume=True,
+        )
+    )
+    await resumed.start()
+    try:
+        # assert: round 1 is closed with its record, and round 2 is next
+        assert (await resumed.store.round_info(1)).state.value == "closed"
+        assert [r["round"] for r in await resumed.store.history()] == [1]
+        assert (await resumed.store.history())[0]["accuracy"] == 0.5
+        assert resumed.round_no == 1 and resumed.version == 2 and info.round == 1
+    finally:
+        await resumed.stop()
