@@ -10,6 +10,7 @@ logged with the reason and the worker waits for the next round.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import zlib
@@ -22,7 +23,7 @@ import torch
 from prometheus_client import start_http_server
 
 from fedkube import codec
-from fedkube.errors import FedkubeError
+from fedkube.errors import CodecError, FedkubeError
 from fedkube.learning import build_model, float_state, load_data, load_float_state, train
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -103,7 +104,7 @@ class Worker:
                     number = int(task["round"])
                     try:
                         await self._train_round(http, number, int(task["version"]))
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    except (aiohttp.ClientError, asyncio.TimeoutError, CodecError) as exc:
                         # The round may still be open: the next poll hands it out again.
                         log.warning(
                             "round failed in transit (%s); asking again", exc, extra=self._f(number)
@@ -135,6 +136,7 @@ class Worker:
         async with http.get(f"{self.config.combiner_url}/v1/model/{version}") as response:
             response.raise_for_status()
             payload = await response.read()
+        self.metrics.bytes_down.labels(*self._worker_bytes()).inc(len(payload))
         tensors, _meta = codec.decode(payload)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -153,9 +155,14 @@ class Worker:
         async with http.post(
             f"{self.config.combiner_url}/v1/update", data=body, headers=headers
         ) as response:
-            answer = await response.json(content_type=None)
+            text = await response.text()
+        try:
+            answer = json.loads(text)
+        except json.JSONDecodeError:
+            answer = {"error": f"http {response.status}", "detail": text[:200]}
         self.last_round = number
-        if response.status < 300:
+        if response.status < 300 or answer.get("error") == "duplicate":
+            # A duplicate means an earlier try of this very update was accepted.
             self.rounds_done += 1
             self.metrics.worker_rounds.labels(*self._labels()).inc()
             self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(body))
