@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# Build a loopback Kubernetes control plane for tests from Go modules only
+# (no GitHub release downloads): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok and helm, with the local Go toolchain.
+#
+# Outputs:   .cache/k8s/<K8S_VERSION>/bin/   (git-ignored)
+# Scratch:   .cache/k8s/<K8S_VERSION>/src/   (throwaway wrapper modules)
+# Go caches: left at their defaults (GOCACHE, GOMODCACHE) so a fresh clone on
+#            the same machine only pays for linking.
+#
+# Idempotent: a binary is skipped when it exists and its stamp file
+# (bin/.<name>.version) matches the pinned version. Override versions with
+# the environment variables below; KEEP_GOING is not supported: any failure
+# stops the script.
+#
+# Why wrapper modules: `go install k8s.io/kubernetes/cmd/...@vX` and
+# `go install go.etcd.io/etcd/server/v3@vX` are refused because those go.mod
+# files contain `replace` directives (k8s: staging modules pinned at v0.0.0 and
+# replaced by ./staging/src/...; etcd: ../api, ../client/... ). A throwaway
+# main module that requires them and re-pins every replaced module to its
+# published version builds fine. kwok and helm have no replace directives, but
+# they go through the same wrapper path so all builds share one code path and
+# one set of flags.
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.35.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE="${ROOT}/.cache/k8s/${K8S_VERSION}"
+BIN="${BASE}/bin"
+SRC="${BASE}/src"
+mkdir -p "${BIN}" "${SRC}"
+
+# Static, lean, reproducible binaries; never switch toolchains behind our back
+# (a go.mod `toolchain` line newer than the local Go would otherwise try to
+# download one).
+export CGO_ENABLED=0
+export GOTOOLCHAIN=local
+export GOFLAGS="-buildvcs=false"
+BUILD_FLAGS=(-trimpath)
+FIXED_DATE="1970-01-01T00:00:00Z" # constant so relinks are reproducible
+
+command -v go >/dev/null || { echo "go not found on PATH" >&2; exit 1; }
+echo "go: $(go version)"
+echo "output: ${BIN}"
+
+SCRIPT_START=$SECONDS
+declare -a TIMINGS=()
+
+# up_to_date NAME VERSION -> 0 if bin/NAME exists and was built at VERSION
+up_to_date() {
+  [[ -x "${BIN}/$1" && -f "${BIN}/.$1.version" && "$(cat "${BIN}/.$1.version")" == "$2" ]]
+}
+stamp() { echo "$2" >"${BIN}/.$1.version"; }
+
+# make_wrapper DIR GO_LINE REQUIRE_LINES REPLACE_LINES PKG...
+# Writes a throwaway main module that blank-imports the wanted main packages
+# from a `tools`-tagged file (never compiled, only seen by `go mod tidy`).
+make_wrapper() {
+  local dir="$1" goline="$2" requires="$3" replaces="$4"
+  shift 4
+  rm -rf "${dir}"
+  mkdir -p "${dir}"
+  {
+    echo "module fedkube.invalid/control-plane-build"
+    echo
+    echo "${goline}"
+    echo
+    echo "require ("
+    echo "${requires}"
+    echo ")"
+    if [[ -n "${replaces}" ]]; then
+      echo
+      echo "replace ("
+      echo "${replaces}"
+      echo ")"
+    fi
+  } >"${dir}/go.mod"
+  {
+    echo "//go:build tools"
+    echo
+    echo "package tools"
+    echo
+    echo "import ("
+    local p
+    for p in "$@"; do echo "	_ \"${p}\""; done
+    echo ")"
+  } >"${dir}/tools.go"
+  (cd "${dir}" && go mod tidy)
+}
+
+# module_gomod MODULE VERSION -> path of that module's go.mod in the mod cache
+module_gomod() {
+  (cd "${SRC}" && GOFLAGS= go mod download -json "$1@$2") |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p'
+}
+
+step() { # step NAME SECONDS
+  TIMINGS+=("$(printf '%-28s %5ss' "$1" "$2")")
+  echo ">>> $1 done in $2s"
+}
+
+# ---------------------------------------------------------------- etcd ----
+build_etcd() {
+  local t=$SECONDS
+  if up_to_date etcd "${ETCD_VERSION}"; then
+    echo ">>> etcd ${ETCD_VERSION}: up to date, skipping"
+    return
+  fi
+  echo ">>> building etcd ${ETCD_VERSION}"
+  # The `etcd` main package is the root of go.etcd.io/etcd/server/v3
+  # (server/main.go). The root module go.etcd.io/etcd/v3 is not tagged for
+  # recent 3.6.x patches on the proxy, and its main is not etcd anyway.
+  local gomod goline
+  gomod="$(module_gomod go.etcd.io/etcd/server/v3 "${ETCD_VERSION}")"
+  goline="$(grep -m1 '^go ' "${gomod}")"
+  # server/v3's own replaces point at ../api, ../client/...; pin those
+  # modules to the same published version instead.
+  local replaces="" m
+  for m in $(sed -n 's/^[[:space:]]*\(go\.etcd\.io\/etcd\/[^ ]*\) => \.\..*/\1/p' "${gomod}"); do
+    replaces+="	${m} => ${m} ${ETCD_VERSION}"$'\n'
+  done
+  make_wrapper "${SRC}/etcd" "${goline}" \
+    "	go.etcd.io/etcd/server/v3 ${ETCD_VERSION}" "${replaces%$'\n'}" \
+    go.etcd.io/etcd/server/v3
+  (cd "${SRC}/etcd" && go build "${BUILD_FLAGS[@]}" \
+    -ldflags="-s -w" -o "${BIN}/etcd" go.etcd.io/etcd/server/v3)
+  stamp etcd "${ETCD_VERSION}"
+  step "etcd ${ETCD_VERSION}" $((SECONDS - t))
+}
+
+# ---------------------------------------------------------- kubernetes ----
+K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+build_kubernetes() {
+  local t=$SECONDS c missing=0
+  for c in "${K8S_CMDS[@]}"; do up_to_date "$c" "${K8S_VERSION}" || missing=1; done
+  if [[ $missing == 0 ]]; then
+    echo ">>> kubernetes ${K8S_VERSION}: up to date, skipping"
+    return
+  fi
+  echo ">>> building ${K8S_CMDS[*]} ${K8S_VERSION}"
+  local gomod goline godebug staging_ver replaces="" m
+  gomod="$(module_gomod k8s.io/kubernetes "${K8S_VERSION}")"
+  goline="$(grep -m1 '^go ' "${gomod}")"
+  godebug="$(grep '^godebug ' "${gomod}" || true)" # e.g. `godebug default=go1.25`
+  # k8s.io/kubernetes vX.Y.Z <-> staging modules v0.Y.Z
+  staging_ver="v0.${K8S_VERSION#v1.}"
+  for m in $(sed -n 's/^[[:space:]]*\(k8s\.io\/[^ ]*\) => \.\/staging\/.*/\1/p' "${gomod}"); do
+    replaces+="	${m} => ${m} ${staging_ver}"$'\n'
+  done
+  if [[ -z "${replaces}" ]]; then
+    echo "no staging replace directives found in ${gomod}" >&2
+    exit 1
+  fi
+  local pkgs=()
+  for c in "${K8S_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${c}"); done
+  make_wrapper "${SRC}/kubernetes" "${goline}"$'\n'"${godebug}" \
+    "	k8s.io/kubernetes ${K8S_VERSION}" "${replaces%$'\n'}" "${pkgs[@]}"
+  # Same version stamping as hack/lib/version.sh, so `--version`, /version and
+  # client-side skew checks (kubectl, helm kubeVersion) see a real version.
+  local minor="${K8S_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local ld="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X ${p}.gitVersion=${K8S_VERSION} -X ${p}.gitMajor=1 -X ${p}.gitMinor=${minor}"
+    ld+=" -X ${p}.gitTreeState=clean -X ${p}.buildDate=${FIXED_DATE}"
+  done
+  # One invocation so the (large) shared package graph is compiled once.
+  local tmp="${BIN}/.k8s-build"
+  rm -rf "${tmp}" && mkdir -p "${tmp}"
+  (cd "${SRC}/kubernetes" && go build "${BUILD_FLAGS[@]}" -ldflags="${ld}" \
+    -o "${tmp}/" "${pkgs[@]}")
+  for c in "${K8S_CMDS[@]}"; do
+    mv -f "${tmp}/${c}" "${BIN}/${c}"
+    stamp "${c}" "${K8S_VERSION}"
+  done
+  rmdir "${tmp}"
+  step "kubernetes ${K8S_VERSION} (4 bins)" $((SECONDS - t))
+}
+
+# ---------------------------------------------------------------- kwok ----
+build_kwok() {
+  local t=$SECONDS
+  if up_to_date kwok "${KWOK_VERSION}"; then
+    echo ">>> kwok ${KWOK_VERSION}: up to date, skipping"
+    return
+  fi
+  echo ">>> building kwok ${KWOK_VERSION}"
+  local gomod goline
+  gomod="$(module_gomod sigs.k8s.io/kwok "${KWOK_VERSION}")"
+  goline="$(grep -m1 '^go ' "${gomod}")"
+  if grep -q '=>' "${gomod}"; then
+    echo "kwok ${KWOK_VERSION} go.mod has replace directives; teach this script about them" >&2
+    exit 1
+  fi
+  make_wrapper "${SRC}/kwok" "${goline}" \
+    "	sigs.k8s.io/kwok ${KWOK_VERSION}" "" sigs.k8s.io/kwok/cmd/kwok
+  (cd "${SRC}/kwok" && go build "${BUILD_FLAGS[@]}" \
+    -ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}" \
+    -o "${BIN}/kwok" sigs.k8s.io/kwok/cmd/kwok)
+  stamp kwok "${KWOK_VERSION}"
+  step "kwok ${KWOK_VERSION}" $((SECONDS - t))
+}
+
+# ---------------------------------------------------------------- helm ----
+build_helm() {
+  local t=$SECONDS
+  if up_to_date helm "${HELM_VERSION}"; then
+    echo ">>> helm ${HELM_VERSION}: up to date, skipping"
+    return
+  fi
+  echo ">>> building helm ${HELM_VERSION}"
+  local gomod goline
+  gomod="$(module_gomod helm.sh/helm/v3 "${HELM_VERSION}")"
+  goline="$(grep -m1 '^go ' "${gomod}")"
+  if grep -q '=>' "${gomod}"; then
+    echo "helm ${HELM_VERSION} go.mod has replace directives; teach this script about them" >&2
+    exit 1
+  fi
+  make_wrapper "${SRC}/helm" "${goline}" \
+    "	helm.sh/helm/v3 ${HELM_VERSION}" "" helm.sh/helm/v3/cmd/helm
+  # As helm's Makefile: default kube version for `helm template`/lint is
+  # derived from the client-go it is built with (v0.Y.Z -> 1.Y); left unset it
+  # is v1.20.0, which breaks charts with a `kubeVersion` constraint.
+  local cg kmaj kmin ld
+  cg="$(cd "${SRC}/helm" && go list -m -f '{{.Version}}' k8s.io/client-go)"
+  cg="${cg#v}"
+  kmaj=$((${cg%%.*} + 1))
+  kmin="${cg#*.}"
+  kmin="${kmin%%.*}"
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
+  ld+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=${kmaj}"
+  ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${kmin}"
+  ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=${kmaj}"
+  ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${kmin}"
+  (cd "${SRC}/helm" && go build "${BUILD_FLAGS[@]}" -ldflags="${ld}" \
+    -o "${BIN}/helm" helm.sh/helm/v3/cmd/helm)
+  stamp helm "${HELM_VERSION}"
+  step "helm ${HELM_VERSION}" $((SECONDS - t))
+}
+
+build_etcd
+build_kubernetes
+build_kwok
+build_helm
+
+echo
+echo "=== versions (${BIN})"
+"${BIN}/etcd" --version | head -n1
+for c in kube-apiserver kube-controller-manager kube-scheduler; do "${BIN}/${c}" --version; done
+"${BIN}/kubectl" version --client
+"${BIN}/kwok" --version
+"${BIN}/helm" version --short
+echo
+echo "=== timings"
+if ((${#TIMINGS[@]})); then printf '%s\n' "${TIMINGS[@]}"; else echo "(nothing built)"; fi
+echo "total: $((SECONDS - SCRIPT_START))s"
