@@ -4,14 +4,15 @@
 # kube-scheduler, kubectl, kwok and helm, with the local Go toolchain.
 #
 # Outputs:   .cache/k8s/<K8S_VERSION>/bin/   (git-ignored)
+#            .cache/k8s/<K8S_VERSION>/share/kwok/stages-fast.yaml (kwok --config)
 # Scratch:   .cache/k8s/<K8S_VERSION>/src/   (throwaway wrapper modules)
 # Go caches: left at their defaults (GOCACHE, GOMODCACHE) so a fresh clone on
 #            the same machine only pays for linking.
 #
 # Idempotent: a binary is skipped when it exists and its stamp file
 # (bin/.<name>.version) matches the pinned version. Override versions with
-# the environment variables below; KEEP_GOING is not supported: any failure
-# stops the script.
+# the environment variables below. Any failure stops the script.
+# Proof that the binaries run, with the exact flags: scripts/control-plane-smoke.sh
 #
 # Why wrapper modules: `go install k8s.io/kubernetes/cmd/...@vX` and
 # `go install go.etcd.io/etcd/server/v3@vX` are refused because those go.mod
@@ -32,6 +33,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE="${ROOT}/.cache/k8s/${K8S_VERSION}"
 BIN="${BASE}/bin"
 SRC="${BASE}/src"
+KWOK_STAGES="${BASE}/share/kwok/stages-fast.yaml" # kwok --config file
 mkdir -p "${BIN}" "${SRC}"
 
 # Static, lean, reproducible binaries; never switch toolchains behind our back
@@ -184,7 +186,7 @@ build_kubernetes() {
 # ---------------------------------------------------------------- kwok ----
 build_kwok() {
   local t=$SECONDS
-  if up_to_date kwok "${KWOK_VERSION}"; then
+  if up_to_date kwok "${KWOK_VERSION}" && [[ -f "${KWOK_STAGES}" ]]; then
     echo ">>> kwok ${KWOK_VERSION}: up to date, skipping"
     return
   fi
@@ -201,6 +203,18 @@ build_kwok() {
   (cd "${SRC}/kwok" && go build "${BUILD_FLAGS[@]}" \
     -ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}" \
     -o "${BIN}/kwok" sigs.k8s.io/kwok/cmd/kwok)
+  # kwok does nothing without Stage objects ("no stages found"). Ship the
+  # upstream "fast" set (what kwokctl uses by default: node-initialize,
+  # node-heartbeat-with-lease, pod-ready, pod-complete, pod-delete) as one file
+  # for `kwok --config=<file>`, taken from the same module version.
+  local kdir f
+  kdir="$(cd "${SRC}/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+  mkdir -p "$(dirname "${KWOK_STAGES}")"
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+    pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+    echo "---"
+    cat "${kdir}/kustomize/stage/${f}.yaml"
+  done >"${KWOK_STAGES}"
   stamp kwok "${KWOK_VERSION}"
   step "kwok ${KWOK_VERSION}" $((SECONDS - t))
 }

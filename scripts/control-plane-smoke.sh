@@ -15,6 +15,7 @@ K8S_VERSION="${K8S_VERSION:-v1.35.4}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${BIN:-${ROOT}/.cache/k8s/${K8S_VERSION}/bin}"
 FULL="${FULL:-0}"
+KWOK_STAGES="${KWOK_STAGES:-${BIN}/../share/kwok/stages-fast.yaml}"
 TIMEOUT="${TIMEOUT:-120}" # seconds per wait
 
 for b in etcd kube-apiserver kubectl; do
@@ -23,10 +24,21 @@ done
 
 TMP="$(mktemp -d -t fedkube-cp.XXXXXX)"
 PIDS=()
+# stop_pid PID: SIGTERM, up to 10s grace, then SIGKILL. (kube-apiserver's
+# graceful shutdown can hang indefinitely on one SIGTERM - seen here when etcd
+# went away at the same time - so never wait unbounded.)
+stop_pid() {
+  local p="$1" i
+  kill "$p" 2>/dev/null || return 0
+  for i in $(seq 1 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+}
 cleanup() {
-  local rc=$? p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  local rc=$? i
+  trap - EXIT INT TERM
+  # Reverse start order: clients first, etcd last.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
   if [[ $rc != 0 ]]; then
     echo "--- FAILED (rc=$rc); log tails:" >&2
     for f in "${TMP}"/*.log; do [[ -f $f ]] && { echo "== $f" >&2; tail -n 20 "$f" >&2; }; done
@@ -115,6 +127,7 @@ EOF
 export KUBECONFIG="${TMP}/kubeconfig"
 "${BIN}/kubectl" version
 "${BIN}/kubectl" get namespaces
+if [[ -x "${BIN}/helm" ]]; then "${BIN}/helm" list --all-namespaces; fi
 
 if [[ "${FULL}" != 1 ]]; then
   echo "SMOKE OK (etcd + kube-apiserver); set FULL=1 for controller-manager/scheduler/kwok"
@@ -147,8 +160,7 @@ PIDS+=($!)
   --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
   --manage-nodes-with-label-selector= \
-  --disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom \
-  --disregard-status-with-label-selector= \
+  --config="${KWOK_STAGES}" \
   --cidr=10.0.0.1/24 \
   --node-ip=10.0.0.1 \
   --node-lease-duration-seconds=40 \
@@ -193,6 +205,7 @@ spec:
       containers:
       - {name: c, image: fake-image}
 EOF
-wait_for "deployment available" "${BIN}/kubectl" wait --for=condition=Available deployment/smoke --timeout=5s
+two_ready() { [[ "$("${BIN}/kubectl" get deployment smoke -o jsonpath='{.status.readyReplicas}')" == 2 ]]; }
+wait_for "2 pods Running/Ready on the fake node" two_ready
 "${BIN}/kubectl" get nodes,pods -o wide
 echo "SMOKE OK (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok)"
