@@ -198,6 +198,7 @@ class LocalRun:
         self.out = (options.out_dir or Path("runs") / self.job.name).resolve()
         self.handles: dict[str, Handle] = {}
         self.redis_server: RedisServer | None = None
+        self._client: redis.Redis | None = None
 
     def start(self) -> None:
         job, out = self.job, self.out
@@ -299,39 +300,34 @@ class LocalRun:
 
     def follow(self, on_round: Callable[[dict[str, Any]], None]) -> tuple[str, str]:
         """Report each closed round until the job ends; returns (status, message)."""
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
-        prefix = job_prefix(self.job.name)
         seen = 0
-        try:
-            while True:
-                for item in client.lrange(prefix + "history", seen, -1):
-                    on_round(json.loads(item))
-                    seen += 1
-                info = client.hgetall(prefix + "job")
-                status = info.get("status")
-                global_code = self.handles["global"].poll()
-                if status in ("succeeded", "failed") and global_code is not None:
-                    for item in client.lrange(prefix + "history", seen, -1):
-                        on_round(json.loads(item))
-                    return str(status), str(info.get("message", ""))
-                if global_code is not None:
-                    return "failed", (
-                        f"global aggregator exited with code {global_code}; "
-                        f"see {self.out / 'logs' / 'global.log'}"
-                    )
-                time.sleep(0.2)
-        finally:
-            client.close()
+        while True:
+            for record in self.history(start=seen):
+                on_round(record)
+                seen += 1
+            info = self._redis().hgetall(job_prefix(self.job.name) + "job")
+            status = info.get("status")
+            global_code = self.handles["global"].poll()
+            if status in ("succeeded", "failed") and global_code is not None:
+                for record in self.history(start=seen):
+                    on_round(record)
+                return str(status), str(info.get("message", ""))
+            if global_code is not None:
+                return "failed", (
+                    f"global aggregator exited with code {global_code}; see {self._log('global')}"
+                )
+            time.sleep(0.2)
 
-    def history(self) -> list[dict[str, Any]]:
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
-        try:
-            return [
-                json.loads(item)
-                for item in client.lrange(job_prefix(self.job.name) + "history", 0, -1)
-            ]
-        finally:
-            client.close()
+    def history(self, start: int = 0) -> list[dict[str, Any]]:
+        """Closed rounds' records from Redis, from the ``start``-th on."""
+        items = self._redis().lrange(job_prefix(self.job.name) + "history", start, -1)
+        return [json.loads(item) for item in items]
+
+    def _redis(self) -> Any:
+        """One client for following the run (decode_responses: replies are str)."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        return self._client
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Let services exit on their own (the job ended), then terminate the rest."""
@@ -343,6 +339,9 @@ class LocalRun:
         for handle in self.handles.values():
             handle.wait(timeout=10)
         self.launcher.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.redis_server:
             self.redis_server.stop()
 

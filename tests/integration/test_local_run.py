@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions, run_job
-from fedkube.roundstate import job_prefix
-from tests.support import wait_for
+from tests.support import fedkube_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,35 +30,10 @@ def scrape(port_file: Path) -> str:
         return response.read().decode()
 
 
-def history(run: LocalRun) -> list[dict]:
-    import redis
-
-    client = redis.Redis.from_url(run.redis_url, decode_responses=True)
-    try:
-        return [json.loads(x) for x in client.lrange(job_prefix(run.job.name) + "history", 0, -1)]
-    finally:
-        client.close()
-
-
 def test_fedkube_run_trains_over_several_rounds_and_writes_its_outputs(job_file, tmp_path):
     manifest = job_file(rounds=3)
     out = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedkube.cli",
-            "run",
-            str(manifest),
-            "--out",
-            str(out),
-            "--history-format",
-            "jsonl",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = fedkube_cli("run", str(manifest), "--out", str(out), "--history-format", "jsonl")
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"round\s+3/3\s+clients 4/4", done.stdout)
     assert "succeeded" in done.stdout
@@ -81,12 +55,7 @@ def test_fedkube_run_trains_over_several_rounds_and_writes_its_outputs(job_file,
 
 def test_an_invalid_manifest_fails_fast_and_names_the_field(job_file, tmp_path):
     manifest = job_file(tenants=[{"name": "a", "region": "mars"}])
-    done = subprocess.run(
-        [sys.executable, "-m", "fedkube.cli", "run", str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = fedkube_cli("run", str(manifest), timeout=60)
     assert done.returncode == 2
     assert "spec.tenants[0].region" in done.stderr and "mars" in done.stderr
 
@@ -97,7 +66,7 @@ def test_every_service_serves_fedkube_metrics_with_labels(job_file, tmp_path):
     )
     try:
         run.start()
-        wait_for(lambda: history(run), timeout=120, what="round 1 to close")
+        wait_for(lambda: run.history(), timeout=120, what="round 1 to close")
         ports = run.out / "ports"
         wait_for(lambda: (ports / "worker-a-0").exists(), what="worker metrics port")
         global_metrics = scrape(ports / "global")
@@ -153,12 +122,12 @@ def test_a_worker_killed_mid_run_is_counted_as_dropped_and_rounds_close_on_quoru
     run = LocalRun(RunOptions(job_path=manifest, out_dir=tmp_path / "run"), ProcessLauncher())
     try:
         run.start()
-        wait_for(lambda: history(run), timeout=120, what="round 1 to close")
+        wait_for(lambda: run.history(), timeout=120, what="round 1 to close")
         victim = run.handles["worker-d-0"]
         victim.process.send_signal(signal.SIGKILL)
         victim.process.wait()
         status, message = run.follow(lambda _record: None)
-        records = history(run)
+        records = run.history()
     finally:
         run.stop()
     assert status == "succeeded", message
@@ -174,11 +143,11 @@ def test_a_killed_aggregator_resumes_the_same_round_and_loses_none(job_file, tmp
     run = LocalRun(RunOptions(job_path=manifest, out_dir=tmp_path / "run"), ProcessLauncher())
     try:
         run.start()
-        wait_for(lambda: len(history(run)) >= 2, timeout=120, what="two closed rounds")
+        wait_for(lambda: len(run.history()) >= 2, timeout=120, what="two closed rounds")
         port = (run.out / "ports" / "global").read_text()
         run.handles["global"].process.send_signal(signal.SIGKILL)
         run.handles["global"].process.wait()
-        closed_before = len(history(run))
+        closed_before = len(run.history())
         argv = [
             "aggregator",
             "--job",
@@ -202,7 +171,7 @@ def test_a_killed_aggregator_resumes_the_same_round_and_loses_none(job_file, tmp
             run.out / "logs" / "global-resumed.log",
         )
         status, message = run.follow(lambda _record: None)
-        records = history(run)
+        records = run.history()
     finally:
         run.stop()
     assert status == "succeeded", message
@@ -216,8 +185,12 @@ def test_a_killed_aggregator_resumes_the_same_round_and_loses_none(job_file, tmp
 def test_fedkube_run_resume_continues_a_killed_run(job_file, tmp_path):
     manifest = job_file(rounds=5)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fedkube.cli", "run", str(manifest), "--out", str(out)]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["run", str(manifest), "--out", str(out)]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fedkube.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = out / "checkpoints" / "latest.json"
     wait_for(
         lambda: latest.exists() and json.loads(latest.read_text())["round"] >= 2,
@@ -237,7 +210,7 @@ def test_fedkube_run_resume_continues_a_killed_run(job_file, tmp_path):
         what="the killed run's services to exit",
     )
     killed_at = json.loads(latest.read_text())["round"]
-    second = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    second = fedkube_cli(*args, "--resume")
     assert second.returncode == 0, second.stdout + second.stderr
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
