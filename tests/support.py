@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +51,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def fedkube_cli(*args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run ``python -m fedkube.cli ARGS`` as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedkube.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.support import fedkube_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 
 
 def test_fedkube_run_on_ray_trains_to_completion(job_file, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedkube.cli",
-            "run",
-            str(job_file(rounds=2)),
-            "--runtime",
-            "ray",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    done = fedkube_cli(
+        "run",
+        str(job_file(rounds=2)),
+        "--runtime",
+        "ray",
+        "--out",
+        str(out),
         timeout=480,
         env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"},
     )

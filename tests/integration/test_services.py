@@ -35,6 +35,20 @@ AGG_TOKEN = "aggregator-secret"
 TOKENS = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
 
 
+def region_of(client: str) -> str:
+    return "us" if client[0] in "cd" else "eu"
+
+
+def client_headers(client: str, tenant: str | None = None, token: str | None = None) -> dict:
+    """What a worker of ``client`` sends with every request: its identity and token."""
+    tenant = tenant or client.split("-")[0]
+    return {
+        "Authorization": f"Bearer {token or TOKENS.get(tenant, 'x')}",
+        "X-Fedkube-Tenant": tenant,
+        "X-Fedkube-Client": client,
+    }
+
+
 @dataclass
 class Tier:
     job: FederatedJob
@@ -64,15 +78,10 @@ class Tier:
         await asyncio.wait_for(closed(), timeout)
 
     async def register(self, client: str) -> None:
-        tenant = client.split("-")[0]
-        headers = {
-            "Authorization": f"Bearer {TOKENS[tenant]}",
-            "X-Fedkube-Tenant": tenant,
-            "X-Fedkube-Client": client,
-        }
-        region = "us" if client[0] in "cd" else "eu"
         async with self.http.get(
-            self.url(region) + "/v1/task", params={"wait": "0"}, headers=headers
+            self.url(region_of(client)) + "/v1/task",
+            params={"wait": "0"},
+            headers=client_headers(client),
         ) as response:
             assert response.status == 200
 
@@ -91,23 +100,20 @@ class Tier:
         meta_round: int | None = None,
     ) -> tuple[int, dict]:
         tenant = tenant or client.split("-")[0]
-        region = "us" if client[0] in "cd" else "eu"
         if isinstance(tensors, bytes):
             body = tensors
         else:
             envelope = Envelope(self.job.name, meta_round or number, client, tenant, weight)
             body = codec.encode(tensors, envelope.metadata("update"))
         headers = {
-            "Authorization": f"Bearer {token or TOKENS.get(tenant, 'x')}",
+            **client_headers(client, tenant, token),
             "X-Fedkube-Job": self.job.name,
-            "X-Fedkube-Tenant": tenant,
-            "X-Fedkube-Client": client,
             "X-Fedkube-Round": str(number),
             "X-Fedkube-Weight": repr(weight),
             "X-Fedkube-Codec": "safetensors",
         }
         async with self.http.post(
-            self.url(region) + "/v1/update", data=body, headers=headers
+            self.url(region_of(client)) + "/v1/update", data=body, headers=headers
         ) as response:
             return response.status, await response.json(content_type=None)
 
@@ -259,11 +265,7 @@ async def test_a_late_update_is_refused_and_counted(tier):
 
 async def test_the_combiner_serves_one_model_copy_per_region(tier):
     await tier.wait_round(1)
-    headers = {
-        "Authorization": f"Bearer {TOKENS['a']}",
-        "X-Fedkube-Tenant": "a",
-        "X-Fedkube-Client": "a-0",
-    }
+    headers = client_headers("a-0")
     for _ in range(3):
         async with tier.http.get(tier.url("eu") + "/v1/model/1", headers=headers) as response:
             assert response.status == 200
@@ -278,11 +280,7 @@ async def test_the_combiner_serves_one_model_copy_per_region(tier):
 
 async def test_a_task_long_poll_hands_out_the_open_round(tier):
     await tier.wait_round(1)
-    headers = {
-        "Authorization": f"Bearer {TOKENS['c']}",
-        "X-Fedkube-Tenant": "c",
-        "X-Fedkube-Client": "c-0",
-    }
+    headers = client_headers("c-0")
     async with tier.http.get(
         tier.url("us") + "/v1/task", params={"after": "0"}, headers=headers
     ) as response:
