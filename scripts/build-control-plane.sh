@@ -183,6 +183,18 @@ build_kubernetes() {
   step "kubernetes ${K8S_VERSION} (4 bins)" $((SECONDS - t))
 }
 
+# plain_wrapper NAME MODULE VERSION PKG -> wrapper module in src/NAME for a
+# module whose go.mod needs no re-pinning (refuses one with replace directives)
+plain_wrapper() {
+  local name="$1" module="$2" version="$3" pkg="$4" gomod
+  gomod="$(module_gomod "${module}" "${version}")"
+  if grep -q '=>' "${gomod}"; then
+    echo "${name} ${version} go.mod has replace directives; teach this script about them" >&2
+    exit 1
+  fi
+  make_wrapper "${SRC}/${name}" "$(grep -m1 '^go ' "${gomod}")" "	${module} ${version}" "" "${pkg}"
+}
+
 # ---------------------------------------------------------------- kwok ----
 build_kwok() {
   local t=$SECONDS
@@ -191,15 +203,7 @@ build_kwok() {
     return
   fi
   echo ">>> building kwok ${KWOK_VERSION}"
-  local gomod goline
-  gomod="$(module_gomod sigs.k8s.io/kwok "${KWOK_VERSION}")"
-  goline="$(grep -m1 '^go ' "${gomod}")"
-  if grep -q '=>' "${gomod}"; then
-    echo "kwok ${KWOK_VERSION} go.mod has replace directives; teach this script about them" >&2
-    exit 1
-  fi
-  make_wrapper "${SRC}/kwok" "${goline}" \
-    "	sigs.k8s.io/kwok ${KWOK_VERSION}" "" sigs.k8s.io/kwok/cmd/kwok
+  plain_wrapper kwok sigs.k8s.io/kwok "${KWOK_VERSION}" sigs.k8s.io/kwok/cmd/kwok
   (cd "${SRC}/kwok" && go build "${BUILD_FLAGS[@]}" \
     -ldflags="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}" \
     -o "${BIN}/kwok" sigs.k8s.io/kwok/cmd/kwok)
@@ -227,15 +231,7 @@ build_helm() {
     return
   fi
   echo ">>> building helm ${HELM_VERSION}"
-  local gomod goline
-  gomod="$(module_gomod helm.sh/helm/v3 "${HELM_VERSION}")"
-  goline="$(grep -m1 '^go ' "${gomod}")"
-  if grep -q '=>' "${gomod}"; then
-    echo "helm ${HELM_VERSION} go.mod has replace directives; teach this script about them" >&2
-    exit 1
-  fi
-  make_wrapper "${SRC}/helm" "${goline}" \
-    "	helm.sh/helm/v3 ${HELM_VERSION}" "" helm.sh/helm/v3/cmd/helm
+  plain_wrapper helm helm.sh/helm/v3 "${HELM_VERSION}" helm.sh/helm/v3/cmd/helm
   # As helm's Makefile: default kube version for `helm template`/lint is
   # derived from the client-go it is built with (v0.Y.Z -> 1.Y); left unset it
   # is v1.20.0, which breaks charts with a `kubeVersion` constraint.
