@@ -33,6 +33,16 @@ def _env(name: str) -> str:
     return value
 
 
+def _redis_url(url: str) -> str:
+    """``--redis-url`` with the password from ``FEDKUBE_REDIS_PASSWORD`` (a Secret) set."""
+    from fedkube.roundstate import REDIS_PASSWORD_ENV, redis_url_with_password
+
+    try:
+        return redis_url_with_password(url, os.environ.get(REDIS_PASSWORD_ENV))
+    except ValueError as exc:
+        raise SpecError([("--redis-url", str(exc))]) from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     clients = job.clients()
@@ -76,7 +86,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     configure("global", args.log_level)
     config = GlobalConfig(
         job=load_job(args.job),
-        redis_url=args.redis_url,
+        redis_url=_redis_url(args.redis_url),
         checkpoint_dir=Path(args.checkpoint_dir),
         aggregator_digest=digest(_env(AGGREGATOR_TOKEN_ENV)),
         host=args.host,
@@ -109,7 +119,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
     config = CombinerConfig(
         job=job,
         region=args.region,
-        redis_url=args.redis_url,
+        redis_url=_redis_url(args.redis_url),
         global_url=args.global_url,
         tenant_digests=load_digests(args.tenant_tokens),
         aggregator_token=_env(AGGREGATOR_TOKEN_ENV),
@@ -169,6 +179,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK if status in ("succeeded", "stopped") else EXIT_FAILED
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from fedkube.logs import configure
+    from fedkube.operator.config import DEFAULT_IMAGE, OperatorConfig
+    from fedkube.operator.main import Runtime, run
+
+    configure("operator", args.log_level)
+    config = OperatorConfig(
+        image=args.image or DEFAULT_IMAGE,
+        image_pull_policy=args.image_pull_policy,
+        redis_url=_redis_url(args.redis_url) if args.redis_url else None,
+        gpu_resource=args.gpu_resource,
+        site=args.site,
+        central_address=args.central_address,
+        namespaces=tuple(args.namespace),
+        status_interval_s=args.status_interval,
+    )
+    runtime = Runtime(
+        kubeconfig=args.kubeconfig,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port or None,
+        peering=args.peering,
+    )
+    run(config, runtime)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkube", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combiner-url", required=True)
     p.add_argument("--metrics-port", type=int, help="serve /metrics here (0: any free port)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("operator", help="reconcile FederatedJobs on a Kubernetes cluster")
+    p.add_argument("--kubeconfig", help="default: in-cluster, else $KUBECONFIG")
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: every namespace)",
+    )
+    p.add_argument("--redis-url", help="Redis for jobs that set no spec.state.redisUrl")
+    p.add_argument("--image", default=None, help="image of every component")
+    p.add_argument("--image-pull-policy", default="IfNotPresent")
+    p.add_argument("--gpu-resource", default="nvidia.com/gpu", help="extended resource of a GPU")
+    p.add_argument("--site", help="site mode: run only the tenants of this site")
+    p.add_argument(
+        "--central-address",
+        help="site mode: URL template of a region's combiner, with {job}, {namespace}, {region}",
+    )
+    p.add_argument("--status-interval", type=float, default=2.0, help="seconds between passes")
+    p.add_argument("--metrics-port", type=int, default=8000)
+    p.add_argument("--health-port", type=int, default=8081, help="0: no liveness endpoint")
+    p.add_argument("--peering", help="kopf peering name (several replicas, one active)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_operator)
     return parser
 
 

@@ -18,10 +18,18 @@ class SpecError(FedkubeError):
     operator and the tests can all name the offending field.
     """
 
+    subject = "FederatedJob"
+
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         lines = [f"{path}: {reason}" for path, reason in problems]
-        super().__init__("invalid FederatedJob:\n  " + "\n  ".join(lines))
+        super().__init__(f"invalid {self.subject}:\n  " + "\n  ".join(lines))
+
+
+class ConfigError(SpecError):
+    """The operator's flags are invalid (same shape as a manifest problem)."""
+
+    subject = "operator configuration"
 
 
 class EntrypointError(FedkubeError):

@@ -30,11 +30,31 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
 from fedkube.errors import LeaseLost
 from fedkube.protocol import RoundState, can_transition
+
+REDIS_PASSWORD_ENV = "FEDKUBE_REDIS_PASSWORD"
+
+
+def redis_url_with_password(url: str, password: str | None) -> str:
+    """``url`` with ``password`` set, so a Secret never has to be written into a URL.
+
+    On a cluster the password comes from a Secret as an environment variable
+    (``FEDKUBE_REDIS_PASSWORD``) while the URL itself sits in the pod's args.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"redis URL {url!r}: the scheme must be redis://, rediss:// or unix://")
+    if not password:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def job_prefix(job: str) -> str:
@@ -293,6 +313,14 @@ class RoundStore:
         return [
             json.loads(item) for item in await self.redis.lrange(self.key("history"), start, -1)
         ]
+
+    async def last_record(self) -> tuple[int, dict[str, Any] | None]:
+        """How many rounds closed, and the last one's record (the operator's status)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.key("history"))
+            pipe.lindex(self.key("history"), -1)
+            length, last = await pipe.execute()
+        return int(length), json.loads(last) if last else None
 
     async def trim_history(self, last_round: int) -> None:
         """Drop history records past ``last_round`` (a resume from an older checkpoint)."""

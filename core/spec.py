@@ -28,6 +28,13 @@ API_VERSION = "fedkube.io/v1alpha1"
 KIND = "FederatedJob"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Child objects are named from these (``<job>-combiner-<region>`` must stay a
+# 63-character DNS label), so the limits are part of the contract.
+MAX_JOB_NAME = 30
+MAX_TENANT_NAME = 30
+MAX_REGION_NAME = 20
+MAX_TENANTS = 1000
+MAX_REGIONS = 50
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
@@ -74,7 +81,9 @@ class DataSpec(Entrypoint):
 
 class Region(_Model):
     name: str = Field(
-        pattern=DNS_LABEL, max_length=40, description="DNS label; one combiner per region"
+        pattern=DNS_LABEL,
+        max_length=MAX_REGION_NAME,
+        description="DNS label; one combiner per region",
     )
 
 
@@ -99,9 +108,30 @@ class TenantData(_Model):
     )
 
 
+class Toleration(_Model):
+    """A Kubernetes toleration for the tenant's worker pods."""
+
+    key: str | None = Field(default=None, max_length=253)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
 class Tenant(_Model):
-    name: str = Field(pattern=DNS_LABEL, max_length=40, description="DNS label, unique")
-    region: str = Field(description="one of spec.regions")
+    name: str = Field(
+        pattern=DNS_LABEL, max_length=MAX_TENANT_NAME, description="DNS label, unique"
+    )
+    region: str = Field(
+        pattern=DNS_LABEL, max_length=MAX_REGION_NAME, description="one of spec.regions"
+    )
+    site: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL,
+        max_length=63,
+        description="the site whose operator runs this tenant's workers (`fedkube operator "
+        "--site`); unset: the central operator runs them",
+    )
     replicas: int = Field(
         default=1,
         ge=1,
@@ -109,6 +139,15 @@ class Tenant(_Model):
         description="workers (clients) of this tenant; they split its data",
     )
     resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector of the tenant's worker pods"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=20, description="tolerations of its worker pods"
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="priorityClassName of its worker pods"
+    )
     data: TenantData = Field(default_factory=TenantData)
 
 
@@ -189,11 +228,29 @@ class Transport(_Model):
     )
 
 
+class SecretKeyRef(_Model):
+    name: str = Field(max_length=253, description="a Secret in the job's namespace")
+    key: str = Field(max_length=253, description="the key that holds the value")
+
+
 class State(_Model):
     """Where round state lives and how long it outlives the job."""
 
     redis_url: str | None = Field(
-        default=None, description="use this Redis (else `fedkube run` starts its own)"
+        default=None,
+        max_length=1024,
+        description="use this Redis (else `fedkube run` starts its own and the operator "
+        "uses its --redis-url)",
+    )
+    redis_password_secret: SecretKeyRef | None = Field(
+        default=None, description="Redis password (on a cluster), given to every component"
+    )
+    checkpoint_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        description="PersistentVolumeClaim for the global aggregator's checkpoints "
+        "(on a cluster; default: an emptyDir, so a rescheduled aggregator restarts "
+        "from Redis' history but not from the model)",
     )
     key_ttl_seconds: int = Field(
         default=24 * 3600, ge=1, description="TTL of a closed round's and a finished job's keys"
@@ -202,11 +259,35 @@ class State(_Model):
 
 class JobSpec(_Model):
     rounds: int = Field(ge=1, le=100_000)
+    suspend: bool = Field(
+        default=False,
+        description="on a cluster: stop every pod of the job; setting it back to false "
+        "resumes from the same round",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="on a cluster: fail the job once it ran this long"
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="on a cluster: delete the finished job (and its children) after this",
+    )
+    backoff_limit: int = Field(
+        default=6,
+        ge=0,
+        le=1000,
+        description="on a cluster: pod failures tolerated before the job fails",
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="container image of every component (default: the operator's --image)",
+    )
     seed: int = Field(default=0, description="model initialisation, selection, partitioning")
     model: Entrypoint
     data: DataSpec
-    regions: list[Region] = Field(min_length=1)
-    tenants: list[Tenant] = Field(min_length=1)
+    regions: list[Region] = Field(min_length=1, max_length=MAX_REGIONS)
+    tenants: list[Tenant] = Field(min_length=1, max_length=MAX_TENANTS)
     training: Training = Field(default_factory=Training)
     participation: Participation = Field(default_factory=Participation)
     strategy: Strategy = Field(default_factory=Strategy)
@@ -218,7 +299,7 @@ class JobSpec(_Model):
 class Metadata(_Model):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    name: str = Field(pattern=DNS_LABEL, max_length=MAX_JOB_NAME)
     namespace: str | None = None
 
 

@@ -1,0 +1,61 @@
+"""The operator's own configuration (command-line flags), checked at the boundary."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from fedkube.errors import ConfigError
+from fedkube.spec import DNS_LABEL
+
+DEFAULT_IMAGE = "fedkube:0.1.0"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """How children are built and where they point.
+
+    ``central_address`` matters in site mode only: a URL template for the
+    combiner of a region at the coordinating site, with ``{job}``,
+    ``{namespace}`` and ``{region}`` placeholders (for example
+    ``https://fl.example.org/{job}/{region}``).
+    """
+
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    redis_url: str | None = None
+    gpu_resource: str = "nvidia.com/gpu"
+    site: str | None = None
+    central_address: str | None = None
+    service_port: int = 8080
+    metrics_port: int = 9090
+    run_as_user: int = 10001
+    namespaces: tuple[str, ...] = field(default_factory=tuple)
+    status_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
+        if self.site is not None:
+            if not re.match(DNS_LABEL, self.site):
+                problems.append(("--site", f"{self.site!r} is not a DNS label"))
+            if not self.central_address:
+                problems.append(("--central-address", "site mode needs the central address"))
+        if self.central_address and "{region}" not in self.central_address:
+            problems.append(
+                ("--central-address", "the template must contain {region} (one combiner each)")
+            )
+        if not re.match(r"^[A-Za-z0-9.-]+(/[A-Za-z0-9._-]+)+$", self.gpu_resource):
+            problems.append(
+                ("--gpu-resource", f"{self.gpu_resource!r} is not an extended resource name")
+            )
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            problems.append(("--image-pull-policy", "must be Always, IfNotPresent or Never"))
+        if not 0 < self.status_interval_s <= 300:
+            problems.append(("--status-interval", "must be in (0, 300] seconds"))
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def central(self) -> bool:
+        """Central mode runs the aggregator tier; site mode only its own tenants."""
+        return self.site is None

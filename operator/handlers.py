@@ -1,0 +1,274 @@
+"""kopf handlers: validate, build, apply, patch status. Nothing else lives here.
+
+The handlers are registered on a registry built per operator instance
+(:func:`build_registry`), so the configuration is captured explicitly
+instead of living in module globals. One pass (:func:`fedkube.operator.
+reconcile.reconcile`) serves create, update, resume and the periodic status
+timer; a per-job lock keeps two passes from minting credentials twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from redis.exceptions import RedisError
+
+from fedkube.errors import SpecError
+from fedkube.logs import fields
+from fedkube.operator.config import OperatorConfig
+from fedkube.operator.crd import GROUP, PLURAL, VERSION
+from fedkube.operator.kube import Kube
+from fedkube.operator.metrics import OperatorMetrics
+from fedkube.operator.reconcile import NotReady, Outcome, reconcile
+from fedkube.operator.redisstate import job_redis_url, read_round_facts
+from fedkube.operator.status import (
+    FINISHED,
+    JobStatus,
+    Observation,
+    PodFacts,
+    RoundFacts,
+    next_status,
+    parse_time,
+)
+from fedkube.roundstate import RoundStore
+from fedkube.spec import FederatedJob, parse_job
+
+log = logging.getLogger("fedkube.operator")
+
+FINALIZER = "fedkube.io/redis-keys"
+RETRY_DELAY_S = 5.0
+# Give up on Redis cleanup after this many tries so that a Redis that is gone
+# for good cannot block deleting the job forever (the keys expire anyway).
+CLEANUP_RETRIES = 12
+
+
+@dataclass
+class State:
+    """What the operator keeps between handler calls (kopf's ``memo``)."""
+
+    config: OperatorConfig
+    kube: Kube
+    metrics: OperatorMetrics
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+
+def validate(body: Mapping[str, Any]) -> FederatedJob:
+    """The manifest as the typed model; an invalid one fails for good, naming the field."""
+    try:
+        return parse_job(
+            {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": dict(body["metadata"]),
+                "spec": dict(body.get("spec") or {}),
+            }
+        )
+    except SpecError as exc:
+        raise kopf.PermanentError(str(exc)) from None
+
+
+async def run_pass(
+    state: State, job: FederatedJob, body: Mapping[str, Any], trigger: str
+) -> Outcome:
+    """One reconcile pass in a worker thread, timed and counted."""
+    uid = body["metadata"]["uid"]
+    started = time.perf_counter()
+    async with state.lock(uid):
+        try:
+            outcome = await asyncio.to_thread(reconcile, state.kube, job, body, state.config)
+        except NotReady as exc:
+            state.metrics.reconcile_errors.labels("temporary").inc()
+            raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY_S) from None
+        except ApiException as exc:
+            state.metrics.reconcile_errors.labels("api").inc()
+            raise kopf.TemporaryError(
+                f"API server: {exc.status} {exc.reason}: {exc.body!r}", delay=RETRY_DELAY_S
+            ) from None
+    state.metrics.reconcile_seconds.labels(trigger).observe(time.perf_counter() - started)
+    for kind, _ in outcome.applied:
+        state.metrics.writes.labels("apply", kind).inc()
+    for kind, _ in outcome.deleted:
+        state.metrics.writes.labels("delete", kind).inc()
+    if outcome.applied or outcome.deleted:
+        log.info(
+            "applied %d, deleted %d of %d children",
+            len(outcome.applied),
+            len(outcome.deleted),
+            outcome.children,
+            extra=fields(job=job.name),
+        )
+    return outcome
+
+
+async def _round_facts(state: State, job: FederatedJob, namespace: str) -> RoundFacts | None:
+    """The round state, or None when Redis cannot be read right now (status waits)."""
+    try:
+        url = await asyncio.to_thread(
+            job_redis_url, state.kube, job, namespace, state.config.redis_url
+        )
+    except NotReady:
+        return None
+    store = RoundStore.connect(url, job.name)
+    try:
+        return await read_round_facts(store)
+    except (RedisError, OSError) as exc:
+        log.warning("cannot read round state: %s", exc, extra=fields(job=job.name))
+        return None
+    finally:
+        await store.close()
+
+
+def _events(body: Mapping[str, Any], before: JobStatus, after: JobStatus) -> None:
+    """Kubernetes Events for round milestones and phase changes."""
+    closed_before = int(before.progress.split("/")[0] or 0) if before.progress else 0
+    closed_after = int(after.progress.split("/")[0] or 0) if after.progress else 0
+    if closed_after > closed_before:
+        accuracy = (
+            f", accuracy {after.last_accuracy:.4f}" if after.last_accuracy is not None else ""
+        )
+        kopf.info(
+            dict(body),
+            reason="RoundClosed",
+            message=f"round {closed_after}/{after.rounds} closed: "
+            f"{after.participation} clients reported{accuracy}",
+        )
+    if after.phase != before.phase:
+        emit = kopf.warn if after.phase.value == "Failed" else kopf.info
+        emit(dict(body), reason=after.phase.value, message=after.message)
+    unschedulable = next((c for c in after.conditions if c.type.value == "Unschedulable"), None)
+    was = next((c for c in before.conditions if c.type.value == "Unschedulable"), None)
+    if (
+        unschedulable is not None
+        and unschedulable.status == "True"
+        and (was is None or was.message != unschedulable.message)
+    ):
+        kopf.warn(dict(body), reason="Unschedulable", message=unschedulable.message)
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    """Every handler of the operator, on a registry of its own."""
+    registry = kopf.OperatorRegistry()
+    resource = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # The status schema is structural: kopf's own bookkeeping goes into
+        # annotations, never into .status where the API server would prune it.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedkube.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="fedkube.io", key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 300
+        settings.batching.error_delays = [1, 2, 5, 10, 30]
+
+    @kopf.on.resume(**resource)
+    @kopf.on.create(**resource)
+    @kopf.on.update(**resource)
+    async def converge(
+        body: kopf.Body, memo: State, reason: str, patch: kopf.Patch, **_: Any
+    ) -> None:
+        job = validate(body)
+        await run_pass(memo, job, body, str(reason))
+        patch.status["observedGeneration"] = body["metadata"].get("generation", 0)
+
+    @kopf.timer(**resource, interval=config.status_interval_s, initial_delay=0.5)
+    async def watch_rounds(body: kopf.Body, memo: State, patch: kopf.Patch, **_: Any) -> None:
+        try:
+            job = validate(body)
+        except kopf.PermanentError:
+            return  # the change handler already reported it
+        namespace = body["metadata"]["namespace"]
+        outcome = await run_pass(memo, job, body, "timer")
+        before = JobStatus.model_validate(dict(body.get("status") or {}))
+        facts = await _round_facts(memo, job, namespace)
+        if facts is None:
+            facts = RoundFacts(current_round=before.round, closed_rounds=before.closed_rounds)
+        seen = Observation(
+            generation=int(body["metadata"].get("generation", 0)),
+            rounds=job.spec.rounds,
+            clients=len(job.clients()),
+            suspend=job.spec.suspend,
+            active_deadline_seconds=job.spec.active_deadline_seconds,
+            backoff_limit=job.spec.backoff_limit,
+            now=datetime.now(timezone.utc),
+            rounds_facts=facts,
+            pods=PodFacts(
+                unschedulable=outcome.unschedulable,
+                new_failures=outcome.new_failures,
+                restarts=outcome.restarts,
+            ),
+        )
+        after = next_status(before, seen)
+        memo.metrics.job_phase(body["metadata"]["uid"], after.phase.value)
+        if after != before:
+            patch.status.update(after.wire())
+            _events(body, before, after)
+        if after.phase in FINISHED:
+            await _expire_finished(memo, job, body, after)
+
+    @kopf.on.delete(**resource, retries=CLEANUP_RETRIES)
+    async def remove_round_state(body: kopf.Body, memo: State, retry: int, **_: Any) -> None:
+        """Children go by garbage collection; Redis keys are ours to delete."""
+        memo.metrics.job_phase(body["metadata"]["uid"], None)
+        memo.locks.pop(body["metadata"]["uid"], None)
+        try:
+            job = validate(body)
+        except kopf.PermanentError:
+            return  # never valid, never ran
+        namespace = body["metadata"]["namespace"]
+        try:
+            url = await asyncio.to_thread(
+                job_redis_url, memo.kube, job, namespace, memo.config.redis_url
+            )
+        except NotReady as exc:
+            log.warning("no Redis to clean up: %s", exc, extra=fields(job=job.name))
+            return
+        store = RoundStore.connect(url, job.name)
+        try:
+            removed = await store.delete_all()
+        except (RedisError, OSError) as exc:
+            if retry + 1 >= CLEANUP_RETRIES:
+                log.error(
+                    "giving up on deleting Redis keys (they expire after keyTtlSeconds): %s",
+                    exc,
+                    extra=fields(job=job.name),
+                )
+                return
+            raise kopf.TemporaryError(f"Redis: {exc}", delay=RETRY_DELAY_S) from None
+        finally:
+            await store.close()
+        log.info("deleted %d Redis keys", removed, extra=fields(job=job.name))
+
+    return registry
+
+
+async def _expire_finished(
+    state: State, job: FederatedJob, body: Mapping[str, Any], status: JobStatus
+) -> None:
+    """``spec.ttlSecondsAfterFinished``: delete the job once it is old enough."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None or status.completion_time is None:
+        return
+    age = (datetime.now(timezone.utc) - parse_time(status.completion_time)).total_seconds()
+    if age < ttl:
+        return
+    log.info("deleting the job %ss after it finished", ttl, extra=fields(job=job.name))
+    await asyncio.to_thread(
+        state.kube.delete_job,
+        body["metadata"]["namespace"],
+        job.name,
+        body["metadata"]["uid"],
+    )

@@ -1,0 +1,219 @@
+"""Converge a job's children on what the builders say, with as few writes as possible.
+
+:func:`plan_changes` is pure: desired objects and the existing ones in, the
+writes out. An object is written only when it is missing or its
+``fedkube.io/spec-hash`` differs, so reconciling an unchanged job lists each
+kind once and writes nothing. Pods cannot be updated in place: a pod whose
+hash changed is deleted and created again on a later pass; a worker pod that
+failed for good is replaced and counted against ``spec.backoffLimit``.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedkube.errors import FedkubeError
+from fedkube.operator import naming
+from fedkube.operator.builders import TOKEN_KEY, RunMode, Target, build_children
+from fedkube.operator.config import OperatorConfig
+from fedkube.operator.kube import CHILD_KINDS, Kube
+from fedkube.spec import FederatedJob
+
+Key = tuple[str, str]  # (kind, name)
+
+
+class NotReady(FedkubeError):
+    """Something the job needs is not there yet (retry later, do not fail the job)."""
+
+
+@dataclass
+class Plan:
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    failed_pods: list[str] = field(default_factory=list)  # deleted, count against backoffLimit
+
+    @property
+    def empty(self) -> bool:
+        return not (self.apply or self.delete)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one pass did and saw, for status, events and metrics."""
+
+    applied: list[Key]
+    deleted: list[Key]
+    new_failures: int
+    unschedulable: dict[str, str]
+    restarts: int
+    children: int
+
+
+def _key(obj: Mapping[str, Any]) -> Key:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _hash(obj: Mapping[str, Any]) -> str | None:
+    annotations: Mapping[str, str] = obj["metadata"].get("annotations") or {}
+    return annotations.get(naming.ANNOTATION_HASH)
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _phase(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("status") or {}).get("phase", ""))
+
+
+def plan_changes(
+    desired: Iterable[dict[str, Any]],
+    existing: Iterable[dict[str, Any]],
+    uid: str,
+    mode: RunMode,
+) -> Plan:
+    """The writes that turn ``existing`` (all kinds, one job's label) into ``desired``.
+
+    Only objects owned by the job (by uid) are touched: a Secret a user made
+    for a site, or a namesake of a deleted job's child, is left alone.
+    """
+    have = {_key(obj): obj for obj in existing if owned_by(obj, uid)}
+    plan = Plan()
+    wanted: set[Key] = set()
+    for obj in desired:
+        key = _key(obj)
+        wanted.add(key)
+        current = have.get(key)
+        if current is None:
+            plan.apply.append(obj)
+        elif current["metadata"].get("deletionTimestamp"):
+            continue  # going away; created again on a later pass
+        elif key[0] == "Pod" and _phase(current) == "Failed":
+            plan.delete.append(current)
+            plan.failed_pods.append(key[1])
+        elif _hash(current) != _hash(obj):
+            (plan.delete if key[0] == "Pod" else plan.apply).append(
+                current if key[0] == "Pod" else obj
+            )
+    for key, current in have.items():
+        if key in wanted or current["metadata"].get("deletionTimestamp"):
+            continue
+        finished_pod = key[0] == "Pod" and _phase(current) in ("Succeeded", "Failed")
+        if mode is RunMode.finished and finished_pod:
+            continue  # keep completed workers (and their logs) after the job
+        plan.delete.append(current)
+    return plan
+
+
+def run_mode(body: Mapping[str, Any]) -> RunMode:
+    if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return RunMode.finished
+    if (body.get("spec") or {}).get("suspend"):
+        return RunMode.suspended
+    return RunMode.active
+
+
+def unschedulable_tenants(pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Tenant -> the scheduler's message, for worker pods that cannot be placed."""
+    found: dict[str, str] = {}
+    for pod in pods:
+        tenant = (pod["metadata"].get("labels") or {}).get(naming.LABEL_TENANT)
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if (
+                tenant
+                and condition.get("type") == "PodScheduled"
+                and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
+                found.setdefault(tenant, condition.get("message", "cannot be scheduled"))
+    return found
+
+
+def container_restarts(pods: Iterable[Mapping[str, Any]]) -> int:
+    return sum(
+        int(status.get("restartCount", 0))
+        for pod in pods
+        for status in (pod.get("status") or {}).get("containerStatuses") or []
+    )
+
+
+def read_tokens(
+    secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob
+) -> tuple[str, dict[str, str]]:
+    """Reuse the credentials already issued; mint the missing ones.
+
+    Tokens are minted once and then read back from their Secrets: minting
+    again would lock out workers that already hold the old token.
+    """
+    by_name = {
+        s["metadata"]["name"]: s
+        for s in secrets_seen
+        if s.get("kind") == "Secret" and owned_by(s, uid)
+    }
+
+    def token(name: str) -> str:
+        data = (by_name.get(name) or {}).get("data") or {}
+        if TOKEN_KEY in data:
+            return base64.b64decode(data[TOKEN_KEY]).decode()
+        return secrets.token_urlsafe(32)
+
+    return token(naming.aggregator_name(job.name)), {
+        t.name: token(naming.tenant_name(job.name, t.name)) for t in job.spec.tenants
+    }
+
+
+def reconcile(
+    kube: Kube, job: FederatedJob, body: Mapping[str, Any], config: OperatorConfig
+) -> Outcome:
+    """One pass: list the children, build the desired ones, write the difference."""
+    namespace = body["metadata"]["namespace"]
+    uid = body["metadata"]["uid"]
+    selector = f"{naming.LABEL_JOB}={job.name}"
+    existing = [obj for kind in CHILD_KINDS for obj in kube.list(kind, namespace, selector)]
+    mode = run_mode(body)
+    if config.site is not None:
+        for tenant in job.spec.tenants:
+            if (
+                tenant.site == config.site
+                and kube.get("Secret", namespace, naming.tenant_name(job.name, tenant.name)) is None
+            ):
+                raise NotReady(
+                    f"waiting for Secret {naming.tenant_name(job.name, tenant.name)!r} with "
+                    f"tenant {tenant.name!r}'s token (copy it from the central cluster)"
+                )
+    aggregator_token, tenant_tokens = read_tokens(existing, uid, job)
+    target = Target(
+        job=job,
+        namespace=namespace,
+        uid=uid,
+        config=config,
+        mode=mode,
+        aggregator_token=aggregator_token,
+        tenant_tokens=tenant_tokens,
+    )
+    try:
+        desired = build_children(target)
+    except ValueError as exc:
+        raise NotReady(str(exc)) from None
+    plan = plan_changes(desired, existing, uid, mode)
+    for obj in plan.apply:
+        kube.apply(obj)
+    for obj in plan.delete:
+        kube.delete(obj["kind"], namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
+    pods = [
+        obj
+        for obj in existing
+        if obj["kind"] == "Pod" and owned_by(obj, uid) and _key(obj)[1] not in plan.failed_pods
+    ]
+    return Outcome(
+        applied=[_key(obj) for obj in plan.apply],
+        deleted=[_key(obj) for obj in plan.delete],
+        new_failures=len(plan.failed_pods),
+        unschedulable=unschedulable_tenants(pods),
+        restarts=container_restarts(pods),
+        children=len(desired),
+    )

@@ -1,0 +1,275 @@
+"""The FederatedJob status: its typed model and the pure rules that compute it.
+
+The operator's status timer gathers facts (the round state in Redis, the
+pods' phases, the clock) into :class:`Observation` and calls
+:func:`next_status`, a pure function, so every rule (suspend, deadline,
+backoff limit, Unschedulable) is unit-tested without a cluster or a Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    running = "Running"
+    suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+FINISHED = (Phase.succeeded, Phase.failed)
+
+
+class ConditionType(str, Enum):
+    created = "Created"
+    running = "Running"
+    suspended = "Suspended"
+    unschedulable = "Unschedulable"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: str = Field(description="True, False or Unknown")
+    reason: str = Field(description="CamelCase reason")
+    message: str = ""
+    last_transition_time: str = Field(description="RFC 3339")
+
+
+class JobStatus(_Model):
+    """What ``kubectl get/describe fedjob`` shows; written only by the operator."""
+
+    phase: Phase = Phase.pending
+    round: int = Field(default=0, description="the round in progress (or the last one)")
+    rounds: int = Field(default=0, description="spec.rounds, for the printer column")
+    closed_rounds: int = Field(default=0, description="rounds closed so far")
+    progress: str = Field(default="", description="closed rounds / spec.rounds")
+    participation: str = Field(
+        default="", description="reported / selected clients of the last closed round"
+    )
+    clients: int = Field(default=0, description="clients (worker pods) of the job")
+    last_loss: float | None = Field(default=None, description="global model, last evaluation")
+    last_accuracy: float | None = Field(default=None, description="global model, last evaluation")
+    message: str = ""
+    start_time: str | None = None
+    completion_time: str | None = None
+    failures: int = Field(default=0, description="pod failures counted against backoffLimit")
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """The job's round state as read from Redis (all optional: Redis may be empty)."""
+
+    job_status: str | None = None  # running / succeeded / failed (fedkube:{job}:job)
+    job_message: str = ""
+    current_round: int = 0
+    closed_rounds: int = 0
+    last_record: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What the worker pods say: who cannot be placed, who failed."""
+
+    unschedulable: dict[str, str] = field(default_factory=dict)  # tenant -> scheduler message
+    new_failures: int = 0  # Failed pods removed (to be recreated) since the last status
+    restarts: int = 0  # container restarts of the pods that exist now
+
+
+@dataclass(frozen=True)
+class Observation:
+    generation: int
+    rounds: int
+    clients: int
+    suspend: bool
+    active_deadline_seconds: int | None
+    backoff_limit: int
+    now: datetime
+    rounds_facts: RoundFacts
+    pods: PodFacts
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def set_condition(
+    conditions: list[Condition],
+    kind: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+) -> list[Condition]:
+    """A new list with ``kind`` set; a condition that changes moves to the end.
+
+    The end of the list is the most recent transition, which the State printer
+    column shows (``.status.conditions[-1:].type``), as in Kubeflow's TrainJob.
+    A condition that is False is kept (its history matters for ``describe``)
+    but is not moved, so the last entry stays the current state.
+    """
+    value = "True" if status else "False"
+    current = next((c for c in conditions if c.type == kind), None)
+    if current is not None and (current.status, current.reason, current.message) == (
+        value,
+        reason,
+        message,
+    ):
+        return list(conditions)
+    others = [c for c in conditions if c.type != kind]
+    if current is None and not status:
+        return others
+    updated = Condition(
+        type=kind,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=(
+            current.last_transition_time
+            if current is not None and current.status == value
+            else rfc3339(now)
+        ),
+    )
+    if status:
+        return [*others, updated]
+    index = conditions.index(current) if current is not None else len(others)
+    return [*others[:index], updated, *others[index:]]
+
+
+def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str, Any]:
+    record = facts.last_record or {}
+    selected = int(record.get("selected", 0) or 0)
+    reported = int(record.get("reported", 0) or 0)
+    fields: dict[str, Any] = {
+        "round": max(facts.current_round, facts.closed_rounds),
+        "closed_rounds": facts.closed_rounds,
+        "progress": f"{facts.closed_rounds}/{rounds}",
+        "participation": f"{reported}/{selected}" if selected else status.participation,
+    }
+    if record.get("loss") is not None:
+        fields["last_loss"] = round(float(record["loss"]), 6)
+    if record.get("accuracy") is not None:
+        fields["last_accuracy"] = round(float(record["accuracy"]), 6)
+    return fields
+
+
+def next_status(previous: JobStatus, seen: Observation) -> JobStatus:
+    """The status that follows ``previous`` given what was just observed.
+
+    Terminal phases stick: once Succeeded or Failed, only the round fields
+    may still catch up (the last record can land after the job's status).
+    """
+    now = seen.now
+    facts = seen.rounds_facts
+    status = previous.model_copy(
+        update={
+            "rounds": seen.rounds,
+            "clients": seen.clients,
+            "observed_generation": seen.generation,
+            **_round_fields(previous, facts, seen.rounds),
+        }
+    )
+    conditions = status.conditions
+    if not conditions:
+        conditions = set_condition(
+            conditions, ConditionType.created, True, "Created", "children created", now
+        )
+    if status.phase in FINISHED:
+        return status.model_copy(update={"conditions": conditions})
+    start = status.start_time or rfc3339(now)
+    removed = status.failures + seen.pods.new_failures
+    update: dict[str, Any] = {"start_time": start, "failures": removed}
+    failures = removed + seen.pods.restarts
+
+    phase: Phase
+    message = ""
+    if facts.job_status == "succeeded":
+        phase, message = Phase.succeeded, facts.job_message or "all rounds completed"
+        conditions = set_condition(
+            conditions, ConditionType.running, False, "Completed", message, now
+        )
+        conditions = set_condition(
+            conditions, ConditionType.succeeded, True, "RoundsCompleted", message, now
+        )
+    elif facts.job_status == "failed":
+        phase, message = Phase.failed, facts.job_message or "the aggregator failed the job"
+        conditions = set_condition(conditions, ConditionType.running, False, "Failed", message, now)
+        conditions = set_condition(
+            conditions, ConditionType.failed, True, "AggregatorFailed", message, now
+        )
+    elif (
+        seen.active_deadline_seconds is not None
+        and not seen.suspend
+        and (now - parse_time(start)).total_seconds() > seen.active_deadline_seconds
+    ):
+        phase = Phase.failed
+        message = f"the job ran longer than activeDeadlineSeconds={seen.active_deadline_seconds}"
+        conditions = set_condition(conditions, ConditionType.running, False, "Failed", message, now)
+        conditions = set_condition(
+            conditions, ConditionType.failed, True, "DeadlineExceeded", message, now
+        )
+    elif failures > seen.backoff_limit:
+        phase = Phase.failed
+        message = f"{failures} pod failures exceed backoffLimit={seen.backoff_limit}"
+        conditions = set_condition(conditions, ConditionType.running, False, "Failed", message, now)
+        conditions = set_condition(
+            conditions, ConditionType.failed, True, "BackoffLimitExceeded", message, now
+        )
+    elif seen.suspend:
+        phase, message = Phase.suspended, "spec.suspend is true: every pod is stopped"
+        conditions = set_condition(
+            conditions, ConditionType.running, False, "Suspended", message, now
+        )
+        conditions = set_condition(
+            conditions, ConditionType.suspended, True, "Suspended", message, now
+        )
+    else:
+        conditions = set_condition(
+            conditions, ConditionType.suspended, False, "Resumed", "spec.suspend is false", now
+        )
+        if facts.job_status == "running" or facts.current_round > 0:
+            phase = Phase.running
+            message = f"round {status.round} of {seen.rounds}"
+            conditions = set_condition(
+                conditions, ConditionType.running, True, "RoundsInProgress", "rounds started", now
+            )
+        else:
+            phase, message = Phase.pending, "waiting for the aggregator and a quorum of workers"
+
+    if seen.pods.unschedulable and phase not in FINISHED:
+        names = ", ".join(
+            f"tenant {tenant}: {why}" for tenant, why in sorted(seen.pods.unschedulable.items())
+        )
+        conditions = set_condition(
+            conditions, ConditionType.unschedulable, True, "PodsUnschedulable", names, now
+        )
+    else:
+        conditions = set_condition(
+            conditions, ConditionType.unschedulable, False, "Scheduled", "every pod is placed", now
+        )
+    if phase in FINISHED:
+        update["completion_time"] = rfc3339(now)
+    update.update(phase=phase, message=message, conditions=conditions)
+    return status.model_copy(update=update)

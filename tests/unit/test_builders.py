@@ -1,0 +1,311 @@
+"""The pure manifest builders: one FederatedJob in, its Kubernetes objects out."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from fedkube.operator import naming
+from fedkube.operator.builders import RunMode, Target, build_children
+from fedkube.operator.config import OperatorConfig
+from fedkube.spec import parse_job
+from fedkube.web import digest
+from tests.support import small_job_dict
+
+UID = "0f5e2d6c-1111-2222-3333-444455556666"
+
+
+def three_tenants(**tenant_extra: Any) -> dict[str, Any]:
+    document = small_job_dict(
+        tenants=[
+            {"name": "a", "region": "eu", "resources": {"gpu": 1, "cpu": "2", "memory": "4Gi"}},
+            {"name": "b", "region": "eu", "replicas": 2, "resources": {"gpu": 1}},
+            {"name": "c", "region": "us", "resources": {"gpu": 1}, **tenant_extra},
+        ],
+        state={"redisUrl": "redis://redis.fedkube.svc:6379/0"},
+    )
+    document["metadata"]["name"] = "mnist"
+    return document
+
+
+def target(document: dict[str, Any] | None = None, **overrides: Any) -> Target:
+    job = parse_job(document or three_tenants())
+    values: dict[str, Any] = {
+        "job": job,
+        "namespace": "team-a",
+        "uid": UID,
+        "config": OperatorConfig(),
+        "aggregator_token": "agg-token",
+        "tenant_tokens": {t.name: f"token-{t.name}" for t in job.spec.tenants},
+    }
+    values.update(overrides)
+    return Target(**values)
+
+
+def by_kind(children: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {c["metadata"]["name"]: c for c in children if c["kind"] == kind}
+
+
+def containers(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = []
+    for child in children:
+        if child["kind"] == "Pod":
+            found += child["spec"]["containers"]
+        elif child["kind"] == "Deployment":
+            found += child["spec"]["template"]["spec"]["containers"]
+    return found
+
+
+def test_a_job_with_three_tenants_in_two_regions_gets_every_child_with_fixed_names():
+    # prepare
+    job_target = target()
+    # execute
+    children = build_children(job_target)
+    # assert
+    names = {(c["kind"], c["metadata"]["name"]) for c in children}
+    assert names == {
+        ("ConfigMap", "mnist-config"),
+        ("Secret", "mnist-aggregator"),
+        ("Secret", "mnist-tenant-a"),
+        ("Secret", "mnist-tenant-b"),
+        ("Secret", "mnist-tenant-c"),
+        ("Secret", "mnist-combiner-eu"),
+        ("Secret", "mnist-combiner-us"),
+        ("ServiceAccount", "mnist-tenant-a"),
+        ("ServiceAccount", "mnist-tenant-b"),
+        ("ServiceAccount", "mnist-tenant-c"),
+        ("NetworkPolicy", "mnist-tenant-a"),
+        ("NetworkPolicy", "mnist-tenant-b"),
+        ("NetworkPolicy", "mnist-tenant-c"),
+        ("Service", "mnist-aggregator"),
+        ("Deployment", "mnist-aggregator"),
+        ("Service", "mnist-combiner-eu"),
+        ("Deployment", "mnist-combiner-eu"),
+        ("Service", "mnist-combiner-us"),
+        ("Deployment", "mnist-combiner-us"),
+        ("Pod", "mnist-a-0"),
+        ("Pod", "mnist-b-0"),
+        ("Pod", "mnist-b-1"),
+        ("Pod", "mnist-c-0"),
+    }
+    assert len(names) == len(children)
+
+
+def test_every_child_is_owned_by_the_job_labelled_and_hashed():
+    children = build_children(target())
+    for child in children:
+        metadata = child["metadata"]
+        assert metadata["namespace"] == "team-a"
+        assert metadata["ownerReferences"] == [
+            {
+                "apiVersion": "fedkube.io/v1alpha1",
+                "kind": "FederatedJob",
+                "name": "mnist",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        labels = metadata["labels"]
+        assert labels["app.kubernetes.io/name"] == "fedkube"
+        assert labels["app.kubernetes.io/instance"] == "mnist"
+        assert labels["app.kubernetes.io/managed-by"] == "fedkube-operator"
+        assert labels[naming.LABEL_JOB] == "mnist"
+        assert labels[naming.LABEL_ROLE] == labels["app.kubernetes.io/component"]
+        assert len(metadata["annotations"][naming.ANNOTATION_HASH]) == 16
+    pods = by_kind(children, "Pod")
+    assert (
+        pods["mnist-b-1"]["metadata"]["labels"].items()
+        >= {
+            naming.LABEL_TENANT: "b",
+            naming.LABEL_REGION: "eu",
+            naming.LABEL_CLIENT: "b-1",
+            naming.LABEL_ROLE: "worker",
+        }.items()
+    )
+
+
+def test_worker_pods_ask_for_their_gpus_cpu_and_memory():
+    pods = by_kind(build_children(target()), "Pod")
+    assert pods["mnist-a-0"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"memory": "4Gi", "nvidia.com/gpu": 1},
+    }
+    assert pods["mnist-c-0"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"nvidia.com/gpu": 1}
+    }
+
+
+def test_the_gpu_resource_name_comes_from_the_operator_config():
+    pods = by_kind(build_children(target(config=OperatorConfig(gpu_resource="amd.com/gpu"))), "Pod")
+    assert pods["mnist-a-0"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "memory": "4Gi",
+        "amd.com/gpu": 1,
+    }
+
+
+def test_placement_fields_of_a_tenant_reach_its_pods_only():
+    document = three_tenants(
+        nodeSelector={"gpu": "a100"},
+        tolerations=[
+            {"key": "dedicated", "operator": "Equal", "value": "fl", "effect": "NoSchedule"}
+        ],
+        priorityClassName="fl-high",
+    )
+    pods = by_kind(build_children(target(document)), "Pod")
+    assert pods["mnist-c-0"]["spec"]["nodeSelector"] == {"gpu": "a100"}
+    assert pods["mnist-c-0"]["spec"]["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "fl", "effect": "NoSchedule"}
+    ]
+    assert pods["mnist-c-0"]["spec"]["priorityClassName"] == "fl-high"
+    assert "nodeSelector" not in pods["mnist-a-0"]["spec"]
+
+
+def test_every_container_runs_as_non_root_read_only_without_privilege_escalation():
+    children = build_children(target())
+    for child in children:
+        if child["kind"] == "Pod":
+            pod_spec = child["spec"]
+        elif child["kind"] == "Deployment":
+            pod_spec = child["spec"]["template"]["spec"]
+        else:
+            continue
+        assert pod_spec["securityContext"]["runAsNonRoot"] is True
+        assert pod_spec["automountServiceAccountToken"] is False
+    for container in containers(children):
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_every_file_a_container_reads_is_mounted():
+    children = build_children(target())
+    for container in containers(children):
+        mounted = [m["mountPath"] for m in container["volumeMounts"]]
+        for arg in container["args"]:
+            if arg.startswith("/"):
+                assert any(arg.startswith(path + "/") or arg == path for path in mounted), arg
+
+
+def test_a_worker_talks_to_its_regions_combiner_with_its_tenants_token():
+    pods = by_kind(build_children(target()), "Pod")
+    container = pods["mnist-c-0"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--combiner-url") + 1] == "http://mnist-combiner-us.team-a.svc:8080"
+    assert args[args.index("--client") + 1] == "c-0"
+    token = next(e for e in container["env"] if e["name"] == "FEDKUBE_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "mnist-tenant-c", "key": "token"}
+    assert pods["mnist-c-0"]["spec"]["serviceAccountName"] == "mnist-tenant-c"
+
+
+def test_combiners_hold_digests_of_their_regions_tokens_never_the_tokens():
+    secrets = by_kind(build_children(target()), "Secret")
+    eu = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["tokens.json"]))
+    assert eu == {"a": digest("token-a"), "b": digest("token-b")}
+    assert "token-a" not in json.dumps(secrets["mnist-combiner-eu"])
+
+
+def test_a_tenants_network_policy_allows_its_combiner_and_dns_only():
+    policies = by_kind(build_children(target()), "NetworkPolicy")
+    spec = policies["mnist-tenant-a"]["spec"]
+    assert spec["podSelector"]["matchLabels"] == {
+        naming.LABEL_JOB: "mnist",
+        naming.LABEL_ROLE: "worker",
+        naming.LABEL_TENANT: "a",
+    }
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    combiner, dns = spec["egress"]
+    assert combiner["to"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    naming.LABEL_JOB: "mnist",
+                    naming.LABEL_ROLE: "combiner",
+                    naming.LABEL_REGION: "eu",
+                }
+            }
+        }
+    ]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert spec["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]
+
+
+def test_a_suspended_job_has_no_pods_and_its_deployments_at_zero():
+    children = build_children(target(mode=RunMode.suspended))
+    assert by_kind(children, "Pod") == {}
+    assert {d["spec"]["replicas"] for d in by_kind(children, "Deployment").values()} == {0}
+    running = build_children(target())
+    assert {d["spec"]["replicas"] for d in by_kind(running, "Deployment").values()} == {1}
+
+
+def test_site_mode_builds_only_the_sites_tenants_pointed_at_the_central_address():
+    document = three_tenants(site="hospital-c")
+    config = OperatorConfig(
+        site="hospital-c", central_address="https://fl.example.org:8443/{job}/{region}"
+    )
+    children = build_children(target(document, config=config))
+    kinds = {(c["kind"], c["metadata"]["name"]) for c in children}
+    assert kinds == {
+        ("ConfigMap", "mnist-config"),
+        ("ServiceAccount", "mnist-tenant-c"),
+        ("NetworkPolicy", "mnist-tenant-c"),
+        ("Pod", "mnist-c-0"),
+    }
+    args = by_kind(children, "Pod")["mnist-c-0"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--combiner-url") + 1] == "https://fl.example.org:8443/mnist/us"
+    egress = by_kind(children, "NetworkPolicy")["mnist-tenant-c"]["spec"]["egress"][0]
+    assert egress["ports"] == [{"protocol": "TCP", "port": 8443}]
+
+
+def test_the_central_operator_leaves_site_tenants_workers_to_their_site():
+    children = build_children(target(three_tenants(site="hospital-c")))
+    assert "mnist-c-0" not in by_kind(children, "Pod")
+    assert "mnist-tenant-c" in by_kind(children, "Secret")  # to be copied to the site
+
+
+def test_the_config_map_holds_the_resolved_manifest_that_the_components_load(tmp_path):
+    from fedkube.spec import load_job
+
+    config_map = by_kind(build_children(target()), "ConfigMap")["mnist-config"]
+    path = tmp_path / "job.yaml"
+    path.write_text(config_map["data"]["job.yaml"])
+    job = load_job(path)
+    assert job.name == "mnist"
+    assert job.spec.training.epochs == 1  # defaults are filled in
+
+
+def test_building_is_deterministic_and_leaves_its_input_alone():
+    job_target = target()
+    snapshot = copy.deepcopy(job_target.job.model_dump())
+    first = build_children(job_target)
+    second = build_children(job_target)
+    assert first == second
+    assert job_target.job.model_dump() == snapshot
+
+
+def test_a_changed_spec_changes_the_hash_of_what_it_affects_only():
+    before = {
+        (c["kind"], c["metadata"]["name"]): c["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        for c in build_children(target())
+    }
+    document = three_tenants()
+    document["spec"]["tenants"][2]["resources"]["gpu"] = 2
+    after = {
+        (c["kind"], c["metadata"]["name"]): c["metadata"]["annotations"][naming.ANNOTATION_HASH]
+        for c in build_children(target(document))
+    }
+    changed = {key for key in before if before[key] != after[key]}
+    # The manifest in the ConfigMap changes, and the pod whose limits change.
+    assert changed == {("ConfigMap", "mnist-config"), ("Pod", "mnist-c-0")}
+
+
+def test_a_job_without_any_redis_is_not_built():
+    document = three_tenants()
+    del document["spec"]["state"]
+    with pytest.raises(ValueError, match="redisUrl"):
+        build_children(target(document))

@@ -1,0 +1,154 @@
+"""Planning a reconcile pass: only what differs is written."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+from fedkube.operator import naming
+from fedkube.operator.builders import RunMode, build_children
+from fedkube.operator.reconcile import (
+    container_restarts,
+    plan_changes,
+    read_tokens,
+    unschedulable_tenants,
+)
+from fedkube.spec import parse_job
+from tests.unit.test_builders import UID, target, three_tenants
+
+
+def as_existing(children: list[dict[str, Any]], phase: str = "Running") -> list[dict[str, Any]]:
+    """What the API server would list back: the same objects plus server fields."""
+    existing = copy.deepcopy(children)
+    for obj in existing:
+        obj["metadata"]["uid"] = f"uid-{obj['metadata']['name']}"
+        obj["metadata"]["resourceVersion"] = "7"
+        if obj["kind"] == "Pod":
+            obj["status"] = {"phase": phase}
+    return existing
+
+
+def names(objs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(o["kind"], o["metadata"]["name"]) for o in objs}
+
+
+def test_an_unchanged_job_plans_no_write():
+    desired = build_children(target())
+    plan = plan_changes(desired, as_existing(desired), UID, RunMode.active)
+    assert plan.empty
+
+
+def test_a_fresh_job_applies_every_child():
+    desired = build_children(target())
+    plan = plan_changes(desired, [], UID, RunMode.active)
+    assert names(plan.apply) == names(desired)
+    assert plan.delete == []
+
+
+def test_a_changed_deployment_is_applied_but_a_changed_pod_is_replaced():
+    existing = as_existing(build_children(target()))
+    document = three_tenants()
+    document["spec"]["tenants"][2]["resources"]["gpu"] = 2
+    document["spec"]["image"] = "fedkube:0.2.0"
+    plan = plan_changes(build_children(target(document)), existing, UID, RunMode.active)
+    applied = names(plan.apply)
+    assert ("Deployment", "mnist-aggregator") in applied
+    assert not any(kind == "Pod" for kind, _ in applied)
+    assert ("Pod", "mnist-c-0") in names(plan.delete)
+
+
+def test_a_removed_tenant_is_pruned_and_an_added_one_created():
+    existing = as_existing(build_children(target()))
+    document = three_tenants()
+    document["spec"]["tenants"] = [
+        document["spec"]["tenants"][0],
+        {"name": "d", "region": "us"},
+        document["spec"]["tenants"][2],
+    ]
+    plan = plan_changes(build_children(target(document)), existing, UID, RunMode.active)
+    deleted = names(plan.delete)
+    assert {("Pod", "mnist-b-0"), ("Pod", "mnist-b-1"), ("Secret", "mnist-tenant-b")} <= deleted
+    assert {("ServiceAccount", "mnist-tenant-b"), ("NetworkPolicy", "mnist-tenant-b")} <= deleted
+    assert {("Pod", "mnist-d-0"), ("Secret", "mnist-tenant-d")} <= names(plan.apply)
+
+
+def test_a_failed_worker_pod_is_replaced_and_counted():
+    desired = build_children(target())
+    existing = as_existing(desired)
+    next(o for o in existing if o["metadata"]["name"] == "mnist-a-0")["status"] = {
+        "phase": "Failed"
+    }
+    plan = plan_changes(desired, existing, UID, RunMode.active)
+    assert plan.failed_pods == ["mnist-a-0"]
+    assert names(plan.delete) == {("Pod", "mnist-a-0")}
+
+
+def test_a_finished_job_keeps_completed_pods_and_deletes_running_ones():
+    running = build_children(target())
+    existing = as_existing(running, phase="Succeeded")
+    next(o for o in existing if o["metadata"]["name"] == "mnist-c-0")["status"] = {
+        "phase": "Running"
+    }
+    plan = plan_changes(
+        build_children(target(mode=RunMode.finished)), existing, UID, RunMode.finished
+    )
+    assert {n for k, n in names(plan.delete) if k == "Pod"} == {"mnist-c-0"}
+
+
+def test_objects_of_another_owner_are_never_touched():
+    desired = build_children(target())
+    stranger = as_existing(desired)
+    for obj in stranger:
+        obj["metadata"]["ownerReferences"] = [{"uid": "someone-else"}]
+    plan = plan_changes([], stranger, UID, RunMode.active)
+    assert plan.empty
+
+
+def test_objects_being_deleted_are_waited_for():
+    desired = build_children(target())
+    existing = as_existing(desired)
+    for obj in existing:
+        obj["metadata"]["deletionTimestamp"] = "2026-11-23T10:00:00Z"
+        obj["metadata"]["annotations"][naming.ANNOTATION_HASH] = "outdated"
+    plan = plan_changes(desired, existing, UID, RunMode.active)
+    assert plan.empty
+
+
+def test_issued_tokens_are_read_back_and_only_missing_ones_minted():
+    job = parse_job(three_tenants())
+    secret = {
+        "kind": "Secret",
+        "metadata": {"name": "mnist-tenant-a", "ownerReferences": [{"uid": UID}]},
+        "data": {"token": base64.b64encode(b"issued-before").decode()},
+    }
+    aggregator, tenants = read_tokens([secret], UID, job)
+    assert tenants["a"] == "issued-before"
+    assert len(tenants["b"]) >= 32 and tenants["b"] != tenants["c"]
+    assert len(aggregator) >= 32
+
+
+def test_unschedulable_pods_name_their_tenant_and_restarts_add_up():
+    pods = [
+        {
+            "metadata": {"labels": {naming.LABEL_TENANT: "c"}},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                    }
+                ]
+            },
+        },
+        {
+            "metadata": {"labels": {naming.LABEL_TENANT: "a"}},
+            "status": {"containerStatuses": [{"restartCount": 2}]},
+        },
+    ]
+    assert unschedulable_tenants(pods) == {
+        "c": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
+    }
+    assert container_restarts(pods) == 2
