@@ -63,15 +63,18 @@ class Kube:
     ) -> Any:
         """One request; a non-2xx answer raises ``ApiException`` with the server's message.
 
-        Bodies go out as JSON text (valid YAML too, so server-side apply takes
-        it as ``application/apply-patch+yaml``) without the client's model layer.
+        Bodies skip the client's model layer. The REST layer JSON-encodes
+        bodies of JSON requests itself; apply patches go out as JSON text, which
+        is valid YAML for ``application/apply-patch+yaml``.
         """
+        if body is not None and not content_type.endswith("json"):
+            body = json.dumps(body)
         method, url, headers, payload, _ = self.api.param_serialize(
             method=method,
             resource_path=path,
             query_params=query or [],
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=json.dumps(body) if body is not None else None,
+            body=body,
             auth_settings=["BearerToken"],
         )
         response = self.api.call_api(

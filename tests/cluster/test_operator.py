@@ -1,0 +1,404 @@
+"""The operator on a real control plane: kube-apiserver, controller-manager, scheduler, kwok.
+
+Each test applies FederatedJobs with kubectl in its own namespace and
+watches what ``fedkube operator`` (a real process) makes of them, with a
+real redis-server for the round state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from redis import Redis
+
+from fedkube.redis_server import RedisServer
+from fedkube.roundstate import job_prefix
+from fedkube.spec import parse_job
+from fedkube.web import digest
+from tests.controlplane import ControlPlane
+from tests.operator_process import OperatorProcess
+from tests.support import ROOT, small_job_dict, wait_for
+
+CHILD_KINDS = "configmaps,secrets,serviceaccounts,services,deployments,networkpolicies,pods"
+
+
+@pytest.fixture(scope="session")
+def crd(control_plane: ControlPlane) -> None:
+    """The FederatedJob CRD from crds/, applied as a user would."""
+    control_plane.kubectl("apply", "-f", str(ROOT / "crds"))
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "crd/federatedjobs.fedkube.io", "--timeout=60s"
+    )
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def operator(
+    control_plane: ControlPlane, crd: None, namespace: str, redis: RedisServer, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(control_plane, namespace, redis.url, tmp_path).start()
+    process.wait_serving()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def job_document(name: str = "mnist", gpus: dict[str, int] | None = None) -> dict[str, Any]:
+    """3 tenants in 2 regions, 1 GPU per worker unless ``gpus`` says otherwise."""
+    gpus = gpus or {}
+    document = small_job_dict(
+        tenants=[
+            {"name": "a", "region": "eu", "resources": {"gpu": gpus.get("a", 1)}},
+            {"name": "b", "region": "eu", "resources": {"gpu": gpus.get("b", 1)}},
+            {"name": "c", "region": "us", "resources": {"gpu": gpus.get("c", 1)}},
+        ]
+    )
+    document["metadata"]["name"] = name
+    return document
+
+
+def apply(cp: ControlPlane, namespace: str, document: dict[str, Any]) -> None:
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document))
+
+
+def get_json(cp: ControlPlane, namespace: str, *args: str) -> Any:
+    return json.loads(cp.kubectl("get", "-n", namespace, *args, "-o", "json").stdout)
+
+
+def children(cp: ControlPlane, namespace: str, job: str) -> list[dict[str, Any]]:
+    return get_json(cp, namespace, CHILD_KINDS, "-l", f"fedkube.io/job={job}")["items"]
+
+
+def names(items: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(item["kind"], item["metadata"]["name"]) for item in items}
+
+
+def expected_children(job: str) -> set[tuple[str, str]]:
+    tenants, regions = ("a", "b", "c"), ("eu", "us")
+    found = {("ConfigMap", f"{job}-config"), ("Secret", f"{job}-aggregator")}
+    for t in tenants:
+        found |= {
+            ("Secret", f"{job}-tenant-{t}"),
+            ("ServiceAccount", f"{job}-tenant-{t}"),
+            ("NetworkPolicy", f"{job}-tenant-{t}"),
+            ("Pod", f"{job}-{t}-0"),
+        }
+    for r in regions:
+        found |= {
+            ("Secret", f"{job}-combiner-{r}"),
+            ("Service", f"{job}-combiner-{r}"),
+            ("Deployment", f"{job}-combiner-{r}"),
+        }
+    return found | {("Service", f"{job}-aggregator"), ("Deployment", f"{job}-aggregator")}
+
+
+def owned_children(items: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """Children without the pods that Deployments own (ReplicaSets name those)."""
+    return {
+        (item["kind"], item["metadata"]["name"])
+        for item in items
+        if not any(
+            ref["kind"] == "ReplicaSet" for ref in item["metadata"].get("ownerReferences", [])
+        )
+    }
+
+
+def status(cp: ControlPlane, namespace: str, job: str) -> dict[str, Any]:
+    return get_json(cp, namespace, "federatedjob", job).get("status") or {}
+
+
+def condition(cp: ControlPlane, namespace: str, job: str, kind: str) -> dict[str, Any] | None:
+    for entry in status(cp, namespace, job).get("conditions", []):
+        if entry["type"] == kind:
+            return entry
+    return None
+
+
+def test_applying_a_job_creates_every_child_with_gpu_limits_on_kwok_gpu_nodes(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    apply(control_plane, namespace, job_document())
+    job = get_json(control_plane, namespace, "federatedjob", "mnist")
+    expected = expected_children("mnist")
+    wait_for(
+        lambda: expected <= owned_children(children(control_plane, namespace, "mnist")),
+        30,
+        "every child of the job",
+    )
+    items = children(control_plane, namespace, "mnist")
+    assert owned_children(items) == expected  # nothing more
+    for item in items:
+        if (item["kind"], item["metadata"]["name"]) not in expected:
+            continue
+        metadata = item["metadata"]
+        assert metadata["ownerReferences"][0]["uid"] == job["metadata"]["uid"], metadata["name"]
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "fedkube-operator"
+        assert metadata["labels"]["fedkube.io/job"] == "mnist"
+
+    def workers_running() -> list[dict[str, Any]] | None:
+        pods = get_json(control_plane, namespace, "pods", "-l", "fedkube.io/role=worker")["items"]
+        running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+        return pods if len(running) == 3 else None
+
+    pods = wait_for(workers_running, 60, "3 worker pods Running on kwok nodes")
+    nodes = {n["metadata"]["name"]: n for n in get_json(control_plane, "", "nodes")["items"]}
+    for pod in pods:
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits == {"nvidia.com/gpu": "1"}
+        node = nodes[pod["spec"]["nodeName"]]
+        assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+        assert pod["metadata"]["labels"]["fedkube.io/tenant"] in {"a", "b", "c"}
+    # Tokens are consistent: each combiner holds the digests of its tenants' tokens.
+    secrets = {
+        s["metadata"]["name"]: s for s in get_json(control_plane, namespace, "secrets")["items"]
+    }
+    eu = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["tokens.json"]))
+    token_a = base64.b64decode(secrets["mnist-tenant-a"]["data"]["token"]).decode()
+    assert eu["a"] == digest(token_a) and set(eu) == {"a", "b"}
+    printed = control_plane.kubectl("get", "-n", namespace, "fedjob").stdout
+    assert printed.split("\n")[0].split() == [
+        "NAME",
+        "STATE",
+        "PHASE",
+        "ROUND",
+        "PARTICIPATION",
+        "ACCURACY",
+        "AGE",
+    ]
+
+
+def test_a_tenant_asking_for_more_gpus_than_any_node_has_is_named_unschedulable(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    apply(control_plane, namespace, job_document(gpus={"c": 64}))
+
+    def unschedulable() -> dict[str, Any] | None:
+        found = condition(control_plane, namespace, "mnist", "Unschedulable")
+        return found if found and found["status"] == "True" else None
+
+    found = wait_for(unschedulable, 60, "the Unschedulable condition")
+    assert "tenant c" in found["message"]
+    assert "nvidia.com/gpu" in found["message"]
+    assert "tenant a" not in found["message"]
+    events = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=Unschedulable"
+    ).stdout
+    assert "tenant c" in events
+
+
+INVALID = {
+    "no tenants": (lambda spec: spec.update(tenants=[]), "spec.tenants"),
+    "unknown region": (
+        lambda spec: spec["tenants"][0].update(region="asia"),
+        "spec.tenants",
+    ),
+    "negative rounds": (lambda spec: spec.update(rounds=-3), "spec.rounds"),
+    "duplicate tenant": (
+        lambda spec: spec["tenants"].append({"name": "a", "region": "us"}),
+        "spec.tenants[4]",
+    ),
+    "malformed entrypoint": (
+        lambda spec: spec["model"].update(entrypoint="not a module path"),
+        "spec.model.entrypoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_an_invalid_manifest_is_refused_by_the_api_server_naming_the_field(
+    control_plane: ControlPlane, crd: None, namespace: str, case: str
+):
+    change, field = INVALID[case]
+    document = small_job_dict()
+    change(document["spec"])
+    result = control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document), check=False
+    )
+    assert result.returncode != 0
+    assert "is invalid" in result.stderr
+    assert field in result.stderr, result.stderr
+    # The local runtime refuses the same manifest, naming the same field.
+    from fedkube.errors import SpecError
+
+    with pytest.raises(SpecError) as refused:
+        parse_job(document)
+    local_fields = [path for path, _ in refused.value.problems]
+    assert any(path.startswith(field.split("[")[0]) for path in local_fields), local_fields
+
+
+def resource_versions(cp: ControlPlane, namespace: str, job: str) -> dict[tuple[str, str], str]:
+    """What the operator wrote, by resourceVersion (pods: by uid, kwok updates their status)."""
+    return {
+        (item["kind"], item["metadata"]["name"]): (
+            item["metadata"]["uid"]
+            if item["kind"] == "Pod"
+            else item["metadata"]["resourceVersion"]
+        )
+        for item in children(cp, namespace, job)
+        if item["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "fedkube-operator"
+    }
+
+
+def test_an_operator_killed_mid_reconcile_converges_without_duplicates_and_then_idles(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    document = job_document()
+    document["spec"]["tenants"] = [
+        {"name": f"t{i:02d}", "region": "eu" if i % 2 else "us"} for i in range(30)
+    ]
+    apply(control_plane, namespace, document)
+    wait_for(
+        lambda: len(children(control_plane, namespace, "mnist")) >= 5,
+        30,
+        "the first children",
+    )
+    operator.kill()
+    partial = len(children(control_plane, namespace, "mnist"))
+    operator.start()
+    wanted = 1 + 1 + 30 * 4 + 2 * 3 + 2  # config, aggregator secret, per tenant, per region
+    wait_for(
+        lambda: len(owned_children(children(control_plane, namespace, "mnist"))) == wanted,
+        60,
+        f"all {wanted} children after the restart (had {partial})",
+    )
+    secrets = {
+        s["metadata"]["name"]: s for s in get_json(control_plane, namespace, "secrets")["items"]
+    }
+    for region in ("eu", "us"):
+        held = json.loads(
+            base64.b64decode(secrets[f"mnist-combiner-{region}"]["data"]["tokens.json"])
+        )
+        for tenant, expected in held.items():
+            token = base64.b64decode(secrets[f"mnist-tenant-{tenant}"]["data"]["token"]).decode()
+            assert digest(token) == expected, f"combiner {region} and tenant {tenant} disagree"
+    # Converged: another restart (a resume pass and timer passes) writes nothing.
+    before = resource_versions(control_plane, namespace, "mnist")
+    operator.stop()
+    operator.start()
+    operator.wait_serving()
+    wait_for(
+        lambda: (
+            'fedkube_operator_reconcile_duration_seconds_count{trigger="timer"} 2.0'
+            in operator.metrics()
+        ),
+        30,
+        "two timer passes after the restart",
+    )
+    assert resource_versions(control_plane, namespace, "mnist") == before
+    assert 'fedkube_operator_writes_total{action="apply"' not in operator.metrics()
+
+
+def test_deleting_the_job_removes_every_child_and_its_redis_keys(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess, redis: RedisServer
+):
+    apply(control_plane, namespace, job_document())
+    wait_for(
+        lambda: expected_children("mnist") <= names(children(control_plane, namespace, "mnist")),
+        30,
+        "every child",
+    )
+    client = Redis.from_url(redis.url, decode_responses=True)
+    client.hset(job_prefix("mnist") + "job", mapping={"status": "running", "round": 1})
+    client.rpush(job_prefix("mnist") + "history", json.dumps({"round": 1}))
+    wait_for(
+        lambda: status(control_plane, namespace, "mnist").get("phase") == "Running",
+        30,
+        "phase Running from the round state in Redis",
+    )
+    control_plane.kubectl("delete", "-n", namespace, "federatedjob", "mnist", "--wait=true")
+    wait_for(
+        lambda: not children(control_plane, namespace, "mnist"),
+        60,
+        "garbage collection of every child",
+    )
+    assert client.keys(job_prefix("mnist") + "*") == []
+
+
+def test_spec_changes_converge_and_suspend_stops_every_pod(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    document = job_document()
+    apply(control_plane, namespace, document)
+
+    def pods() -> set[str]:
+        return {
+            p["metadata"]["name"]
+            for p in get_json(control_plane, namespace, "pods", "-l", "fedkube.io/role=worker")[
+                "items"
+            ]
+            if not p["metadata"].get("deletionTimestamp")
+        }
+
+    wait_for(lambda: pods() == {"mnist-a-0", "mnist-b-0", "mnist-c-0"}, 30, "3 workers")
+    first_c = get_json(control_plane, namespace, "pod", "mnist-c-0")["metadata"]["uid"]
+    # Remove tenant b, add tenant d with 2 replicas, give c 2 GPUs.
+    document["spec"]["tenants"] = [
+        {"name": "a", "region": "eu", "resources": {"gpu": 1}},
+        {"name": "c", "region": "us", "resources": {"gpu": 2}},
+        {"name": "d", "region": "us", "replicas": 2},
+    ]
+    apply(control_plane, namespace, document)
+    wait_for(
+        lambda: pods() == {"mnist-a-0", "mnist-c-0", "mnist-d-0", "mnist-d-1"},
+        60,
+        "the new set of workers",
+    )
+
+    def replaced_c() -> dict[str, Any] | None:
+        pod = get_json(control_plane, namespace, "pod", "mnist-c-0")
+        return pod if pod["metadata"]["uid"] != first_c else None
+
+    pod_c = wait_for(replaced_c, 60, "pod mnist-c-0 replaced with 2 GPUs")
+    assert pod_c["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    gone = get_json(control_plane, namespace, "secrets,serviceaccounts,networkpolicies")
+    assert not [i for i in gone["items"] if i["metadata"]["name"] == "mnist-tenant-b"]
+
+    document["spec"]["suspend"] = True
+    apply(control_plane, namespace, document)
+    wait_for(lambda: not pods(), 60, "no worker pod while suspended")
+
+    def deployments_at_zero() -> bool:
+        items = get_json(control_plane, namespace, "deployments")["items"]
+        return bool(items) and all(d["spec"]["replicas"] == 0 for d in items)
+
+    wait_for(deployments_at_zero, 30, "the aggregator tier scaled to 0")
+    wait_for(
+        lambda: status(control_plane, namespace, "mnist").get("phase") == "Suspended",
+        30,
+        "phase Suspended",
+    )
+    document["spec"]["suspend"] = False
+    apply(control_plane, namespace, document)
+    wait_for(lambda: len(pods()) == 4, 60, "the workers back after resuming")
+    wait_for(
+        lambda: status(control_plane, namespace, "mnist").get("phase") != "Suspended",
+        30,
+        "the job no longer Suspended",
+    )
+
+
+def test_the_operator_serves_its_metrics(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    apply(control_plane, namespace, job_document())
+    wait_for(
+        lambda: 'fedkube_operator_jobs{phase="Pending"} 1.0' in operator.metrics(),
+        30,
+        "the job counted by phase",
+    )
+    text = operator.metrics()
+    assert 'fedkube_operator_reconcile_duration_seconds_count{trigger="create"} 1.0' in text
+    assert 'fedkube_operator_writes_total{action="apply",kind="Pod"} 3.0' in text
+    assert "fedkube_operator_reconcile_errors_total" in text

@@ -1,0 +1,119 @@
+"""The operator as the tests run it: ``fedkube operator`` in its own process.
+
+The process is the same command a pod would run; only the kubeconfig and
+the ports differ. Tests SIGKILL it to prove that a restarted operator
+converges, so it is a real process and not a coroutine in the test.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from fedkube.process import die_with_parent
+from tests.controlplane import ControlPlane
+from tests.support import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """``fedkube operator --namespace NS`` against the test control plane."""
+
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        namespace: str,
+        redis_url: str,
+        log_dir: Path,
+        *extra_args: str,
+    ):
+        self.control_plane = control_plane
+        self.namespace = namespace
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.extra_args = extra_args
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> OperatorProcess:
+        self.starts += 1
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        env = {**self.control_plane.env(), "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedkube.cli",
+                "operator",
+                "--kubeconfig",
+                str(self.control_plane.kubeconfig),
+                "--namespace",
+                self.namespace,
+                "--redis-url",
+                self.redis_url,
+                "--metrics-port",
+                str(self.metrics_port),
+                "--health-port",
+                "0",
+                "--status-interval",
+                "1",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return "\n".join(
+            path.read_text(errors="replace") for path in sorted(self.log_dir.glob("operator-*.log"))
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies under the operator's pod."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
+            text: str = reply.read().decode()
+        return text
+
+    def wait_serving(self) -> None:
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"operator exited early:\n{self.log()[-3000:]}")
+            try:
+                self.metrics()
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, 60, "the operator's /metrics")
