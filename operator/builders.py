@@ -37,6 +37,9 @@ CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
 TOKENS_FILE = f"{TOKENS_DIR}/tokens.json"
 TOKEN_KEY = "token"
+# libyaml's emitter when present: the ConfigMap is rebuilt on every pass, and
+# the pure-Python emitter took most of a no-op pass for a 100-tenant job.
+_YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class RunMode(str, Enum):
@@ -44,7 +47,10 @@ class RunMode(str, Enum):
 
     active = "active"  # everything runs
     suspended = "suspended"  # spec.suspend: no pod at all, Deployments at 0
-    finished = "finished"  # Succeeded/Failed: Deployments at 0, no new worker pods
+    # Succeeded/Failed, workers still finishing: the aggregator stops, the
+    # combiners stay to tell the last workers that the job is over.
+    finishing = "finishing"
+    finished = "finished"  # every Deployment at 0, no worker pod created again
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ def build_config_map(target: Target) -> dict[str, Any]:
         "metadata": _metadata(
             target, naming.config_map_name(target.name), naming.labels(target.name, "config")
         ),
-        "data": {"job.yaml": yaml.safe_dump(document, sort_keys=True)},
+        "data": {"job.yaml": yaml.dump(document, Dumper=_YamlDumper, sort_keys=True)},
     }
 
 
@@ -458,7 +464,10 @@ def _deployment(
 ) -> dict[str, Any]:
     pod_labels = naming.labels(target.name, role, **label_extra)
     port = target.config.service_port
-    replicas = 1 if target.mode is RunMode.active else 0
+    if role == naming.ROLE_COMBINER:
+        replicas = 1 if target.mode in (RunMode.active, RunMode.finishing) else 0
+    else:
+        replicas = 1 if target.mode is RunMode.active else 0
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import secrets
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from fedkube.errors import FedkubeError
@@ -21,9 +23,15 @@ from fedkube.operator import naming
 from fedkube.operator.builders import TOKEN_KEY, RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.kube import CHILD_KINDS, Kube
+from fedkube.operator.status import parse_time
 from fedkube.spec import FederatedJob
 
 Key = tuple[str, str]  # (kind, name)
+# Concurrent writes in one pass: a 100-tenant job has ~400 children, and one
+# request at a time spends most of the pass waiting on round trips.
+WRITERS = 8
+FINISH_GRACE_S = 60.0
+ENDED = ("Succeeded", "Failed")
 
 
 class NotReady(FedkubeError):
@@ -102,15 +110,26 @@ def plan_changes(
     for key, current in have.items():
         if key in wanted or current["metadata"].get("deletionTimestamp"):
             continue
-        finished_pod = key[0] == "Pod" and _phase(current) in ("Succeeded", "Failed")
-        if mode is RunMode.finished and finished_pod:
+        if key[0] == "Pod" and mode is RunMode.finishing:
+            continue  # the last workers are told by their combiner that the job is over
+        if key[0] == "Pod" and mode is RunMode.finished and _phase(current) in ENDED:
             continue  # keep completed workers (and their logs) after the job
         plan.delete.append(current)
     return plan
 
 
-def run_mode(body: Mapping[str, Any]) -> RunMode:
-    if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+def run_mode(body: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], now: datetime) -> RunMode:
+    """What the pods should do, from the job's status and its worker pods.
+
+    After the job ends, workers get :data:`FINISH_GRACE_S` to hear it from
+    their combiner and exit 0; those still running then are deleted.
+    """
+    status = body.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        ended = status.get("completionTime")
+        still_running = any(_phase(pod) not in ENDED for pod in pods)
+        if still_running and ended and (now - parse_time(ended)).total_seconds() < FINISH_GRACE_S:
+            return RunMode.finishing
         return RunMode.finished
     if (body.get("spec") or {}).get("suspend"):
         return RunMode.suspended
@@ -174,7 +193,14 @@ def reconcile(
     uid = body["metadata"]["uid"]
     selector = f"{naming.LABEL_JOB}={job.name}"
     existing = [obj for kind in CHILD_KINDS for obj in kube.list(kind, namespace, selector)]
-    mode = run_mode(body)
+    workers = [
+        obj
+        for obj in existing
+        if obj["kind"] == "Pod"
+        and owned_by(obj, uid)
+        and (obj["metadata"].get("labels") or {}).get(naming.LABEL_ROLE) == naming.ROLE_WORKER
+    ]
+    mode = run_mode(body, workers, datetime.now(timezone.utc))
     if config.site is not None:
         for tenant in job.spec.tenants:
             if (
@@ -200,11 +226,21 @@ def reconcile(
     except ValueError as exc:
         raise NotReady(str(exc)) from None
     plan = plan_changes(desired, existing, uid, mode)
-    for obj in plan.apply:
-        kube.apply(obj)
-    for obj in plan.delete:
-        kube.delete(obj["kind"], namespace, obj["metadata"]["name"], obj["metadata"].get("uid"))
-    pods = [
+    # Pods last: what they mount and the Secrets they read exist before them.
+    first = [obj for obj in plan.apply if obj["kind"] != "Pod"]
+    pods = [obj for obj in plan.apply if obj["kind"] == "Pod"]
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+        list(pool.map(kube.apply, first))
+        list(pool.map(kube.apply, pods))
+        list(
+            pool.map(
+                lambda obj: kube.delete(
+                    obj["kind"], namespace, obj["metadata"]["name"], obj["metadata"].get("uid")
+                ),
+                plan.delete,
+            )
+        )
+    current_pods = [
         obj
         for obj in existing
         if obj["kind"] == "Pod" and owned_by(obj, uid) and _key(obj)[1] not in plan.failed_pods
@@ -213,7 +249,7 @@ def reconcile(
         applied=[_key(obj) for obj in plan.apply],
         deleted=[_key(obj) for obj in plan.delete],
         new_failures=len(plan.failed_pods),
-        unschedulable=unschedulable_tenants(pods),
-        restarts=container_restarts(pods),
+        unschedulable=unschedulable_tenants(current_pods),
+        restarts=container_restarts(current_pods),
         children=len(desired),
     )

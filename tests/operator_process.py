@@ -8,21 +8,15 @@ converges, so it is a real process and not a coroutine in the test.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 from fedkube.process import die_with_parent
+from fedkube.redis_server import free_port
 from tests.controlplane import ControlPlane
 from tests.support import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OperatorProcess:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,109 +19,20 @@ from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
 from fedkube.spec import parse_job
 from fedkube.web import digest
+from tests.cluster.jobs import (
+    apply,
+    children,
+    condition,
+    expected_children,
+    get_json,
+    job_document,
+    names,
+    owned_children,
+    status,
+)
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess
-from tests.support import ROOT, small_job_dict, wait_for
-
-CHILD_KINDS = "configmaps,secrets,serviceaccounts,services,deployments,networkpolicies,pods"
-
-
-@pytest.fixture(scope="session")
-def crd(control_plane: ControlPlane) -> None:
-    """The FederatedJob CRD from crds/, applied as a user would."""
-    control_plane.kubectl("apply", "-f", str(ROOT / "crds"))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/federatedjobs.fedkube.io", "--timeout=60s"
-    )
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def operator(
-    control_plane: ControlPlane, crd: None, namespace: str, redis: RedisServer, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(control_plane, namespace, redis.url, tmp_path).start()
-    process.wait_serving()
-    try:
-        yield process
-    finally:
-        process.stop()
-
-
-def job_document(name: str = "mnist", gpus: dict[str, int] | None = None) -> dict[str, Any]:
-    """3 tenants in 2 regions, 1 GPU per worker unless ``gpus`` says otherwise."""
-    gpus = gpus or {}
-    document = small_job_dict(
-        tenants=[
-            {"name": "a", "region": "eu", "resources": {"gpu": gpus.get("a", 1)}},
-            {"name": "b", "region": "eu", "resources": {"gpu": gpus.get("b", 1)}},
-            {"name": "c", "region": "us", "resources": {"gpu": gpus.get("c", 1)}},
-        ]
-    )
-    document["metadata"]["name"] = name
-    return document
-
-
-def apply(cp: ControlPlane, namespace: str, document: dict[str, Any]) -> None:
-    cp.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document))
-
-
-def get_json(cp: ControlPlane, namespace: str, *args: str) -> Any:
-    return json.loads(cp.kubectl("get", "-n", namespace, *args, "-o", "json").stdout)
-
-
-def children(cp: ControlPlane, namespace: str, job: str) -> list[dict[str, Any]]:
-    return get_json(cp, namespace, CHILD_KINDS, "-l", f"fedkube.io/job={job}")["items"]
-
-
-def names(items: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    return {(item["kind"], item["metadata"]["name"]) for item in items}
-
-
-def expected_children(job: str) -> set[tuple[str, str]]:
-    tenants, regions = ("a", "b", "c"), ("eu", "us")
-    found = {("ConfigMap", f"{job}-config"), ("Secret", f"{job}-aggregator")}
-    for t in tenants:
-        found |= {
-            ("Secret", f"{job}-tenant-{t}"),
-            ("ServiceAccount", f"{job}-tenant-{t}"),
-            ("NetworkPolicy", f"{job}-tenant-{t}"),
-            ("Pod", f"{job}-{t}-0"),
-        }
-    for r in regions:
-        found |= {
-            ("Secret", f"{job}-combiner-{r}"),
-            ("Service", f"{job}-combiner-{r}"),
-            ("Deployment", f"{job}-combiner-{r}"),
-        }
-    return found | {("Service", f"{job}-aggregator"), ("Deployment", f"{job}-aggregator")}
-
-
-def owned_children(items: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """Children without the pods that Deployments own (ReplicaSets name those)."""
-    return {
-        (item["kind"], item["metadata"]["name"])
-        for item in items
-        if not any(
-            ref["kind"] == "ReplicaSet" for ref in item["metadata"].get("ownerReferences", [])
-        )
-    }
-
-
-def status(cp: ControlPlane, namespace: str, job: str) -> dict[str, Any]:
-    return get_json(cp, namespace, "federatedjob", job).get("status") or {}
-
-
-def condition(cp: ControlPlane, namespace: str, job: str, kind: str) -> dict[str, Any] | None:
-    for entry in status(cp, namespace, job).get("conditions", []):
-        if entry["type"] == kind:
-            return entry
-    return None
+from tests.support import small_job_dict, wait_for
 
 
 def test_applying_a_job_creates_every_child_with_gpu_limits_on_kwok_gpu_nodes(
@@ -301,7 +210,10 @@ def test_an_operator_killed_mid_reconcile_converges_without_duplicates_and_then_
 
 
 def test_deleting_the_job_removes_every_child_and_its_redis_keys(
-    control_plane: ControlPlane, namespace: str, operator: OperatorProcess, redis: RedisServer
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: OperatorProcess,
+    redis_server: RedisServer,
 ):
     apply(control_plane, namespace, job_document())
     wait_for(
@@ -309,7 +221,7 @@ def test_deleting_the_job_removes_every_child_and_its_redis_keys(
         30,
         "every child",
     )
-    client = Redis.from_url(redis.url, decode_responses=True)
+    client = Redis.from_url(redis_server.url, decode_responses=True)
     client.hset(job_prefix("mnist") + "job", mapping={"status": "running", "round": 1})
     client.rpush(job_prefix("mnist") + "history", json.dumps({"round": 1}))
     wait_for(

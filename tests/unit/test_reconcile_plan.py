@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import copy
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, build_children
 from fedkube.operator.reconcile import (
+    FINISH_GRACE_S,
     container_restarts,
     plan_changes,
     read_tokens,
+    run_mode,
     unschedulable_tenants,
 )
 from fedkube.spec import parse_job
@@ -152,3 +155,30 @@ def test_unschedulable_pods_name_their_tenant_and_restarts_add_up():
         "c": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
     }
     assert container_restarts(pods) == 2
+
+
+def test_while_finishing_workers_are_left_to_exit_and_only_combiners_keep_running():
+    running = build_children(target())
+    existing = as_existing(running)
+    finishing = build_children(target(mode=RunMode.finishing))
+    plan = plan_changes(finishing, existing, UID, RunMode.finishing)
+    assert not [obj for obj in plan.delete if obj["kind"] == "Pod"]
+    replicas = {
+        obj["metadata"]["name"]: obj["spec"]["replicas"]
+        for obj in finishing
+        if obj["kind"] == "Deployment"
+    }
+    assert replicas == {"mnist-aggregator": 0, "mnist-combiner-eu": 1, "mnist-combiner-us": 1}
+
+
+def test_the_run_mode_follows_suspend_the_phase_and_the_workers_left():
+    now = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+    ended = {"phase": "Succeeded", "completionTime": "2026-11-23T11:59:50Z"}
+    running_pod = [{"status": {"phase": "Running"}}]
+    done_pod = [{"status": {"phase": "Succeeded"}}]
+    assert run_mode({"spec": {}}, running_pod, now) is RunMode.active
+    assert run_mode({"spec": {"suspend": True}}, running_pod, now) is RunMode.suspended
+    assert run_mode({"spec": {}, "status": ended}, running_pod, now) is RunMode.finishing
+    assert run_mode({"spec": {}, "status": ended}, done_pod, now) is RunMode.finished
+    later = now + timedelta(seconds=FINISH_GRACE_S)
+    assert run_mode({"spec": {}, "status": ended}, running_pod, later) is RunMode.finished

@@ -1,0 +1,79 @@
+"""End to end: a FederatedJob applied with kubectl trains to completion.
+
+Nothing is started by hand but the operator. The pods it writes (aggregator
+and combiner Deployments, worker pods with their ConfigMap, Secrets and
+Service DNS names) are executed as local processes by ``tests/podrunner.py``
+exactly as their specs say, against a real redis-server; the operator then
+reads the round state back into the job's status.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+
+from tests.cluster.jobs import apply, get_json, job_document, status
+from tests.controlplane import ControlPlane
+from tests.operator_process import OperatorProcess
+from tests.podrunner import PodRunner
+from tests.support import wait_for
+
+
+def finished(cp: ControlPlane, namespace: str, job: str) -> dict[str, Any] | None:
+    current = status(cp, namespace, job)
+    return current if current.get("phase") in ("Succeeded", "Failed") else None
+
+
+def workers_succeeded(cp: ControlPlane, namespace: str) -> bool:
+    pods = get_json(cp, namespace, "pods", "-l", "fedkube.io/role=worker")["items"]
+    return len(pods) == 3 and all(p["status"]["phase"] == "Succeeded" for p in pods)
+
+
+def test_a_job_applied_with_kubectl_trains_to_success_through_the_operators_pod_specs(
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: OperatorProcess,
+    api_client: kubernetes.client.ApiClient,
+    tmp_path: Path,
+):
+    document = job_document()
+    document["spec"]["rounds"] = 3
+    document["spec"]["participation"] = {"minFraction": 1.0, "roundTimeoutSeconds": 120}
+    # Enough training that the accuracy says something (0.94 with `fedkube run`).
+    document["spec"]["training"] = {"epochs": 2, "batchSize": 16, "momentum": 0.9}
+    document["spec"]["model"]["kwargs"] = {"hidden": 32}
+    with PodRunner(api_client, namespace, tmp_path / "pods") as runner:
+        apply(control_plane, namespace, document)
+        final = wait_for(
+            lambda: finished(control_plane, namespace, "mnist"), 300, "the job to finish"
+        )
+        workers = ("mnist-a-0", "mnist-b-0", "mnist-c-0")
+        # Told by their combiner that the job is over, the workers exit 0.
+        wait_for(
+            lambda: all(runner.exit_codes(pod) == [0] for pod in workers),
+            60,
+            "every worker to exit 0",
+        )
+        wait_for(lambda: workers_succeeded(control_plane, namespace), 30, "workers Succeeded")
+        logs = {pod: runner.log(pod) for pod in workers}
+        assert not runner.errors, runner.errors
+    assert final["phase"] == "Succeeded", (final, operator.log()[-3000:])
+    assert final["progress"] == "3/3"
+    assert final["participation"] == "3/3"
+    assert final["lastAccuracy"] > 0.8
+    assert final["conditions"][-1]["type"] == "Succeeded"
+    for pod, log in logs.items():
+        assert '"job": "mnist"' in log, f"{pod} logged nothing of the job:\n{log[-2000:]}"
+    events = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=RoundClosed"
+    ).stdout
+    assert "round 3/3 closed" in events
+
+    # Every worker is done, so the whole tier is scaled to 0 (pods stay, with their logs).
+    def replicas() -> set[int]:
+        items = get_json(control_plane, namespace, "deployments")["items"]
+        return {d["spec"]["replicas"] for d in items}
+
+    wait_for(lambda: replicas() == {0}, 30, "the aggregator tier scaled to 0")
