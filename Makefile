@@ -1,5 +1,5 @@
 # The README's commands. Each one installs what it needs first (scripts/setup.sh).
-.PHONY: setup demo compare test lint bench
+.PHONY: setup demo compare test lint bench cluster
 
 setup:
 	./scripts/setup.sh
@@ -10,7 +10,10 @@ demo: setup
 compare: setup
 	.venv/bin/fedkube compare examples/digits.yaml
 
+# The tests in tests/cluster need the control-plane binaries; the build script
+# skips what is up to date (a cold build takes about 16 minutes).
 test: setup
+	./scripts/build-control-plane.sh
 	.venv/bin/python -m pytest
 
 lint: setup
@@ -18,3 +21,9 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/fold.py && .venv/bin/python benchmarks/round_overhead.py
+
+# A loopback Kubernetes control plane with kwok GPU nodes, up until Ctrl-C;
+# it prints the `export KUBECONFIG=...` to use (tests/controlplane.py).
+cluster: setup
+	./scripts/build-control-plane.sh
+	.venv/bin/python -m tests.controlplane
