@@ -251,6 +251,10 @@ class GlobalAggregator:
         logged = 0.0
         while True:
             self._check_stopping()
+            if await self.store.is_paused():
+                started = time.monotonic()  # a suspended job's workers are gone on purpose
+                await asyncio.sleep(POLL_INTERVAL_S)
+                continue
             ready = len(set(selected) & await self.store.registered_clients())
             if ready >= needed:
                 return
@@ -284,6 +288,12 @@ class GlobalAggregator:
             now = time.time()
             current = await self.store.round_info(number)
             assert current is not None
+            if current.state == RoundState.collecting and await self.store.is_paused():
+                # Suspended: its workers were stopped on purpose. The round keeps
+                # what it has and gets a whole deadline again once resumed.
+                await self.store.postpone(number, timeout)
+                await asyncio.sleep(POLL_INTERVAL_S)
+                continue
             if current.state == RoundState.collecting and now >= current.deadline:
                 reported = await self.store.reported_count(number)
                 if reported >= current.quorum:

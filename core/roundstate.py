@@ -259,6 +259,17 @@ class RoundStore:
         )
         return bool(done)
 
+    async def set_paused(self, paused: bool) -> None:
+        """Suspend (or resume) the job: the operator's ``spec.suspend``, seen by the aggregator."""
+        await self.redis.hset(self.key("job"), "paused", int(paused))
+
+    async def is_paused(self) -> bool:
+        return await self.redis.hget(self.key("job"), "paused") == "1"
+
+    async def postpone(self, number: int, timeout_s: float) -> None:
+        """Move a round's deadline without counting an extension (the job is paused)."""
+        await self.redis.hset(self.key("round", number), "deadline", time.time() + timeout_s)
+
     async def extend(self, number: int, timeout_s: float) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("round", number), "deadline", time.time() + timeout_s)

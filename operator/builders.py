@@ -46,7 +46,9 @@ class RunMode(str, Enum):
     """What the job's pods should be doing."""
 
     active = "active"  # everything runs
-    suspended = "suspended"  # spec.suspend: no pod at all, Deployments at 0
+    # spec.suspend: no worker pod; the aggregator tier stays (paused through
+    # Redis) so that resuming continues the same round with what it holds.
+    suspended = "suspended"
     # Succeeded/Failed, workers still finishing: the aggregator stops, the
     # combiners stay to tell the last workers that the job is over.
     finishing = "finishing"
@@ -464,10 +466,10 @@ def _deployment(
 ) -> dict[str, Any]:
     pod_labels = naming.labels(target.name, role, **label_extra)
     port = target.config.service_port
+    running = {RunMode.active, RunMode.suspended}
     if role == naming.ROLE_COMBINER:
-        replicas = 1 if target.mode in (RunMode.active, RunMode.finishing) else 0
-    else:
-        replicas = 1 if target.mode is RunMode.active else 0
+        running.add(RunMode.finishing)
+    replicas = 1 if target.mode in running else 0
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -112,7 +112,12 @@ async def run_pass(
 
 
 async def _round_facts(state: State, job: FederatedJob, namespace: str) -> RoundFacts | None:
-    """The round state, or None when Redis cannot be read right now (status waits)."""
+    """The round state, or None when Redis cannot be read right now (status waits).
+
+    It also tells the global aggregator about ``spec.suspend`` (the one field
+    the operator writes): a paused aggregator keeps its round open instead
+    of failing it for want of the workers that were stopped on purpose.
+    """
     try:
         url = await asyncio.to_thread(
             job_redis_url, state.kube, job, namespace, state.config.redis_url
@@ -121,7 +126,10 @@ async def _round_facts(state: State, job: FederatedJob, namespace: str) -> Round
         return None
     store = RoundStore.connect(url, job.name)
     try:
-        return await read_round_facts(store)
+        facts = await read_round_facts(store)
+        if facts.paused != job.spec.suspend:
+            await store.set_paused(job.spec.suspend)
+        return facts
     except (RedisError, OSError) as exc:
         log.warning("cannot read round state: %s", exc, extra=fields(job=job.name))
         return None

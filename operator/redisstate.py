@@ -40,4 +40,5 @@ async def read_round_facts(store: RoundStore) -> RoundFacts:
         current_round=int(info.get("round", 0) or 0),
         closed_rounds=closed,
         last_record=last,
+        paused=info.get("paused") == "1",
     )

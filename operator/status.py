@@ -83,6 +83,7 @@ class RoundFacts:
     current_round: int = 0
     closed_rounds: int = 0
     last_record: dict[str, Any] | None = None
+    paused: bool = False  # what the aggregator was told of spec.suspend
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,13 @@ def set_condition(
     message: str,
     now: datetime,
 ) -> list[Condition]:
-    """A new list with ``kind`` set; a condition that changes moves to the end.
+    """A new list with ``kind`` set.
 
-    The end of the list is the most recent transition, which the State printer
-    column shows (``.status.conditions[-1:].type``), as in Kubeflow's TrainJob.
-    A condition that is False is kept (its history matters for ``describe``)
-    but is not moved, so the last entry stays the current state.
+    The last entry is the job's current state, which the State printer column
+    shows (``.status.conditions[-1:].type``), as in Kubeflow's TrainJob: a
+    condition that becomes True moves to the end, one that becomes False to
+    the front (kept, since its history matters for ``describe``). A condition
+    that never was True is not added as False.
     """
     value = "True" if status else "False"
     current = next((c for c in conditions if c.type == kind), None)
@@ -154,8 +156,9 @@ def set_condition(
     )
     if status:
         return [*others, updated]
-    index = conditions.index(current) if current is not None else len(others)
-    return [*others[:index], updated, *others[index:]]
+    if current is not None and current.status == value:
+        return [updated if c.type == kind else c for c in conditions]
+    return [updated, *others]
 
 
 def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str, Any]:

@@ -9,11 +9,16 @@ reads the round state back into the job's status.
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
+from redis import Redis
 
+from fedkube.redis_server import RedisServer
+from fedkube.roundstate import job_prefix
 from tests.cluster.jobs import apply, get_json, job_document, status
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess
@@ -24,6 +29,9 @@ from tests.support import wait_for
 def finished(cp: ControlPlane, namespace: str, job: str) -> dict[str, Any] | None:
     current = status(cp, namespace, job)
     return current if current.get("phase") in ("Succeeded", "Failed") else None
+
+
+SUSPEND = {"spec": {"suspend": True}}
 
 
 def workers_succeeded(cp: ControlPlane, namespace: str) -> bool:
@@ -77,3 +85,57 @@ def test_a_job_applied_with_kubectl_trains_to_success_through_the_operators_pod_
         return {d["spec"]["replicas"] for d in items}
 
     wait_for(lambda: replicas() == {0}, 30, "the aggregator tier scaled to 0")
+
+
+def test_a_suspended_job_keeps_its_round_and_resumes_it_to_success(
+    control_plane: ControlPlane,
+    namespace: str,
+    operator: OperatorProcess,
+    redis_server: RedisServer,
+    api_client: kubernetes.client.ApiClient,
+    tmp_path: Path,
+):
+    document = job_document()
+    # Enough rounds that the job cannot end before the suspension takes effect.
+    document["spec"]["rounds"] = 12
+    document["spec"]["participation"] = {"minFraction": 1.0, "roundTimeoutSeconds": 5}
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    with PodRunner(api_client, namespace, tmp_path / "pods") as runner:
+        apply(control_plane, namespace, document)
+        # Read from Redis and patched through the API (not kubectl): rounds are short.
+        wait_for(lambda: redis.llen(job_prefix("mnist") + "history") >= 1, 120, "round 1 closed")
+        jobs = kubernetes.client.CustomObjectsApi(api_client)
+        jobs.patch_namespaced_custom_object(
+            "fedkube.io", "v1alpha1", namespace, "federatedjobs", "mnist", SUSPEND
+        )
+        document["spec"]["suspend"] = True
+        wait_for(lambda: not runner.running() - aggregator_tier(runner), 60, "workers stopped")
+        wait_for(lambda: redis.hget(job_prefix("mnist") + "job", "paused") == "1", 30, "paused")
+
+        def round_held_open() -> bool:
+            """No round can time out: the open one's deadline keeps moving, or none is open."""
+            number = redis.hget(job_prefix("mnist") + "job", "round")
+            state = redis.hgetall(job_prefix("mnist") + f"round:{number}")
+            if state.get("state") == "collecting":
+                return float(state["deadline"]) > time.time() + 4  # timeout is 5 s
+            return state.get("state") == "closed"  # the next one waits for its clients
+
+        wait_for(round_held_open, 30, "the aggregator holding the round while suspended")
+        wait_for(
+            lambda: status(control_plane, namespace, "mnist").get("phase") == "Suspended",
+            30,
+            "phase Suspended",
+        )
+        assert redis.llen(job_prefix("mnist") + "history") < 12, "ended before the suspension"
+        document["spec"]["suspend"] = False
+        apply(control_plane, namespace, document)
+        final = wait_for(
+            lambda: finished(control_plane, namespace, "mnist"), 300, "the job to finish"
+        )
+    assert final["phase"] == "Succeeded", final
+    history = [json.loads(item) for item in redis.lrange(job_prefix("mnist") + "history", 0, -1)]
+    assert [record["round"] for record in history] == list(range(1, 13))
+
+
+def aggregator_tier(runner: PodRunner) -> set[str]:
+    return {pod for pod in runner.running() if "aggregator" in pod or "combiner" in pod}

@@ -235,12 +235,16 @@ def test_a_tenants_network_policy_allows_its_combiner_and_dns_only():
     assert spec["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]
 
 
-def test_a_suspended_job_has_no_pods_and_its_deployments_at_zero():
+def test_a_suspended_job_has_no_worker_pods_but_keeps_its_aggregator_tier():
     children = build_children(target(mode=RunMode.suspended))
     assert by_kind(children, "Pod") == {}
+    assert {d["spec"]["replicas"] for d in by_kind(children, "Deployment").values()} == {1}
+
+
+def test_a_finished_job_scales_its_aggregator_tier_to_zero():
+    children = build_children(target(mode=RunMode.finished))
+    assert by_kind(children, "Pod") == {}
     assert {d["spec"]["replicas"] for d in by_kind(children, "Deployment").values()} == {0}
-    running = build_children(target())
-    assert {d["spec"]["replicas"] for d in by_kind(running, "Deployment").values()} == {1}
 
 
 def test_site_mode_builds_only_the_sites_tenants_pointed_at_the_central_address():

@@ -88,6 +88,7 @@ def test_a_tenant_that_cannot_be_placed_is_named_in_the_unschedulable_condition(
     placed = next_status(status, observe())
     condition = next(c for c in placed.conditions if c.type is ConditionType.unschedulable)
     assert condition.status == "False"
+    assert last_condition(placed) == "Created"  # a False condition never shows as the state
 
 
 def test_the_active_deadline_fails_the_job():
