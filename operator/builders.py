@@ -515,6 +515,35 @@ def _service(target: Target, name: str, role: str, **label_extra: str) -> dict[s
     }
 
 
+def _tier_deployment(
+    target: Target,
+    name: str,
+    role: str,
+    args: list[str],
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    requests: dict[str, str],
+    **label_extra: str,
+) -> dict[str, Any]:
+    """A service of the aggregator tier: it holds the aggregator token and serves HTTP."""
+    port = target.config.service_port
+    env = [
+        *_base_env(target),
+        _secret_env(AGGREGATOR_TOKEN_ENV, naming.aggregator_name(target.name)),
+    ]
+    container = _container(
+        target,
+        role,
+        args,
+        env,
+        mounts,
+        [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        {"requests": requests},
+    )
+    container["readinessProbe"] = _service_probe(port)
+    return _deployment(target, name, role, container, volumes, **label_extra)
+
+
 def build_aggregator_deployment(target: Target) -> dict[str, Any]:
     """The global aggregator; always started with ``--resume`` (a restart is a resume)."""
     volumes, mounts = _config_volumes(target)
@@ -540,26 +569,14 @@ def build_aggregator_deployment(target: Target) -> dict[str, Any]:
         str(port),
         "--resume",
     ]
-    env = [
-        *_base_env(target),
-        _secret_env(AGGREGATOR_TOKEN_ENV, naming.aggregator_name(target.name)),
-    ]
-    container = _container(
-        target,
-        naming.ROLE_AGGREGATOR,
-        args,
-        env,
-        mounts,
-        [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        {"requests": {"cpu": "500m", "memory": "512Mi"}},
-    )
-    container["readinessProbe"] = _service_probe(port)
-    return _deployment(
+    return _tier_deployment(
         target,
         naming.aggregator_name(target.name),
         naming.ROLE_AGGREGATOR,
-        container,
+        args,
         volumes,
+        mounts,
+        {"cpu": "500m", "memory": "512Mi"},
     )
 
 
@@ -592,26 +609,14 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         "--port",
         str(port),
     ]
-    env = [
-        *_base_env(target),
-        _secret_env(AGGREGATOR_TOKEN_ENV, naming.aggregator_name(target.name)),
-    ]
-    container = _container(
-        target,
-        naming.ROLE_COMBINER,
-        args,
-        env,
-        mounts,
-        [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        {"requests": {"cpu": "250m", "memory": "256Mi"}},
-    )
-    container["readinessProbe"] = _service_probe(port)
-    return _deployment(
+    return _tier_deployment(
         target,
         naming.combiner_name(target.name, region),
         naming.ROLE_COMBINER,
-        container,
+        args,
         volumes,
+        mounts,
+        {"cpu": "250m", "memory": "256Mi"},
         region=region,
     )
 

@@ -275,7 +275,8 @@ async def _expire_finished(
         return
     log.info("deleting the job %ss after it finished", ttl, extra=fields(job=job.name))
     await asyncio.to_thread(
-        state.kube.delete_job,
+        state.kube.delete,
+        "FederatedJob",
         body["metadata"]["namespace"],
         job.name,
         body["metadata"]["uid"],

@@ -121,23 +121,17 @@ class Kube:
         return result
 
     def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
-        """Delete (background propagation); ``uid`` guards against deleting a newer namesake."""
+        """Delete a child, or the FederatedJob itself (ttlSecondsAfterFinished).
+
+        Background propagation: children follow by garbage collection. ``uid``
+        guards against deleting a newer namesake.
+        """
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if uid:
             body["preconditions"] = {"uid": uid}
+        path = (JOB_KIND if kind == JOB_KIND.kind else KINDS[kind]).base(namespace)
         try:
-            self._call("DELETE", f"{KINDS[kind].base(namespace)}/{name}", body=body)
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise
-        return True
-
-    def delete_job(self, namespace: str, name: str, uid: str) -> bool:
-        """Delete a FederatedJob (ttlSecondsAfterFinished); its children follow by GC."""
-        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
-        try:
-            self._call("DELETE", f"{JOB_KIND.base(namespace)}/{name}", body=body)
+            self._call("DELETE", f"{path}/{name}", body=body)
         except ApiException as exc:
             if exc.status in (404, 409):
                 return False

@@ -193,13 +193,8 @@ def reconcile(
     uid = body["metadata"]["uid"]
     selector = f"{naming.LABEL_JOB}={job.name}"
     existing = [obj for kind in CHILD_KINDS for obj in kube.list(kind, namespace, selector)]
-    workers = [
-        obj
-        for obj in existing
-        if obj["kind"] == "Pod"
-        and owned_by(obj, uid)
-        and (obj["metadata"].get("labels") or {}).get(naming.LABEL_ROLE) == naming.ROLE_WORKER
-    ]
+    # The job owns only its worker pods (the tier's pods belong to ReplicaSets).
+    workers = [obj for obj in existing if obj["kind"] == "Pod" and owned_by(obj, uid)]
     mode = run_mode(body, workers, datetime.now(timezone.utc))
     if config.site is not None:
         for tenant in job.spec.tenants:
@@ -240,11 +235,7 @@ def reconcile(
                 plan.delete,
             )
         )
-    current_pods = [
-        obj
-        for obj in existing
-        if obj["kind"] == "Pod" and owned_by(obj, uid) and _key(obj)[1] not in plan.failed_pods
-    ]
+    current_pods = [pod for pod in workers if _key(pod)[1] not in plan.failed_pods]
     return Outcome(
         applied=[_key(obj) for obj in plan.apply],
         deleted=[_key(obj) for obj in plan.delete],
