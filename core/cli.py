@@ -17,11 +17,14 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 from fedkube.errors import FedkubeError, SpecError
 from fedkube.spec import load_job
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_LEASE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -41,6 +44,23 @@ def _redis_url(url: str) -> str:
         return redis_url_with_password(url, os.environ.get(REDIS_PASSWORD_ENV))
     except ValueError as exc:
         raise SpecError([("--redis-url", str(exc))]) from None
+
+
+def _redis_url_without_password(url: str) -> str:
+    """``--redis-url`` checked; a password must come from ``FEDKUBE_REDIS_PASSWORD``."""
+    from urllib.parse import urlsplit
+
+    from fedkube.roundstate import redis_url_with_password
+
+    try:
+        redis_url_with_password(url, None)  # checks the scheme
+    except ValueError as exc:
+        raise SpecError([("--redis-url", str(exc))]) from None
+    if urlsplit(url).password:
+        raise SpecError(
+            [("--redis-url", "put the password in $FEDKUBE_REDIS_PASSWORD, not in the URL")]
+        )
+    return url
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -182,13 +202,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from fedkube.logs import configure
     from fedkube.operator.config import DEFAULT_IMAGE, OperatorConfig
+    from fedkube.operator.leader import Election
     from fedkube.operator.main import Runtime, run
+    from fedkube.roundstate import REDIS_PASSWORD_ENV
 
     configure("operator", args.log_level)
     config = OperatorConfig(
         image=args.image or DEFAULT_IMAGE,
         image_pull_policy=args.image_pull_policy,
-        redis_url=_redis_url(args.redis_url) if args.redis_url else None,
+        # The URL goes into the pods' args: it must not carry the password,
+        # which reaches them through a Secret instead.
+        redis_url=_redis_url_without_password(args.redis_url) if args.redis_url else None,
+        redis_password=os.environ.get(REDIS_PASSWORD_ENV) or None,
         gpu_resource=args.gpu_resource,
         site=args.site,
         central_address=args.central_address,
@@ -200,6 +225,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         health_port=args.health_port or None,
         peering=args.peering,
+        election=(
+            Election(
+                namespace=args.lease_namespace,
+                name=args.lease_name,
+                identity=os.environ.get("POD_NAME") or socket.gethostname(),
+            )
+            if args.leader_election
+            else None
+        ),
     )
     run(config, runtime)
     return EXIT_OK
@@ -237,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--job", required=True, help="FederatedJob manifest (the ConfigMap)")
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port-file", help="write the bound port here (for --port 0)")
-        s.add_argument("--log-level", default="INFO")
+        s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
         return s
 
     p = service("aggregator", "global aggregator service")
@@ -282,7 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8000)
     p.add_argument("--health-port", type=int, default=8081, help="0: no liveness endpoint")
     p.add_argument("--peering", help="kopf peering name (several replicas, one active)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--leader-election",
+        action="store_true",
+        help="run only while holding a coordination.k8s.io Lease (several replicas, one active)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
+    )
+    p.add_argument("--lease-name", default="fedkube-operator", help="name of the Lease")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     p.set_defaults(func=cmd_operator)
     return parser
 

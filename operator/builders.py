@@ -37,6 +37,7 @@ CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
 TOKENS_FILE = f"{TOKENS_DIR}/tokens.json"
 TOKEN_KEY = "token"
+REDIS_PASSWORD_KEY = "password"
 # libyaml's emitter when present: the ConfigMap is rebuilt on every pass, and
 # the pure-Python emitter took most of a no-op pass for a 100-tenant job.
 _YamlDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -232,20 +233,50 @@ CONTAINER_SECURITY: dict[str, Any] = {
 
 
 def _base_env(target: Target) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
+    return [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+
+
+def redis_password_ref(target: Target) -> tuple[str, str] | None:
+    """The Secret and key that hold the Redis password of the job's aggregator tier.
+
+    The job's own ``state.redisPasswordSecret`` wins; a job on the operator's
+    Redis (no ``state.redisUrl``) gets the operator's password, copied into
+    the job's ``J-redis`` Secret, since a pod cannot read a Secret in the
+    operator's namespace.
+    """
     secret = target.job.spec.state.redis_password_secret
     if secret is not None:
-        env.append(
-            {
-                "name": REDIS_PASSWORD_ENV,
-                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
-            }
-        )
-    return env
+        return secret.name, secret.key
+    if target.job.spec.state.redis_url is None and target.config.redis_password:
+        return naming.redis_secret_name(target.name), REDIS_PASSWORD_KEY
+    return None
+
+
+def build_redis_secret(target: Target) -> dict[str, Any]:
+    """The operator's Redis password, for the job's aggregator and combiners."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(
+            target,
+            naming.redis_secret_name(target.name),
+            naming.labels(target.name, naming.ROLE_CREDENTIALS),
+        ),
+        "data": {REDIS_PASSWORD_KEY: _b64(target.config.redis_password or "")},
+    }
+
+
+def _redis_env(target: Target) -> list[dict[str, Any]]:
+    ref = redis_password_ref(target)
+    if ref is None:
+        return []
+    name, key = ref
+    return [{"name": REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
 
 
 def _secret_env(name: str, secret: str) -> dict[str, Any]:
@@ -253,11 +284,11 @@ def _secret_env(name: str, secret: str) -> dict[str, Any]:
 
 
 def _config_volumes(target: Target) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    volumes = [
+    volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": naming.config_map_name(target.name)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
@@ -529,6 +560,7 @@ def _tier_deployment(
     port = target.config.service_port
     env = [
         *_base_env(target),
+        *_redis_env(target),
         _secret_env(AGGREGATOR_TOKEN_ENV, naming.aggregator_name(target.name)),
     ]
     container = _container(
@@ -642,6 +674,11 @@ def build_children(target: Target) -> list[dict[str, Any]]:
     tenants = target.local_tenants()
     if target.config.site is None:
         children.append(build_aggregator_secret(target))
+        if redis_password_ref(target) == (
+            naming.redis_secret_name(target.name),
+            REDIS_PASSWORD_KEY,
+        ):
+            children.append(build_redis_secret(target))
         children += [build_tenant_secret(target, t) for t in target.job.spec.tenants]
         for region in target.job.region_names():
             children.append(build_combiner_secret(target, region))

@@ -24,6 +24,8 @@ class OperatorConfig:
     image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     redis_url: str | None = None
+    # From $FEDKUBE_REDIS_PASSWORD, never a flag (it would show in `ps`).
+    redis_password: str | None = field(default=None, repr=False)
     gpu_resource: str = "nvidia.com/gpu"
     site: str | None = None
     central_address: str | None = None

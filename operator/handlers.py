@@ -120,7 +120,12 @@ async def _round_facts(state: State, job: FederatedJob, namespace: str) -> Round
     """
     try:
         url = await asyncio.to_thread(
-            job_redis_url, state.kube, job, namespace, state.config.redis_url
+            job_redis_url,
+            state.kube,
+            job,
+            namespace,
+            state.config.redis_url,
+            state.config.redis_password,
         )
     except NotReady:
         return None
@@ -137,7 +142,7 @@ async def _round_facts(state: State, job: FederatedJob, namespace: str) -> Round
         await store.close()
 
 
-def _events(body: Mapping[str, Any], before: JobStatus, after: JobStatus) -> None:
+def _events(body: kopf.Body, before: JobStatus, after: JobStatus) -> None:
     """Kubernetes Events for round milestones and phase changes."""
     closed_before = int(before.progress.split("/")[0] or 0) if before.progress else 0
     closed_after = int(after.progress.split("/")[0] or 0) if after.progress else 0
@@ -146,14 +151,14 @@ def _events(body: Mapping[str, Any], before: JobStatus, after: JobStatus) -> Non
             f", accuracy {after.last_accuracy:.4f}" if after.last_accuracy is not None else ""
         )
         kopf.info(
-            dict(body),
+            body,
             reason="RoundClosed",
             message=f"round {closed_after}/{after.rounds} closed: "
             f"{after.participation} clients reported{accuracy}",
         )
     if after.phase != before.phase:
         emit = kopf.warn if after.phase.value == "Failed" else kopf.info
-        emit(dict(body), reason=after.phase.value, message=after.message)
+        emit(body, reason=after.phase.value, message=after.message)
     unschedulable = next((c for c in after.conditions if c.type.value == "Unschedulable"), None)
     was = next((c for c in before.conditions if c.type.value == "Unschedulable"), None)
     if (
@@ -161,7 +166,7 @@ def _events(body: Mapping[str, Any], before: JobStatus, after: JobStatus) -> Non
         and unschedulable.status == "True"
         and (was is None or was.message != unschedulable.message)
     ):
-        kopf.warn(dict(body), reason="Unschedulable", message=unschedulable.message)
+        kopf.warn(body, reason="Unschedulable", message=unschedulable.message)
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -181,6 +186,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
         settings.batching.error_delays = [1, 2, 5, 10, 30]
+        # A deletion waits for the status timer to exit. When the timer is
+        # mid-pass (or is the one deleting, for ttlSecondsAfterFinished), kopf
+        # re-checks after cancellation_polling: 60 s by default, which held
+        # finished jobs in Terminating for a minute.
+        settings.background.instant_exit_timeout = 0.1
+        settings.background.cancellation_polling = 1
 
     @kopf.on.resume(**resource)
     @kopf.on.create(**resource)
@@ -239,7 +250,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         namespace = body["metadata"]["namespace"]
         try:
             url = await asyncio.to_thread(
-                job_redis_url, memo.kube, job, namespace, memo.config.redis_url
+                job_redis_url,
+                memo.kube,
+                job,
+                namespace,
+                memo.config.redis_url,
+                memo.config.redis_password,
             )
         except NotReady as exc:
             log.warning("no Redis to clean up: %s", exc, extra=fields(job=job.name))

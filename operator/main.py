@@ -2,14 +2,20 @@
 
 It logs in the way ``kubectl`` does (in-cluster service account, else
 ``--kubeconfig`` or ``$KUBECONFIG``), serves ``/metrics`` and a liveness
-endpoint, and stops cleanly on SIGTERM.
+endpoint, and stops cleanly on SIGTERM. With leader election, only the replica
+holding the Lease runs kopf; the others serve ``/metrics`` and wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import kopf
 from kubernetes import client as k8s
@@ -19,6 +25,7 @@ from prometheus_client import start_http_server
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.handlers import State, build_registry
 from fedkube.operator.kube import Kube
+from fedkube.operator.leader import Election, LeaderElector
 from fedkube.operator.metrics import OperatorMetrics
 
 
@@ -32,6 +39,10 @@ class Runtime:
     health_port: int | None = 8081
     standalone: bool = True
     peering: str | None = None
+    election: Election | None = None
+
+
+log = logging.getLogger("fedkube.operator")
 
 
 def api_client(kubeconfig: str | None) -> k8s.ApiClient:
@@ -57,7 +68,7 @@ def run(config: OperatorConfig, runtime: Runtime) -> None:
     def login(**kwargs: object) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)  # type: ignore[arg-type]
 
-    async def main() -> None:
+    async def operate(stop: asyncio.Event) -> None:
         await kopf.operator(
             registry=registry,
             memo=state,
@@ -68,6 +79,47 @@ def run(config: OperatorConfig, runtime: Runtime) -> None:
             liveness_endpoint=(
                 f"http://0.0.0.0:{runtime.health_port}/healthz" if runtime.health_port else None
             ),
+            stop_flag=stop,
         )
 
-    asyncio.run(main())
+    asyncio.run(_lead_then_operate(runtime, operate))
+
+
+async def _lead_then_operate(
+    runtime: Runtime, operate: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> None:
+    """Run kopf, first waiting for the Lease when leader election is on.
+
+    Kopf installs its own SIGINT/SIGTERM handlers only once it runs; until
+    then (a standby replica) ours set the same stop flag. Losing the Lease
+    stops kopf and raises LeadershipLost, so the process exits non-zero and
+    Kubernetes restarts it as a standby.
+    """
+    stop = asyncio.Event()
+    if runtime.election is None:
+        await operate(stop)
+        return
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    elector = LeaderElector(api_client(runtime.kubeconfig), runtime.election)
+    acquiring = asyncio.create_task(elector.acquire())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not acquiring.done():
+        acquiring.cancel()
+        return
+    stopping.cancel()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(signum)
+    holding = asyncio.create_task(elector.hold())
+    operating = asyncio.create_task(operate(stop))
+    await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
+    if holding.done():
+        stop.set()  # lost the Lease: stop reconciling before anyone else starts
+        with contextlib.suppress(asyncio.CancelledError):
+            await operating
+        holding.result()  # raises LeadershipLost
+    holding.cancel()
+    await asyncio.to_thread(elector.release)
+    log.info("released the Lease")

@@ -37,6 +37,11 @@ def combiner_name(job: str, region: str) -> str:
     return f"{job}-combiner-{region}"
 
 
+def redis_secret_name(job: str) -> str:
+    """The operator's Redis password, copied for the job's aggregator tier."""
+    return f"{job}-redis"
+
+
 def tenant_name(job: str, tenant: str) -> str:
     """The tenant's Secret, ServiceAccount and NetworkPolicy."""
     return f"{job}-tenant-{tenant}"

@@ -16,13 +16,25 @@ from fedkube.roundstate import RoundStore, redis_url_with_password
 from fedkube.spec import FederatedJob
 
 
-def job_redis_url(kube: Kube, job: FederatedJob, namespace: str, default_url: str | None) -> str:
-    """The job's Redis URL with its password (read from the referenced Secret)."""
+def job_redis_url(
+    kube: Kube,
+    job: FederatedJob,
+    namespace: str,
+    default_url: str | None,
+    default_password: str | None = None,
+) -> str:
+    """The job's Redis URL with its password.
+
+    The password comes from the job's ``state.redisPasswordSecret``; a job on
+    the operator's own Redis uses the operator's password.
+    """
     url = job.spec.state.redis_url or default_url
     if not url:
         raise NotReady("no Redis: set spec.state.redisUrl or the operator's --redis-url")
     ref = job.spec.state.redis_password_secret
     if ref is None:
+        if job.spec.state.redis_url is None:
+            return redis_url_with_password(url, default_password)
         return url
     secret = kube.get("Secret", namespace, ref.name)
     data = (secret or {}).get("data") or {}

@@ -29,12 +29,14 @@ class OperatorProcess:
         redis_url: str,
         log_dir: Path,
         *extra_args: str,
+        env: dict[str, str] | None = None,
     ):
         self.control_plane = control_plane
         self.namespace = namespace
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.extra_args = extra_args
+        self.extra_env = dict(env or {})
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -42,7 +44,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         self.starts += 1
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        env = {**self.control_plane.env(), "PYTHONUNBUFFERED": "1"}
+        env = {**self.control_plane.env(), "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.process = subprocess.Popen(
             [
                 sys.executable,

@@ -27,7 +27,11 @@ How a pod maps onto this machine
   A mountPath means nothing here, so every occurrence of one in argv, env
   values and ``workingDir`` is rewritten to its folder (longest first). A
   program that opens a mount path nobody told it about (a compiled-in
-  default such as the service-account token path) does not find the volume.
+  default) does not find the volume. The one exception is the service-account
+  token's fixed path: where it is mounted, ``KUBECONFIG`` points at a file
+  with that token, CA and namespace, so a client that falls back from
+  in-cluster to ``$KUBECONFIG`` (kubectl, the kubernetes client, kopf) acts
+  as the pod's ServiceAccount.
 
 Networking
 ----------
@@ -301,6 +305,9 @@ def resolve_env(container: Manifest, pod: Manifest, pod_ip: str, fetch: Fetch) -
 
 
 # -- rewriting paths and names ---------------------------------------------------------
+
+
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def rewrite_mount_paths(text: str, mounts: Mapping[str, Path]) -> str:
@@ -1204,6 +1211,7 @@ class PodRunner:
             argv = build_argv(container, env, rewrite, self.path)
             final_env = {key: rewrite(value) for key, value in env.items()}
             final_env.update({"PATH": self.path, "HOSTNAME": name, **self.extra_env})
+            final_env.update(self._in_cluster_identity(mounts, folder, container["name"]))
             log = folder / f"{container['name']}.log"
             log.write_bytes(b"")  # a new pod (a new uid) starts with empty logs
             return Launch(
@@ -1226,6 +1234,50 @@ class PodRunner:
             init.append(launch(container, init_policy))
         main = [launch(c, policy) for c in pod["spec"]["containers"]]
         return PodRun(self, pod, ip, init, main)
+
+    def _in_cluster_identity(
+        self, mounts: Mapping[str, Path], folder: Path, container: str
+    ) -> dict[str, str]:
+        """``KUBECONFIG`` standing in for the kubelet's in-cluster service-account files.
+
+        A client library reads the token and CA from the fixed path
+        SERVICE_ACCOUNT_PATH, which the runner cannot put there; it writes a
+        kubeconfig with the same token, CA and namespace instead, so a
+        program that logs in "in-cluster, else $KUBECONFIG" (as the operator
+        does) acts with exactly its ServiceAccount's RBAC.
+        """
+        account = mounts.get(SERVICE_ACCOUNT_PATH)
+        if account is None or not (account / "token").exists():
+            return {}
+        server = self.core.api_client.configuration.host
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "in-cluster",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority": str(account / "ca.crt"),
+                    },
+                }
+            ],
+            "users": [{"name": "pod", "user": {"token": (account / "token").read_text()}}],
+            "contexts": [
+                {
+                    "name": "in-cluster",
+                    "context": {
+                        "cluster": "in-cluster",
+                        "user": "pod",
+                        "namespace": (account / "namespace").read_text().strip(),
+                    },
+                }
+            ],
+            "current-context": "in-cluster",
+        }
+        path = folder / f"{container}.kubeconfig"
+        path.write_text(json.dumps(config))
+        return {"KUBECONFIG": str(path)}
 
     @staticmethod
     def _working_dir(container: Manifest, rewrite: Callable[[str], str], folder: Path) -> Path:

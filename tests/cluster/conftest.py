@@ -110,3 +110,5 @@ def operator(
         yield process
     finally:
         process.stop()
+        # Shown by pytest only when the test failed.
+        print(f"--- operator log (last 6000 characters) ---\n{process.log()[-6000:]}")

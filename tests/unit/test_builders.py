@@ -313,3 +313,46 @@ def test_a_job_without_any_redis_is_not_built():
     del document["spec"]["state"]
     with pytest.raises(ValueError, match="redisUrl"):
         build_children(target(document))
+
+
+def _password_env(container: dict[str, Any]) -> dict[str, Any] | None:
+    found = [e for e in container.get("env", []) if e["name"] == "FEDKUBE_REDIS_PASSWORD"]
+    return found[0]["valueFrom"]["secretKeyRef"] if found else None
+
+
+def test_the_operators_redis_password_reaches_the_aggregator_tier_through_the_jobs_secret():
+    # prepare: the operator has a password for its own Redis; the job names none
+    document = three_tenants()
+    document["spec"]["state"] = {}
+    config = OperatorConfig(redis_url="redis://redis:6379/0", redis_password="s3cret")
+    # execute
+    children = build_children(target(document, config=config))
+    # assert: a J-redis Secret holds it; the aggregator and combiners read it; workers do not
+    secret = by_kind(children, "Secret")["mnist-redis"]
+    assert base64.b64decode(secret["data"]["password"]) == b"s3cret"
+    for name, deployment in by_kind(children, "Deployment").items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert _password_env(container) == {"name": "mnist-redis", "key": "password"}, name
+        assert "s3cret" not in json.dumps(container), name
+    for pod in by_kind(children, "Pod").values():
+        assert _password_env(pod["spec"]["containers"][0]) is None
+
+
+def test_a_job_on_its_own_redis_never_gets_the_operators_password():
+    document = three_tenants()
+    document["spec"]["state"] = {"redisUrl": "redis://elsewhere:6379/0"}
+    config = OperatorConfig(redis_url="redis://redis:6379/0", redis_password="s3cret")
+    children = build_children(target(document, config=config))
+    assert "mnist-redis" not in by_kind(children, "Secret")
+    assert "s3cret" not in json.dumps(children)
+
+
+def test_a_jobs_own_password_secret_wins_over_the_operators():
+    document = three_tenants()
+    document["spec"]["state"] = {"redisPasswordSecret": {"name": "team-redis", "key": "pw"}}
+    config = OperatorConfig(redis_url="redis://redis:6379/0", redis_password="s3cret")
+    children = build_children(target(document, config=config))
+    assert "mnist-redis" not in by_kind(children, "Secret")
+    aggregator = by_kind(children, "Deployment")["mnist-aggregator"]
+    container = aggregator["spec"]["template"]["spec"]["containers"][0]
+    assert _password_env(container) == {"name": "team-redis", "key": "pw"}

@@ -1,0 +1,279 @@
+"""``helm template`` of charts/fedkube, checked object by object (no cluster needed).
+
+Each test renders one combination of values the way a user would pass them
+and asserts on the objects Helm would send to the API server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+import yaml
+
+from fedkube.operator.config import OperatorConfig
+from fedkube.operator.crd import build_crd
+from tests.controlplane import DEFAULT_BIN_DIR
+from tests.support import ROOT
+
+CHART = ROOT / "charts" / "fedkube"
+HELM = DEFAULT_BIN_DIR / "helm"
+MONITORING = (
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+)
+SITE = (
+    "mode=site",
+    "site.name=hospital-a",
+    "central.address=https://central.fedkube.invalid/{job}/{region}",
+)
+Objects = dict[tuple[str, str], dict[str, Any]]
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    if not HELM.exists():
+        pytest.fail(f"{HELM} is missing: run ./scripts/build-control-plane.sh (make test does)")
+    return subprocess.run(
+        [str(HELM), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def render_all(
+    *values: str, api_versions: Iterable[str] = (), crds: bool = False
+) -> list[dict[str, Any]]:
+    """The chart's objects, as `helm template -n fedkube` renders them."""
+    args = ["template", "fedkube", str(CHART), "-n", "fedkube"]
+    for value in values:
+        args += ["--set", value]
+    for api in api_versions:
+        args += ["--api-versions", api]
+    if crds:
+        args.append("--include-crds")
+    done = helm(*args)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def render(*values: str, api_versions: Iterable[str] = (), crds: bool = False) -> Objects:
+    """The chart's objects by (kind, name)."""
+    documents = render_all(*values, api_versions=api_versions, crds=crds)
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents}
+
+
+def refused(*values: str) -> str:
+    """The error `helm template` gives for these values (it must fail)."""
+    args = ["template", "fedkube", str(CHART), "-n", "fedkube"]
+    for value in values:
+        args += ["--set", value]
+    done = helm(*args)
+    assert done.returncode != 0, f"{values} rendered:\n{done.stdout[:500]}"
+    return done.stderr
+
+
+def kinds(objects: Objects) -> set[str]:
+    return {kind for kind, _ in objects}
+
+
+def operator_container(objects: Objects) -> dict[str, Any]:
+    deployment = objects[("Deployment", "fedkube-operator")]
+    container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def pod_specs(objects: Objects) -> list[dict[str, Any]]:
+    return [
+        o["spec"]["template"]["spec"]
+        for o in objects.values()
+        if o["kind"] in ("Deployment", "StatefulSet")
+    ]
+
+
+def test_the_charts_crd_is_the_one_the_spec_model_generates():
+    objects = render(crds=True)
+    assert objects[("CustomResourceDefinition", "federatedjobs.fedkube.io")] == build_crd()
+    assert (CHART / "crds").resolve() == (ROOT / "crds").resolve()
+
+
+def test_a_central_install_has_the_operator_rbac_and_a_bundled_redis():
+    objects = render()
+    assert kinds(objects) == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "Secret",
+        "NetworkPolicy",
+        "ConfigMap",
+    }
+    args = operator_container(objects)["args"]
+    assert args[0] == "operator"
+    assert "--redis-url=redis://fedkube-redis.fedkube.svc.cluster.local:6379/0" in args
+    assert "--leader-election" in args
+    assert not any(a.startswith("--site") for a in args)
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    assert env["FEDKUBE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fedkube-redis",
+        "key": "password",
+    }
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_the_bundled_redis_keeps_an_append_only_file_on_a_claim_behind_a_password():
+    objects = render()
+    redis = objects[("StatefulSet", "fedkube-redis")]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--dir") + 1] == "/data"
+    claim = redis["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert len(objects[("Secret", "fedkube-redis")]["data"]["password"]) > 32
+
+
+def test_redis_without_persistence_uses_an_empty_dir_and_an_existing_secret_is_used_as_is():
+    objects = render("redis.persistence.enabled=false", "redis.auth.existingSecret=my-redis")
+    redis = objects[("StatefulSet", "fedkube-redis")]
+    assert "volumeClaimTemplates" not in redis["spec"]
+    assert redis["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert ("Secret", "fedkube-redis") not in objects
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    assert env["FEDKUBE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "my-redis"
+
+
+def test_an_external_redis_replaces_the_bundled_one():
+    objects = render("redis.bundled=false", "redis.url=redis://redis.data.svc:6379/2")
+    assert "StatefulSet" not in kinds(objects)
+    assert "--redis-url=redis://redis.data.svc:6379/2" in operator_container(objects)["args"]
+    assert "FEDKUBE_REDIS_PASSWORD" not in {e["name"] for e in operator_container(objects)["env"]}
+
+
+def test_a_site_install_runs_only_the_site_operator_pointed_at_the_central_site():
+    objects = render(*SITE)
+    assert "StatefulSet" not in kinds(objects)
+    args = operator_container(objects)["args"]
+    assert "--site=hospital-a" in args
+    assert "--central-address=https://central.fedkube.invalid/{job}/{region}" in args
+    assert not any(a.startswith("--redis-url") for a in args)
+
+
+def test_watch_namespaces_grant_roles_there_and_only_read_only_discovery_cluster_wide():
+    documents = render_all("operator.watchNamespaces={team-a,team-b}")
+    roles = [
+        d["metadata"]["namespace"]
+        for d in documents
+        if d["kind"] == "Role" and d["metadata"]["name"] == "fedkube-operator"
+    ]
+    assert sorted(roles) == ["team-a", "team-b"]
+    cluster_roles = [d for d in documents if d["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["fedkube-operator-discovery-fedkube"]
+    for rule in cluster_roles[0]["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_the_operators_rbac_grants_exactly_what_it_uses():
+    objects = render()
+    rules = objects[("ClusterRole", "fedkube-operator-fedkube")]["rules"]
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert not any("*" in entry for entry in granted)
+    # Server-side apply needs create and patch; pruning, delete; diffing, list.
+    for kind in ("pods", "services", "configmaps", "secrets", "serviceaccounts"):
+        assert {("", kind, v) for v in ("get", "list", "create", "patch", "delete")} <= granted
+    assert ("", "pods", "update") not in granted
+    assert ("", "secrets", "watch") not in granted
+    assert ("fedkube.io", "federatedjobs/status", "patch") in granted
+    assert ("fedkube.io", "federatedjobs", "update") not in granted
+    lease = objects[("Role", "fedkube-operator-leader-election")]["rules"]
+    assert {"resourceNames": ["fedkube-operator"], "verbs": ["get", "update"]}.items() <= lease[
+        1
+    ].items()
+
+
+def test_every_pod_runs_as_non_root_on_a_read_only_root_filesystem():
+    for spec in pod_specs(render()):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+
+
+def test_monitoring_objects_appear_only_where_the_prometheus_operator_crds_exist():
+    plain = render()
+    assert not kinds(plain) & {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    annotations = plain[("Deployment", "fedkube-operator")]["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    assert annotations["prometheus.io/scrape"] == "true"
+    monitored = render(api_versions=MONITORING)
+    assert {"ServiceMonitor", "PodMonitor", "PrometheusRule"} <= kinds(monitored)
+    pod_monitor = monitored[("PodMonitor", "fedkube-jobs")]
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "fedkube-operator"
+    }
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    template = monitored[("Deployment", "fedkube-operator")]["spec"]["template"]["metadata"]
+    assert "prometheus.io/scrape" not in (template.get("annotations") or {})
+
+
+def test_dashboards_are_config_maps_with_the_grafana_sidecar_label():
+    objects = render()
+    dashboards = [o for (kind, _), o in objects.items() if kind == "ConfigMap"]
+    assert len(dashboards) == len(list((CHART / "dashboards").glob("*.json")))
+    for dashboard in dashboards:
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "ConfigMap" not in kinds(render("dashboards.enabled=false"))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (("mode=hub",), "/mode"),
+        (("mode=site",), "/site/name"),
+        (("mode=site", "site.name=h", "central.address=https://c/x"), "/central/address"),
+        (("operator.replicas=two",), "/operator/replicas"),
+        (("operatr.replicas=2",), "'operatr' not allowed"),
+        (("operator.logLevel=chatty",), "/operator/logLevel"),
+        (("redis.url=redis://:pw@redis:6379",), "/redis/url"),
+        (("alerts.participationBelow=2",), "/alerts/participationBelow"),
+        (
+            ("operator.replicas=2", "operator.leaderElection.enabled=false"),
+            "needs operator.leaderElection.enabled=true",
+        ),
+        (("redis.bundled=false",), "redis.url: mode central without the bundled Redis"),
+    ],
+)
+def test_bad_values_fail_with_the_field_named(values: tuple[str, ...], message: str):
+    assert message in refused(*values)
+
+
+def test_the_image_runs_the_user_and_entrypoint_that_the_chart_and_operator_expect():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = [line for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert len(stages) >= 2, "multi-stage: build, then a runtime stage without the toolchain"
+    base = next(line for line in dockerfile.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
+    assert base.count(".") >= 2 and "-slim" in base, f"pin the base to a patch release: {base}"
+    assert 'ENTRYPOINT ["fedkube"]' in dockerfile
+    user = OperatorConfig().run_as_user
+    assert f"USER {user}:{user}" in dockerfile
+    deployment = render()[("Deployment", "fedkube-operator")]["spec"]["template"]["spec"]
+    assert deployment["securityContext"]["runAsUser"] == user
+    assert deployment["containers"][0]["command"] == ["fedkube"]
