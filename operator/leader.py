@@ -104,6 +104,7 @@ class LeaderElector:
     def __init__(self, api: k8s.ApiClient, election: Election):
         self.api = k8s.CoordinationV1Api(api)
         self.election = election
+        self.seen_holder = ""  # who held the Lease when it was last read
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -124,6 +125,7 @@ class LeaderElector:
         e = self.election
         now = datetime.now(timezone.utc)
         lease = self._read()
+        self.seen_holder = str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
         action = decide(lease, e.identity, now)
         if action is Action.wait:
             return False
@@ -169,13 +171,19 @@ class LeaderElector:
             return False
 
     async def hold(self) -> None:
-        """Renew until renewal fails for ``renew_deadline_s``; then raise LeadershipLost."""
+        """Renew until another replica holds the Lease, or renewal fails for
+        ``renew_deadline_s``; then raise LeadershipLost."""
         loop = asyncio.get_running_loop()
         last_renewed = loop.time()
         while True:
             await asyncio.sleep(self.election.retry_period_s)
             if await asyncio.to_thread(self._attempt):
                 last_renewed = loop.time()
+            elif self.seen_holder not in ("", self.election.identity):
+                raise LeadershipLost(
+                    f"the Lease {self.election.namespace}/{self.election.name} "
+                    f"is held by {self.seen_holder} now"
+                )
             elif loop.time() - last_renewed >= self.election.renew_deadline_s:
                 raise LeadershipLost(
                     f"could not renew the Lease {self.election.namespace}/"

@@ -88,3 +88,31 @@ def test_only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
         first.kill()
         if second is not None:
             second.stop()
+
+
+def test_a_leader_whose_lease_is_taken_stops_reconciling_and_exits(
+    control_plane: ControlPlane,
+    crd: None,
+    namespace: str,
+    redis_server: RedisServer,
+    tmp_path: Path,
+):
+    leader = replica(control_plane, namespace, redis_server, tmp_path / "a", "replica-a")
+    try:
+        leader.wait_serving()
+        wait_for(lambda: holder(control_plane, namespace) == "replica-a", 60, "a's Lease")
+        # Another holder renews the Lease from now on (a partitioned leader sees the same).
+        intruder = json.dumps(
+            {"spec": {"holderIdentity": "intruder", "leaseDurationSeconds": 3600}}
+        )
+        control_plane.kubectl(
+            "patch", "lease", "-n", namespace, LEASE, "--type=merge", "-p", intruder
+        )
+        process = leader.process
+        assert process is not None
+        wait_for(lambda: process.poll() is not None, 60, "a to exit")
+        assert process.returncode != 0
+        assert "is held by intruder now" in leader.log()
+        assert holder(control_plane, namespace) == "intruder"
+    finally:
+        leader.kill()
