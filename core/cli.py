@@ -219,6 +219,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
         central_address=args.central_address,
         namespaces=tuple(args.namespace),
         status_interval_s=args.status_interval,
+        aggregator_cpu=args.aggregator_cpu,
+        aggregator_memory=args.aggregator_memory,
+        combiner_cpu=args.combiner_cpu,
+        combiner_memory=args.combiner_memory,
     )
     runtime = Runtime(
         kubeconfig=args.kubeconfig,
@@ -313,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="site mode: URL template of a region's combiner, with {job}, {namespace}, {region}",
     )
     p.add_argument("--status-interval", type=float, default=2.0, help="seconds between passes")
+    p.add_argument("--aggregator-cpu", default="500m", help="global aggregator's CPU request")
+    p.add_argument(
+        "--aggregator-memory", default="512Mi", help="global aggregator's memory (request = limit)"
+    )
+    p.add_argument("--combiner-cpu", default="250m", help="each combiner's CPU request")
+    p.add_argument(
+        "--combiner-memory", default="256Mi", help="each combiner's memory (request = limit)"
+    )
     p.add_argument("--metrics-port", type=int, default=8000)
     p.add_argument("--health-port", type=int, default=8081, help="0: no liveness endpoint")
     p.add_argument("--peering", help="kopf peering name (several replicas, one active)")

@@ -570,7 +570,7 @@ def _tier_deployment(
         env,
         mounts,
         [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        {"requests": requests},
+        {"requests": requests, "limits": {"memory": requests["memory"]}},
     )
     container["readinessProbe"] = _service_probe(port)
     return _deployment(target, name, role, container, volumes, **label_extra)
@@ -608,7 +608,7 @@ def build_aggregator_deployment(target: Target) -> dict[str, Any]:
         args,
         volumes,
         mounts,
-        {"cpu": "500m", "memory": "512Mi"},
+        {"cpu": target.config.aggregator_cpu, "memory": target.config.aggregator_memory},
     )
 
 
@@ -648,7 +648,7 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         args,
         volumes,
         mounts,
-        {"cpu": "250m", "memory": "256Mi"},
+        {"cpu": target.config.combiner_cpu, "memory": target.config.combiner_memory},
         region=region,
     )
 

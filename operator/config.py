@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from fedkube.errors import ConfigError
-from fedkube.spec import DNS_LABEL
+from fedkube.spec import DNS_LABEL, QUANTITY
 
 DEFAULT_IMAGE = "fedkube:0.1.0"
 
@@ -34,6 +34,13 @@ class OperatorConfig:
     run_as_user: int = 10001
     namespaces: tuple[str, ...] = field(default_factory=tuple)
     status_interval_s: float = 2.0
+    # The aggregator tier's requests (memory is also its limit). The global
+    # aggregator holds the model and one running sum; a combiner one sum and
+    # the update it is reading: size them for the largest model you run.
+    aggregator_cpu: str = "500m"
+    aggregator_memory: str = "512Mi"
+    combiner_cpu: str = "250m"
+    combiner_memory: str = "256Mi"
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -52,6 +59,14 @@ class OperatorConfig:
             )
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
             problems.append(("--image-pull-policy", "must be Always, IfNotPresent or Never"))
+        for flag, value in (
+            ("--aggregator-cpu", self.aggregator_cpu),
+            ("--aggregator-memory", self.aggregator_memory),
+            ("--combiner-cpu", self.combiner_cpu),
+            ("--combiner-memory", self.combiner_memory),
+        ):
+            if not re.match(QUANTITY, value):
+                problems.append((flag, f"{value!r} is not a Kubernetes quantity"))
         if not 0 < self.status_interval_s <= 300:
             problems.append(("--status-interval", "must be in (0, 300] seconds"))
         if problems:

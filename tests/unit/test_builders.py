@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from fedkube.errors import ConfigError
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
@@ -356,3 +357,20 @@ def test_a_jobs_own_password_secret_wins_over_the_operators():
     aggregator = by_kind(children, "Deployment")["mnist-aggregator"]
     container = aggregator["spec"]["template"]["spec"]["containers"][0]
     assert _password_env(container) == {"name": "team-redis", "key": "pw"}
+
+
+def test_the_aggregator_tiers_resources_come_from_the_operator_config():
+    config = OperatorConfig(aggregator_memory="4Gi", combiner_cpu="2")
+    deployments = by_kind(build_children(target(config=config)), "Deployment")
+    aggregator = deployments["mnist-aggregator"]["spec"]["template"]["spec"]["containers"][0]
+    assert aggregator["resources"] == {
+        "requests": {"cpu": "500m", "memory": "4Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+    combiner = deployments["mnist-combiner-eu"]["spec"]["template"]["spec"]["containers"][0]
+    assert combiner["resources"]["requests"] == {"cpu": "2", "memory": "256Mi"}
+
+
+def test_an_operator_flag_that_is_not_a_quantity_is_refused_by_name():
+    with pytest.raises(ConfigError, match="--combiner-memory"):
+        OperatorConfig(combiner_memory="lots")
