@@ -319,11 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=2.0, help="seconds between passes")
     p.add_argument("--aggregator-cpu", default="500m", help="global aggregator's CPU request")
     p.add_argument(
-        "--aggregator-memory", default="512Mi", help="global aggregator's memory (request = limit)"
+        "--aggregator-memory", default="2Gi", help="global aggregator's memory (request = limit)"
     )
     p.add_argument("--combiner-cpu", default="250m", help="each combiner's CPU request")
     p.add_argument(
-        "--combiner-memory", default="256Mi", help="each combiner's memory (request = limit)"
+        "--combiner-memory", default="512Mi", help="each combiner's memory (request = limit)"
     )
     p.add_argument("--metrics-port", type=int, default=8000)
     p.add_argument("--health-port", type=int, default=8081, help="0: no liveness endpoint")

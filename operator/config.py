@@ -35,12 +35,13 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = field(default_factory=tuple)
     status_interval_s: float = 2.0
     # The aggregator tier's requests (memory is also its limit). The global
-    # aggregator holds the model and one running sum; a combiner one sum and
-    # the update it is reading: size them for the largest model you run.
+    # aggregator holds the model and one running sum and imports torch to
+    # evaluate it (about 560 MB before any model); a combiner (about 70 MB)
+    # one sum and the update it is reading: size them for the largest model.
     aggregator_cpu: str = "500m"
-    aggregator_memory: str = "512Mi"
+    aggregator_memory: str = "2Gi"
     combiner_cpu: str = "250m"
-    combiner_memory: str = "256Mi"
+    combiner_memory: str = "512Mi"
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []

@@ -116,7 +116,7 @@ def test_a_central_install_has_the_operator_rbac_and_a_bundled_redis():
     assert args[0] == "operator"
     assert "--redis-url=redis://fedkube-redis.fedkube.svc.cluster.local:6379/0" in args
     assert "--leader-election" in args
-    assert "--aggregator-memory=512Mi" in args and "--combiner-cpu=250m" in args
+    assert "--aggregator-memory=2Gi" in args and "--combiner-cpu=250m" in args
     assert not any(a.startswith("--site") for a in args)
     env = {e["name"]: e for e in operator_container(objects)["env"]}
     assert env["FEDKUBE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {

@@ -368,7 +368,7 @@ def test_the_aggregator_tiers_resources_come_from_the_operator_config():
         "limits": {"memory": "4Gi"},
     }
     combiner = deployments["mnist-combiner-eu"]["spec"]["template"]["spec"]["containers"][0]
-    assert combiner["resources"]["requests"] == {"cpu": "2", "memory": "256Mi"}
+    assert combiner["resources"]["requests"] == {"cpu": "2", "memory": "512Mi"}
 
 
 def test_an_operator_flag_that_is_not_a_quantity_is_refused_by_name():
