@@ -14,6 +14,7 @@ compare: setup
 # skips what is up to date (a cold build takes about 16 minutes).
 test: setup
 	./scripts/build-control-plane.sh
+	./scripts/install-prometheus.sh
 	.venv/bin/python -m pytest
 
 lint: setup

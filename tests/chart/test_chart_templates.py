@@ -231,8 +231,18 @@ def test_monitoring_objects_appear_only_where_the_prometheus_operator_crds_exist
         "app.kubernetes.io/managed-by": "fedkube-operator"
     }
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    # The series' own `job` label (the FederatedJob) must survive the scrape.
+    assert all(e["honorLabels"] for e in pod_monitor["spec"]["podMetricsEndpoints"])
     template = monitored[("Deployment", "fedkube-operator")]["spec"]["template"]["metadata"]
     assert "prometheus.io/scrape" not in (template.get("annotations") or {})
+
+
+def test_a_participation_threshold_passed_with_set_is_accepted():
+    rule = render("alerts.participationBelow=0.3", api_versions=MONITORING)[
+        ("PrometheusRule", "fedkube")
+    ]
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert any("fedkube_participation_ratio) < 0.3" in e for e in exprs)
 
 
 def test_dashboards_are_config_maps_with_the_grafana_sidecar_label():
@@ -255,6 +265,7 @@ def test_dashboards_are_config_maps_with_the_grafana_sidecar_label():
         (("operator.logLevel=chatty",), "/operator/logLevel"),
         (("redis.url=redis://:pw@redis:6379",), "/redis/url"),
         (("alerts.participationBelow=2",), "/alerts/participationBelow"),
+        (("alerts.participationBelow=0.3x",), "/alerts/participationBelow"),
         (("aggregator.memory=lots",), "/aggregator/memory"),
         (
             ("operator.replicas=2", "operator.leaderElection.enabled=false"),
