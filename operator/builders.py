@@ -145,36 +145,39 @@ def build_config_map(target: Target) -> dict[str, Any]:
     }
 
 
-def build_aggregator_secret(target: Target) -> dict[str, Any]:
-    """The token that combiners present to the global aggregator."""
+def _secret(
+    target: Target, name: str, labels: dict[str, str], data: Mapping[str, str]
+) -> dict[str, Any]:
+    """An Opaque Secret of the job's credentials (values base64-encoded here)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _metadata(
-            target,
-            naming.aggregator_name(target.name),
-            naming.labels(target.name, naming.ROLE_CREDENTIALS),
-        ),
-        "data": {TOKEN_KEY: _b64(target.aggregator_token)},
+        "metadata": _metadata(target, name, labels),
+        "data": {key: _b64(value) for key, value in data.items()},
     }
+
+
+def build_aggregator_secret(target: Target) -> dict[str, Any]:
+    """The token that combiners present to the global aggregator."""
+    return _secret(
+        target,
+        naming.aggregator_name(target.name),
+        naming.labels(target.name, naming.ROLE_CREDENTIALS),
+        {TOKEN_KEY: target.aggregator_token},
+    )
 
 
 def build_tenant_secret(target: Target, tenant: Tenant) -> dict[str, Any]:
     """The tenant's worker token (copy it to the tenant's site in site mode)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": _metadata(
-            target,
-            naming.tenant_name(target.name, tenant.name),
-            naming.labels(
-                target.name, naming.ROLE_CREDENTIALS, tenant=tenant.name, region=tenant.region
-            ),
+    return _secret(
+        target,
+        naming.tenant_name(target.name, tenant.name),
+        naming.labels(
+            target.name, naming.ROLE_CREDENTIALS, tenant=tenant.name, region=tenant.region
         ),
-        "data": {TOKEN_KEY: _b64(target.tenant_tokens[tenant.name])},
-    }
+        {TOKEN_KEY: target.tenant_tokens[tenant.name]},
+    )
 
 
 def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
@@ -184,17 +187,12 @@ def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
         for tenant in target.job.spec.tenants
         if tenant.region == region
     }
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": _metadata(
-            target,
-            naming.combiner_name(target.name, region),
-            naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
-        ),
-        "data": {"tokens.json": _b64(json.dumps(digests, sort_keys=True))},
-    }
+    return _secret(
+        target,
+        naming.combiner_name(target.name, region),
+        naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
+        {"tokens.json": json.dumps(digests, sort_keys=True)},
+    )
 
 
 def build_service_account(target: Target, tenant: Tenant) -> dict[str, Any]:
@@ -258,17 +256,12 @@ def redis_password_ref(target: Target) -> tuple[str, str] | None:
 
 def build_redis_secret(target: Target) -> dict[str, Any]:
     """The operator's Redis password, for the job's aggregator and combiners."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": _metadata(
-            target,
-            naming.redis_secret_name(target.name),
-            naming.labels(target.name, naming.ROLE_CREDENTIALS),
-        ),
-        "data": {REDIS_PASSWORD_KEY: _b64(target.config.redis_password or "")},
-    }
+    return _secret(
+        target,
+        naming.redis_secret_name(target.name),
+        naming.labels(target.name, naming.ROLE_CREDENTIALS),
+        {REDIS_PASSWORD_KEY: target.config.redis_password or ""},
+    )
 
 
 def _redis_env(target: Target) -> list[dict[str, Any]]:

@@ -196,12 +196,20 @@ def test_a_site_install_runs_the_site_operator_only(
     assert "forbidden" not in operator_log.lower(), operator_log[-4000:]
 
 
-def test_uninstall_leaves_nothing_cluster_scoped_but_the_crd(
+def test_upgrade_keeps_the_redis_password_and_uninstall_leaves_only_the_crd(
     control_plane: ControlPlane,
     crd: None,
     namespace: str,
 ):
     install(control_plane, namespace, "--set", "redis.persistence.enabled=false")
+    password = get_json(control_plane, namespace, "secret", "fedkube-redis")["data"]["password"]
+    # An upgrade keeps the random Redis password: jobs and the AOF depend on it.
+    control_plane.helm(
+        "upgrade", RELEASE, str(CHART), "-n", namespace, "--reuse-values",
+        "--set", "operator.logLevel=DEBUG",
+    )  # fmt: skip
+    upgraded = get_json(control_plane, namespace, "secret", "fedkube-redis")["data"]["password"]
+    assert upgraded == password
     before = released(control_plane, namespace)
     assert any(o["kind"] == "ClusterRole" for o in before)
     control_plane.helm("uninstall", RELEASE, "-n", namespace, "--wait")
