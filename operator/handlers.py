@@ -119,14 +119,7 @@ async def _round_facts(state: State, job: FederatedJob, namespace: str) -> Round
     of failing it for want of the workers that were stopped on purpose.
     """
     try:
-        url = await asyncio.to_thread(
-            job_redis_url,
-            state.kube,
-            job,
-            namespace,
-            state.config.redis_url,
-            state.config.redis_password,
-        )
+        url = await asyncio.to_thread(job_redis_url, state.kube, job, namespace, state.config)
     except NotReady:
         return None
     store = RoundStore.connect(url, job.name)
@@ -249,14 +242,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             return  # never valid, never ran
         namespace = body["metadata"]["namespace"]
         try:
-            url = await asyncio.to_thread(
-                job_redis_url,
-                memo.kube,
-                job,
-                namespace,
-                memo.config.redis_url,
-                memo.config.redis_password,
-            )
+            url = await asyncio.to_thread(job_redis_url, memo.kube, job, namespace, memo.config)
         except NotReady as exc:
             log.warning("no Redis to clean up: %s", exc, extra=fields(job=job.name))
             return

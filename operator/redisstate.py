@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 
+from fedkube.operator.config import OperatorConfig
 from fedkube.operator.kube import Kube
 from fedkube.operator.reconcile import NotReady
 from fedkube.operator.status import RoundFacts
@@ -16,25 +17,19 @@ from fedkube.roundstate import RoundStore, redis_url_with_password
 from fedkube.spec import FederatedJob
 
 
-def job_redis_url(
-    kube: Kube,
-    job: FederatedJob,
-    namespace: str,
-    default_url: str | None,
-    default_password: str | None = None,
-) -> str:
+def job_redis_url(kube: Kube, job: FederatedJob, namespace: str, config: OperatorConfig) -> str:
     """The job's Redis URL with its password.
 
     The password comes from the job's ``state.redisPasswordSecret``; a job on
-    the operator's own Redis uses the operator's password.
+    the operator's own Redis (``--redis-url``) uses the operator's password.
     """
-    url = job.spec.state.redis_url or default_url
+    url = job.spec.state.redis_url or config.redis_url
     if not url:
         raise NotReady("no Redis: set spec.state.redisUrl or the operator's --redis-url")
     ref = job.spec.state.redis_password_secret
     if ref is None:
         if job.spec.state.redis_url is None:
-            return redis_url_with_password(url, default_password)
+            return redis_url_with_password(url, config.redis_password)
         return url
     secret = kube.get("Secret", namespace, ref.name)
     data = (secret or {}).get("data") or {}
