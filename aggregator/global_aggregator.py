@@ -115,6 +115,11 @@ class GlobalAggregator:
             log.info("waiting for the global lease", extra=fields(job=self.name))
             await asyncio.sleep(self.config.lease_ttl_ms / 4000)
         await self._restore()
+        # A resumed round is open from the start: show it (the stalled-round
+        # alert watches this gauge), not only once the next round opens.
+        current = self._continue.round if self._continue is not None else self.round_no
+        if current:
+            self.metrics.round_current.labels(self.name, TIER, "").set(current)
         self._publish_model()
         self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
         self._tasks.append(asyncio.create_task(self._keep_lease()))
@@ -154,6 +159,23 @@ class GlobalAggregator:
             await self.store.start_job(self.spec.rounds)
             return
         saved = checkpoint.load_latest(directory, self.name)
+        closed_in_redis, _ = await self.store.last_record()
+        if (saved.round if saved is not None else 0) < closed_in_redis:
+            # Redis is ahead of the model: the checkpoints were lost (an emptyDir
+            # under a rescheduled pod) or are older. Resuming from what is here is
+            # consistent (history is trimmed to match), but the rounds in between
+            # are trained again: say so loudly instead of doing it silently.
+            log.error(
+                "Redis records %d closed rounds but the newest checkpoint in %s is round %d: "
+                "rounds %d to %d are lost and will be trained again. Keep checkpoints on a "
+                "volume that outlives the pod (spec.state.checkpointClaim)",
+                closed_in_redis,
+                directory,
+                saved.round if saved is not None else 0,
+                (saved.round if saved is not None else 0) + 1,
+                closed_in_redis,
+                extra=fields(job=self.name),
+            )
         last_closed = 0
         if saved is not None:
             self.weights, last_closed = saved.weights, saved.round

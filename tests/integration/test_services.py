@@ -8,6 +8,7 @@ aggregate can be checked and every kind of bad update can be sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import re
 from dataclasses import dataclass
@@ -361,5 +362,67 @@ async def test_a_round_checkpointed_but_not_closed_in_redis_is_closed_on_resume(
         assert [r["round"] for r in await resumed.store.history()] == [1]
         assert (await resumed.store.history())[0]["accuracy"] == 0.5
         assert resumed.round_no == 1 and resumed.version == 2 and info.round == 1
+    finally:
+        await resumed.stop()
+
+
+async def test_a_resumed_round_is_reported_as_the_current_round_at_once(redis_server, tmp_path):
+    # prepare: round 1 checkpointed and closed, round 2 collecting when the aggregator died
+    job = parse_job(small_job_dict(rounds=3))
+    first = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    await first.store.open_round(1, ["a-0", "b-0"], quorum=1, timeout_s=30, version=1)
+    record = {"round": 1, "reported": 2, "dropped": 0, "accuracy": 0.5, "loss": 1.0}
+    checkpoint.save(tmp_path / "ckpt", job.name, 1, first.weights, record)
+    await first.store.close_round(1, record, job.spec.state.key_ttl_seconds)
+    await first.store.open_round(2, ["a-0", "b-0"], quorum=1, timeout_s=30, version=2)
+    await first.stop()
+    # execute
+    resumed = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_server.url,
+            checkpoint_dir=tmp_path / "ckpt",
+            aggregator_digest=digest(AGG_TOKEN),
+            resume=True,
+        )
+    )
+    await resumed.start()
+    try:
+        # assert: /metrics says round 2 before any round opens
+        text = resumed.metrics.exposition().decode()
+        assert f'fedkube_round_current{{job="{job.name}",region="",tier="global"}} 2.0' in text
+    finally:
+        await resumed.stop()
+
+
+async def test_a_resume_without_the_checkpoints_says_which_rounds_are_lost(
+    redis_server, tmp_path, caplog
+):
+    # prepare: two rounds closed in Redis, but the checkpoint folder is empty (a new emptyDir)
+    job = parse_job(small_job_dict(rounds=5))
+    first = await start_global(job, redis_server.url, tmp_path / "old-ckpt")
+    for number in (1, 2):
+        await first.store.open_round(number, ["a-0"], quorum=1, timeout_s=30, version=number)
+        record = {"round": number, "reported": 1, "dropped": 0, "accuracy": 0.5, "loss": 1.0}
+        await first.store.close_round(number, record, job.spec.state.key_ttl_seconds)
+    await first.stop()
+    # execute
+    resumed = GlobalAggregator(
+        GlobalConfig(
+            job=job,
+            redis_url=redis_server.url,
+            checkpoint_dir=tmp_path / "new-ckpt",
+            aggregator_digest=digest(AGG_TOKEN),
+            resume=True,
+        )
+    )
+    with caplog.at_level(logging.ERROR, logger="fedkube.global"):
+        await resumed.start()
+    try:
+        # assert: it says what is lost and why; history matches the model it has
+        assert "rounds 1 to 2 are lost" in caplog.text
+        assert "spec.state.checkpointClaim" in caplog.text
+        assert await resumed.store.history() == []
+        assert resumed.round_no == 0
     finally:
         await resumed.stop()
