@@ -119,15 +119,22 @@ class Tier:
             return response.status, await response.json(content_type=None)
 
 
-async def start_global(job: FederatedJob, redis_url: str, checkpoints: Path) -> GlobalAggregator:
-    aggregator = GlobalAggregator(
+def global_aggregator(
+    job: FederatedJob, redis_url: str, checkpoints: Path, *, resume: bool = False
+) -> GlobalAggregator:
+    return GlobalAggregator(
         GlobalConfig(
             job=job,
             redis_url=redis_url,
             checkpoint_dir=checkpoints,
             aggregator_digest=digest(AGG_TOKEN),
+            resume=resume,
         )
     )
+
+
+async def start_global(job: FederatedJob, redis_url: str, checkpoints: Path) -> GlobalAggregator:
+    aggregator = global_aggregator(job, redis_url, checkpoints)
     await aggregator.start()
     return aggregator
 
@@ -346,15 +353,7 @@ async def test_a_round_checkpointed_but_not_closed_in_redis_is_closed_on_resume(
     checkpoint.save(tmp_path / "ckpt", job.name, 1, first.weights, record)
     await first.stop()  # releases its lease, as a crashed one's would expire
     # execute
-    resumed = GlobalAggregator(
-        GlobalConfig(
-            job=job,
-            redis_url=redis_server.url,
-            checkpoint_dir=tmp_path / "ckpt",
-            aggregator_digest=digest(AGG_TOKEN),
-            resume=True,
-        )
-    )
+    resumed = global_aggregator(job, redis_server.url, tmp_path / "ckpt", resume=True)
     await resumed.start()
     try:
         # assert: round 1 is closed with its record, and round 2 is next
@@ -377,15 +376,7 @@ async def test_a_resumed_round_is_reported_as_the_current_round_at_once(redis_se
     await first.store.open_round(2, ["a-0", "b-0"], quorum=1, timeout_s=30, version=2)
     await first.stop()
     # execute
-    resumed = GlobalAggregator(
-        GlobalConfig(
-            job=job,
-            redis_url=redis_server.url,
-            checkpoint_dir=tmp_path / "ckpt",
-            aggregator_digest=digest(AGG_TOKEN),
-            resume=True,
-        )
-    )
+    resumed = global_aggregator(job, redis_server.url, tmp_path / "ckpt", resume=True)
     await resumed.start()
     try:
         # assert: /metrics says round 2 before any round opens
@@ -407,15 +398,7 @@ async def test_a_resume_without_the_checkpoints_says_which_rounds_are_lost(
         await first.store.close_round(number, record, job.spec.state.key_ttl_seconds)
     await first.stop()
     # execute
-    resumed = GlobalAggregator(
-        GlobalConfig(
-            job=job,
-            redis_url=redis_server.url,
-            checkpoint_dir=tmp_path / "new-ckpt",
-            aggregator_digest=digest(AGG_TOKEN),
-            resume=True,
-        )
-    )
+    resumed = global_aggregator(job, redis_server.url, tmp_path / "new-ckpt", resume=True)
     with caplog.at_level(logging.ERROR, logger="fedkube.global"):
         await resumed.start()
     try:
