@@ -1,9 +1,10 @@
 """``fedkube operator``: run the kopf operator with fedkube's handlers.
 
 It logs in the way ``kubectl`` does (in-cluster service account, else
-``--kubeconfig`` or ``$KUBECONFIG``), serves ``/metrics`` and a liveness
-endpoint, and stops cleanly on SIGTERM. With leader election, only the replica
-holding the Lease runs kopf; the others serve ``/metrics`` and wait.
+``--kubeconfig`` or ``$KUBECONFIG``), serves ``/metrics`` and ``/healthz``
+(the event loop's heartbeat) on the metrics port, and stops cleanly on
+SIGTERM. With leader election, only the replica holding the Lease runs kopf;
+the others serve ``/metrics`` and ``/healthz`` and wait.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from prometheus_client import start_http_server
 
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.handlers import State, build_registry
+from fedkube.operator.health import Heartbeat, health_app, serve
 from fedkube.operator.kube import Kube
 from fedkube.operator.leader import Election, LeaderElector
 from fedkube.operator.metrics import OperatorMetrics
@@ -60,7 +61,8 @@ def api_client(kubeconfig: str | None) -> k8s.ApiClient:
 def run(config: OperatorConfig, runtime: Runtime) -> None:
     """Block until SIGINT/SIGTERM (kopf's own handlers stop it gracefully)."""
     metrics = OperatorMetrics()
-    start_http_server(runtime.metrics_port, runtime.metrics_host, registry=metrics.registry)
+    heartbeat = Heartbeat()
+    serve(health_app(metrics.registry, heartbeat), runtime.metrics_host, runtime.metrics_port)
     state = State(config=config, kube=Kube(api_client(runtime.kubeconfig)), metrics=metrics)
     registry = build_registry(config)
 
@@ -82,7 +84,16 @@ def run(config: OperatorConfig, runtime: Runtime) -> None:
             stop_flag=stop,
         )
 
-    asyncio.run(_lead_then_operate(runtime, operate))
+    asyncio.run(_beating(heartbeat, _lead_then_operate(runtime, operate)))
+
+
+async def _beating(heartbeat: Heartbeat, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` with the heartbeat that ``/healthz`` reports on."""
+    beating = asyncio.create_task(heartbeat.keep())
+    try:
+        await main
+    finally:
+        beating.cancel()
 
 
 async def _lead_then_operate(

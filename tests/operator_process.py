@@ -97,7 +97,14 @@ class OperatorProcess:
         return self.process.returncode
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
+        return self._get("/metrics")
+
+    def healthz(self) -> str:
+        """The body of ``/healthz``; raises HTTPError when it is not 200."""
+        return self._get("/healthz")
+
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}") as reply:
             text: str = reply.read().decode()
         return text
 

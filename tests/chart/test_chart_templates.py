@@ -124,6 +124,11 @@ def test_a_central_install_has_the_operator_rbac_and_a_bundled_redis():
         "key": "password",
     }
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Probes ask the event loop's heartbeat on the metrics port, not kopf's endpoint.
+    container = operator_container(objects)
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert "--health-port=0" in args
 
 
 def test_the_bundled_redis_keeps_an_append_only_file_on_a_claim_behind_a_password():

@@ -61,6 +61,8 @@ def test_only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
         second = replica(control_plane, namespace, redis_server, tmp_path / "b", "replica-b")
         second.wait_serving()
         wait_for(lambda: "waiting for the Lease" in second.log(), 30, "b waiting")
+        # Both are alive for the liveness probe, the standby as much as the leader.
+        assert first.healthz() == second.healthz() == "ok\n"
 
         apply(control_plane, namespace, job_document())
         wait_for(lambda: len(children(control_plane, namespace, "mnist")) > 10, 60, "children")
