@@ -188,6 +188,25 @@ def test_watch_namespaces_grant_roles_there_and_only_read_only_discovery_cluster
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
 
 
+def test_redis_admits_the_aggregator_tier_only_from_the_watched_namespaces():
+    def aggregator_tier_peer(objects: Objects) -> dict[str, Any]:
+        peers = objects[("NetworkPolicy", "fedkube-redis")]["spec"]["ingress"][0]["from"]
+        return next(p for p in peers if "namespaceSelector" in p)
+
+    everywhere = aggregator_tier_peer(render())
+    assert everywhere["namespaceSelector"] == {}
+    watched = aggregator_tier_peer(render("operator.watchNamespaces={team-a,team-b}"))
+    assert watched["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+    ]
+    role = watched["podSelector"]["matchExpressions"][0]
+    assert role == {
+        "key": "fedkube.io/role",
+        "operator": "In",
+        "values": ["aggregator", "combiner"],
+    }
+
+
 def test_the_operators_rbac_grants_exactly_what_it_uses():
     objects = render()
     rules = objects[("ClusterRole", "fedkube-operator-fedkube")]["rules"]
