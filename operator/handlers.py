@@ -100,6 +100,15 @@ async def run_pass(
         state.metrics.writes.labels("apply", kind).inc()
     for kind, _ in outcome.deleted:
         state.metrics.writes.labels("delete", kind).inc()
+    for (kind, name), paths in outcome.drifted.items():
+        state.metrics.drift_corrections.labels(kind).inc()
+        log.warning(
+            "%s %s was changed outside the operator (%s); applied it again",
+            kind,
+            name,
+            ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else ""),
+            extra=fields(job=job.name),
+        )
     if outcome.applied or outcome.deleted:
         log.info(
             "applied %d, deleted %d of %d children",

@@ -34,6 +34,12 @@ class OperatorMetrics:
             ["action", "kind"],
             registry=r,
         )
+        self.drift_corrections = Counter(
+            "fedkube_operator_drift_corrections_total",
+            "Children applied again because a field the operator sets was changed by hand.",
+            ["kind"],
+            registry=r,
+        )
         self.jobs = Gauge(
             "fedkube_operator_jobs",
             "FederatedJobs this operator watches, by phase.",

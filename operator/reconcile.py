@@ -2,8 +2,9 @@
 
 :func:`plan_changes` is pure: desired objects and the existing ones in, the
 writes out. An object is written only when it is missing or its
-``fedkube.io/spec-hash`` differs, so reconciling an unchanged job lists each
-kind once and writes nothing. Pods cannot be updated in place: a pod whose
+``fedkube.io/spec-hash`` differs, or when someone edited a field that the
+operator sets (:mod:`fedkube.operator.drift`), so reconciling an unchanged job
+lists each kind once and writes nothing. Pods cannot be updated in place: a pod whose
 hash changed is deleted and created again on a later pass; a worker pod that
 failed for good is replaced and counted against ``spec.backoffLimit``.
 """
@@ -22,6 +23,7 @@ from fedkube.errors import FedkubeError
 from fedkube.operator import naming
 from fedkube.operator.builders import TOKEN_KEY, RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
+from fedkube.operator.drift import drift
 from fedkube.operator.kube import CHILD_KINDS, Kube
 from fedkube.operator.status import parse_time
 from fedkube.spec import FederatedJob
@@ -43,6 +45,7 @@ class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete: list[dict[str, Any]] = field(default_factory=list)
     failed_pods: list[str] = field(default_factory=list)  # deleted, count against backoffLimit
+    drifted: dict[Key, list[str]] = field(default_factory=dict)  # edited by hand: re-applied
 
     @property
     def empty(self) -> bool:
@@ -59,6 +62,7 @@ class Outcome:
     unschedulable: dict[str, str]
     restarts: int
     children: int
+    drifted: dict[Key, list[str]] = field(default_factory=dict)
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -107,6 +111,11 @@ def plan_changes(
             (plan.delete if key[0] == "Pod" else plan.apply).append(
                 current if key[0] == "Pod" else obj
             )
+        elif key[0] != "Pod" and (paths := drift(obj, current)):
+            # Pods are left out: most of a pod's spec cannot change, and a
+            # pod's own controller (here the operator) replaces it on a new hash.
+            plan.apply.append(obj)
+            plan.drifted[key] = paths
     for key, current in have.items():
         if key in wanted or current["metadata"].get("deletionTimestamp"):
             continue
@@ -243,4 +252,5 @@ def reconcile(
         unschedulable=unschedulable_tenants(current_pods),
         restarts=container_restarts(current_pods),
         children=len(desired),
+        drifted=plan.drifted,
     )

@@ -210,6 +210,76 @@ def test_an_operator_killed_mid_reconcile_converges_without_duplicates_and_then_
     assert 'fedkube_operator_writes_total{action="apply"' not in operator.metrics()
 
 
+def test_a_child_edited_by_hand_is_put_back_and_the_operator_then_idles(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    apply(control_plane, namespace, job_document())
+    wait_for(
+        lambda: (
+            expected_children("mnist")
+            <= owned_children(children(control_plane, namespace, "mnist"))
+        ),
+        30,
+        "every child of the job",
+    )
+    egress = get_json(control_plane, namespace, "networkpolicy", "mnist-tenant-a")["spec"]["egress"]
+    # Someone scales the aggregator away and opens tenant a's egress to everything.
+    control_plane.kubectl(
+        "scale", "deployment", "mnist-aggregator", "--replicas=0", "-n", namespace
+    )
+    control_plane.kubectl(
+        "patch",
+        "networkpolicy",
+        "mnist-tenant-a",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"egress": [{}]}}),
+    )
+    wait_for(
+        lambda: (
+            get_json(control_plane, namespace, "deployment", "mnist-aggregator")["spec"]["replicas"]
+            == 1
+            and get_json(control_plane, namespace, "networkpolicy", "mnist-tenant-a")["spec"][
+                "egress"
+            ]
+            == egress
+        ),
+        30,
+        "the operator to put the aggregator's replicas and tenant a's egress back",
+    )
+    text = operator.metrics()
+    assert 'fedkube_operator_drift_corrections_total{kind="Deployment"} 1.0' in text
+    assert 'fedkube_operator_drift_corrections_total{kind="NetworkPolicy"} 1.0' in text
+    assert "mnist-aggregator was changed outside the operator (spec.replicas)" in operator.log()
+    # Put back for good: the following passes write nothing (no tug of war). The
+    # operator's own counters, since the Deployment's status still moves.
+    writes = series(operator, "fedkube_operator_writes_total")
+    passes = series(operator, "fedkube_operator_reconcile_duration_seconds_count")
+    wait_for(
+        lambda: (
+            series(operator, "fedkube_operator_reconcile_duration_seconds_count")[
+                '{trigger="timer"}'
+            ]
+            >= passes['{trigger="timer"}'] + 2
+        ),
+        30,
+        "two more timer passes",
+    )
+    assert series(operator, "fedkube_operator_writes_total") == writes
+
+
+def series(operator: OperatorProcess, name: str) -> dict[str, float]:
+    """The samples of one metric, by their label set as written."""
+    found = {}
+    for line in operator.metrics().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
 def test_deleting_the_job_removes_every_child_and_its_redis_keys(
     control_plane: ControlPlane,
     namespace: str,
