@@ -78,9 +78,7 @@ def validate(body: Mapping[str, Any]) -> FederatedJob:
         raise kopf.PermanentError(str(exc)) from None
 
 
-async def run_pass(
-    state: State, job: FederatedJob, body: Mapping[str, Any], trigger: str
-) -> Outcome:
+async def run_pass(state: State, job: FederatedJob, body: kopf.Body, trigger: str) -> Outcome:
     """One reconcile pass in a worker thread, timed and counted."""
     uid = body["metadata"]["uid"]
     started = time.perf_counter()
@@ -102,13 +100,10 @@ async def run_pass(
         state.metrics.writes.labels("delete", kind).inc()
     for (kind, name), paths in outcome.drifted.items():
         state.metrics.drift_corrections.labels(kind).inc()
-        log.warning(
-            "%s %s was changed outside the operator (%s); applied it again",
-            kind,
-            name,
-            ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else ""),
-            extra=fields(job=job.name),
-        )
+        where = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        message = f"{kind} {name} was changed outside the operator ({where}); applied it again"
+        log.warning(message, extra=fields(job=job.name))
+        kopf.warn(body, reason="ChildEdited", message=message)
     if outcome.applied or outcome.deleted:
         log.info(
             "applied %d, deleted %d of %d children",

@@ -253,6 +253,20 @@ def test_a_child_edited_by_hand_is_put_back_and_the_operator_then_idles(
     assert 'fedkube_operator_drift_corrections_total{kind="Deployment"} 1.0' in text
     assert 'fedkube_operator_drift_corrections_total{kind="NetworkPolicy"} 1.0' in text
     assert "mnist-aggregator was changed outside the operator (spec.replicas)" in operator.log()
+    wait_for(
+        lambda: any(
+            e["reason"] == "ChildEdited" and "NetworkPolicy mnist-tenant-a" in e["message"]
+            for e in get_json(
+                control_plane,
+                namespace,
+                "events",
+                "--field-selector",
+                "involvedObject.kind=FederatedJob,involvedObject.name=mnist",
+            )["items"]
+        ),
+        30,
+        "a ChildEdited event on the job",
+    )
     # Put back for good: the following passes write nothing (no tug of war). The
     # operator's own counters, since the Deployment's status still moves.
     writes = series(operator, "fedkube_operator_writes_total")
