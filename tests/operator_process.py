@@ -20,13 +20,17 @@ from tests.support import wait_for
 
 
 class OperatorProcess:
-    """``fedkube operator --namespace NS`` against the test control plane."""
+    """``fedkube operator --namespace NS`` against the test control plane.
+
+    ``redis_url`` None: no ``--redis-url``, as at a site that cannot reach the
+    central Redis.
+    """
 
     def __init__(
         self,
         control_plane: ControlPlane,
         namespace: str,
-        redis_url: str,
+        redis_url: str | None,
         log_dir: Path,
         *extra_args: str,
         env: dict[str, str] | None = None,
@@ -55,8 +59,7 @@ class OperatorProcess:
                 str(self.control_plane.kubeconfig),
                 "--namespace",
                 self.namespace,
-                "--redis-url",
-                self.redis_url,
+                *(["--redis-url", self.redis_url] if self.redis_url else []),
                 "--metrics-port",
                 str(self.metrics_port),
                 "--health-port",

@@ -68,7 +68,10 @@ address when the container starts (see ``rewrite_service_names``).
 ``NAME.NS.svc[.cluster.local]`` is rewritten even before the Service exists
 (its address is reserved by name); ``NAME.NS`` and a bare ``NAME`` (only as
 a URL host or ``NAME:PORT``) only for Services that exist at that moment.
-Names in other namespaces, and inside files, are not rewritten.
+Names inside files are not rewritten, nor those of other namespaces, except
+the ``NAME.NS.svc[.cluster.local]`` names of a ``peers`` runner's namespace:
+two runners, one per namespace, stand for two sites (clusters) that reach
+each other's Services by address.
 
 Pod status
 ----------
@@ -947,6 +950,7 @@ class PodRunner:
         label_selector: str | None = None,
         path_dirs: Sequence[Path] = (Path(sys.executable).parent,),
         extra_env: Mapping[str, str] | None = None,
+        peers: Sequence[PodRunner] = (),
     ) -> None:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.namespace = namespace
@@ -954,6 +958,7 @@ class PodRunner:
         self.label_selector = label_selector
         self.path = search_path(path_dirs)
         self.extra_env = dict(extra_env or {})
+        self.peers = tuple(peers)
         self.errors: list[str] = []
         self._lock = threading.RLock()
         self._runs: dict[str, PodRun] = {}  # by uid, including finished ones
@@ -1176,6 +1181,11 @@ class PodRunner:
         taken = set(holders) | set(self._service_ips.values())
         return allocate_ip(f"{self.namespace}/{name}", POD_NETWORK, taken), ""
 
+    def reserve_service_ip(self, name: str) -> str:
+        """The address of this runner's Service ``name`` (reserved now if need be)."""
+        with self._lock:
+            return self._service_ip(name)
+
     def _service_ip(self, name: str) -> str:
         """The Service's address, reserved by name when first needed (even before it exists)."""
         if name not in self._service_ips:
@@ -1206,6 +1216,10 @@ class PodRunner:
 
             def rewrite(text: str) -> str:
                 renamed = rewrite_service_names(text, self.namespace, services, self._service_ip)
+                for peer in self.peers:  # qualified names only: no bare names across sites
+                    renamed = rewrite_service_names(
+                        renamed, peer.namespace, {}, peer.reserve_service_ip
+                    )
                 return rewrite_mount_paths(renamed, mounts)
 
             argv = build_argv(container, env, rewrite, self.path)

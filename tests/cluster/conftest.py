@@ -7,6 +7,7 @@ marked ``cluster``, so ``pytest -m "not cluster"`` skips them all.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,17 +52,15 @@ def api_client(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiCli
         yield client
 
 
-@pytest.fixture
-def namespace(
-    request: pytest.FixtureRequest, api_client: kubernetes.client.ApiClient
-) -> Iterator[str]:
-    """A fresh namespace named after the test; deleted afterwards without waiting.
+@contextlib.contextmanager
+def fresh_namespace(api_client: kubernetes.client.ApiClient, stem: str) -> Iterator[str]:
+    """A new namespace ``<stem>-xxxxx``, deleted afterwards without waiting.
 
     It is handed over once its ``default`` ServiceAccount exists: until the
     controller-manager creates it, the apiserver refuses pods in the namespace.
     """
     core = kubernetes.client.CoreV1Api(api_client)
-    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    stem = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40].strip("-")
     created = core.create_namespace(
         {"metadata": {"generateName": f"{stem or 'test'}-", "labels": {"fedkube.io/test": "true"}}}
     )
@@ -81,6 +80,22 @@ def namespace(
         yield name
     finally:
         core.delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(
+    request: pytest.FixtureRequest, api_client: kubernetes.client.ApiClient
+) -> Iterator[str]:
+    """A fresh namespace named after the test."""
+    with fresh_namespace(api_client, request.node.name) as name:
+        yield name
+
+
+@pytest.fixture
+def site_namespace(api_client: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A second namespace, standing for a data-owning site's cluster."""
+    with fresh_namespace(api_client, "site") as name:
+        yield name
 
 
 # -- the operator under test ------------------------------------------------------------------
