@@ -75,6 +75,11 @@ POLL_INTERVAL_S = 0.5
 LEASE_TTL_MS = 5000
 
 
+def _failed(task: asyncio.Task[bytes]) -> bool:
+    """Whether a finished task failed or was cancelled (reading its exception marks it seen)."""
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
 @dataclass
 class _Round:
     """What the combiner holds for the round it is collecting."""
@@ -161,7 +166,9 @@ class Combiner:
         # Loops check `stopped` as well: a cancellation that races with a
         # timeout can be lost on Python 3.11, and shutdown must not hang on it.
         self.stopped.set()
-        tasks = [*self._tasks, *self._background_tasks]
+        # Model fetches too: they are shielded from their waiters, so nothing
+        # else cancels them, and they would fail on the closed session below.
+        tasks = [*self._tasks, *self._background_tasks, *self._fetches.values()]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -287,8 +294,11 @@ class Combiner:
         if version in self.models:
             return self.models[version]
         task = self._fetches.get(version)
-        if task is None:
+        if task is None or _failed(task):
+            # A fetch whose waiters were all cancelled (a stopped prefetch) stays
+            # here; if it failed, fetch again rather than repeat its old error.
             task = asyncio.create_task(self._fetch_model(version))
+            task.add_done_callback(_failed)  # retrieved: no "never retrieved" noise
             self._fetches[version] = task
         try:
             return await asyncio.shield(task)

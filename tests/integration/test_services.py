@@ -120,7 +120,7 @@ class Tier:
 
 
 def global_aggregator(
-    job: FederatedJob, redis_url: str, checkpoints: Path, *, resume: bool = False
+    job: FederatedJob, redis_url: str, checkpoints: Path, *, resume: bool = False, port: int = 0
 ) -> GlobalAggregator:
     return GlobalAggregator(
         GlobalConfig(
@@ -129,6 +129,7 @@ def global_aggregator(
             checkpoint_dir=checkpoints,
             aggregator_digest=digest(AGG_TOKEN),
             resume=resume,
+            port=port,
         )
     )
 
@@ -409,3 +410,31 @@ async def test_a_resume_without_the_checkpoints_says_which_rounds_are_lost(
         assert resumed.round_no == 0
     finally:
         await resumed.stop()
+
+
+async def test_a_model_fetch_that_failed_with_nobody_waiting_is_tried_again(redis_server, tmp_path):
+    # prepare: the global tier goes down; a prefetch of model 1 is cancelled (its
+    # waiter gone) and its fetch then fails with nobody to see it.
+    job = parse_job(small_job_dict(rounds=3))
+    first = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    combiner = await start_combiner(job, "eu", redis_server.url, first)
+    port = first.port
+    await first.stop()
+    waiter = asyncio.create_task(combiner.model_bytes(1))
+    await asyncio.sleep(0)  # let it start the fetch
+    waiter.cancel()
+    deadline = asyncio.get_running_loop().time() + 10
+    while not combiner._fetches[1].done():  # noqa: SLF001 - the fetch nobody awaits
+        assert asyncio.get_running_loop().time() < deadline, "the fetch did not fail"
+        await asyncio.sleep(0.01)
+    second = global_aggregator(job, redis_server.url, tmp_path / "ckpt", port=port)
+    await second.start()
+    try:
+        # execute: a worker asks for model 1 once the global tier is back
+        data = await combiner.model_bytes(1)
+        # assert: fetched again, not the old connection error
+        tensors, _ = codec.decode(data)
+        assert set(tensors) == set(second.weights)
+    finally:
+        await combiner.stop()
+        await second.stop()
