@@ -12,7 +12,6 @@ Lease) beat too, so the probe means the same on every replica.
 from __future__ import annotations
 
 import asyncio
-import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +20,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 BEAT_INTERVAL_S = 2.0
 MAX_AGE_S = 30.0
@@ -73,10 +73,6 @@ def health_app(
     return app
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         """Probes and scrapes every few seconds: not worth a log line each."""
@@ -84,6 +80,6 @@ class _QuietHandler(WSGIRequestHandler):
 
 def serve(app: WSGIApp, host: str, port: int) -> WSGIServer:
     """Serve ``app`` from a daemon thread; returns the server (``server_port``)."""
-    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="fedkube-metrics", daemon=True).start()
     return server
