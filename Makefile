@@ -20,8 +20,15 @@ test: setup
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
+# Every benchmark, full size. reconcile_latency.py runs the operator on the
+# control plane that `make test` builds too (skipped when up to date). Each one
+# has a --quick smoke test in `make test` (tests/*/test_benchmarks.py).
 bench: setup
-	.venv/bin/python benchmarks/fold.py && .venv/bin/python benchmarks/round_overhead.py
+	./scripts/build-control-plane.sh
+	.venv/bin/python benchmarks/fold.py
+	.venv/bin/python benchmarks/round_overhead.py
+	.venv/bin/python benchmarks/strategies.py
+	.venv/bin/python benchmarks/reconcile_latency.py
 
 # A loopback Kubernetes control plane with kwok GPU nodes, up until Ctrl-C;
 # it prints the `export KUBECONFIG=...` to use (tests/controlplane.py).

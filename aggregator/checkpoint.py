@@ -1,10 +1,13 @@
 """Checkpoints of the global model: safetensors weights plus JSON metadata.
 
 After round ``r`` closes, ``round-<r>.safetensors`` holds model version
-``r + 1`` (the input of the next round) and ``round-<r>.json`` its metadata
-(job, round, metrics). ``latest.json`` names the newest one and is replaced
-atomically, so a crash mid-write never leaves a torn "latest". Partials that
-the global tier acknowledged for the round in progress are kept beside them
+``r + 1`` (the input of the next round), ``round-<r>.json`` its metadata
+(job, round, metrics) and, for a strategy with server state (FedAdam's
+moments, SCAFFOLD's control variate), ``round-<r>.state.safetensors`` that
+state, so that a restarted aggregator continues the same optimisation.
+``latest.json`` names the newest one and is replaced atomically, so a crash
+mid-write never leaves a torn "latest". Partials that the global tier
+acknowledged for the round in progress are kept beside them
 (``partials/round-<r>/<region>.safetensors``) so that a restarted aggregator
 loses none of them.
 """
@@ -31,6 +34,7 @@ class Checkpoint:
     round: int
     weights: dict[str, np.ndarray]
     metadata: dict[str, Any]
+    state: dict[str, np.ndarray]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -49,19 +53,22 @@ def save(
     weights: dict[str, np.ndarray],
     metadata: dict[str, Any],
     keep: int = KEEP,
+    state: dict[str, np.ndarray] | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"round-{number:06d}"
-    _atomic_write(
-        directory / f"{stem}.safetensors",
-        codec.encode(weights, {"fedkube.job": job, "fedkube.round": str(number)}),
-    )
+    tags = {"fedkube.job": job, "fedkube.round": str(number)}
+    _atomic_write(directory / f"{stem}.safetensors", codec.encode(weights, tags))
+    if state:
+        # Before latest.json moves: a pointer never names a round without its state.
+        _atomic_write(directory / f"{stem}.state.safetensors", codec.encode(state, tags))
     meta = {"job": job, "round": number, **metadata}
     _atomic_write(directory / f"{stem}.json", json.dumps(meta, sort_keys=True).encode())
     _atomic_write(directory / "latest.json", json.dumps({"round": number, "stem": stem}).encode())
-    for old in sorted(directory.glob("round-*.safetensors"))[:-keep]:
+    for old in sorted(directory.glob("round-??????.safetensors"))[:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
+        old.with_suffix(".state.safetensors").unlink(missing_ok=True)
     return directory / f"{stem}.safetensors"
 
 
@@ -73,12 +80,18 @@ def load_latest(directory: Path, job: str) -> Checkpoint | None:
         stem = json.loads(pointer.read_text())["stem"]
         meta = json.loads((directory / f"{stem}.json").read_text())
         tensors, tmeta = codec.decode((directory / f"{stem}.safetensors").read_bytes())
+        state_path = directory / f"{stem}.state.safetensors"
+        state, smeta = codec.decode(state_path.read_bytes()) if state_path.exists() else ({}, tmeta)
     except (OSError, KeyError, json.JSONDecodeError, CodecError) as exc:
         raise CheckpointError(f"checkpoint in {directory} is unreadable: {exc}") from None
-    if meta.get("job") != job or tmeta.get("fedkube.job") != job:
+    if {meta.get("job"), tmeta.get("fedkube.job"), smeta.get("fedkube.job")} != {job}:
         raise CheckpointError(f"checkpoint in {directory} belongs to job {meta.get('job')!r}")
-    weights = {name: np.array(array) for name, array in tensors.items()}
-    return Checkpoint(round=int(meta["round"]), weights=weights, metadata=meta)
+    return Checkpoint(
+        round=int(meta["round"]),
+        weights={name: np.array(array) for name, array in tensors.items()},
+        metadata=meta,
+        state={name: np.array(array) for name, array in state.items()},
+    )
 
 
 def clear(directory: Path) -> None:

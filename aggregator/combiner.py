@@ -7,11 +7,14 @@ One combiner runs per region. Per round it
    to every worker of the region from a local file with sendfile (one copy per
    region crosses the global tier, not one per worker),
 3. validates each worker's update (identity, round, selection, size, codec,
-   metadata, shape, dtype, finiteness, norm) and folds it into one running
-   weighted sum (memory O(model), not O(clients x model)),
-4. sends one partial (``Σ w_i·Δ_i``, ``Σ w_i``) to the global aggregator when
-   every selected client of the region reported, or when the global tier asks
-   for a flush at the round deadline.
+   metadata, shape, dtype, finiteness, norm), clips it to
+   ``strategy.robust.normBound`` if set, and folds it into one running
+   weighted sum (memory O(model), not O(clients x model)) — or, under a robust
+   rule, keeps it in the region's bounded buffer (O(clients x model)),
+4. sends one partial (``Σ w_i·Δ_i``, ``Σ w_i``, ``Σ w_i·τ_i``; under a robust
+   rule ``estimate × Σ w_i``) to the global aggregator when every selected
+   client of the region reported, or when the global tier asks for a flush at
+   the round deadline.
 
 A rejected update is counted by reason and never touches the sum, so it
 cannot poison the round. If the combiner restarts mid-round, the updates it
@@ -39,8 +42,10 @@ from redis.exceptions import RedisError
 
 from fedkube import codec
 from fedkube.aggregator.bodies import BufferPool, read_body
+from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
-from fedkube.aggregator.validation import Template, check_update, template_of
+from fedkube.aggregator.update_buffer import UpdateBuffer
+from fedkube.aggregator.validation import Template, check_update, l2_norm, template_of
 from fedkube.errors import CodecError, LeaseLost, UpdateRejected
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -56,12 +61,15 @@ from fedkube.protocol import (
     M_JOB,
     M_KIND,
     M_ROUND,
+    M_STEPS,
     M_TENANT,
+    M_WEIGHTED_STEPS,
     Envelope,
     Reason,
     RoundState,
     check_metadata,
     parse_int,
+    parse_steps,
     parse_weight,
 )
 from fedkube.roundstate import RoundInfo, RoundStore
@@ -73,6 +81,10 @@ log = logging.getLogger("fedkube.combiner")
 TIER = "combiner"
 POLL_INTERVAL_S = 0.5
 LEASE_TTL_MS = 5000
+
+
+# A refusal message is shown in conditions and logs, never more than this.
+MAX_REFUSAL_CHARS = 2000
 
 
 def _failed(task: asyncio.Task[bytes]) -> bool:
@@ -88,6 +100,7 @@ class _Round:
     selected: set[str]  # this region's selected clients
     folded: set[str] = field(default_factory=set)
     sum: WeightedSum | None = None
+    buffer: UpdateBuffer | None = None  # under a robust rule, instead of the sum
     flushed: bool = False
 
 
@@ -116,6 +129,9 @@ class Combiner:
         self.clients = {c.id: c for c in clients}
         self.tenants = {c.tenant for c in clients}
         self.max_bytes = config.job.spec.transport.max_update_bytes
+        self.strategy = config.job.spec.strategy
+        self.fold_scale = REGISTRY[self.strategy.name].fold_scale
+        self.robust_rule = ROBUST_RULES.get(self.strategy.robust.rule)
         self.current: _Round | None = None
         self.job_status: str | None = None
         self.models: dict[int, bytes] = {}
@@ -138,6 +154,7 @@ class Combiner:
         app.router.add_get("/v1/task", self.handle_task)
         app.router.add_get("/v1/model/{version}", self.handle_model)
         app.router.add_post("/v1/update", self.handle_update)
+        app.router.add_post("/v1/refusal", self.handle_refusal)
         app.router.add_get("/metrics", self.metrics.handle)
         app.router.add_get("/healthz", self.handle_health)
         return app
@@ -161,6 +178,17 @@ class Combiner:
             self.port,
             extra=fields(job=self.name, region=self.region),
         )
+
+    async def drain(self, timeout: float = 10) -> None:
+        """Wait, at most ``timeout`` seconds, for in-flight partial sends to finish.
+
+        A region's partial goes to the global tier in the background, so the
+        update that completed the region is answered at once. ``stop()``
+        cancels that send, so callers that shut down on purpose drain first:
+        a partial already on its way is delivered rather than cut off.
+        """
+        if self._background_tasks:
+            await asyncio.wait(set(self._background_tasks), timeout=timeout)
 
     async def stop(self) -> None:
         # Loops check `stopped` as well: a cancellation that races with a
@@ -444,6 +472,30 @@ class Combiner:
             return json_error(exc.status, exc.reason, exc.detail)
         return web.json_response(result)
 
+    async def handle_refusal(self, request: web.Request) -> web.Response:
+        """A site's operator says its policy refuses this tenant (with the tenant's token).
+
+        The site has no Redis; its only line to the central side is the
+        tenant's token and this combiner. The refusal is recorded in Redis,
+        where the global aggregator stops waiting on the tenant's clients
+        and the central operator shows it in the job's status.
+        """
+        try:
+            tenant = self._authenticate(request)
+            document = await request.json()
+            message = str(document.get("message", ""))[:MAX_REFUSAL_CHARS] or "refused"
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
+        except (ValueError, AttributeError):
+            return json_error(400, Reason.malformed.value, 'expected {"message": "..."}')
+        await self.store.record_refusal(tenant, message)
+        log.warning(
+            "tenant refused at its site: %s",
+            message,
+            extra=fields(job=self.name, region=self.region, tenant=tenant),
+        )
+        return web.json_response({"recorded": True, "tenant": tenant})
+
     async def _accept_update(self, request: web.Request, tenant: str) -> dict[str, object]:
         client = request.headers.get(H_CLIENT, "")
         if request.headers.get(H_JOB) != self.name:
@@ -495,21 +547,39 @@ class Combiner:
         )
         if parse_weight(metadata.get("fedkube.weight")) != weight:
             raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
+        steps = parse_steps(metadata.get(M_STEPS), required=self.strategy.name == "fednova")
         if self.template is None:
             await self.model_bytes(current.info.version)
         assert self.template is not None
         check_update(tensors, self.template, self.job.spec.transport.norm_bound)
+        clip = 1.0
+        if self.strategy.robust.norm_bound is not None:
+            # Applied as a factor inside the fold (or the buffer's copy): no clipped copy.
+            clip = norm_bound.clip_scale(l2_norm(tensors), self.strategy.robust.norm_bound)
+            if clip < 1.0:
+                self.metrics.updates_clipped.labels(self.name, self.region, tenant).inc()
         started = time.perf_counter()
         async with self._lock:
             # Re-check under the lock: a flush or a new round may have happened.
             self._check_round(self.current, number, client)
+            if self.robust_rule is not None and current.buffer is None:
+                current.buffer = UpdateBuffer.for_template(
+                    self.template, len(current.selected), self.strategy.robust.max_buffer_bytes
+                )
+            if current.buffer is not None:
+                current.buffer.check_room()
             if not await self.store.record_report(number, client, weight):
                 raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
-            if current.sum is None:
-                current.sum = WeightedSum.zeros_like(tensors)
-            await asyncio.get_running_loop().run_in_executor(
-                None, current.sum.fold, tensors, weight
-            )
+            scale = self.fold_scale(weight, steps) * clip
+            loop = asyncio.get_running_loop()
+            if current.buffer is not None:
+                await loop.run_in_executor(
+                    None, current.buffer.add, tensors, scale / weight, weight, steps
+                )
+            else:
+                if current.sum is None:
+                    current.sum = WeightedSum.zeros_like(tensors)
+                await loop.run_in_executor(None, current.sum.fold, tensors, weight, scale, steps)
             current.folded.add(client)
             complete = current.folded >= current.selected
         self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(
@@ -562,16 +632,31 @@ class Combiner:
 
     async def _flush(self, current: _Round) -> None:
         """Send the partial; retry until the global tier has it or moved on."""
+        loop = asyncio.get_running_loop()
         async with self._lock:
-            partial = current.sum
-            tensors = partial.sums if partial else {}
-            weight = partial.weight if partial else 0.0
-            count = partial.count if partial else 0
+            if current.buffer is not None:
+                assert self.robust_rule is not None
+                started = time.perf_counter()
+                tensors, weight, count, steps = await loop.run_in_executor(
+                    None, current.buffer.reduce, self.robust_rule, self.strategy.robust
+                )
+                self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(
+                    time.perf_counter() - started
+                )
+                current.buffer = None  # the region's copies go as soon as they are reduced
+            else:
+                partial = current.sum
+                tensors = partial.sums if partial else {}
+                weight = partial.weight if partial else 0.0
+                count = partial.count if partial else 0
+                steps = partial.steps if partial else 0.0
             envelope = Envelope(self.name, current.info.round, self.region, "", weight)
-            metadata = {**envelope.metadata("partial"), "fedkube.count": str(count)}
-            body = await asyncio.get_running_loop().run_in_executor(
-                None, codec.encode, tensors, metadata
-            )
+            metadata = {
+                **envelope.metadata("partial"),
+                "fedkube.count": str(count),
+                M_WEIGHTED_STEPS: repr(float(steps)),
+            }
+            body = await loop.run_in_executor(None, codec.encode, tensors, metadata)
         headers = {
             H_JOB: self.name,
             H_ROUND: str(current.info.round),
@@ -629,6 +714,5 @@ async def run_combiner(
     waiter.cancel()
     done.cancel()
     # Let in-flight partials finish before leaving (bounded by their own retries).
-    if combiner._background_tasks:  # noqa: SLF001
-        await asyncio.wait(combiner._background_tasks, timeout=10)  # noqa: SLF001
+    await combiner.drain()
     await combiner.stop()

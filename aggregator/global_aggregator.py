@@ -1,10 +1,13 @@
 """The global aggregator: drives rounds, reduces regional partials, checkpoints.
 
 For each round it selects participants (seeded), opens the round in Redis,
-serves model version ``v_r`` to the combiners, waits for one partial per
-region that has selected clients (or the deadline), reduces them with the
-job's strategy, evaluates on the held-out split, checkpoints, appends the
-round's record to the history and opens the next round.
+serves model version ``v_r`` to the combiners (with whatever the strategy
+sends down beside it, e.g. SCAFFOLD's control variate), waits for one partial
+per region that has selected clients (or the deadline), reduces them to the
+round's mean delta, applies the strategy's server step (FedAvg, server
+momentum, FedAdam/Yogi/Adagrad, SCAFFOLD, FedNova), evaluates on the held-out
+split, checkpoints the model with the strategy's state, appends the round's
+record to the history and opens the next round.
 
 Deadline rule: at the deadline, if at least ``quorum`` clients reported the
 combiners are asked to flush (state ``aggregating``); otherwise the spec's
@@ -31,7 +34,7 @@ from redis.exceptions import RedisError
 from fedkube import codec
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
-from fedkube.aggregator.strategies.fedavg import Partial
+from fedkube.aggregator.strategies.fedavg import Partial, Tensors, aggregate_partials
 from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
 from fedkube.errors import CodecError, QuorumNotReached, UpdateRejected
 from fedkube.learning import build_model, evaluate, float_state, load_data, load_float_state
@@ -45,6 +48,7 @@ from fedkube.protocol import (
     M_KIND,
     M_REGION,
     M_ROUND,
+    M_WEIGHTED_STEPS,
     Reason,
     RoundState,
     check_metadata,
@@ -81,13 +85,20 @@ class GlobalAggregator:
         self.name = config.job.name
         self.metrics = metrics or Metrics()
         self.store = RoundStore.connect(config.redis_url, self.name)
-        self.strategy = REGISTRY[self.spec.strategy.name].module
+        self.strategy = REGISTRY[self.spec.strategy.name]
         self.clients = config.job.clients()
         self.region_of = {c.id: c.region for c in self.clients}
+        self.tenant_of = {c.id: c.tenant for c in self.clients}
         self.regions = set(config.job.region_names())
         self.model = build_model(config.job)
         self.weights = float_state(self.model)
-        self.template: Template = template_of(self.weights)
+        self.server_state: Tensors = self.strategy.module.init_state(
+            self.weights, self.spec.strategy
+        )
+        # What travels down (and so what every update and partial must match).
+        self.template: Template = template_of(
+            self.strategy.downlink(self.weights, self.server_state)
+        )
         self.version = 1
         self.model_bytes: dict[int, bytes] = {}
         self.round_no = 0
@@ -120,6 +131,10 @@ class GlobalAggregator:
         current = self._continue.round if self._continue is not None else self.round_no
         if current:
             self.metrics.round_current.labels(self.name, TIER, "").set(current)
+        self.metrics.strategy_info.labels(
+            self.name, self.spec.strategy.name, self.spec.strategy.robust.rule
+        ).set(1)
+        self._show_state()
         self._publish_model()
         self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
         self._tasks.append(asyncio.create_task(self._keep_lease()))
@@ -179,6 +194,16 @@ class GlobalAggregator:
         last_closed = 0
         if saved is not None:
             self.weights, last_closed = saved.weights, saved.round
+            if saved.state.keys() == self.server_state.keys():
+                self.server_state = saved.state
+            elif self.server_state:
+                log.error(
+                    "checkpoint of round %d has no %s state; it starts again from its "
+                    "initial value",
+                    saved.round,
+                    self.spec.strategy.name,
+                    extra=fields(job=self.name),
+                )
             self.version = last_closed + 1
             await self._finish_close(saved)
         self.round_no = last_closed
@@ -222,7 +247,7 @@ class GlobalAggregator:
     def _publish_model(self) -> None:
         self.model_bytes = {v: b for v, b in self.model_bytes.items() if v >= self.version - 1}
         self.model_bytes[self.version] = codec.encode(
-            self.weights,
+            self.strategy.downlink(self.weights, self.server_state),
             {"fedkube.job": self.name, "fedkube.version": str(self.version), M_KIND: "model"},
         )
 
@@ -249,6 +274,10 @@ class GlobalAggregator:
         selected = select_clients(ids, self.spec.participation.fraction, self.spec.seed, number)
         needed = quorum(self.spec.participation, len(selected))
         await self._await_clients(number, selected, needed)
+        # Clients whose site refused the job stay counted in the quorum (they
+        # are absent) but are not waited on: the round opens without them.
+        refused = await self.store.refused_tenants()
+        selected = [c for c in selected if self.tenant_of[c] not in refused]
         self.partials = {}
         self._arrived.clear()
         info = await self.store.open_round(
@@ -277,7 +306,16 @@ class GlobalAggregator:
                 started = time.monotonic()  # a suspended job's workers are gone on purpose
                 await asyncio.sleep(POLL_INTERVAL_S)
                 continue
-            ready = len(set(selected) & await self.store.registered_clients())
+            refused = await self.store.refused_tenants()
+            eligible = {c for c in selected if self.tenant_of[c] not in refused}
+            if len(eligible) < needed:
+                names = sorted({self.tenant_of[c] for c in selected} & refused.keys())
+                raise QuorumNotReached(
+                    f"round {number}: quorum is {needed} of the {len(selected)} selected "
+                    f"clients, but only {len(eligible)} can take part: refused at their site: "
+                    + "; ".join(f"tenant {t}: {refused[t]}" for t in names)
+                )
+            ready = len(eligible & await self.store.registered_clients())
             if ready >= needed:
                 return
             waited = time.monotonic() - started
@@ -382,10 +420,18 @@ class GlobalAggregator:
         number = info.round
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        delta = await loop.run_in_executor(None, self.strategy.reduce_partials, partials)
-        self.weights = self.strategy.apply_delta(
-            self.weights, delta, self.spec.strategy.server_learning_rate
+        aggregate = await loop.run_in_executor(
+            None, aggregate_partials, partials, len(self.clients)
         )
+        self.weights, self.server_state = await loop.run_in_executor(
+            None,
+            self.strategy.module.server_step,
+            self.weights,
+            aggregate,
+            self.server_state,
+            self.spec.strategy,
+        )
+        summary = self._show_state()
         self.metrics.aggregation_seconds.labels(self.name, TIER, "").observe(
             time.perf_counter() - started
         )
@@ -422,8 +468,18 @@ class GlobalAggregator:
             "late": counters.get("late", 0),
             "regions": by_region,
             "extensions": (await self.store.round_info(number) or info).extensions,
+            "strategy": self.spec.strategy.name,
+            "robust": self.spec.strategy.robust.rule,
+            "server_state": summary,
         }
-        checkpoint.save(self.config.checkpoint_dir, self.name, number, self.weights, record)
+        checkpoint.save(
+            self.config.checkpoint_dir,
+            self.name,
+            number,
+            self.weights,
+            record,
+            state=self.server_state,
+        )
         self.round_no = number
         self.version = number + 1
         self._publish_model()
@@ -439,6 +495,18 @@ class GlobalAggregator:
             "n/a" if accuracy is None else f"{accuracy:.4f}",
             extra=fields(job=self.name, round=number),
         )
+
+    def _show_state(self) -> dict[str, float]:
+        """The strategy's state as norms, on ``/metrics`` (and returned for the history)."""
+        summary = {
+            key: round(value, 6)
+            for key, value in self.strategy.module.state_summary(self.server_state).items()
+        }
+        for quantity, value in summary.items():
+            self.metrics.strategy_state.labels(self.name, self.spec.strategy.name, quantity).set(
+                value
+            )
+        return summary
 
     def _evaluate(self) -> tuple[float, float]:
         if self._test_data is None:
@@ -538,14 +606,20 @@ class GlobalAggregator:
         try:
             weight = float(metadata["fedkube.weight"])
             count = int(metadata["fedkube.count"])
+            steps = float(metadata.get(M_WEIGHTED_STEPS, weight))
         except (KeyError, ValueError):
             raise UpdateRejected(Reason.bad_weight.value, "partial lacks weight/count") from None
         if not (weight >= 0 and count >= 0) or (count > 0) != (weight > 0):
             raise UpdateRejected(Reason.bad_weight.value, f"weight {weight} with count {count}")
+        # Every τ_i ≥ 1, so Σ w_i·τ_i ≥ Σ w_i (up to rounding in the two sums).
+        if not steps >= (weight * (1 - 1e-9) if count else 0) or steps == float("inf"):
+            raise UpdateRejected(
+                Reason.bad_steps.value, f"weighted steps {steps} below weight {weight}"
+            )
         if count:
             check_structure(tensors, self.template)
             check_finite(tensors)
-        return Partial(region=region, sums=dict(tensors), weight=weight, count=count)
+        return Partial(region=region, sums=dict(tensors), weight=weight, count=count, steps=steps)
 
 
 async def run_global(

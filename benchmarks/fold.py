@@ -12,7 +12,12 @@ table shows the best (the least disturbed by other load on the machine) and the
 median; the ratio against the target uses best vs best, and the median ratio is
 printed as well.
 
-Run:  .venv/bin/python benchmarks/fold.py
+Run:  .venv/bin/python benchmarks/fold.py   (``make bench``)
+
+``--quick`` runs every measurement on a 1,000,000-parameter model with 10
+updates and 2 repeats: seconds, not a measurement. The smoke test in
+tests/integration/test_benchmarks.py runs it so that a change to the fold
+breaks ``make test``, not only ``make bench``.
 """
 
 from __future__ import annotations
@@ -35,24 +40,36 @@ from fedkube import codec
 from fedkube.aggregator.strategies.fedavg import FOLD_CHUNK, WeightedSum
 from fedkube.protocol import Envelope
 
-PARAMS = 10_000_000
 MB = 1e6
 GB = 1e9
+FULL_WIDTH = 2000  # 10,000,000 parameters (40 MB)
+QUICK_WIDTH = 500  # 1,000,000 parameters (4 MB), --quick
 
-# Several "layers" summing to exactly 10,000,000 float32 parameters (40 MB).
-SHAPES: dict[str, tuple[int, ...]] = {
-    "layer0.weight": (2000, 2000),
-    "layer0.bias": (2000,),
-    "layer1.weight": (2000, 2000),
-    "layer1.bias": (2000,),
-    "layer2.weight": (998, 2000),
-}
-assert sum(int(np.prod(s)) for s in SHAPES.values()) == PARAMS
+Shapes = dict[str, tuple[int, ...]]
 
 
-def make_update(seed: int) -> dict[str, np.ndarray]:
+def model_shapes(width: int) -> Shapes:
+    """Several "layers" of ``2·width² + 1000·width`` float32 parameters in all."""
+    return {
+        "layer0.weight": (width, width),
+        "layer0.bias": (width,),
+        "layer1.weight": (width, width),
+        "layer1.bias": (width,),
+        "layer2.weight": (998, width),
+    }
+
+
+def param_count(shapes: Shapes) -> int:
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+assert param_count(model_shapes(FULL_WIDTH)) == 10_000_000
+assert param_count(model_shapes(QUICK_WIDTH)) == 1_000_000
+
+
+def make_update(seed: int, shapes: Shapes) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in SHAPES.items()}
+    return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
 
 
 def timed(fn: Callable[[], None], repeats: int) -> list[float]:
@@ -98,7 +115,7 @@ def plain_add(acc: dict[str, np.ndarray], delta: Mapping[str, np.ndarray], _w: f
         np.add(total, delta[name], out=total)  # unweighted: the a += b floor over the model dict
 
 
-def memory_child(mode: str, n_updates: int, n_distinct: int) -> dict[str, int]:
+def memory_child(mode: str, n_updates: int, n_distinct: int, width: int) -> dict[str, int]:
     """Run the memory measurement in a fresh interpreter; returns its JSON answer."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = subprocess.run(
@@ -111,6 +128,8 @@ def memory_child(mode: str, n_updates: int, n_distinct: int) -> dict[str, int]:
             str(n_updates),
             "--distinct",
             str(n_distinct),
+            "--width",
+            str(width),
         ],
         env=env,
         check=True,
@@ -120,11 +139,11 @@ def memory_child(mode: str, n_updates: int, n_distinct: int) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_main(mode: str, n_updates: int, n_distinct: int) -> None:
+def memory_main(mode: str, n_updates: int, n_distinct: int, width: int) -> None:
     """Child: peak memory of one fold of ``n_updates`` updates, beyond the updates."""
     blobs = []
     for i in range(n_distinct):
-        update = make_update(100 + i)
+        update = make_update(100 + i, model_shapes(width))
         meta = Envelope("bench", 1, f"c{i}", "t", 10.0).metadata("update")
         blobs.append(codec.encode(update, meta))
         del update
@@ -149,30 +168,44 @@ def memory_main(mode: str, n_updates: int, n_distinct: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--updates", type=int, help="updates per fold (default 100, quick 10)")
     parser.add_argument(
-        "--distinct", type=int, default=4, help="distinct update dicts generated and cycled through"
+        "--distinct",
+        type=int,
+        help="distinct update dicts generated and cycled through (default 4, quick 2)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="repeats per measurement (default 5, quick 2)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every measurement, smaller (1,000,000-parameter model): a smoke test",
+    )
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", choices=["fold", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    n_updates = args.updates or (10 if args.quick else 100)
+    n_distinct = args.distinct or (2 if args.quick else 4)
+    repeats = args.repeats or (2 if args.quick else 5)
+    width = args.width or (QUICK_WIDTH if args.quick else FULL_WIDTH)
     if args.memory_child:
-        memory_main(args.memory_child, args.updates, args.distinct)
+        memory_main(args.memory_child, n_updates, n_distinct, width)
         return
 
-    model_bytes = PARAMS * 4
-    n_updates, n_distinct, repeats = args.updates, args.distinct, args.repeats
+    shapes = model_shapes(width)
+    params = param_count(shapes)
+    model_bytes = params * 4
+    size = f"{model_bytes / MB:.0f} MB float32"
     weights = [float(10 + (i % 7)) for i in range(n_updates)]
 
-    # -- data: 40 MB pair for memcpy/add; updates as owned arrays and as
+    # -- data: a model-sized pair for memcpy/add; updates as owned arrays and as
     #    zero-copy read-only views of safetensors bytes (what the combiner folds)
-    src = np.random.default_rng(0).standard_normal(PARAMS, dtype=np.float32)
+    src = np.random.default_rng(0).standard_normal(params, dtype=np.float32)
     dst = np.empty_like(src)
-    other = np.random.default_rng(1).standard_normal(PARAMS, dtype=np.float32)
+    other = np.random.default_rng(1).standard_normal(params, dtype=np.float32)
     np.copyto(dst, src)  # fault the pages in before timing
     inner = 10  # memcpy / add operations per timed sample
 
-    updates = [make_update(100 + i) for i in range(n_distinct)]
+    updates = [make_update(100 + i, shapes) for i in range(n_distinct)]
     blobs = [
         codec.encode(u, Envelope("bench", 1, f"client-{i}", "tenant", 10.0).metadata("update"))
         for i, u in enumerate(updates)
@@ -224,18 +257,19 @@ def main() -> None:
     naive_t, plain_t = samples["naive"], samples["plain"]
 
     # Correctness spot check: the fold equals the reference weighted sum.
+    checked = min(n_updates, 8)
     acc = WeightedSum.zeros_like(updates[0])
-    ref = {name: np.zeros(shape, np.float64) for name, shape in SHAPES.items()}
-    for i in range(min(n_updates, 8)):
+    ref = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+    for i in range(checked):
         acc.fold(views[i % n_distinct], weights[i])
         for name in ref:
             ref[name] += weights[i] * updates[i % n_distinct][name]
     max_err = max(float(np.max(np.abs(acc.sums[n] - ref[n]))) for n in ref)
     del acc, ref
 
-    # -- (d) extra memory during a 100-update fold ----------------------------
-    mem_fold = memory_child("fold", n_updates, n_distinct)
-    mem_naive = memory_child("naive", n_updates, n_distinct)
+    # -- (d) extra memory during one fold of all the updates -------------------
+    mem_fold = memory_child("fold", n_updates, n_distinct, width)
+    mem_naive = memory_child("naive", n_updates, n_distinct, width)
 
     # -- report ----------------------------------------------------------------
     def bw_cells(values: list[float]) -> str:
@@ -248,8 +282,8 @@ def main() -> None:
     plain_rate = [folded / t for t in plain_t]
 
     print(
-        f"FedAvg fold benchmark: {n_updates} updates of a {PARAMS:,}-parameter float32 model "
-        f"({model_bytes / MB:.0f} MB per update, {folded / GB:.1f} GB folded per run)"
+        f"FedAvg fold benchmark: {n_updates} updates of a {params:,}-parameter float32 model "
+        f"({model_bytes / MB:.0f} MB per update, {folded / GB:.2f} GB folded per run)"
     )
     print(
         f"updates: {n_distinct} distinct update dicts generated and cycled "
@@ -269,11 +303,11 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     print(
-        f"{'(a) memcpy np.copyto, 40 MB float32':<52} {'':>18} {bw_cells(memcpy_bw)}   "
+        f"{'(a) memcpy np.copyto, ' + size:<52} {'':>18} {bw_cells(memcpy_bw)}   "
         f"  traffic = 2 x size (read+write)"
     )
     print(
-        f"{'(b) numpy in-place add a += b, 40 MB float32':<52} {'':>18} {bw_cells(add_bw)}   "
+        f"{'(b) numpy in-place add a += b, ' + size:<52} {'':>18} {bw_cells(add_bw)}   "
         f"  traffic = 3 x size (read a, read b, write a)"
     )
 
@@ -322,8 +356,8 @@ def main() -> None:
     print(
         f"for context, same access pattern: WeightedSum.fold (views) reaches "
         f"{max(view_rate) / max(plain_rate):6.1%} of the unweighted dict np.add over the same "
-        f"cycled updates (best vs best); (b) re-adds one 40 MB pair (80 MB working set, "
-        f"L3 here {l3_size()})"
+        f"cycled updates (best vs best); (b) re-adds one {model_bytes / MB:.0f} MB pair "
+        f"({2 * model_bytes / MB:.0f} MB working set, L3 here {l3_size()})"
     )
     print()
 
@@ -345,17 +379,17 @@ def main() -> None:
         print(line)
 
     print(
-        "extra model-sized buffers during one 100-update fold, beyond the updates themselves "
-        "(the accumulator is included and counts as one):"
+        f"extra model-sized buffers during one {n_updates}-update fold, beyond the updates "
+        f"themselves (the accumulator is included and counts as one):"
     )
     print(
-        "  measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536 so freed blocks "
-        "leave RSS); updates are safetensors views of 4 cycled payloads"
+        f"  measured in a fresh child process (MALLOC_MMAP_THRESHOLD_=65536 so freed blocks "
+        f"leave RSS); updates are safetensors views of {n_distinct} cycled payloads"
     )
     mem_line("WeightedSum.fold", mem_fold, True)
     mem_line("naive acc += w * delta (context)", mem_naive, False)
     print(
-        f"\ncorrectness spot check (first 8 folds vs float64 reference): max abs error "
+        f"\ncorrectness spot check (first {checked} folds vs float64 reference): max abs error "
         f"{max_err:.2e}"
     )
 

@@ -15,7 +15,13 @@ scheduler, kwok, redis-server and ``fedkube operator`` as a process. Each
 size runs ``--repeat`` times in a fresh namespace; the table shows the median
 and the worst. Numbers depend on the machine (2 shared cores here).
 
-Run:  .venv/bin/python benchmarks/reconcile_latency.py
+Run:  .venv/bin/python benchmarks/reconcile_latency.py   (``make bench``; it builds
+the control plane first with scripts/build-control-plane.sh, as ``make test`` does)
+
+``--quick`` runs jobs of 2 and 4 tenants once each on 2 nodes: every step of
+the full run in well under a minute, not a measurement. The smoke test in
+tests/cluster/test_benchmarks.py runs it so that a change to the operator or
+the test cluster breaks ``make test``, not only ``make bench``.
 """
 
 from __future__ import annotations
@@ -138,10 +144,14 @@ def measure(cp: ControlPlane, tenants: int, workdir: Path, index: int) -> dict[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="10,100")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sizes", help="tenants per job, comma-separated (default 10,100)")
+    parser.add_argument("--repeat", type=int, help="runs per size (default 3, quick 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="jobs of 2 and 4 tenants, once each: a smoke test"
+    )
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in (args.sizes or ("2,4" if args.quick else "10,100")).split(",")]
+    repeat = args.repeat or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="fedkube-bench-") as tmp:
         workdir = Path(tmp)
         gpus_needed = max(sizes)
@@ -154,11 +164,11 @@ def main() -> int:
             cp.kubectl("wait", "--for=condition=Established", "crd/federatedjobs.fedkube.io")
             rows = []
             for tenants in sizes:
-                runs = [measure(cp, tenants, workdir, i) for i in range(args.repeat)]
+                runs = [measure(cp, tenants, workdir, i) for i in range(repeat)]
                 rows.append((tenants, runs))
         finally:
             cp.stop()
-    print(f"\nreconcile latency, {nodes} kwok nodes x 8 GPUs, {args.repeat} runs each")
+    print(f"\nreconcile latency, {nodes} kwok nodes x 8 GPUs, {repeat} runs each")
     print(
         f"{'tenants':>8} {'objects':>8} {'children: median':>17} {'max':>7}"
         f" {'pods Running: median':>21} {'max':>7} {'no-op pass':>11}"

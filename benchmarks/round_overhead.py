@@ -28,7 +28,12 @@ discarded. Evaluation: ``evaluation.everyRounds`` is set above ``rounds`` so
 only the last round evaluates (the global tier always evaluates the last
 round); that round is included in the statistics.
 
-Run:  .venv/bin/python benchmarks/round_overhead.py
+Run:  .venv/bin/python benchmarks/round_overhead.py   (``make bench``)
+
+``--quick`` runs every scenario with 2 rounds (1 measured), a 10,100-parameter
+model and 1 epoch of digits: seconds, not a measurement. The smoke test in
+tests/integration/test_benchmarks.py runs it so that a change to the services
+breaks ``make test``, not only ``make bench``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ import numpy as np  # noqa: E402
 from fedkube import codec  # noqa: E402
 from fedkube.aggregator.combiner import Combiner, CombinerConfig  # noqa: E402
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig  # noqa: E402
+from fedkube.metrics import Metrics  # noqa: E402
 from fedkube.protocol import (  # noqa: E402
     H_CLIENT,
     H_CODEC,
@@ -120,6 +126,9 @@ def manifest(
 
 BENCH_MODEL = {"entrypoint": "bench_models:make_model", "kwargs": {"inputs": 1000, "outputs": 1000}}
 BENCH_DATA = {"entrypoint": "bench_models:make_data", "kwargs": {"inputs": 1000, "classes": 10}}
+# --quick: the same scenarios with a 10,100-parameter model.
+QUICK_MODEL = {"entrypoint": "bench_models:make_model", "kwargs": {"inputs": 100, "outputs": 100}}
+QUICK_DATA = {"entrypoint": "bench_models:make_data", "kwargs": {"inputs": 100, "classes": 10}}
 DIGITS_MODEL = {"entrypoint": "fedkube.examples.digits:make_model", "kwargs": {"hidden": 128}}
 DIGITS_DATA = {
     "entrypoint": "fedkube.examples.digits:make_data",
@@ -197,11 +206,50 @@ async def sim_client(
                 stats["refused"].append([number, client.id, answer.get("error")])
 
 
+class TrainingTimes(logging.Handler):
+    """Each Worker's training seconds per round, from its public metric and log.
+
+    A Worker observes ``fedkube_worker_train_seconds`` once it has trained a
+    round, then logs what became of the update with ``round`` and ``client``
+    fields. At that record, the growth of the worker's histogram sum since its
+    previous record is the round's training time: no reaching into the
+    Worker's internals, which could change under the benchmark unnoticed.
+    """
+
+    def __init__(self, job: FederatedJob, metrics: dict[str, Metrics], into: dict[str, Any]):
+        super().__init__(logging.INFO)
+        self.job = job
+        self.metrics = metrics
+        self.into = into
+        self.clients = {c.id: c for c in job.clients()}
+        self.seen = dict.fromkeys(metrics, 0.0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        client, number = getattr(record, "client", None), getattr(record, "round", None)
+        if client not in self.metrics or number is None:
+            return
+        labels = {
+            "job": self.job.name,
+            "region": self.clients[client].region,
+            "tenant": self.clients[client].tenant,
+        }
+        total = self.metrics[client].registry.get_sample_value(
+            "fedkube_worker_train_seconds_sum", labels
+        )
+        grown = (total or 0.0) - self.seen[client]
+        self.seen[client] = total or 0.0
+        if grown > 0:
+            per_client = self.into.setdefault(str(number), {})
+            per_client[client] = per_client.get(client, 0.0) + grown
+
+
 async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None) -> dict[str, Any]:
     """Run every client of the job to the job's end; returns per-round training times."""
     job = parse_job(config["manifest"])
     urls, tokens = config["urls"], config["tokens"]
     stats: dict[str, Any] = {"refused": [], "train_s": {}, "marks": {}}
+    worker_log = logging.getLogger("fedkube.worker")
+    timing: TrainingTimes | None = None
     if config["mode"] == "sim":
         coros = [sim_client(job, c, urls[c.region], tokens[c.tenant], stats) for c in job.clients()]
     else:
@@ -211,17 +259,6 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
 
         torch.set_num_threads(1)  # 8 workers in one process on 2 cores: no oversubscription
 
-        class TimedWorker(Worker):
-            """A real Worker that records the wall time of each round's training."""
-
-            def _train(self, global_weights, number):
-                started = time.perf_counter()
-                result = super()._train(global_weights, number)
-                stats["train_s"].setdefault(str(number), {})[self.client.id] = (
-                    time.perf_counter() - started
-                )
-                return result
-
         clients = job.clients()
         # One executor thread per worker, as if each had its own process.
         asyncio.get_running_loop().set_default_executor(
@@ -229,18 +266,26 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
         )
         stop = asyncio.Event()
         workers = [
-            TimedWorker(
+            Worker(
                 WorkerConfig(job=job, client=c, combiner_url=urls[c.region], token=tokens[c.tenant])
             )
             for c in clients
         ]
+        timing = TrainingTimes(job, {w.client.id: w.metrics for w in workers}, stats["train_s"])
+        worker_log.addHandler(timing)
+        worker_log.setLevel(logging.INFO)  # the per-round record is logged at INFO
         coros = [w.run(stop) for w in workers]
     if ready is not None:
         ready.set()
     else:
         print("READY", flush=True)
     cpu = time.process_time()
-    await asyncio.gather(*coros)
+    try:
+        await asyncio.gather(*coros)
+    finally:
+        if timing is not None:
+            worker_log.removeHandler(timing)
+            worker_log.setLevel(logging.NOTSET)
     stats["cpu_s"] = time.process_time() - cpu
     return stats
 
@@ -361,8 +406,7 @@ async def run_scenario(sc: Scenario) -> Result:
                 with contextlib.suppress(BaseException):
                     await client_task
             for combiner in combiners:
-                if combiner._flush_tasks:  # noqa: SLF001
-                    await asyncio.wait(combiner._flush_tasks, timeout=10)  # noqa: SLF001
+                await combiner.drain()
                 await combiner.stop()
             await agg.stop()
 
@@ -384,6 +428,12 @@ async def run_scenario(sc: Scenario) -> Result:
         info = hashes[number]
         wall = float(info["closed_at"]) - float(info["opened_at"])
         trains = stats["train_s"].get(str(number), {})
+        if sc.mode == "worker" and len(trains) < record["reported"]:
+            # Without them the overhead would silently be the whole round wall time.
+            raise RuntimeError(
+                f"{sc.label}: round {number} has training times for {len(trains)} workers, "
+                f"{record['reported']} reported"
+            )
         slowest = max(trains.values()) if trains else 0.0
         result.rows.append(
             {
@@ -491,29 +541,31 @@ def print_rounds(results: list[Result]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    rounds = args.rounds
+    rounds = args.rounds or (2 if args.quick else 6)
+    model, data = (QUICK_MODEL, QUICK_DATA) if args.quick else (BENCH_MODEL, BENCH_DATA)
+    training = {**DIGITS_TRAINING, "epochs": 1} if args.quick else DIGITS_TRAINING
     scenarios = [
         Scenario(
             "8 tenants, real Worker training (digits)",
-            manifest("bench-digits8", rounds, 8, 1, DIGITS_MODEL, DIGITS_DATA, DIGITS_TRAINING),
+            manifest("bench-digits8", rounds, 8, 1, DIGITS_MODEL, DIGITS_DATA, training),
             "worker",
             "child",
         ),
         Scenario(
             "8 tenants, no training, clients in 2nd process",
-            manifest("bench-sim8", rounds, 8, 1, BENCH_MODEL, BENCH_DATA),
+            manifest("bench-sim8", rounds, 8, 1, model, data),
             "sim",
             "child",
         ),
         Scenario(
             "100 clients, no training, clients in 2nd proc",
-            manifest("bench-sim100", rounds, 10, 10, BENCH_MODEL, BENCH_DATA),
+            manifest("bench-sim100", rounds, 10, 10, model, data),
             "sim",
             "child",
         ),
         Scenario(
             "100 clients, no training, all in one process",
-            manifest("bench-sim100-inproc", rounds, 10, 10, BENCH_MODEL, BENCH_DATA),
+            manifest("bench-sim100-inproc", rounds, 10, 10, model, data),
             "sim",
             "inproc",
         ),
@@ -524,7 +576,8 @@ async def main_async(args: argparse.Namespace) -> None:
     for sc in scenarios:
         print(f"running: {sc.label} ...", file=sys.stderr, flush=True)
         results.append(await run_scenario(sc))
-    model_bytes = results[-1].model_bytes if results else 0
+    sim = [r for r in results if r.scenario.mode == "sim"]
+    model_bytes, params = (sim[-1].model_bytes, sim[-1].params) if sim else (0, 0)
     print(
         f"\nPer-round orchestration overhead = round wall - slowest worker's training time "
         f"({rounds} rounds per scenario, round 1 discarded as warm-up; median and max over "
@@ -543,7 +596,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print(
         f"MB/round w<->c = worker<->combiner bytes (models down + updates up, from the round "
         f"counters); the global tier adds ~2 x regions x model ({model_bytes / 1e6:.1f} MB "
-        f"for the 1M model) per round"
+        f"for the {params:,}-parameter model) per round"
     )
     print(
         "svc CPU s/rnd = CPU of this process (global + combiners, all threads) + redis-server "
@@ -557,16 +610,26 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 6, quick 2)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every scenario, smaller (2 rounds, 10,100-parameter model): a smoke test",
+    )
     parser.add_argument("--only", help="run only scenarios whose label contains this")
     parser.add_argument("--client-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Warnings to stderr; a handler level, since TrainingTimes lets fedkube.worker's INFO through.
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.WARNING, handlers=[stderr], format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.client_child:
         client_child_main()
         return
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    if args.rounds is not None and args.rounds < 2:
+        parser.error("--rounds must be at least 2: round 1 is a warm-up and is discarded")
     asyncio.run(main_async(args))
 
 

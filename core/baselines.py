@@ -1,19 +1,33 @@
-"""``fedkube compare``: is federation worth it for this job?
+"""``fedkube compare``: is federation worth it for this job, and with which strategy?
 
 Runs the federated job with the embedded runtime, then trains the same model
 (same initialisation, optimiser and total number of local epochs: rounds x
 epochs) centrally on the pooled training data, and on each tenant's data
 alone, and evaluates all of them on the same held-out split.
+
+With ``--strategies a,b,c`` (and ``--seeds N``) it runs the same job once per
+strategy and seed, changing only ``spec.strategy.name`` (and ``spec.seed``),
+so the strategies see the same split, initialisation and budget; the
+baselines depend on neither the strategy nor anything but the seed, so they
+are trained once per seed. :func:`strategy_rows` and :func:`accuracy_curves`
+turn the runs into the table and the plot without running anything, which
+keeps the arithmetic testable on its own.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from fedkube.learning import build_model, evaluate, load_data, train
+from fedkube.local.report import human_bytes
 from fedkube.local.runner import RunOptions, run_job
-from fedkube.spec import Client, FederatedJob, load_job
+from fedkube.spec import Client, FederatedJob, dump_job, load_job, parse_job
 
 
 @dataclass
@@ -24,13 +38,14 @@ class CompareReport:
     central_accuracy: float
     tenant_accuracy: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
+    strategy: str = "fedavg"
 
     def table(self) -> str:
         fed = self.federated_accuracy
         best_name = max(self.tenant_accuracy, key=self.tenant_accuracy.__getitem__)
         best = self.tenant_accuracy[best_name]
         rows = [
-            ("federated (FedAvg)", fed),
+            (f"federated ({self.strategy})", fed),
             ("centralised, pooled data", self.central_accuracy),
             (f"best tenant alone ({best_name})", best),
         ]
@@ -94,4 +109,368 @@ def compare(job_path: Path, out_dir: Path | None = None, quiet: bool = False) ->
             t.name: tenant_alone_accuracy(job, i, epochs) for i, t in enumerate(job.spec.tenants)
         },
         epochs=epochs,
+        strategy=job.spec.strategy.name,
     )
+
+
+# fedkube compare --strategies: one run per (strategy, seed), one table.
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """One finished federated run: its strategy, seed, end state and history."""
+
+    strategy: str
+    seed: int
+    status: str
+    history: list[dict[str, Any]]
+    out_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class SeedBaselines:
+    """The strategy-independent baselines of one seed."""
+
+    seed: int
+    central_accuracy: float
+    tenant_accuracy: dict[str, float]
+
+    @property
+    def best_alone(self) -> float:
+        return max(self.tenant_accuracy.values())
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A value over seeds: mean, sample standard deviation (0 for one seed), min, max."""
+
+    mean: float
+    std: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if not values:
+            raise ValueError("Spread.of needs at least one value")
+        return cls(
+            mean=statistics.fmean(values),
+            std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            low=min(values),
+            high=max(values),
+            count=len(values),
+        )
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """One strategy's line of the table, aggregated over its seeds.
+
+    ``final``/``best``/``gap`` are over the runs that evaluated at least once
+    (``None`` when none did). ``rounds_to_target`` holds, per run, the first
+    round whose held-out accuracy reached the target, ``None`` when it never
+    did. ``gap`` is the centralised accuracy minus the final accuracy, per seed.
+    """
+
+    strategy: str
+    runs: int
+    failed: int
+    final: Spread | None
+    best: Spread | None
+    gap: Spread | None
+    rounds_to_target: list[int | None]
+    bytes_moved: Spread
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Held-out accuracy per round over seeds: mean and the min–max band."""
+
+    rounds: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def _evaluated(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in history if r.get("accuracy") is not None]
+
+
+def rounds_to_target(history: Sequence[dict[str, Any]], target: float) -> int | None:
+    """The first round whose held-out accuracy is at least ``target``."""
+    return next((int(r["round"]) for r in _evaluated(history) if r["accuracy"] >= target), None)
+
+
+def bytes_moved(history: Sequence[dict[str, Any]]) -> int:
+    """Bytes up plus bytes down over every closed round."""
+    return sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in history)
+
+
+def default_target(baselines: Sequence[SeedBaselines], share: float = 0.9) -> float:
+    """``share`` of the mean centralised accuracy: "how fast to nearly centralised"."""
+    return share * statistics.fmean(b.central_accuracy for b in baselines)
+
+
+def strategy_rows(
+    runs: Sequence[StrategyRun], baselines: Sequence[SeedBaselines], target: float
+) -> list[StrategyRow]:
+    """The table's strategy rows, in the order the strategies first appear in ``runs``."""
+    central = {b.seed: b.central_accuracy for b in baselines}
+    order = list(dict.fromkeys(run.strategy for run in runs))
+    rows = []
+    for name in order:
+        mine = [run for run in runs if run.strategy == name]
+        finals, bests, gaps = [], [], []
+        for run in mine:
+            evaluated = _evaluated(run.history)
+            if not evaluated:
+                continue
+            finals.append(float(evaluated[-1]["accuracy"]))
+            bests.append(max(float(r["accuracy"]) for r in evaluated))
+            if run.seed in central:
+                gaps.append(central[run.seed] - finals[-1])
+        rows.append(
+            StrategyRow(
+                strategy=name,
+                runs=len(mine),
+                failed=sum(run.status != "succeeded" for run in mine),
+                final=Spread.of(finals) if finals else None,
+                best=Spread.of(bests) if bests else None,
+                gap=Spread.of(gaps) if gaps else None,
+                rounds_to_target=[rounds_to_target(run.history, target) for run in mine],
+                bytes_moved=Spread.of([float(bytes_moved(run.history)) for run in mine]),
+            )
+        )
+    return rows
+
+
+def accuracy_curves(runs: Sequence[StrategyRun]) -> dict[str, Curve]:
+    """Per strategy, accuracy per evaluated round: mean, min and max over its seeds.
+
+    A round counts the seeds that evaluated it, so a run that stopped early
+    shortens nobody else's curve.
+    """
+    curves: dict[str, Curve] = {}
+    for name in dict.fromkeys(run.strategy for run in runs):
+        by_round: dict[int, list[float]] = {}
+        for run in runs:
+            if run.strategy == name:
+                for record in _evaluated(run.history):
+                    by_round.setdefault(int(record["round"]), []).append(float(record["accuracy"]))
+        rounds = sorted(by_round)
+        curves[name] = Curve(
+            rounds=rounds,
+            mean=[statistics.fmean(by_round[r]) for r in rounds],
+            low=[min(by_round[r]) for r in rounds],
+            high=[max(by_round[r]) for r in rounds],
+        )
+    return curves
+
+
+def _pct(spread: Spread | None, signed: bool = False) -> str:
+    if spread is None:
+        return "n/a"
+    mean = f"{100 * spread.mean:+.1f}" if signed else f"{100 * spread.mean:.1f}"
+    return mean if spread.count == 1 else f"{mean} ± {100 * spread.std:.1f}"
+
+
+def _rounds(values: Sequence[int | None]) -> str:
+    """Mean rounds over the runs that reached the target; "—" if none did."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "—"
+    text = f"{statistics.fmean(reached):.1f}".removesuffix(".0")
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
+
+
+@dataclass
+class StrategyComparison:
+    """Everything ``fedkube compare --strategies`` measured, and how to show it."""
+
+    job: str
+    seeds: list[int]
+    rounds: int
+    epochs_per_round: int
+    runs: list[StrategyRun]
+    baselines: list[SeedBaselines]
+    target: float
+    target_is_default: bool = True
+    plot_path: Path | None = None
+
+    @property
+    def all_succeeded(self) -> bool:
+        return all(run.status == "succeeded" for run in self.runs)
+
+    def rows(self) -> list[StrategyRow]:
+        return strategy_rows(self.runs, self.baselines, self.target)
+
+    def table(self) -> str:
+        rows = self.rows()
+        target = f"{100 * self.target:.1f}%"
+        why = " (90% of centralised)" if self.target_is_default else ""
+        header = ["strategy", "final", "best", f"rounds to {target}", "bytes moved", "gap"]
+        body = [
+            [
+                row.strategy + (f" ({row.failed}/{row.runs} failed)" if row.failed else ""),
+                _pct(row.final),
+                _pct(row.best),
+                _rounds(row.rounds_to_target),
+                human_bytes(row.bytes_moved.mean),
+                _pct(row.gap, signed=True),
+            ]
+            for row in rows
+        ]
+        central = Spread.of([b.central_accuracy for b in self.baselines])
+        alone = Spread.of([b.best_alone for b in self.baselines])
+        body.append(["centralised, pooled data", _pct(central), "", "", "", ""])
+        alone_gap = Spread.of([b.central_accuracy - b.best_alone for b in self.baselines])
+        body.append(["best tenant alone", _pct(alone), "", "", "", _pct(alone_gap, signed=True)])
+        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+        def render(cells: list[str]) -> str:
+            first = cells[0].ljust(widths[0])
+            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+            return "  " + "   ".join([first, *rest]).rstrip()
+
+        seeds = ", ".join(str(seed) for seed in self.seeds)
+        lines = [
+            f"fedkube compare {self.job}: {len(rows)} strategies x {len(self.seeds)} seeds "
+            f"({seeds}), {self.rounds} rounds x {self.epochs_per_round} local epochs",
+            f"held-out accuracy in %, mean ± sample standard deviation over seeds; "
+            f"target {target}{why}",
+            "gap: centralised minus final accuracy, in points; rounds to target: mean over "
+            "the seeds that reached it",
+            "",
+            render(header),
+            *[render(line) for line in body],
+        ]
+        finals = {row.strategy: row.final.mean for row in rows if row.final is not None}
+        if finals:
+            best = max(finals, key=finals.__getitem__)
+            lines += [
+                "",
+                f"  best strategy: {best}; it beats the best tenant alone: "
+                f"{'yes' if finals[best] > alone.mean else 'no'}",
+            ]
+        if self.plot_path is not None:
+            lines.append(f"  plot: {self.plot_path}")
+        return "\n".join(lines)
+
+
+def plot_curves(
+    curves: dict[str, Curve], path: Path, title: str, baselines: Sequence[SeedBaselines] = ()
+) -> Path:
+    """One accuracy-per-round line per strategy, with its min–max band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for name, curve in curves.items():
+        (line,) = axis.plot(curve.rounds, [100 * a for a in curve.mean], marker="o", label=name)
+        axis.fill_between(
+            curve.rounds,
+            [100 * a for a in curve.low],
+            [100 * a for a in curve.high],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    if baselines:
+        central = statistics.fmean(b.central_accuracy for b in baselines)
+        alone = statistics.fmean(b.best_alone for b in baselines)
+        axis.axhline(100 * central, color="black", linestyle="--", label="centralised")
+        axis.axhline(100 * alone, color="grey", linestyle=":", label="best tenant alone")
+    axis.set(title="held-out accuracy", xlabel="round", ylabel="accuracy (%)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.suptitle(f"fedkube compare: {title} (mean over seeds, min–max band)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def variant(job: FederatedJob, strategy: str, seed: int) -> dict[str, Any]:
+    """The job's manifest with only ``spec.strategy.name`` and ``spec.seed`` replaced.
+
+    Built from the parsed model, so every other strategy parameter (and every
+    default) stays as the manifest had it.
+    """
+    document = dump_job(job)
+    document["spec"]["seed"] = seed
+    document["spec"]["strategy"]["name"] = strategy
+    parse_job(document)  # an unknown strategy fails here, before anything runs
+    return document
+
+
+def seed_baselines(job: FederatedJob) -> SeedBaselines:
+    """Centralised and every-tenant-alone accuracy, for the job's own seed."""
+    epochs = job.spec.rounds * job.spec.training.epochs
+    return SeedBaselines(
+        seed=job.spec.seed,
+        central_accuracy=centralised_accuracy(job, epochs),
+        tenant_accuracy={
+            t.name: tenant_alone_accuracy(job, i, epochs) for i, t in enumerate(job.spec.tenants)
+        },
+    )
+
+
+def compare_strategies(
+    job_path: Path,
+    strategies: Sequence[str],
+    seeds: int = 1,
+    out_dir: Path | None = None,
+    target: float | None = None,
+    quiet: bool = False,
+) -> StrategyComparison:
+    """Run the job once per (seed, strategy); train the baselines once per seed.
+
+    Seeds are ``spec.seed``, ``spec.seed + 1``, ... Each run gets its own
+    directory ``<out>/seed-<seed>/<strategy>/`` holding its manifest
+    (``manifest.yaml``) and the usual run outputs. ``target`` defaults to 90%
+    of the mean centralised accuracy.
+    """
+    if not strategies:
+        raise ValueError("compare_strategies needs at least one strategy")
+    if seeds < 1:
+        raise ValueError("compare_strategies needs at least one seed")
+    job = load_job(job_path)
+    out = (out_dir or Path("runs") / f"compare-{job.name}").resolve()
+    seed_list = [job.spec.seed + offset for offset in range(seeds)]
+    plan = {(seed, name): variant(job, name, seed) for seed in seed_list for name in strategies}
+    runs: list[StrategyRun] = []
+    baselines: list[SeedBaselines] = []
+    for seed in seed_list:
+        for name in strategies:
+            run_dir = out / f"seed-{seed}" / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            manifest = run_dir / "manifest.yaml"
+            manifest.write_text(yaml.safe_dump(plan[seed, name], sort_keys=False))
+            if not quiet:
+                print(f"fedkube compare: strategy {name}, seed {seed} -> {run_dir}", flush=True)
+            result = run_job(RunOptions(job_path=manifest, out_dir=run_dir, quiet=quiet))
+            if result.status == "interrupted":
+                raise KeyboardInterrupt  # run_job swallowed the Ctrl-C; stop every run
+            runs.append(StrategyRun(name, seed, result.status, result.history, run_dir))
+        if not quiet:
+            print(f"fedkube compare: baselines, seed {seed}", flush=True)
+        baselines.append(seed_baselines(parse_job(plan[seed, strategies[0]])))
+    comparison = StrategyComparison(
+        job=job.name,
+        seeds=seed_list,
+        rounds=job.spec.rounds,
+        epochs_per_round=job.spec.training.epochs,
+        runs=runs,
+        baselines=baselines,
+        target=default_target(baselines) if target is None else target,
+        target_is_default=target is None,
+    )
+    comparison.plot_path = plot_curves(
+        accuracy_curves(runs), out / "compare.png", job.name, baselines
+    )
+    (out / "compare.txt").write_text(comparison.table() + "\n")
+    return comparison

@@ -66,6 +66,14 @@ def _redis_url_without_password(url: str) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     clients = job.clients()
+    if args.policy:
+        from fedkube.errors import PolicyRefused
+        from fedkube.operator.config import DEFAULT_IMAGE
+        from fedkube.policy import check, load_policy
+
+        refusals = check(job, load_policy(args.policy), args.site, args.image or DEFAULT_IMAGE)
+        if refusals:
+            raise PolicyRefused([(r.field, r.describe()) for r in refusals])
     print(
         f"{args.job}: valid FederatedJob {job.name!r}: {len(job.spec.tenants)} tenants, "
         f"{len(clients)} clients, {len(job.spec.regions)} regions, {job.spec.rounds} rounds"
@@ -85,17 +93,74 @@ def cmd_run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         quiet=args.quiet,
         history_format=args.history_format,
+        policy_path=Path(args.policy) if args.policy else None,
     )
     result = run_job(options)
     return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedkube.baselines import compare
+    from fedkube.baselines import compare, compare_strategies
 
-    report = compare(Path(args.job), Path(args.out) if args.out else None, quiet=args.quiet)
-    print(report.table())
-    return EXIT_OK if report.federated_status == "succeeded" else EXIT_FAILED
+    out = Path(args.out) if args.out else None
+    if args.strategies is None:
+        if args.seeds is not None or args.target is not None:
+            raise FedkubeError("compare: --seeds and --target only apply with --strategies")
+        report = compare(Path(args.job), out, quiet=args.quiet)
+        print(report.table())
+        return EXIT_OK if report.federated_status == "succeeded" else EXIT_FAILED
+    comparison = compare_strategies(
+        Path(args.job),
+        args.strategies,
+        seeds=args.seeds or 1,
+        out_dir=out,
+        target=args.target,
+        quiet=args.quiet,
+    )
+    print(comparison.table())
+    return EXIT_OK if comparison.all_succeeded else EXIT_FAILED
+
+
+def _strategy_list(text: str) -> list[str]:
+    """``--strategies fedavg,scaffold``: valid names, in order, each once.
+
+    Each name is checked by the spec's own ``Strategy`` model, so the flag
+    accepts exactly what ``spec.strategy.name`` accepts.
+    """
+    from pydantic import ValidationError
+
+    from fedkube.spec import Strategy
+
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one strategy, e.g. fedavg,scaffold")
+    for name in names:
+        try:
+            Strategy.model_validate({"name": name})
+        except ValidationError as exc:
+            reason = "; ".join(error["msg"] for error in exc.errors())
+            raise argparse.ArgumentTypeError(f"strategy {name!r}: {reason}") from None
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def _accuracy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an accuracy in (0, 1]")
+    return value
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
@@ -160,6 +225,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedkube.logs import configure
+    from fedkube.policy import load_data_binding
     from fedkube.web import TOKEN_ENV, port_file_write, stop_on_signals
     from fedkube.workers.runtime import Worker, WorkerConfig, pick_device, serve_metrics
 
@@ -184,6 +250,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         combiner_url=args.combiner_url,
         token=_env(TOKEN_ENV),
         device=pick_device(tenant.resources.gpu),
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        data_binding=load_data_binding(args.data_binding) if args.data_binding else None,
     )
     worker = Worker(config)
     if args.metrics_port is not None:
@@ -204,6 +272,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from fedkube.operator.config import DEFAULT_IMAGE, OperatorConfig
     from fedkube.operator.leader import Election
     from fedkube.operator.main import Runtime, run
+    from fedkube.policy import DEFAULT_ENTRYPOINTS, SitePolicy, load_policy
     from fedkube.roundstate import REDIS_PASSWORD_ENV
 
     configure("operator", args.log_level)
@@ -223,6 +292,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         aggregator_memory=args.aggregator_memory,
         combiner_cpu=args.combiner_cpu,
         combiner_memory=args.combiner_memory,
+        policy=load_policy(args.policy) if args.policy else SitePolicy(),
+        allow_entrypoints=tuple(args.allow_entrypoint) or DEFAULT_ENTRYPOINTS,
     )
     runtime = Runtime(
         kubeconfig=args.kubeconfig,
@@ -258,16 +329,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
     p.add_argument("--history-format", choices=["jsonl", "csv"], default="jsonl")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    p.add_argument(
+        "--policy",
+        help="a site policy (YAML) for this machine: refused tenants take no part, "
+        "data bindings replace the manifest's",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="federated vs centralised vs each tenant alone")
     p.add_argument("job")
     p.add_argument("--out")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--strategies",
+        type=_strategy_list,
+        help="comma-separated strategies to run the job with, e.g. fedavg,fedprox,scaffold; "
+        "one table row each (default: the manifest's strategy, the plain comparison)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        help="with --strategies: seeds per strategy, spec.seed, spec.seed+1, ... (default 1)",
+    )
+    p.add_argument(
+        "--target",
+        type=_accuracy,
+        help="with --strategies: accuracy (0-1] for the rounds-to-target column "
+        "(default 90%% of the centralised accuracy)",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("validate", help="check a manifest and say what is wrong")
     p.add_argument("job")
+    p.add_argument("--policy", help="also check it against this site policy (YAML)")
+    p.add_argument("--site", help="with --policy: the tenants of this site (default: every tenant)")
+    p.add_argument(
+        "--image", help="with --policy: the site operator's --image (default: fedkube's)"
+    )
     p.set_defaults(func=cmd_validate)
 
     def service(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -296,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = service("worker", "one client's training loop")
     p.add_argument("--client", required=True, help="client id, <tenant>-<replica>")
     p.add_argument("--combiner-url", required=True)
+    p.add_argument(
+        "--state-dir",
+        help="the client's durable state, e.g. SCAFFOLD's c_i (default: $FEDKUBE_STATE_DIR/"
+        "<job>/<client>, else under the temp dir)",
+    )
     p.add_argument("--metrics-port", type=int, help="serve /metrics here (0: any free port)")
+    p.add_argument(
+        "--data-binding",
+        help="the site's own data entrypoint and kwargs (JSON/YAML), over the manifest's",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("operator", help="reconcile FederatedJobs on a Kubernetes cluster")
@@ -312,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-pull-policy", default="IfNotPresent")
     p.add_argument("--gpu-resource", default="nvidia.com/gpu", help="extended resource of a GPU")
     p.add_argument("--site", help="site mode: run only the tenants of this site")
+    p.add_argument(
+        "--policy",
+        help="site mode: the site's policy (YAML): entrypoints, images, resources, "
+        "data bindings (default: only fedkube's examples and loaders)",
+    )
+    p.add_argument(
+        "--allow-entrypoint",
+        action="append",
+        default=[],
+        help="central mode: a model/data entrypoint (or a module prefix ending with '.' or "
+        "':') the aggregator tier may run (repeatable; default: fedkube's examples and loaders)",
+    )
     p.add_argument(
         "--central-address",
         help="site mode: URL template of a region's combiner, with {job}, {namespace}, {region}",

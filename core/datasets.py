@@ -24,7 +24,16 @@ def load_npz(
     chosen = {"train": path, "test": testPath, "pooled": pooledPath}[context.role]
     if not chosen:
         raise ValueError(f"load_npz: no file given for role {context.role!r}")
-    with np.load(Path(chosen), allow_pickle=False) as archive:
+    return read_npz(chosen)
+
+
+def read_npz(path: str | Path) -> ArrayData:
+    """Arrays ``x`` (as float32) and ``y`` (as int64) of one ``.npz`` file.
+
+    Shared by :func:`load_npz` and the example factories that accept a file in
+    place of generated data, so every loader checks the format the same way.
+    """
+    with np.load(Path(path), allow_pickle=False) as archive:
         if "x" not in archive or "y" not in archive:
-            raise ValueError(f"{chosen}: expected arrays 'x' and 'y', found {sorted(archive)}")
+            raise ValueError(f"{path}: expected arrays 'x' and 'y', found {sorted(archive)}")
         return ArrayData(archive["x"].astype(np.float32), archive["y"].astype(np.int64))

@@ -32,6 +32,28 @@ class ConfigError(SpecError):
     subject = "operator configuration"
 
 
+class PolicyError(SpecError):
+    """A site policy file is invalid (same shape as a manifest problem)."""
+
+    subject = "site policy"
+
+
+class PolicyRefused(SpecError):
+    """A job asks a site for something its policy refuses; ``problems`` name each rule."""
+
+    subject = "FederatedJob for this policy"
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        FedkubeError.__init__(
+            self, "refused by the policy:\n  " + "\n  ".join(m for _, m in problems)
+        )
+
+
+class RefusalNotDelivered(FedkubeError):
+    """A site could not tell the central combiner that it refuses a tenant (retried)."""
+
+
 class EntrypointError(FedkubeError):
     """A ``module:callable`` entrypoint cannot be resolved."""
 

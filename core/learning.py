@@ -7,8 +7,9 @@ so that all three train and measure the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 
 from fedkube.entrypoints import resolve
 from fedkube.spec import Client, FederatedJob, Training
+
+if TYPE_CHECKING:
+    from fedkube.policy import DataBinding
 
 Role = Literal["train", "test", "pooled"]
 
@@ -35,6 +39,7 @@ class DataContext:
     alpha: float
     test_fraction: float
     seed: int
+    num_tenants: int = 1  # tenants of the job: a simulated split needs it for every role
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,28 @@ def build_model(job: FederatedJob) -> nn.Module:
     return model
 
 
-def load_data(job: FederatedJob, role: Role, client: Client | None = None) -> ArrayData:
-    """Call the job's data factory for one role (and client)."""
+def load_data(
+    job: FederatedJob,
+    role: Role,
+    client: Client | None = None,
+    binding: DataBinding | None = None,
+) -> ArrayData:
+    """Call the job's data factory for one role (and client).
+
+    ``binding`` is the site's own data binding (fedkube.policy): its
+    entrypoint replaces the manifest's (with only its kwargs), or its kwargs
+    are merged last, so a site's paths never have to be in the manifest.
+    """
     spec = job.spec
     kwargs: dict[str, Any] = dict(spec.data.kwargs)
     if client is not None:
         tenant = next(t for t in spec.tenants if t.name == client.tenant)
         kwargs.update(tenant.data.kwargs)
+    entrypoint = spec.data.entrypoint
+    if binding is not None:
+        if binding.entrypoint is not None:
+            entrypoint, kwargs = binding.entrypoint, {}
+        kwargs.update(binding.kwargs)
     context = DataContext(
         role=role,
         client=client,
@@ -73,10 +93,11 @@ def load_data(job: FederatedJob, role: Role, client: Client | None = None) -> Ar
         alpha=spec.data.partition.alpha,
         test_fraction=spec.data.test_fraction,
         seed=spec.seed,
+        num_tenants=len(spec.tenants),
     )
-    data = resolve(spec.data.entrypoint)(context, **kwargs)
+    data = resolve(entrypoint)(context, **kwargs)
     if not isinstance(data, ArrayData):
-        raise TypeError(f"{spec.data.entrypoint} returned {type(data).__name__}, not ArrayData")
+        raise TypeError(f"{entrypoint} returned {type(data).__name__}, not ArrayData")
     return data
 
 
@@ -105,29 +126,82 @@ def _optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
     )
 
 
+def proximal_term(
+    params: Iterable[tuple[torch.Tensor, torch.Tensor]], mu: float
+) -> torch.Tensor | float:
+    """FedProx's ``μ/2·Σ‖w − w_g‖²`` over (local, round-start) parameter pairs.
+
+    The round-start parameters are constants (no gradient flows into them); the
+    gradient of the term on ``w`` is ``μ·(w − w_g)`` (Li et al., 2020).
+    """
+    if mu == 0:
+        return 0.0
+    total: torch.Tensor | float = 0.0
+    for local, start in params:
+        total = total + torch.sum((local - start.detach()) ** 2)
+    return 0.5 * mu * total
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one round of local training did: mean loss and optimizer steps (τ)."""
+
+    loss: float
+    steps: int
+
+
 def train(
     model: nn.Module, data: ArrayData, training: Training, seed: int, epochs: int | None = None
 ) -> float:
     """Train in place for ``training.epochs`` (or ``epochs``); returns the mean loss."""
+    return train_local(model, data, training, seed, epochs).loss
+
+
+def train_local(
+    model: nn.Module,
+    data: ArrayData,
+    training: Training,
+    seed: int,
+    epochs: int | None = None,
+    proximal_mu: float = 0.0,
+    correction: Mapping[str, np.ndarray] | None = None,
+) -> LocalResult:
+    """Local training with the client side of the job's strategy.
+
+    ``proximal_mu`` adds FedProx's ``μ/2·‖w − w_start‖²`` to every batch's loss
+    (``w_start`` the weights the round started from). ``correction`` adds
+    SCAFFOLD's ``c − c_i`` to the gradient of each named parameter before
+    every optimizer step.
+    """
     device = next(model.parameters()).device
     x = torch.as_tensor(data.x, dtype=torch.float32, device=device)
     y = torch.as_tensor(data.y, dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, training)
     loss_fn = nn.CrossEntropyLoss()
+    named = dict(model.named_parameters())
+    start = [(p, p.detach().clone()) for p in named.values()] if proximal_mu else []
+    shifts = (
+        [(named[n], torch.as_tensor(c, device=device)) for n, c in correction.items() if n in named]
+        if correction
+        else []
+    )
     model.train()
     total, batches = 0.0, 0
     for _ in range(epochs or training.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
-        for start in range(0, len(y), training.batch_size):
-            batch = order[start : start + training.batch_size]
+        for first in range(0, len(y), training.batch_size):
+            batch = order[first : first + training.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(x[batch]), y[batch])
-            loss.backward()
+            (loss + proximal_term(start, proximal_mu)).backward()
+            for param, shift in shifts:
+                if param.grad is not None:
+                    param.grad.add_(shift)
             optimizer.step()
             total += float(loss.detach())
             batches += 1
-    return total / max(batches, 1)
+    return LocalResult(loss=total / max(batches, 1), steps=batches)
 
 
 @torch.no_grad()

@@ -97,6 +97,24 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.updates_clipped = Counter(
+            "fedkube_updates_clipped_total",
+            "Updates scaled down to spec.strategy.robust.normBound before aggregation.",
+            ["job", "region", "tenant"],
+            registry=r,
+        )
+        self.strategy_info = Gauge(
+            "fedkube_strategy_info",
+            "1 for the job's strategy and robust rule (the labels say which).",
+            ["job", "strategy", "robust"],
+            registry=r,
+        )
+        self.strategy_state = Gauge(
+            "fedkube_strategy_state",
+            "Norms of the server strategy's state (momentum, moments, control variate).",
+            ["job", "strategy", "quantity"],
+            registry=r,
+        )
         self.model_loss = Gauge(
             "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r
         )

@@ -60,6 +60,8 @@ class Reason(str, Enum):
     non_finite = "non_finite"
     norm_bound = "norm_bound"
     bad_weight = "bad_weight"
+    bad_steps = "bad_steps"
+    buffer_full = "buffer_full"
 
 
 # HTTP headers (lower-case, as aiohttp normalises lookups).
@@ -81,6 +83,10 @@ M_KIND = "fedkube.kind"
 M_WEIGHT = "fedkube.weight"
 M_COUNT = "fedkube.count"
 M_VERSION = "fedkube.version"
+M_STEPS = "fedkube.local_steps"  # an update: the client's local optimizer steps τ_i
+M_WEIGHTED_STEPS = "fedkube.weighted_steps"  # a partial: Σ w_i·τ_i of its clients
+
+MAX_LOCAL_STEPS = 10**9
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,25 @@ def parse_weight(value: str | None) -> float:
     if not (weight > 0 and weight < float("inf")):
         raise UpdateRejected(Reason.bad_weight.value, f"weight must be positive, got {weight}")
     return weight
+
+
+def parse_steps(value: str | None, required: bool) -> int:
+    """A client's claimed local steps: a positive integer (FedNova divides by it).
+
+    Only FedNova's arithmetic depends on it, so only there is it ``required``;
+    elsewhere an update that does not say counts as one step.
+    """
+    if value is None and not required:
+        return 1
+    try:
+        steps = int(value) if value is not None else _missing("local steps")
+    except ValueError:
+        raise UpdateRejected(Reason.bad_steps.value, "local steps is not an integer") from None
+    if not 1 <= steps <= MAX_LOCAL_STEPS:
+        raise UpdateRejected(
+            Reason.bad_steps.value, f"local steps must be 1..{MAX_LOCAL_STEPS}, got {steps}"
+        )
+    return steps
 
 
 def _missing(field: str) -> int:

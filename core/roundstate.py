@@ -180,12 +180,14 @@ class RoundStore:
         """Remove every key of the job (the operator's finalizer uses this).
 
         ``keep_leases`` spares the lease keys: a fresh start of the global
-        aggregator must not take the leases of combiners already running.
+        aggregator must not take the leases of combiners already running. It
+        also spares the sites' refusals, which come from outside the run too.
         """
+        spared = (self.prefix + "lease:", self.key("refused"))
         keys = [
             k
             async for k in self.redis.scan_iter(match=self.prefix + "*", count=500)
-            if not (keep_leases and k.startswith(self.prefix + "lease:"))
+            if not (keep_leases and k.startswith(spared))
         ]
         if keys:
             await self.redis.delete(*keys)
@@ -348,6 +350,15 @@ class RoundStore:
 
     async def registered_clients(self) -> set[str]:
         return set(await self.redis.hkeys(self.key("clients")))
+
+    # -- sites' refusals ---------------------------------------------------
+    async def record_refusal(self, tenant: str, message: str) -> None:
+        """A site's policy refuses this tenant: rounds treat its clients as absent."""
+        await self.redis.hset(self.key("refused"), tenant, message)
+
+    async def refused_tenants(self) -> dict[str, str]:
+        """Tenant -> why its site refuses the job (``fedkube:{job}:refused``)."""
+        return dict(await self.redis.hgetall(self.key("refused")))
 
     # -- events and leases -------------------------------------------------
     async def publish(self, event: dict[str, Any]) -> None:

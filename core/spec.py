@@ -202,11 +202,159 @@ class Participation(_Model):
     )
 
 
-class Strategy(_Model):
-    name: Literal["fedavg"] = Field(default="fedavg", description="a registered strategy")
-    server_learning_rate: float = Field(
-        default=1.0, gt=0, description="server step on the mean delta (1.0: plain FedAvg)"
+StrategyName = Literal[
+    "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fednova"
+]
+RobustRuleName = Literal["none", "median", "trimmedMean", "krum", "multiKrum"]
+
+# What each strategy does, where it acts and which `spec.strategy` fields it
+# reads: the README's strategy table is generated from this (fedkube.specdoc),
+# and a test checks that it names exactly the strategies and fields above.
+STRATEGY_GUIDE: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fedavg": (
+        "sample-weighted mean of the client deltas (McMahan et al. 2017)",
+        "server",
+        ("serverLearningRate",),
+    ),
+    "fedavgm": (
+        "FedAvg with server momentum v ← βv + Δ̄, w ← w + ηv (Hsu et al. 2019)",
+        "server",
+        ("serverLearningRate", "serverMomentum"),
+    ),
+    "fedadam": (
+        "Adam on the mean delta as pseudo-gradient (Reddi et al. 2021)",
+        "server",
+        ("serverLearningRate", "beta1", "beta2", "tau"),
+    ),
+    "fedyogi": (
+        "Yogi's additive second moment, steadier than Adam's (Reddi et al. 2021)",
+        "server",
+        ("serverLearningRate", "beta1", "beta2", "tau"),
+    ),
+    "fedadagrad": (
+        "Adagrad's growing second moment (Reddi et al. 2021)",
+        "server",
+        ("serverLearningRate", "beta1", "tau"),
+    ),
+    "fedprox": (
+        "FedAvg with μ/2·‖w − w_g‖² in every local loss (Li et al. 2020)",
+        "worker, server",
+        ("proximalMu", "serverLearningRate"),
+    ),
+    "scaffold": (
+        "control variates c, c_i correct client drift; Δc travels up beside Δw "
+        "(Karimireddy et al. 2020)",
+        "worker (c_i in its state), combiner, server",
+        ("serverLearningRate",),
+    ),
+    "fednova": (
+        "averages Δ_i/τ_i, rescaled by τ_eff = Σp_i·τ_i (Wang et al. 2020)",
+        "combiner, server",
+        ("serverLearningRate",),
+    ),
+}
+ROBUST_GUIDE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "none": ("the strategy's running weighted sum: memory O(model) per combiner", ()),
+    "median": (
+        "coordinate-wise median of the region's updates (Yin et al. 2018)",
+        ("maxBufferBytes",),
+    ),
+    "trimmedMean": (
+        "coordinate-wise mean after cutting β of the values at each end (Yin et al. 2018)",
+        ("trimFraction", "maxBufferBytes"),
+    ),
+    "krum": (
+        "the update closest to its n − f − 2 nearest neighbours (Blanchard et al. 2017)",
+        ("byzantine", "maxBufferBytes"),
+    ),
+    "multiKrum": (
+        "weighted mean of the m best-scored updates under Krum's score",
+        ("byzantine", "multiKrumKeep", "maxBufferBytes"),
+    ),
+}
+
+# The adaptive server optimizers (Reddi et al. 2021) take small server steps;
+# every other strategy defaults to the plain FedAvg step of 1.0.
+FEDOPT = ("fedadam", "fedyogi", "fedadagrad")
+DEFAULT_FEDOPT_SERVER_LR = 0.1
+
+
+class Robust(_Model):
+    """Byzantine-robust aggregation, wrapped around any strategy.
+
+    ``rule`` replaces each region's weighted sum by a robust estimate over the
+    region's buffered updates (memory: every update of the region, bounded by
+    ``maxBufferBytes``); the global tier then takes the weighted mean of the
+    regions' estimates. ``normBound`` clips every update to an L2 norm before it
+    is folded or buffered, and needs no buffer.
+    """
+
+    rule: RobustRuleName = Field(
+        default="none", description="robust rule applied per region over its buffered updates"
     )
+    trim_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        description="trimmedMean: share of values cut at each end of every coordinate (β)",
+    )
+    byzantine: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="krum/multiKrum: Byzantine clients tolerated per region (f)",
+    )
+    multi_krum_keep: int | None = Field(
+        default=None,
+        ge=1,
+        description="multiKrum: updates averaged (m; default: the region's updates minus f)",
+    )
+    norm_bound: float | None = Field(
+        default=None,
+        gt=0,
+        description="clip every update to this L2 norm before aggregation (any rule)",
+    )
+    max_buffer_bytes: int = Field(
+        default=1024**3,
+        ge=1024,
+        description="a robust rule's per-region buffer; an update that would exceed it is "
+        "refused (reason buffer_full)",
+    )
+
+
+class Strategy(_Model):
+    """How updates become the next global model: the aggregation and server step."""
+
+    name: StrategyName = Field(default="fedavg", description="a registered strategy")
+    server_learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="server step on the aggregated delta (default 1.0; 0.1 for "
+        "fedadam, fedyogi, fedadagrad)",
+    )
+    server_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="fedavgm: server momentum β"
+    )
+    beta1: float = Field(
+        default=0.9, ge=0, lt=1, description="fedadam, fedyogi, fedadagrad: first-moment decay"
+    )
+    beta2: float = Field(
+        default=0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay"
+    )
+    tau: float = Field(
+        default=1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity (ε) τ"
+    )
+    proximal_mu: float = Field(
+        default=0.01, ge=0, description="fedprox: weight μ of the proximal term μ/2·‖w − w_g‖²"
+    )
+    robust: Robust = Field(default_factory=Robust)
+
+    @property
+    def server_lr(self) -> float:
+        """The server learning rate in force (the explicit one, else the strategy's default)."""
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return DEFAULT_FEDOPT_SERVER_LR if self.name in FEDOPT else 1.0
 
 
 class Evaluation(_Model):
@@ -380,6 +528,7 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                     f"({', '.join(region_names)})",
                 )
             )
+    problems += _strategy_problems(spec, region_names)
     total = sum(tenant.replicas for tenant in spec.tenants)
     minimum = spec.participation.min_clients
     if minimum is not None and minimum > total:
@@ -389,6 +538,45 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 f"{minimum} exceeds the {total} clients that the tenants' replicas provide",
             )
         )
+    return problems
+
+
+def _strategy_problems(spec: JobSpec, region_names: list[str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    strategy, robust = spec.strategy, spec.strategy.robust
+    if strategy.name == "scaffold" and spec.training.optimizer != Optimizer.sgd:
+        problems.append(
+            (
+                "spec.training.optimizer",
+                "scaffold corrects SGD steps (its control-variate update assumes SGD); "
+                f"got {spec.training.optimizer.value!r}",
+            )
+        )
+    if robust.rule in ("krum", "multiKrum"):
+        per_region = {name: 0 for name in region_names}
+        for tenant in spec.tenants:
+            if tenant.region in per_region:
+                per_region[tenant.region] += tenant.replicas
+        needed = 2 * robust.byzantine + 3
+        small = {name: n for name, n in per_region.items() if n < needed}
+        if small:
+            problems.append(
+                (
+                    "spec.strategy.robust.byzantine",
+                    f"{robust.rule} with f={robust.byzantine} needs at least 2f+3={needed} "
+                    "clients in every region (it runs per region); "
+                    + ", ".join(f"{name} has {n}" for name, n in sorted(small.items())),
+                )
+            )
+        keep = robust.multi_krum_keep
+        if keep is not None and per_region and keep > min(per_region.values()):
+            problems.append(
+                (
+                    "spec.strategy.robust.multiKrumKeep",
+                    f"{keep} exceeds the clients of the smallest region "
+                    f"({min(per_region.values())})",
+                )
+            )
     return problems
 
 

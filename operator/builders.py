@@ -27,11 +27,15 @@ import yaml
 
 from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
+from fedkube.policy import DataBinding, data_binding_document
 from fedkube.roundstate import REDIS_PASSWORD_ENV
 from fedkube.spec import API_VERSION, KIND, Client, FederatedJob, Tenant, dump_job
 from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
 
 CONFIG_DIR = "/etc/fedkube/config"
+DATA_BINDING_DIR = "/etc/fedkube/data-binding"
+DATA_BINDING_KEY = "binding.json"
+ANNOTATION_DATA_BINDING = "fedkube.io/data-binding-hash"
 TOKENS_DIR = "/etc/fedkube/tokens"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
@@ -67,6 +71,8 @@ class Target:
     mode: RunMode = RunMode.active
     aggregator_token: str = ""
     tenant_tokens: Mapping[str, str] = field(default_factory=dict)
+    # Tenants this site's policy refuses: nothing of theirs is built here.
+    refused: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -79,8 +85,16 @@ class Target:
         return url
 
     def local_tenants(self) -> list[Tenant]:
-        """The tenants whose workers this operator runs (its site's, or the unassigned)."""
-        return [t for t in self.job.spec.tenants if t.site == self.config.site]
+        """The tenants whose workers this operator runs (its site's, or the unassigned),
+        less those its policy refuses."""
+        return [
+            t
+            for t in self.job.spec.tenants
+            if t.site == self.config.site and t.name not in self.refused
+        ]
+
+    def data_binding(self, tenant: str) -> DataBinding | None:
+        return self.config.policy.data_bindings.get(tenant)
 
 
 def owner_reference(job: str, uid: str) -> dict[str, Any]:
@@ -192,6 +206,27 @@ def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
         naming.combiner_name(target.name, region),
         naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
         {"tokens.json": json.dumps(digests, sort_keys=True)},
+    )
+
+
+def data_binding_text(binding: DataBinding) -> str:
+    return json.dumps(data_binding_document(binding), sort_keys=True)
+
+
+def build_data_binding_secret(target: Target, tenant: Tenant) -> dict[str, Any]:
+    """The site's own data entrypoint and kwargs for a tenant's workers.
+
+    A Secret (kwargs may hold credentials), built only by the operator that
+    runs the tenant from its own policy: the central manifest never carries
+    the site's paths, and the central side never sees this object.
+    """
+    binding = target.data_binding(tenant.name)
+    assert binding is not None
+    return _secret(
+        target,
+        naming.data_binding_name(target.name, tenant.name),
+        naming.labels(target.name, naming.ROLE_CREDENTIALS, tenant=tenant.name),
+        {DATA_BINDING_KEY: data_binding_text(binding)},
     )
 
 
@@ -367,6 +402,25 @@ def build_worker_pod(target: Target, tenant: Tenant, client: Client) -> dict[str
         *_base_env(target),
         _secret_env(TOKEN_ENV, naming.tenant_name(target.name, tenant.name)),
     ]
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
+    binding = target.data_binding(tenant.name)
+    if binding is not None:
+        volumes = [
+            *volumes,
+            {
+                "name": "data-binding",
+                "secret": {"secretName": naming.data_binding_name(target.name, tenant.name)},
+            },
+        ]
+        mounts = [
+            *mounts,
+            {"name": "data-binding", "mountPath": DATA_BINDING_DIR, "readOnly": True},
+        ]
+        args += ["--data-binding", f"{DATA_BINDING_DIR}/{DATA_BINDING_KEY}"]
+        # A changed binding changes the pod's hash, so its workers are replaced.
+        annotations[ANNOTATION_DATA_BINDING] = hashlib.sha256(
+            data_binding_text(binding).encode()
+        ).hexdigest()[:16]
     container = _container(
         target,
         naming.ROLE_WORKER,
@@ -406,7 +460,7 @@ def build_worker_pod(target: Target, tenant: Tenant, client: Client) -> dict[str
         "kind": "Pod",
         "metadata": {
             **_metadata(target, naming.worker_pod_name(target.name, client), pod_labels),
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
+            "annotations": annotations,
         },
         "spec": spec,
     }
@@ -675,6 +729,9 @@ def build_children(target: Target) -> list[dict[str, Any]]:
         children += [build_tenant_secret(target, t) for t in target.job.spec.tenants]
         for region in target.job.region_names():
             children.append(build_combiner_secret(target, region))
+    children += [
+        build_data_binding_secret(target, t) for t in tenants if target.data_binding(t.name)
+    ]
     children += [build_service_account(target, t) for t in tenants]
     children += [build_network_policy(target, t) for t in tenants]
     if target.config.site is None:

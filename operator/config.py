@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from fedkube.errors import ConfigError
+from fedkube.policy import DEFAULT_ENTRYPOINTS, ENTRYPOINT_RULE, SitePolicy
 from fedkube.spec import DNS_LABEL, QUANTITY
 
 DEFAULT_IMAGE = "fedkube:0.1.0"
@@ -42,6 +43,11 @@ class OperatorConfig:
     aggregator_memory: str = "2Gi"
     combiner_cpu: str = "250m"
     combiner_memory: str = "512Mi"
+    # Site mode: what this site lets a job do with its tenants (fedkube.policy).
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    # Central mode: the model and evaluation-data entrypoints the aggregator
+    # tier may import and call (exact, or module prefixes).
+    allow_entrypoints: tuple[str, ...] = DEFAULT_ENTRYPOINTS
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -68,6 +74,15 @@ class OperatorConfig:
         ):
             if not re.match(QUANTITY, value):
                 problems.append((flag, f"{value!r} is not a Kubernetes quantity"))
+        for item in self.allow_entrypoints:
+            if not re.match(ENTRYPOINT_RULE, item):
+                problems.append(
+                    (
+                        "--allow-entrypoint",
+                        f"{item!r} is neither module:callable nor a module prefix ending "
+                        "with '.' or ':'",
+                    )
+                )
         if not 0 < self.status_interval_s <= 300:
             problems.append(("--status-interval", "must be in (0, 300] seconds"))
         if problems:

@@ -53,7 +53,18 @@ SPEC_RULES: list[dict[str, str]] = [
         "fieldPath": ".participation.minClients",
         "reason": "FieldValueInvalid",
     },
+    {
+        "rule": "!has(self.strategy) || !has(self.strategy.name) || "
+        "self.strategy.name != 'scaffold' || !has(self.training) || "
+        "!has(self.training.optimizer) || self.training.optimizer == 'sgd'",
+        "message": "scaffold corrects SGD steps: training.optimizer must be sgd",
+        "fieldPath": ".training.optimizer",
+        "reason": "FieldValueInvalid",
+    },
 ]
+# Not in CEL: krum's per-region client count (spec.strategy.robust.byzantine). A
+# per-region sum over the tenants is over the API server's cost budget at 1000
+# tenants; the operator refuses such a job at admission (fedkube.spec) instead.
 
 ROOT_RULES: list[dict[str, str]] = [
     {
@@ -71,6 +82,7 @@ PRINTER_COLUMNS = [
     {"name": "Participation", "type": "string", "jsonPath": ".status.participation"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.lastAccuracy"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

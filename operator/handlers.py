@@ -10,6 +10,7 @@ timer; a per-job lock keeps two passes from minting credentials twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Mapping
@@ -21,14 +22,17 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from redis.exceptions import RedisError
 
-from fedkube.errors import SpecError
+from fedkube.errors import RefusalNotDelivered, SpecError
 from fedkube.logs import fields
+from fedkube.operator import naming
+from fedkube.operator.builders import TOKEN_KEY, Target, combiner_url
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.crd import GROUP, PLURAL, VERSION
 from fedkube.operator.kube import Kube
 from fedkube.operator.metrics import OperatorMetrics
 from fedkube.operator.reconcile import NotReady, Outcome, reconcile
 from fedkube.operator.redisstate import job_redis_url, read_round_facts
+from fedkube.operator.refusal import report_refusal
 from fedkube.operator.status import (
     FINISHED,
     JobStatus,
@@ -37,7 +41,9 @@ from fedkube.operator.status import (
     RoundFacts,
     next_status,
     parse_time,
+    refused_status,
 )
+from fedkube.policy import check_central, refused_tenants
 from fedkube.roundstate import RoundStore
 from fedkube.spec import FederatedJob, parse_job
 
@@ -58,6 +64,8 @@ class State:
     kube: Kube
     metrics: OperatorMetrics
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # (job uid, tenant, message) refusals the central combiner has recorded
+    delivered: set[tuple[str, str, str]] = field(default_factory=set)
 
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
@@ -76,6 +84,56 @@ def validate(body: Mapping[str, Any]) -> FederatedJob:
         )
     except SpecError as exc:
         raise kopf.PermanentError(str(exc)) from None
+
+
+def not_allowed(job: FederatedJob, config: OperatorConfig) -> str | None:
+    """Why the central allowlist refuses the job (checked before any child exists), or None."""
+    if not config.central:
+        return None
+    refusals = check_central(job, config.allow_entrypoints)
+    if not refusals:
+        return None
+    return "; ".join(r.describe() for r in refusals)
+
+
+async def _deliver_refusals(
+    state: State, job: FederatedJob, body: Mapping[str, Any], outcome: Outcome
+) -> None:
+    """Site mode: tell the central side, through the tenant's combiner, who is refused.
+
+    It needs the tenant's token (the Secret copied from the central
+    cluster); until that exists, or while the combiner cannot be reached,
+    the refusal is only local and the next pass tries again.
+    """
+    uid = body["metadata"]["uid"]
+    namespace = body["metadata"]["namespace"]
+    target = Target(job=job, namespace=namespace, uid=uid, config=state.config)
+    regions = {t.name: t.region for t in job.spec.tenants}
+    for tenant, message in refused_tenants(outcome.refusals).items():
+        key = (uid, tenant, message)
+        if key in state.delivered:
+            continue
+        secret = await asyncio.to_thread(
+            state.kube.get, "Secret", namespace, naming.tenant_name(job.name, tenant)
+        )
+        data = (secret or {}).get("data") or {}
+        if TOKEN_KEY not in data:
+            continue
+        token = base64.b64decode(data[TOKEN_KEY]).decode()
+        url = combiner_url(target, regions[tenant])
+        try:
+            await asyncio.to_thread(report_refusal, url, tenant, token, message)
+        except RefusalNotDelivered as exc:
+            log.warning(
+                "cannot tell the central side: %s", exc, extra=fields(job=job.name, tenant=tenant)
+            )
+            continue
+        state.delivered.add(key)
+        log.info(
+            "told the central side: refused here: %s",
+            message,
+            extra=fields(job=job.name, tenant=tenant),
+        )
 
 
 async def run_pass(state: State, job: FederatedJob, body: kopf.Body, trigger: str) -> Outcome:
@@ -104,6 +162,8 @@ async def run_pass(state: State, job: FederatedJob, body: kopf.Body, trigger: st
         message = f"{kind} {name} was changed outside the operator ({where}); applied it again"
         log.warning(message, extra=fields(job=job.name))
         kopf.warn(body, reason="ChildEdited", message=message)
+    if outcome.refusals:
+        await _deliver_refusals(state, job, body, outcome)
     if outcome.applied or outcome.deleted:
         log.info(
             "applied %d, deleted %d of %d children",
@@ -164,6 +224,19 @@ def _events(body: kopf.Body, before: JobStatus, after: JobStatus) -> None:
         and (was is None or was.message != unschedulable.message)
     ):
         kopf.warn(body, reason="Unschedulable", message=unschedulable.message)
+    refused = next((c for c in after.conditions if c.type.value == "Refused"), None)
+    had = next((c for c in before.conditions if c.type.value == "Refused"), None)
+    if refused is not None and (had is None or had.message != refused.message):
+        kopf.warn(body, reason="PolicyRefused", message=refused.message)
+
+
+def _refuse(body: kopf.Body, patch: kopf.Patch, message: str) -> None:
+    """The status of a job the central allowlist refuses: Failed, naming the field."""
+    before = JobStatus.model_validate(dict(body.get("status") or {}))
+    after = refused_status(before, message, datetime.now(timezone.utc))
+    if after != before:
+        patch.status.update(after.wire())
+        kopf.warn(body, reason="EntrypointNotAllowed", message=message)
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -197,6 +270,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         body: kopf.Body, memo: State, reason: str, patch: kopf.Patch, **_: Any
     ) -> None:
         job = validate(body)
+        refused = not_allowed(job, memo.config)
+        if refused is not None:
+            _refuse(body, patch, refused)
+            raise kopf.PermanentError(refused)
         await run_pass(memo, job, body, str(reason))
         patch.status["observedGeneration"] = body["metadata"].get("generation", 0)
 
@@ -206,6 +283,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             job = validate(body)
         except kopf.PermanentError:
             return  # the change handler already reported it
+        refused = not_allowed(job, memo.config)
+        if refused is not None:
+            _refuse(body, patch, refused)
+            return
         namespace = body["metadata"]["namespace"]
         outcome = await run_pass(memo, job, body, "timer")
         before = JobStatus.model_validate(dict(body.get("status") or {}))
@@ -226,6 +307,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 new_failures=outcome.new_failures,
                 restarts=outcome.restarts,
             ),
+            refused=refused_tenants(outcome.refusals),
         )
         after = next_status(before, seen)
         memo.metrics.job_phase(body["metadata"]["uid"], after.phase.value)

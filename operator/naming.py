@@ -47,6 +47,11 @@ def tenant_name(job: str, tenant: str) -> str:
     return f"{job}-tenant-{tenant}"
 
 
+def data_binding_name(job: str, tenant: str) -> str:
+    """The site's data binding of a tenant (site mode; never leaves the site)."""
+    return f"{job}-data-{tenant}"
+
+
 def worker_pod_name(job: str, client: Client) -> str:
     return f"{job}-{client.id}"
 

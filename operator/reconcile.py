@@ -26,6 +26,7 @@ from fedkube.operator.config import OperatorConfig
 from fedkube.operator.drift import drift
 from fedkube.operator.kube import CHILD_KINDS, Kube
 from fedkube.operator.status import parse_time
+from fedkube.policy import Refusal, check
 from fedkube.spec import FederatedJob
 
 Key = tuple[str, str]  # (kind, name)
@@ -63,6 +64,7 @@ class Outcome:
     restarts: int
     children: int
     drifted: dict[Key, list[str]] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)  # this site's policy (site mode)
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -205,10 +207,15 @@ def reconcile(
     # The job owns only its worker pods (the tier's pods belong to ReplicaSets).
     workers = [obj for obj in existing if obj["kind"] == "Pod" and owned_by(obj, uid)]
     mode = run_mode(body, workers, datetime.now(timezone.utc))
+    # A site checks the job against its own policy before building anything
+    # for its tenants: a refused tenant gets no pod, no binding, no identity.
+    refusals = check(job, config.policy, config.site, config.image) if config.site else []
+    refused = frozenset(r.tenant for r in refusals)
     if config.site is not None:
         for tenant in job.spec.tenants:
             if (
                 tenant.site == config.site
+                and tenant.name not in refused
                 and kube.get("Secret", namespace, naming.tenant_name(job.name, tenant.name)) is None
             ):
                 raise NotReady(
@@ -224,6 +231,7 @@ def reconcile(
         mode=mode,
         aggregator_token=aggregator_token,
         tenant_tokens=tenant_tokens,
+        refused=refused,
     )
     try:
         desired = build_children(target)
@@ -253,4 +261,5 @@ def reconcile(
         restarts=container_restarts(current_pods),
         children=len(desired),
         drifted=plan.drifted,
+        refusals=refusals,
     )

@@ -48,4 +48,5 @@ async def read_round_facts(store: RoundStore) -> RoundFacts:
         closed_rounds=closed,
         last_record=last,
         paused=info.get("paused") == "1",
+        refused=await store.refused_tenants(),
     )

@@ -33,6 +33,7 @@ class ConditionType(str, Enum):
     running = "Running"
     suspended = "Suspended"
     unschedulable = "Unschedulable"
+    refused = "Refused"
     succeeded = "Succeeded"
     failed = "Failed"
 
@@ -63,10 +64,23 @@ class JobStatus(_Model):
     clients: int = Field(default=0, description="clients (worker pods) of the job")
     last_loss: float | None = Field(default=None, description="global model, last evaluation")
     last_accuracy: float | None = Field(default=None, description="global model, last evaluation")
+    strategy: str | None = Field(
+        default=None, description="the strategy of the last closed round (with its robust rule)"
+    )
+    server_state: dict[str, float] | None = Field(
+        default=None,
+        description="norms of the strategy's server state after the last closed round "
+        "(momentum, moments, SCAFFOLD's control variate)",
+    )
     message: str = ""
     start_time: str | None = None
     completion_time: str | None = None
     failures: int = Field(default=0, description="pod failures counted against backoffLimit")
+    refused_tenants: list[str] | None = Field(
+        default=None,
+        description="tenants whose site's policy refuses the job (they take no part; "
+        "the Refused condition says why)",
+    )
     observed_generation: int = 0
     conditions: list[Condition] = Field(default_factory=list)
 
@@ -84,6 +98,8 @@ class RoundFacts:
     closed_rounds: int = 0
     last_record: dict[str, Any] | None = None
     paused: bool = False  # what the aggregator was told of spec.suspend
+    # tenant -> why its site refused the job (reported through its combiner)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,25 @@ class Observation:
     now: datetime
     rounds_facts: RoundFacts
     pods: PodFacts
+    # tenant -> why this site's own policy refuses it (site mode)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def refused_status(previous: JobStatus, message: str, now: datetime) -> JobStatus:
+    """A job this operator refuses to run at all (the central allowlist): Failed, no children."""
+    if previous.phase is Phase.failed and previous.message == message:
+        return previous
+    conditions = set_condition(
+        list(previous.conditions), ConditionType.failed, True, "EntrypointNotAllowed", message, now
+    )
+    return previous.model_copy(
+        update={
+            "phase": Phase.failed,
+            "message": message,
+            "conditions": conditions,
+            "completion_time": previous.completion_time or rfc3339(now),
+        }
+    )
 
 
 def rfc3339(moment: datetime) -> str:
@@ -175,6 +210,13 @@ def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str
         fields["last_loss"] = round(float(record["loss"]), 6)
     if record.get("accuracy") is not None:
         fields["last_accuracy"] = round(float(record["accuracy"]), 6)
+    if record.get("strategy"):
+        robust = record.get("robust") or "none"
+        fields["strategy"] = record["strategy"] + ("" if robust == "none" else f"+{robust}")
+    if isinstance(record.get("server_state"), dict) and record["server_state"]:
+        fields["server_state"] = {
+            str(key): round(float(value), 6) for key, value in record["server_state"].items()
+        }
     return fields
 
 
@@ -272,6 +314,13 @@ def next_status(previous: JobStatus, seen: Observation) -> JobStatus:
         conditions = set_condition(
             conditions, ConditionType.unschedulable, False, "Scheduled", "every pod is placed", now
         )
+    refused = {**facts.refused, **seen.refused}
+    if refused:
+        reasons = "; ".join(f"tenant {tenant}: {why}" for tenant, why in sorted(refused.items()))
+        conditions = set_condition(
+            conditions, ConditionType.refused, True, "PolicyRefused", reasons, now
+        )
+        update["refused_tenants"] = sorted(refused)
     if phase in FINISHED:
         update["completion_time"] = rfc3339(now)
     update.update(phase=phase, message=message, conditions=conditions)

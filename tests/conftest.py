@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from fedkube.redis_server import RedisServer
@@ -38,3 +39,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, stopped after the test."""
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Many in-process workers share two cores: one intra-op thread each, as the
+    runner gives each worker process its share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

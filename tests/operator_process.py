@@ -7,6 +7,7 @@ converges, so it is a real process and not a coroutine in the test.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,7 +24,9 @@ class OperatorProcess:
     """``fedkube operator --namespace NS`` against the test control plane.
 
     ``redis_url`` None: no ``--redis-url``, as at a site that cannot reach the
-    central Redis.
+    central Redis. ``hosts`` (name -> loopback address) is the cluster DNS
+    that a pod would have: a site operator reaches the central combiners by
+    their Service names, which the pod runner serves on loopback addresses.
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class OperatorProcess:
         log_dir: Path,
         *extra_args: str,
         env: dict[str, str] | None = None,
+        hosts: dict[str, str] | None = None,
     ):
         self.control_plane = control_plane
         self.namespace = namespace
@@ -41,6 +45,8 @@ class OperatorProcess:
         self.log_dir = log_dir
         self.extra_args = extra_args
         self.extra_env = dict(env or {})
+        if hosts:
+            self.extra_env.update(_dns_shim(log_dir, hosts))
         self.metrics_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -123,3 +129,27 @@ class OperatorProcess:
             return True
 
         wait_for(up, 60, "the operator's /metrics")
+
+
+_SITECUSTOMIZE = """
+import json, os, socket
+
+_hosts = json.loads(os.environ.get("FEDKUBE_TEST_HOSTS", "{}"))
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _getaddrinfo(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    return _real_getaddrinfo(_hosts.get(name, host), *args, **kwargs)
+
+
+socket.getaddrinfo = _getaddrinfo
+"""
+
+
+def _dns_shim(log_dir: Path, hosts: dict[str, str]) -> dict[str, str]:
+    """Env that makes the process resolve ``hosts`` (a sitecustomize on PYTHONPATH)."""
+    folder = log_dir / "dns"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    return {"PYTHONPATH": str(folder), "FEDKUBE_TEST_HOSTS": json.dumps(hosts)}

@@ -2,9 +2,14 @@
 
 The worker only ever loads its own data partition, talks only to its
 region's combiner, and sends ``Δ = w_local - w_global`` with its sample
-count as the weight, as safetensors. Connection failures (a combiner
-restarting) are retried with backoff; an update the combiner refuses is
-logged with the reason and the worker waits for the next round.
+count as the weight and its local optimizer steps, as safetensors. The
+client side of the job's strategy happens here: FedProx's proximal term,
+SCAFFOLD's gradient correction and control-variate update (``c_i`` kept in
+the client's durable state, and replaced only once the combiner accepted the
+``Δc`` that goes with it, so that ``c`` and the ``c_i`` stay consistent).
+Connection failures (a combiner restarting) are retried with backoff; an
+update the combiner refuses is logged with the reason and the worker waits
+for the next round.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,10 +31,12 @@ import torch
 from prometheus_client import start_http_server
 
 from fedkube import codec
+from fedkube.aggregator.strategies import REGISTRY, scaffold
 from fedkube.errors import CodecError, FedkubeError
-from fedkube.learning import build_model, float_state, load_data, load_float_state, train
+from fedkube.learning import build_model, float_state, load_data, load_float_state, train_local
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
+from fedkube.policy import DataBinding
 from fedkube.protocol import (
     H_CLIENT,
     H_CODEC,
@@ -34,13 +44,23 @@ from fedkube.protocol import (
     H_ROUND,
     H_TENANT,
     H_WEIGHT,
+    M_STEPS,
     Envelope,
 )
 from fedkube.spec import Client, FederatedJob
+from fedkube.workers.client_state import ClientState
 
 log = logging.getLogger("fedkube.worker")
 
 TIER = "worker"
+STATE_DIR_ENV = "FEDKUBE_STATE_DIR"
+SCAFFOLD_STATE = "scaffold-control"
+
+
+def default_state_dir(job: str, client: str) -> Path:
+    """``$FEDKUBE_STATE_DIR``, else a folder under the temp dir (a pod's emptyDir)."""
+    root = os.environ.get(STATE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedkube-state"
+    return Path(root) / job / client
 
 
 @dataclass
@@ -51,6 +71,19 @@ class WorkerConfig:
     token: str
     device: str = "cpu"
     poll_wait_s: float = 20.0
+    state_dir: Path | None = None
+    # The site's own data binding (fedkube.policy): it overrides the manifest's.
+    data_binding: DataBinding | None = None
+
+
+@dataclass
+class LocalUpdate:
+    """One round's result: what to send, and state to keep once it is accepted."""
+
+    delta: dict[str, np.ndarray]
+    loss: float
+    steps: int
+    keep: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 class Worker:
@@ -60,7 +93,7 @@ class Worker:
         self.client = config.client
         self.metrics = metrics or Metrics()
         self.model = build_model(config.job).to(config.device)
-        self.data = load_data(config.job, "train", config.client)
+        self.data = load_data(config.job, "train", config.client, config.data_binding)
         self.headers = {
             "Authorization": f"Bearer {config.token}",
             H_JOB: config.job.name,
@@ -69,6 +102,12 @@ class Worker:
         }
         self.last_round = 0
         self.rounds_done = 0
+        self.strategy = REGISTRY[config.job.spec.strategy.name]
+        self.state = ClientState(
+            config.state_dir or default_state_dir(config.job.name, config.client.id),
+            config.job.name,
+            config.client.id,
+        )
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -140,12 +179,13 @@ class Worker:
         tensors, _meta = codec.decode(payload)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        delta, loss = await loop.run_in_executor(None, self._train, tensors, number)
+        update = await loop.run_in_executor(None, self.compute_update, tensors, number)
         train_s = time.perf_counter() - started
         self.metrics.train_seconds.labels(*self._labels()).observe(train_s)
         weight = float(len(self.data))
         envelope = Envelope(self.job.name, number, self.client.id, self.client.tenant, weight)
-        body = codec.encode(delta, envelope.metadata("update"))
+        metadata = {**envelope.metadata("update"), M_STEPS: str(update.steps)}
+        body = codec.encode(update.delta, metadata)
         headers = {
             H_ROUND: str(number),
             H_WEIGHT: repr(weight),
@@ -163,12 +203,14 @@ class Worker:
         self.last_round = number
         if response.status < 300 or answer.get("error") == "duplicate":
             # A duplicate means an earlier try of this very update was accepted.
+            for name, kept in update.keep.items():
+                self.state.save(name, kept, number)
             self.rounds_done += 1
             self.metrics.worker_rounds.labels(*self._labels()).inc()
             self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(body))
             log.info(
                 "update sent: loss %.4f, %d samples, %.2fs training",
-                loss,
+                update.loss,
                 int(weight),
                 train_s,
                 extra=self._f(number),
@@ -184,13 +226,43 @@ class Worker:
     def _worker_bytes(self) -> tuple[str, str, str, str]:
         return self.job.name, TIER, self.client.region, self.client.tenant
 
-    def _train(self, global_weights: dict[str, np.ndarray], number: int):
+    def compute_update(self, payload: dict[str, np.ndarray], number: int) -> LocalUpdate:
+        """Train on the round's model (and the strategy's downlink) and form the update."""
+        global_weights, control = scaffold.split(payload)
         load_float_state(self.model, global_weights)
         seed = self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(self.client.id.encode())
-        loss = train(self.model, self.data, self.job.spec.training, seed)
+        training = self.job.spec.training
+        c_i: dict[str, np.ndarray] = {}
+        correction = None
+        if self.strategy.control_variates:
+            saved = self.state.load(SCAFFOLD_STATE, before_round=number)
+            c_i = (
+                saved
+                if saved is not None and saved.keys() == control.keys()
+                else {name: np.zeros_like(c) for name, c in control.items()}
+            )
+            correction = {name: control[name] - c_i[name] for name in control}
+        result = train_local(
+            self.model,
+            self.data,
+            training,
+            seed,
+            proximal_mu=self.job.spec.strategy.proximal_mu if self.strategy.proximal else 0.0,
+            correction=correction,
+        )
         local = float_state(self.model)
         delta = {name: local[name] - global_weights[name] for name in global_weights}
-        return delta, loss
+        update = LocalUpdate(delta=delta, loss=result.loss, steps=result.steps)
+        if self.strategy.control_variates:
+            # With momentum m, SGD's steady-state step is lr/(1 − m): the
+            # option-II estimate of the gradient uses that effective rate.
+            rate = training.learning_rate / (1.0 - training.momentum)
+            new_c_i, delta_c = scaffold.client_control_update(
+                c_i, control, global_weights, local, result.steps, rate
+            )
+            update.delta.update({scaffold.CONTROL + name: d for name, d in delta_c.items()})
+            update.keep[SCAFFOLD_STATE] = new_c_i
+        return update
 
 
 def pick_device(gpus: int) -> str:

@@ -1,26 +1,89 @@
-"""Aggregation strategies, one small module each, chosen by ``spec.strategy.name``.
+"""Aggregation strategies, one small module each, chosen by ``spec.strategy``.
 
-A strategy provides the combiner's fold (``WeightedSum``), the global
-reduction of regional partials and the server step. Later strategies
-(FedProx, FedAdam, trimmed mean, ...) join :data:`REGISTRY`; the job spec's
-``strategy.name`` enum must list exactly these names (a test checks it).
+A *server strategy* (``spec.strategy.name``) says how the round's mean delta
+becomes the next global model (``init_state``, ``server_step``,
+``state_summary``) and, where the algorithm needs it, what the combiner folds
+(FedNova's ``fold_scale``) and what travels down with the model (SCAFFOLD's
+control variate). A *robust rule* (``spec.strategy.robust.rule``) replaces a
+region's weighted sum by a robust estimate over its buffered updates; it
+wraps any server strategy. The spec's enums must list exactly the names here
+(a test checks it).
+
+How they compose through the hierarchy (see the README's "Strategies"):
+
+* worker: local training, with FedProx's proximal term or SCAFFOLD's
+  correction; sends ``Δw`` (and SCAFFOLD's ``Δc``) and its local steps;
+* combiner: clips to ``robust.normBound`` if set; then either folds into one
+  running sum (memory O(model)) or, with a robust rule, buffers the region's
+  updates (O(clients × model), bounded) and sends ``estimate × Σw`` as its sum;
+* global: weighted mean of the regions' partials, then the server step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
-from fedkube.aggregator.strategies import fedavg
+import numpy as np
+
+from fedkube.aggregator.strategies import (
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fednova,
+    fedprox,
+    fedyogi,
+    krum,
+    median,
+    scaffold,
+    trimmed_mean,
+)
+from fedkube.aggregator.strategies.fedavg import Tensors
+from fedkube.spec import Robust
+
+RobustRule = Callable[[np.ndarray, np.ndarray, Robust], np.ndarray]
+
+
+def _weight(weight: float, _local_steps: int) -> float:
+    return weight
+
+
+def _model_only(weights: Mapping[str, np.ndarray], _state: Mapping[str, np.ndarray]) -> Tensors:
+    return dict(weights)
 
 
 @dataclass(frozen=True)
 class StrategyInfo:
+    """A server strategy and the hooks the other tiers need from it."""
+
     name: str
-    module: ModuleType
-    foldable: bool  # can a combiner keep one running sum instead of every update?
+    module: ModuleType  # init_state, server_step, state_summary
+    fold_scale: Callable[[float, int], float] = _weight
+    downlink: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Tensors] = _model_only
+    proximal: bool = False  # the worker adds FedProx's μ/2·‖w − w_g‖²
+    control_variates: bool = False  # the worker keeps SCAFFOLD's c_i
 
 
 REGISTRY: dict[str, StrategyInfo] = {
-    fedavg.NAME: StrategyInfo(name=fedavg.NAME, module=fedavg, foldable=True),
+    info.name: info
+    for info in (
+        StrategyInfo(fedavg.NAME, fedavg),
+        StrategyInfo(fedavgm.NAME, fedavgm),
+        StrategyInfo(fedadam.NAME, fedadam),
+        StrategyInfo(fedyogi.NAME, fedyogi),
+        StrategyInfo(fedadagrad.NAME, fedadagrad),
+        StrategyInfo(fedprox.NAME, fedprox, proximal=True),
+        StrategyInfo(scaffold.NAME, scaffold, downlink=scaffold.downlink, control_variates=True),
+        StrategyInfo(fednova.NAME, fednova, fold_scale=fednova.fold_scale),
+    )
 }
+
+ROBUST_RULES: dict[str, RobustRule] = {
+    median.NAME: median.estimate,
+    trimmed_mean.NAME: trimmed_mean.estimate,
+    krum.KRUM: krum.estimate_krum,
+    krum.MULTI_KRUM: krum.estimate_multi_krum,
+}
+"""Rules that need a region's updates buffered; ``none`` folds as usual."""

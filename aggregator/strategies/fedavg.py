@@ -7,8 +7,10 @@ The maths is split along the hierarchy so that memory stays O(model):
   arrays are only read.
 * :func:`reduce_partials` turns the regional partials into the global mean
   delta ``Σ_r S_r / Σ_r W_r``, which equals flat FedAvg over all clients.
-* :func:`apply_delta` is the server step ``w + η·Δ̄`` (``η`` the server
-  learning rate; 1.0 is plain FedAvg).
+* :func:`aggregate_partials` adds what server optimizers need beside the mean
+  (total weight, count, the mean number of local steps).
+* :func:`server_step` is the server step ``w + η·Δ̄`` (``η`` the server
+  learning rate; 1.0 is plain FedAvg). FedAvg keeps no server state.
 
 Rejected or failed replies never reach these functions: the combiner passes
 only accepted updates, and the caller passes the list of partials, empty ones
@@ -19,8 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedkube.spec import Strategy
 
 Tensors = dict[str, np.ndarray]
 
@@ -39,28 +45,39 @@ class WeightedSum:
     sums: Tensors
     weight: float = 0.0
     count: int = 0
+    steps: float = 0.0  # Σ w_i·τ_i, the weighted local steps (FedNova needs them)
     _scratch: np.ndarray = field(default_factory=lambda: np.empty(FOLD_CHUNK, np.float32))
 
     @classmethod
     def zeros_like(cls, template: Mapping[str, np.ndarray]) -> WeightedSum:
         return cls({name: np.zeros(a.shape, np.float32) for name, a in template.items()})
 
-    def fold(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        """Add ``weight·delta`` in place, one cache-sized chunk at a time.
+    def fold(
+        self,
+        delta: Mapping[str, np.ndarray],
+        weight: float,
+        scale: float | None = None,
+        steps: float = 1.0,
+    ) -> None:
+        """Add ``scale·delta`` in place (``scale`` defaults to ``weight``).
 
-        Memory traffic per element is one read of the update and one
-        read-modify-write of the sum: the same as ``a += b``.
+        One cache-sized chunk at a time: memory traffic per element is one
+        read of the update and one read-modify-write of the sum, the same as
+        ``a += b``. ``weight`` always counts toward ``Σ w_i``; a strategy that
+        rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.
         """
+        factor = np.float32(weight if scale is None else scale)
         for name, total in self.sums.items():
             src = delta[name].reshape(-1)
             dst = total.reshape(-1)
             for start in range(0, dst.size, FOLD_CHUNK):
                 stop = min(start + FOLD_CHUNK, dst.size)
                 scaled = self._scratch[: stop - start]
-                np.multiply(src[start:stop], np.float32(weight), out=scaled)
+                np.multiply(src[start:stop], factor, out=scaled)
                 np.add(dst[start:stop], scaled, out=dst[start:stop])
         self.weight += weight
         self.count += 1
+        self.steps += weight * steps
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,23 @@ class Partial:
     sums: Tensors
     weight: float
     count: int
+    steps: float = 0.0  # Σ w_i·τ_i over the region's clients
+
+
+@dataclass(frozen=True)
+class RoundAggregate:
+    """What a server step sees of one round, whatever the hierarchy looked like.
+
+    ``delta`` is the weighted mean of the client deltas (``Σ w_i·Δ_i / Σ w_i``,
+    or a robust estimate of it); ``population`` is every client of the job and
+    ``count`` those whose update is in ``delta``.
+    """
+
+    delta: Tensors
+    weight: float
+    count: int
+    mean_local_steps: float
+    population: int
 
 
 def reduce_partials(partials: Sequence[Partial]) -> Tensors:
@@ -91,12 +125,63 @@ def reduce_partials(partials: Sequence[Partial]) -> Tensors:
     return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}
 
 
-def apply_delta(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], lr: float):
+def aggregate_partials(partials: Sequence[Partial], population: int) -> RoundAggregate:
+    """The round's mean delta with its weight, count and mean local steps."""
+    delta = reduce_partials(partials)
+    weight = sum(p.weight for p in partials)
+    return RoundAggregate(
+        delta=delta,
+        weight=weight,
+        count=sum(p.count for p in partials),
+        mean_local_steps=sum(p.steps for p in partials) / weight,
+        population=population,
+    )
+
+
+def apply_delta(
+    weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], lr: float
+) -> Tensors:
     """The next global model ``w + lr·Δ̄`` as new arrays (inputs untouched)."""
     return {
         name: (w + np.float32(lr) * delta[name]).astype(w.dtype, copy=False)
         for name, w in weights.items()
     }
+
+
+def stored_buffer(
+    state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...], fill: float
+) -> np.ndarray:
+    """A server optimizer's buffer ``key`` from ``state``, or ``fill`` when it has none.
+
+    A checkpoint written under a stateless strategy (FedAvg) has no buffers;
+    they then start from their initial value, as on a fresh job. A buffer of
+    another shape belongs to another model and is refused.
+    """
+    buffer = state.get(key)
+    if buffer is None:
+        return np.full(shape, fill, np.float32)
+    if buffer.shape != shape:
+        raise ValueError(f"state {key}: shape {buffer.shape}, model has {shape}")
+    return buffer
+
+
+def init_state(weights: Mapping[str, np.ndarray], params: Strategy) -> Tensors:
+    """FedAvg keeps no server state."""
+    return {}
+
+
+def server_step(
+    weights: Mapping[str, np.ndarray],
+    aggregate: RoundAggregate,
+    state: Mapping[str, np.ndarray],
+    params: Strategy,
+) -> tuple[Tensors, Tensors]:
+    """``w + η·Δ̄``; the state stays empty."""
+    return apply_delta(weights, aggregate.delta, params.server_lr), {}
+
+
+def state_summary(state: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {}
 
 
 def flat_fedavg(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> Tensors:

@@ -10,6 +10,7 @@ Run directory layout (``runs/<job>`` by default)::
 
     redis/         Redis append-only file (round state; kept for --resume)
     checkpoints/   global model per round (safetensors + JSON)
+    clients/       each client's durable state (SCAFFOLD's c_i), kept for --resume
     secrets/       tenant and aggregator tokens (mode 0600)
     logs/          one JSON-lines log per process
     ports/         ports the services bound
@@ -34,6 +35,14 @@ import redis
 
 from fedkube.errors import FedkubeError
 from fedkube.local import report
+from fedkube.policy import (
+    Refusal,
+    SitePolicy,
+    check,
+    data_binding_document,
+    load_policy,
+    refused_tenants,
+)
 from fedkube.process import die_with_parent
 from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
@@ -54,6 +63,9 @@ class RunOptions:
     quiet: bool = False
     history_format: str = "jsonl"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # A site policy (fedkube.policy) for this machine: refused tenants' workers
+    # are not started and the rounds treat them as absent.
+    policy_path: Path | None = None
 
 
 @dataclass
@@ -148,7 +160,7 @@ def _prepare_dir(out: Path, resume: bool) -> None:
         if not (out / "checkpoints").exists() and not (out / "redis").exists():
             raise FedkubeError(f"--resume: {out} holds no earlier run of this job")
         return
-    for part in ("redis", "checkpoints", "logs", "ports", "secrets"):
+    for part in ("redis", "checkpoints", "clients", "logs", "ports", "secrets"):
         shutil.rmtree(out / part, ignore_errors=True)
     for name in ("history.jsonl", "history.csv", "plot.png", "summary.txt"):
         (out / name).unlink(missing_ok=True)
@@ -199,6 +211,15 @@ class LocalRun:
         self.handles: dict[str, Handle] = {}
         self.redis_server: RedisServer | None = None
         self._client: redis.Redis | None = None
+        self.policy: SitePolicy | None = (
+            load_policy(options.policy_path) if options.policy_path else None
+        )
+        self.refusals: list[Refusal] = (
+            # No image runs on this machine, so the images rule does not apply.
+            [r for r in check(self.job, self.policy, None, "") if r.rule != "images"]
+            if self.policy is not None
+            else []
+        )
 
     def start(self) -> None:
         job, out = self.job, self.out
@@ -215,6 +236,8 @@ class LocalRun:
             self.redis_server = RedisServer(out / "redis", host=self.launcher.host).start()
             self.redis_url = self.redis_server.url
         job_file = str(self.options.job_path.resolve())
+        refused = self._record_refusals()
+        bindings = self._write_bindings()
         base_env = {AGGREGATOR_TOKEN_ENV: tokens["__aggregator__"], **self.options.extra_env}
         host = self.launcher.host
         argv = [
@@ -268,6 +291,9 @@ class LocalRun:
         # instead of letting every process spin up one thread per core.
         threads = str(max(1, (os.cpu_count() or 1) // len(job.clients())))
         for client in job.clients():
+            if client.tenant in refused:
+                continue
+            binding = bindings.get(client.tenant)
             self._start(
                 f"worker-{client.id}",
                 [
@@ -284,6 +310,9 @@ class LocalRun:
                     "0",
                     "--port-file",
                     str(out / "ports" / f"worker-{client.id}"),
+                    "--state-dir",
+                    str(out / "clients" / client.id),
+                    *(["--data-binding", str(binding)] if binding else []),
                 ],
                 {
                     TOKEN_ENV: tokens[client.tenant],
@@ -291,6 +320,36 @@ class LocalRun:
                     **self.options.extra_env,
                 },
             )
+
+    def _record_refusals(self) -> dict[str, str]:
+        """Tell the round state who the policy refuses (exactly these, this run).
+
+        The global aggregator reads the same key that a site's refusal lands
+        in on a cluster, so a refused tenant is absent from every round.
+        """
+        refused = refused_tenants(self.refusals)
+        key = job_prefix(self.job.name) + "refused"
+        client = self._redis()
+        client.delete(key)
+        if refused:
+            client.hset(key, mapping=refused)
+        for tenant, message in sorted(refused.items()):
+            print(f"tenant {tenant} refused by the policy: {message}", file=sys.stderr)
+        return refused
+
+    def _write_bindings(self) -> dict[str, Path]:
+        """The policy's data bindings as files for the workers (mode 0600: may hold secrets)."""
+        if self.policy is None or not self.policy.data_bindings:
+            return {}
+        folder = self.out / "secrets" / "bindings"
+        folder.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        for tenant, binding in self.policy.data_bindings.items():
+            path = folder / f"{tenant}.json"
+            path.touch(mode=0o600)
+            path.write_text(json.dumps(data_binding_document(binding), sort_keys=True))
+            written[tenant] = path
+        return written
 
     def _log(self, name: str) -> Path:
         return self.out / "logs" / f"{name}.log"

@@ -15,6 +15,7 @@ import yaml
 
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.crd import build_crd
+from fedkube.policy import DEFAULT_ENTRYPOINTS, SitePolicy, parse_policy
 from tests.controlplane import DEFAULT_BIN_DIR
 from tests.support import ROOT
 
@@ -171,6 +172,36 @@ def test_a_site_install_runs_only_the_site_operator_pointed_at_the_central_site(
     assert not any(a.startswith("--redis-url") for a in args)
 
 
+def test_a_site_install_renders_its_policy_into_a_secret_the_operator_reads():
+    objects = render(
+        *SITE,
+        "site.policy.entrypoints={fedkube.examples.,hospital.loaders:scans}",
+        "site.policy.maxGpus=2",
+        "site.policy.dataBindings.c.kwargs.path=/data/c.npz",
+    )
+    secret = objects[("Secret", "fedkube-operator-site-policy")]
+    policy = parse_policy(yaml.safe_load(secret["stringData"]["policy.yaml"]))
+    assert policy.entrypoints == ["fedkube.examples.", "hospital.loaders:scans"]
+    assert policy.max_gpus == 2 and policy.max_memory is None
+    assert policy.data_bindings["c"].kwargs == {"path": "/data/c.npz"}
+    container = operator_container(objects)
+    assert "--policy=/etc/fedkube/policy/policy.yaml" in container["args"]
+    assert {"name": "site-policy", "mountPath": "/etc/fedkube/policy", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    template = objects[("Deployment", "fedkube-operator")]["spec"]["template"]
+    assert "checksum/site-policy" in template["metadata"]["annotations"]
+    # The defaults are the safe ones that the operator itself defaults to.
+    default = render(*SITE)[("Secret", "fedkube-operator-site-policy")]
+    assert parse_policy(yaml.safe_load(default["stringData"]["policy.yaml"])) == SitePolicy()
+    # Central mode has no site policy, but an allowlist for the aggregator tier.
+    central = render()
+    assert ("Secret", "fedkube-operator-site-policy") not in central
+    assert [a for a in operator_container(central)["args"] if a.startswith("--allow")] == [
+        f"--allow-entrypoint={e}" for e in DEFAULT_ENTRYPOINTS
+    ]
+
+
 def test_watch_namespaces_grant_roles_there_and_only_read_only_discovery_cluster_wide():
     documents = render_all("operator.watchNamespaces={team-a,team-b}")
     roles = [
@@ -291,6 +322,10 @@ def test_dashboards_are_config_maps_with_the_grafana_sidecar_label():
         (("alerts.participationBelow=2",), "/alerts/participationBelow"),
         (("alerts.participationBelow=0.3x",), "/alerts/participationBelow"),
         (("aggregator.memory=lots",), "/aggregator/memory"),
+        ((*SITE, "site.policy.entrypoints={fedkube}"), "/site/policy/entrypoints/0"),
+        ((*SITE, "site.policy.maxMemory=lots"), "/site/policy/maxMemory"),
+        ((*SITE, "site.policy.allowAll=true"), "'allowAll' not allowed"),
+        (("operator.allowEntrypoints={os}",), "/operator/allowEntrypoints/0"),
         (
             ("operator.replicas=2", "operator.leaderElection.enabled=false"),
             "needs operator.leaderElection.enabled=true",

@@ -8,9 +8,11 @@ aggregate can be checked and every kind of bad update can be sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +159,27 @@ async def start_combiner(
     return combiner
 
 
+@contextlib.asynccontextmanager
+async def running_tier(job: FederatedJob, redis_url: str, checkpoints: Path) -> AsyncIterator[Tier]:
+    """A global aggregator driving rounds and a combiner per region, all registered."""
+    aggregator = await start_global(job, redis_url, checkpoints)
+    combiners = {r: await start_combiner(job, r, redis_url, aggregator) for r in ("eu", "us")}
+    run = asyncio.create_task(aggregator.run())
+    async with aiohttp.ClientSession() as http:
+        tier = Tier(job, aggregator, combiners, run, http, checkpoints)
+        for client in ["a-0", "b-0", "c-0", "d-0"]:
+            await tier.register(client)  # as a worker's first poll does
+        try:
+            yield tier
+        finally:
+            tier.aggregator.stopping.set()
+            tier.run.cancel()
+            await asyncio.wait({tier.run}, timeout=10)
+            for combiner in combiners.values():
+                await combiner.stop()
+            await tier.aggregator.stop()
+
+
 @pytest.fixture
 async def tier(redis_server, tmp_path):
     job = parse_job(
@@ -166,29 +189,16 @@ async def tier(redis_server, tmp_path):
             transport={"maxUpdateBytes": 64 * 1024},
         )
     )
-    aggregator = await start_global(job, redis_server.url, tmp_path / "ckpt")
-    combiners = {
-        r: await start_combiner(job, r, redis_server.url, aggregator) for r in ("eu", "us")
-    }
-    run = asyncio.create_task(aggregator.run())
-    async with aiohttp.ClientSession() as http:
-        tier = Tier(job, aggregator, combiners, run, http, tmp_path / "ckpt")
-        for client in ["a-0", "b-0", "c-0", "d-0"]:
-            await tier.register(client)  # as a worker's first poll does
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
         yield tier
-    aggregator.stopping.set()
-    run.cancel()
-    await asyncio.wait({run}, timeout=10)
-    for combiner in combiners.values():
-        await combiner.stop()
-    await aggregator.stop()
 
 
 def deltas_for(aggregator: GlobalAggregator, seed: int) -> dict[str, np.ndarray]:
+    """A random update shaped like what travels down (SCAFFOLD's control tensors too)."""
     rng = np.random.default_rng(seed)
     return {
-        name: (0.01 * rng.standard_normal(w.shape)).astype(np.float32)
-        for name, w in aggregator.weights.items()
+        name: (0.01 * rng.standard_normal(shape)).astype(np.float32)
+        for name, (shape, _dtype) in aggregator.template.items()
     }
 
 
@@ -438,3 +448,78 @@ async def test_a_model_fetch_that_failed_with_nobody_waiting_is_tried_again(redi
     finally:
         await combiner.stop()
         await second.stop()
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "scaffold"])
+async def test_a_restarted_aggregator_continues_with_the_strategys_server_state(
+    redis_server, tmp_path, strategy
+):
+    # prepare: two rounds of hand-made updates build up momentum / moments / c
+    job = parse_job(
+        small_job_dict(
+            rounds=3,
+            strategy={"name": strategy},
+            participation={"minFraction": 1.0, "roundTimeoutSeconds": 20},
+        )
+    )
+    clients = ["a-0", "b-0", "c-0", "d-0"]
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
+        for number in (1, 2):
+            await tier.wait_round(number)
+            for i, client in enumerate(clients):
+                assert (await tier.send(client, number, deltas_for(tier.aggregator, i)))[0] == 200
+            await tier.wait_closed(number)
+        before = {k: v.copy() for k, v in tier.aggregator.server_state.items()}
+        weights = {k: v.copy() for k, v in tier.aggregator.weights.items()}
+    # execute: a new aggregator process resumes from the checkpoint
+    resumed = global_aggregator(job, redis_server.url, tmp_path / "ckpt", resume=True)
+    await resumed.start()
+    try:
+        # assert: the same model and the same, non-zero, server state
+        assert resumed.round_no == 2
+        assert before and before.keys() == resumed.server_state.keys()
+        assert any(np.abs(v).sum() > 0 for v in before.values())
+        for name, value in before.items():
+            np.testing.assert_array_equal(resumed.server_state[name], value)
+        for name, value in weights.items():
+            np.testing.assert_array_equal(resumed.weights[name], value)
+        text = resumed.metrics.exposition().decode()
+        assert 'fedkube_strategy_state{job="small",quantity=' in text
+        # and what it serves next carries it (SCAFFOLD's c travels with the model)
+        served, _ = codec.decode(resumed.model_bytes[3])
+        assert served.keys() == resumed.template.keys()
+    finally:
+        await resumed.stop()
+
+
+async def test_a_robust_rules_full_buffer_refuses_by_name_and_the_round_still_closes(
+    redis_server, tmp_path
+):
+    # prepare: a buffer with room for one update of the digits model per region
+    job = parse_job(
+        small_job_dict(
+            rounds=1,
+            strategy={"robust": {"rule": "median", "maxBufferBytes": 8_000}},
+            participation={"minFraction": 0.5, "roundTimeoutSeconds": 2},
+        )
+    )
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
+        await tier.wait_round(1)
+        sent = {client: deltas_for(tier.aggregator, i) for i, client in enumerate("abcd")}
+        start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
+        # execute: a-0 and c-0 fill their regions' buffers; b-0 and d-0 find them full
+        answers = {c: await tier.send(f"{c}-0", 1, sent[c]) for c in "abcd"}
+        await tier.wait_closed(1)
+        # assert: named refusals, counted; the round closed at its deadline on quorum
+        assert answers["a"][0] == answers["c"][0] == 200
+        for refused in (answers["b"], answers["d"]):
+            assert refused[0] == 503 and refused[1]["error"] == "buffer_full"
+            assert "maxBufferBytes=8000" in refused[1]["detail"]
+        assert rejected(await tier.metrics("eu"), "buffer_full") == 1
+        record = (await tier.aggregator.store.history())[0]
+        assert record["reported"] == 2 and record["robust"] == "median"
+        saved = checkpoint.load_latest(tier.checkpoints, job.name)
+        assert saved is not None
+        for name in start:  # each region's median of one update is that update
+            expected = start[name] + (sent["a"][name] + sent["c"][name]) / 2
+            np.testing.assert_allclose(saved.weights[name], expected, rtol=1e-5, atol=1e-6)

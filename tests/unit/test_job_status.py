@@ -55,6 +55,22 @@ def test_a_running_job_reports_round_participation_and_metrics():
     assert last_condition(status) == "Running"
 
 
+def test_the_status_shows_the_strategy_and_its_server_state():
+    record = {
+        "round": 2,
+        "selected": 4,
+        "reported": 4,
+        "strategy": "scaffold",
+        "robust": "median",
+        "server_state": {"control_variate_norm": 0.1234567891},
+    }
+    facts = RoundFacts(job_status="running", current_round=3, closed_rounds=2, last_record=record)
+    status = next_status(JobStatus(), observe(rounds_facts=facts))
+    assert status.strategy == "scaffold+median"
+    assert status.server_state == {"control_variate_norm": 0.123457}
+    assert status.wire()["serverState"] == {"control_variate_norm": 0.123457}
+
+
 def test_success_is_terminal_and_the_last_condition():
     facts = RoundFacts(job_status="succeeded", job_message="5 rounds completed", closed_rounds=5)
     status = next_status(JobStatus(), observe(rounds_facts=facts))

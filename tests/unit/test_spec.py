@@ -6,9 +6,9 @@ import typing
 
 import pytest
 
-from fedkube.aggregator.strategies import REGISTRY
+from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES
 from fedkube.errors import SpecError
-from fedkube.spec import Strategy, load_job, parse_job, quorum
+from fedkube.spec import Robust, Strategy, load_job, parse_job, quorum
 from tests.support import ROOT, small_job_dict
 
 
@@ -95,3 +95,45 @@ def test_quorum(selected, min_fraction, min_clients, expected):
 def test_strategy_names_in_the_spec_match_the_registry():
     allowed = set(typing.get_args(Strategy.model_fields["name"].annotation))
     assert allowed == set(REGISTRY)
+
+
+def test_strategy_parameters_are_validated_by_field():
+    problems = problems_of(
+        small_job_dict(
+            strategy={"name": "fedmagic", "serverMomentum": 1.5, "robust": {"trimFraction": 0.5}}
+        )
+    )
+    assert "spec.strategy.name" in problems
+    assert "spec.strategy.serverMomentum" in problems
+    assert "spec.strategy.robust.trimFraction" in problems
+
+
+def test_the_server_learning_rate_defaults_per_strategy():
+    assert Strategy(name="fedavg").server_lr == 1.0
+    assert Strategy(name="fedadam").server_lr == 0.1
+    assert Strategy(name="fedyogi", server_learning_rate=0.03).server_lr == 0.03
+
+
+def test_scaffold_refuses_an_optimizer_it_cannot_correct():
+    problems = problems_of(
+        small_job_dict(strategy={"name": "scaffold"}, training={"optimizer": "adam"})
+    )
+    assert "SGD" in problems["spec.training.optimizer"]
+
+
+def test_krum_needs_two_f_plus_three_clients_in_every_region():
+    # the small job has two clients per region
+    problems = problems_of(small_job_dict(strategy={"robust": {"rule": "krum", "byzantine": 1}}))
+    message = problems["spec.strategy.robust.byzantine"]
+    assert "2f+3=5" in message and "eu has 2" in message and "us has 2" in message
+    problems = problems_of(
+        small_job_dict(
+            strategy={"robust": {"rule": "multiKrum", "byzantine": 0, "multiKrumKeep": 3}}
+        )
+    )
+    assert "spec.strategy.robust.multiKrumKeep" in problems
+
+
+def test_robust_rule_names_in_the_spec_match_the_registry():
+    allowed = set(typing.get_args(Robust.model_fields["rule"].annotation))
+    assert allowed == {"none", *ROBUST_RULES}

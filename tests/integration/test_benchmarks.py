@@ -1,0 +1,104 @@
+"""Every benchmark still runs: ``--quick`` of each, to the end, with its table.
+
+A benchmark is only run by hand (``make bench``), so a change to the services
+can break it without any test noticing. These smoke tests run each one as a
+user would, with ``--quick`` (every scenario, smaller), and check that it
+exits 0 and prints its table with figures in it. They check no figure against
+a threshold: the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+NUMBER = re.compile(r"\d+\.\d+")
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
+    """Run ``benchmarks/SCRIPT ARGS`` with this interpreter; its stdout, once it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def table_rows(output: str, column: str) -> list[str]:
+    """The lines under the table header that names ``column``, up to the next blank line."""
+    lines = output.splitlines()
+    headers = [i for i, line in enumerate(lines) if column in line]
+    assert headers, f"no table header with {column!r} in:\n{output}"
+    rows = []
+    for line in lines[headers[0] + 1 :]:
+        if not line.strip():
+            break
+        if set(line.strip()) != {"-"}:  # the rule under the header
+            rows.append(line)
+    return rows
+
+
+def figure_rows(rows: list[str], label: str) -> list[str]:
+    """The rows that start with ``label`` and carry at least one figure."""
+    return [row for row in rows if row.strip().startswith(label) and NUMBER.search(row)]
+
+
+def test_fold_benchmark_prints_bandwidths_fold_rates_and_memory():
+    output = run_benchmark("fold.py", "--quick")
+    rows = table_rows(output, "best GB/s")
+    for label in (
+        "(a) memcpy",
+        "(b) numpy in-place add",
+        "(c) WeightedSum.fold, owned",
+        "(c) WeightedSum.fold, safetensors",
+        "context: naive",
+        "context: unweighted",
+    ):
+        assert figure_rows(rows, label), f"no figures for {label!r} in:\n{output}"
+    assert re.search(r"fold/in-place-add traffic ratio \(safetensors views\): best\s+\d", output)
+    assert re.search(r"^WeightedSum.fold\s+tracemalloc peak\s+\d", output, re.M), output
+    assert "correctness spot check" in output
+
+
+def test_round_overhead_benchmark_runs_every_scenario_to_the_end():
+    output = run_benchmark("round_overhead.py", "--quick")
+    rows = table_rows(output, "med overhead s")
+    for label in (
+        "8 tenants, real Worker training (digits)",
+        "8 tenants, no training, clients in 2nd process",
+        "100 clients, no training, clients in 2nd proc",
+        "100 clients, no training, all in one process",
+    ):
+        assert figure_rows(rows, label), f"no figures for {label!r} in:\n{output}"
+    assert output.count("status=succeeded") == 4, output
+    assert "refused updates" not in output, output
+
+
+def test_strategies_benchmark_prints_every_strategy_beside_the_fold():
+    output = run_benchmark("strategies.py", "--quick", timeout=120)
+    rows = [row.strip("| ") for row in table_rows(output, "x fold time")]
+    for label in (
+        "fedavg fold",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "normBound clip+fold",
+        "normBound scale in fold",
+        "median",
+        "trimmedMean",
+        "krum",
+        "multiKrum",
+    ):
+        assert figure_rows(rows, label + " "), f"no figures for {label!r} in:\n{output}"
