@@ -71,7 +71,8 @@ def observed_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedJ
     rejected-updates panel has a rate to show in a run without faults.
     """
     workdir = tmp_path_factory.mktemp("observed")
-    run = start_run(workdir, "observed", rounds=5000)
+    # fedavgm: a strategy with server state, so that its panel has a series to show.
+    run = start_run(workdir, "observed", rounds=5000, strategy={"name": "fedavgm"})
     try:
         targets = wait_service_targets(run)
         rules = write_rule_file(workdir / "alerts.yml", TEST_ALERT_VALUES)
@@ -121,6 +122,9 @@ def test_every_job_overview_panel_returns_data_for_a_running_job(observed_job):
     assert set(series_of("Updates accepted per round, by tenant")) == {"a", "b", "c", "d"}
     assert series_of("Rejected updates by reason").get("late", 0) > 0
     assert set(series_of("Participation per region")) == {"eu", "us"}
+    assert {tuple(sorted(k.split(","))) for k in series_of("Strategy server state")} == {
+        ("fedavgm", "momentum_norm")
+    }
 
 
 def test_every_alert_rule_loads_and_evaluates_without_error(observed_job):
