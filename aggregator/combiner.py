@@ -131,6 +131,7 @@ class Combiner:
         self.max_bytes = config.job.spec.transport.max_update_bytes
         self.strategy = config.job.spec.strategy
         self.fold_scale = REGISTRY[self.strategy.name].fold_scale
+        self.needs_local_steps = REGISTRY[self.strategy.name].needs_local_steps
         self.robust_rule = ROBUST_RULES.get(self.strategy.robust.rule)
         self.current: _Round | None = None
         self.job_status: str | None = None
@@ -547,7 +548,7 @@ class Combiner:
         )
         if parse_weight(metadata.get("fedkube.weight")) != weight:
             raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
-        steps = parse_steps(metadata.get(M_STEPS), required=self.strategy.name == "fednova")
+        steps = parse_steps(metadata.get(M_STEPS), required=self.needs_local_steps)
         if self.template is None:
             await self.model_bytes(current.info.version)
         assert self.template is not None

@@ -64,6 +64,7 @@ class StrategyInfo:
     downlink: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Tensors] = _model_only
     proximal: bool = False  # the worker adds FedProx's μ/2·‖w − w_g‖²
     control_variates: bool = False  # the worker keeps SCAFFOLD's c_i
+    needs_local_steps: bool = False  # the fold divides by τ_i: updates must state it
 
 
 REGISTRY: dict[str, StrategyInfo] = {
@@ -76,7 +77,7 @@ REGISTRY: dict[str, StrategyInfo] = {
         StrategyInfo(fedadagrad.NAME, fedadagrad),
         StrategyInfo(fedprox.NAME, fedprox, proximal=True),
         StrategyInfo(scaffold.NAME, scaffold, downlink=scaffold.downlink, control_variates=True),
-        StrategyInfo(fednova.NAME, fednova, fold_scale=fednova.fold_scale),
+        StrategyInfo(fednova.NAME, fednova, fold_scale=fednova.fold_scale, needs_local_steps=True),
     )
 }
 
