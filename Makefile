@@ -22,12 +22,14 @@ lint: setup
 
 # Every benchmark, full size. reconcile_latency.py runs the operator on the
 # control plane that `make test` builds too (skipped when up to date). Each one
-# has a --quick smoke test in `make test` (tests/*/test_benchmarks.py).
+# has a smoke test in `make test`: --quick in tests/*/test_benchmarks.py, and a
+# 100-round soak in tests/integration/test_soak.py.
 bench: setup
 	./scripts/build-control-plane.sh
 	.venv/bin/python benchmarks/fold.py
 	.venv/bin/python benchmarks/round_overhead.py
 	.venv/bin/python benchmarks/strategies.py
+	.venv/bin/python benchmarks/soak.py
 	.venv/bin/python benchmarks/reconcile_latency.py
 
 # A loopback Kubernetes control plane with kwok GPU nodes, up until Ctrl-C;

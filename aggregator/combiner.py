@@ -17,9 +17,20 @@ One combiner runs per region. Per round it
    the round deadline.
 
 A rejected update is counted by reason and never touches the sum, so it
-cannot poison the round. If the combiner restarts mid-round, the updates it
-had folded are lost with its memory: their clients are forgotten in Redis and
-count as dropped for that round.
+cannot poison the round.
+
+Restarts lose nothing a worker was told was accepted. The running sum lives
+only in memory (writing a model-sized sum to disk per update would cost more
+than the update itself), but every worker keeps its update until the round
+closes. A restarted combiner finds in Redis which of its clients reported to
+the incarnation that died, hands those clients a ``resend`` task when they
+poll again, and folds each resent update once (the report in Redis is its
+record; the in-memory ``folded`` set guards against a second fold). It
+flushes when every selected client is back in the sum, or, if the global
+tier already asked for the flush, after a short reattach window; a client
+that never resends (its worker died too) is forgotten in Redis and counts as
+dropped. If the global tier already holds the region's partial, the
+restarted combiner has nothing to collect for that round.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec
+from fedkube import codec, faults
 from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
@@ -81,6 +92,10 @@ log = logging.getLogger("fedkube.combiner")
 TIER = "combiner"
 POLL_INTERVAL_S = 0.5
 LEASE_TTL_MS = 5000
+# After a restart, how long a flushed-for round waits for its workers to
+# resend what the previous incarnation had folded (at most half the round
+# timeout). Workers retry with a backoff capped well below this.
+REATTACH_S = 10.0
 
 
 # A refusal message is shown in conditions and logs, never more than this.
@@ -99,6 +114,10 @@ class _Round:
     info: RoundInfo
     selected: set[str]  # this region's selected clients
     folded: set[str] = field(default_factory=set)
+    # Reported to an earlier incarnation of this combiner (Redis says so) but
+    # not in this one's sum: their workers are asked to send them again.
+    owed: set[str] = field(default_factory=set)
+    reattach_by: float = 0.0  # time.monotonic() after which a flush stops waiting for them
     sum: WeightedSum | None = None
     buffer: UpdateBuffer | None = None  # under a robust rule, instead of the sum
     flushed: bool = False
@@ -129,6 +148,7 @@ class Combiner:
         self.clients = {c.id: c for c in clients}
         self.tenants = {c.tenant for c in clients}
         self.max_bytes = config.job.spec.transport.max_update_bytes
+        self.weight_caps = {c.id: config.job.weight_cap(c.tenant) for c in clients}
         self.strategy = config.job.spec.strategy
         self.fold_scale = REGISTRY[self.strategy.name].fold_scale
         self.needs_local_steps = REGISTRY[self.strategy.name].needs_local_steps
@@ -230,11 +250,13 @@ class Combiner:
         ending this task: it reconnects and resynchronises from the round state.
         """
         delay = POLL_INTERVAL_S
+        up = self.metrics.state_store_up.labels(self.name, TIER, self.region)
         while not self.stopped.is_set():
             try:
-                await self._follow_once()
+                await self._follow_once(up)
                 return
             except RedisError as exc:
+                up.set(0)
                 log.warning(
                     "Redis unavailable (%s); retrying in %.1fs",
                     exc,
@@ -242,14 +264,15 @@ class Combiner:
                     extra=fields(job=self.name, region=self.region),
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 2.0)
 
-    async def _follow_once(self) -> None:
+    async def _follow_once(self, up: Any) -> None:
         pubsub = self.store.redis.pubsub()
         try:
             await pubsub.subscribe(self.store.channel)
             while not self.stopped.is_set():
                 await self._sync_round()
+                up.set(1)
                 if self.job_status in ("succeeded", "failed"):
                     self.stopped.set()
                     return
@@ -279,6 +302,7 @@ class Combiner:
             and current.selected
             and not current.flushed
             and current.info.state == RoundState.aggregating
+            and not (current.owed and time.monotonic() < current.reattach_by)
         ):
             self._schedule_flush(current)
 
@@ -286,17 +310,10 @@ class Combiner:
         async with self._lock:
             previous = self.current
             selected = {c for c in await self.store.selected(info.round) if c in self.clients}
-            reported = await self.store.reported(info.round)
-            lost = [c for c in reported if c in self.clients]
-            if lost and (previous is None or previous.info.round != info.round):
-                # Folded by an earlier incarnation of this combiner: that sum is gone.
-                await self.store.forget_reports(info.round, lost)
-                log.warning(
-                    "forgot %d reports folded before a restart",
-                    len(lost),
-                    extra=fields(job=self.name, round=info.round, region=self.region),
-                )
-            self.current = _Round(info=info, selected=selected)
+            current = _Round(info=info, selected=selected)
+            if previous is None or previous.info.round != info.round:
+                await self._recover(current)
+            self.current = current
         self.metrics.round_current.labels(self.name, TIER, self.region).set(info.round)
         self.metrics.clients_selected.labels(self.name, self.region).set(len(selected))
         self.metrics.clients_reported.labels(self.name, self.region).set(0)
@@ -313,6 +330,28 @@ class Combiner:
             self._background(self._prefetch(info.version))
         async with self._changed:
             self._changed.notify_all()
+
+    async def _recover(self, current: _Round) -> None:
+        """Pick up a round that an earlier incarnation of this combiner collected for.
+
+        Its sum died with it; its reports in Redis say whose updates were in
+        that sum. Those workers still hold their updates and are asked for
+        them again. If the global tier already has this region's partial,
+        there is nothing left to collect.
+        """
+        number = current.info.round
+        if self.region in await self.store.partials(number):
+            current.flushed = True
+            return
+        current.owed = {c for c in await self.store.reported(number) if c in self.clients}
+        if current.owed:
+            window = min(REATTACH_S, self.job.spec.participation.round_timeout_seconds / 2)
+            current.reattach_by = time.monotonic() + window
+            log.warning(
+                "restarted mid-round: asking %d clients to resend the updates folded before",
+                len(current.owed),
+                extra=fields(job=self.name, round=number, region=self.region),
+            )
 
     async def _prefetch(self, version: int) -> None:
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
@@ -386,7 +425,10 @@ class Combiner:
         client = request.headers.get(H_CLIENT, "")
         if client not in self.clients:
             return json_error(400, Reason.malformed.value, "the X-Fedkube-Client header is missing")
-        await self.store.register_client(client)
+        try:
+            await self.store.register_client(client)
+        except RedisError as exc:  # the task can still be answered from memory
+            log.warning("cannot record registration: %s", exc, extra=fields(job=self.name))
         try:
             after = int(request.query.get("after", "0"))
             wait_s = min(float(request.query.get("wait", "20")), 60.0)
@@ -408,18 +450,23 @@ class Combiner:
         if self.job_status in ("succeeded", "failed"):
             return {"status": "done", "job_status": self.job_status}
         current = self.current
-        if current is None or current.info.round <= after or current.flushed:
+        if current is None or current.flushed:
+            return None
+        task = {
+            "round": current.info.round,
+            "version": current.info.version,
+            "deadline": current.info.deadline,
+        }
+        if client in current.owed:
+            # Accepted by the incarnation that died: the worker has it still.
+            return {"status": "resend", **task}
+        if current.info.round <= after:
             return None
         if client not in current.selected or client in current.folded:
             return None
         if current.info.state != RoundState.collecting:
             return None
-        return {
-            "status": "train",
-            "round": current.info.round,
-            "version": current.info.version,
-            "deadline": current.info.deadline,
-        }
+        return {"status": "train", **task}
 
     async def handle_model(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -438,7 +485,7 @@ class Combiner:
         self.metrics.bytes_down.labels(self.name, TIER, self.region, tenant).inc(len(data))
         current = self.current
         if current is not None:
-            await self.store.add_counters(current.info.round, bytes_down=len(data))
+            await self._count(current.info.round, bytes_down=len(data))
         return web.FileResponse(
             self._model_path(version), headers={"Content-Type": codec.CONTENT_TYPE}
         )
@@ -457,7 +504,7 @@ class Combiner:
             ).inc()
             round_no = self.current.info.round if self.current else None
             if exc.reason in (Reason.duplicate.value, Reason.late.value) and round_no:
-                await self.store.add_counters(round_no, **{exc.reason: 1})
+                await self._count(round_no, **{exc.reason: 1})
             log.warning(
                 "update rejected: %s",
                 exc.detail,
@@ -512,6 +559,13 @@ class Combiner:
             )
         number = parse_int(request.headers.get(H_ROUND), "round")
         weight = parse_weight(request.headers.get(H_WEIGHT))
+        cap = self.weight_caps.get(client)
+        if cap is not None and weight > cap:
+            raise UpdateRejected(
+                Reason.weight_above_cap.value,
+                f"weight {weight:g} is above the cap of {cap} samples for tenant {tenant!r} "
+                "(spec.tenants[].maxWeight or spec.participation.maxWeight)",
+            )
         current = self.current
         self._check_round(current, number, client)
         assert current is not None
@@ -563,14 +617,22 @@ class Combiner:
         async with self._lock:
             # Re-check under the lock: a flush or a new round may have happened.
             self._check_round(self.current, number, client)
+            faults.reached(f"combiner.{self.region}.update{len(current.folded) + 1}", number)
             if self.robust_rule is not None and current.buffer is None:
                 current.buffer = UpdateBuffer.for_template(
                     self.template, len(current.selected), self.strategy.robust.max_buffer_bytes
                 )
             if current.buffer is not None:
                 current.buffer.check_room()
-            if not await self.store.record_report(number, client, weight):
-                raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
+            # Recorded before folded. The record may exist already: written by
+            # an earlier incarnation whose sum died (a resend), or by a try
+            # whose fold failed. `folded` (checked above) is what decides.
+            try:
+                await self.store.record_report(number, client, weight)
+            except RedisError as exc:
+                raise UpdateRejected(
+                    Reason.unavailable.value, f"round state unavailable: {exc}", 503
+                ) from None
             scale = self.fold_scale(weight, steps) * clip
             loop = asyncio.get_running_loop()
             if current.buffer is not None:
@@ -582,14 +644,18 @@ class Combiner:
                     current.sum = WeightedSum.zeros_like(tensors)
                 await loop.run_in_executor(None, current.sum.fold, tensors, weight, scale, steps)
             current.folded.add(client)
+            recovered = client in current.owed
+            current.owed.discard(client)
             complete = current.folded >= current.selected
+        if recovered:
+            self.metrics.updates_recovered.labels(self.name, self.region, tenant).inc()
         self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(
             time.perf_counter() - started
         )
         self.metrics.updates_accepted.labels(self.name, TIER, self.region, tenant).inc()
         self.metrics.bytes_up.labels(self.name, TIER, self.region, tenant).inc(len(body))
         self.metrics.clients_reported.labels(self.name, self.region).set(len(current.folded))
-        await self.store.add_counters(number, bytes_up=len(body))
+        await self._count(number, bytes_up=len(body))
         log.info(
             "update folded",
             extra=fields(
@@ -600,6 +666,15 @@ class Combiner:
             self._schedule_flush(current)
         return {"status": "accepted", "round": number}
 
+    async def _count(self, number: int, **deltas: int) -> None:
+        """Add to the round's counters; they are statistics, so Redis being away is logged."""
+        try:
+            await self.store.add_counters(number, **deltas)
+        except RedisError as exc:
+            log.warning(
+                "round counters not updated: %s", exc, extra=fields(job=self.name, round=number)
+            )
+
     def _check_round(self, current: _Round | None, number: int, client: str) -> None:
         if current is None or number > current.info.round:
             raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
@@ -607,11 +682,10 @@ class Combiner:
             # A retry of an accepted update (its answer was lost): harmless, and
             # said so even after the region flushed.
             raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
-        if (
-            number < current.info.round
-            or current.flushed
-            or (current.info.state != RoundState.collecting)
-        ):
+        # A resend of what a dead incarnation had accepted still counts after
+        # the global tier asked for the flush: it was in before the deadline.
+        collecting = current.info.state == RoundState.collecting or client in current.owed
+        if number < current.info.round or current.flushed or not collecting:
             raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
         if client not in current.selected:
             raise UpdateRejected(
@@ -631,10 +705,27 @@ class Combiner:
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
+    async def _forget_owed(self, current: _Round) -> None:
+        """Clients that never resent after a restart: not in the sum, so not reported."""
+        lost, current.owed = sorted(current.owed), set()
+        if not lost:
+            return
+        log.error(
+            "%d updates folded before a restart were not sent again (%s): they count as dropped",
+            len(lost),
+            ", ".join(lost),
+            extra=fields(job=self.name, round=current.info.round, region=self.region),
+        )
+        try:
+            await self.store.forget_reports(current.info.round, lost)
+        except RedisError as exc:
+            log.warning("reports not forgotten: %s", exc, extra=fields(job=self.name))
+
     async def _flush(self, current: _Round) -> None:
         """Send the partial; retry until the global tier has it or moved on."""
         loop = asyncio.get_running_loop()
         async with self._lock:
+            await self._forget_owed(current)
             if current.buffer is not None:
                 assert self.robust_rule is not None
                 started = time.perf_counter()

@@ -15,6 +15,11 @@ combiners are asked to flush (state ``aggregating``); otherwise the spec's
 says why. Partials are written to the checkpoint volume before they are
 acknowledged, so ``--resume`` after a crash continues the same round with
 none of them lost.
+
+Redis going away (a restart, a failover) pauses the round loop instead of
+ending it: the aggregator waits for Redis with backoff, finishes in Redis
+whatever it had done in memory (a round checkpointed but not yet closed
+there), continues the open round and gives it back the time the outage took.
 """
 
 from __future__ import annotations
@@ -24,14 +29,15 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import codec
+from fedkube import codec, faults
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.fedavg import Partial, Tensors, aggregate_partials
@@ -54,7 +60,7 @@ from fedkube.protocol import (
     check_metadata,
     parse_int,
 )
-from fedkube.roundstate import RoundInfo, RoundStore, select_clients
+from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
 from fedkube.spec import FederatedJob, quorum
 from fedkube.web import bearer, json_error, start_site, token_matches
 
@@ -63,6 +69,7 @@ log = logging.getLogger("fedkube.global")
 TIER = "global"
 POLL_INTERVAL_S = 0.25
 LEASE_TTL_MS = 5000
+REDIS_RETRY_MAX_S = 5.0
 
 
 @dataclass
@@ -217,6 +224,7 @@ class GlobalAggregator:
             self._continue = info
             for region, body in checkpoint.load_partials(directory, current).items():
                 self.partials[region] = self._decode_partial(body, current, region)
+                await self.store.record_partial(current, region, self.partials[region].count)
         else:
             await self.store.trim_history(last_closed)
         await self.store.start_job(self.spec.rounds)
@@ -254,6 +262,75 @@ class GlobalAggregator:
     # -- the round loop ------------------------------------------------------
     async def run(self) -> str:
         """Drive rounds to the end; returns the job's final status."""
+        self.metrics.state_store_up.labels(self.name, TIER, "").set(1)
+        while True:
+            try:
+                return await self._drive()
+            except RedisError as exc:
+                await self._ride_out_outage(exc)
+
+    async def _ride_out_outage(self, cause: RedisError) -> None:
+        """Wait for Redis with backoff, then pick the rounds up where they stood."""
+        started = time.time()
+        if isinstance(cause, RedisTimeout):
+            started -= SOCKET_TIMEOUT_S  # the call that timed out had been waiting that long
+        self.metrics.state_store_up.labels(self.name, TIER, "").set(0)
+        log.error(
+            "round state (Redis) unreachable: %s; rounds pause until it is back",
+            cause,
+            extra=fields(job=self.name, round=self.round_no + 1),
+        )
+        delay, logged = POLL_INTERVAL_S, started
+        while True:
+            self._check_stopping()
+            await asyncio.sleep(delay)
+            try:
+                await self.store.redis.ping()
+                break
+            except RedisError as exc:
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                if time.time() - logged >= 30:
+                    logged = time.time()
+                    log.error(
+                        "round state (Redis) unreachable for %.0fs: %s",
+                        logged - started,
+                        exc,
+                        extra=fields(job=self.name, round=self.round_no + 1),
+                    )
+        outage = time.time() - started
+        self.metrics.state_store_up.labels(self.name, TIER, "").set(1)
+        log.warning(
+            "round state (Redis) back after %.1fs; resuming",
+            outage,
+            extra=fields(job=self.name, round=self.round_no + 1),
+        )
+        await self._resync(started, outage)
+
+    async def _resync(self, outage_started: float, outage_s: float) -> None:
+        """Make Redis agree with this process again after an outage.
+
+        Memory is ahead of Redis, never behind: a round checkpointed but not
+        yet closed there is closed from its checkpoint; an open round is
+        continued (with the time the outage took added to its deadline, if
+        the deadline had not passed before); otherwise the loop opens the
+        next round.
+        """
+        last = self.round_no
+        info = await self.store.round_info(last) if last else None
+        if info is not None and info.state != RoundState.closed:
+            saved = checkpoint.load_latest(self.config.checkpoint_dir, self.name)
+            if saved is not None and saved.round == last:
+                await self._finish_close(saved)
+                checkpoint.drop_partials(self.config.checkpoint_dir, last)
+                self.partials = {}
+        current = await self.store.current_round()
+        info = await self.store.round_info(current) if current == last + 1 else None
+        if info is not None and info.state in (RoundState.collecting, RoundState.aggregating):
+            self._continue = info
+            if info.deadline > outage_started:
+                await self.store.set_deadline(current, info.deadline + outage_s)
+
+    async def _drive(self) -> str:
         try:
             while self.round_no < self.spec.rounds:
                 info = self._continue or await self._open(self.round_no + 1)
@@ -277,7 +354,17 @@ class GlobalAggregator:
         # Clients whose site refused the job stay counted in the quorum (they
         # are absent) but are not waited on: the round opens without them.
         refused = await self.store.refused_tenants()
-        selected = [c for c in selected if self.tenant_of[c] not in refused]
+        # Likewise clients whose workers stopped polling (registration
+        # expired): the round does not wait for them; they count as dropped.
+        gone = await self._gone(selected)
+        selected = [c for c in selected if self.tenant_of[c] not in refused and c not in gone]
+        if gone:
+            log.warning(
+                "opening without %d selected clients that stopped polling: %s",
+                len(gone),
+                ", ".join(sorted(gone)),
+                extra=fields(job=self.name, round=number),
+            )
         self.partials = {}
         self._arrived.clear()
         info = await self.store.open_round(
@@ -294,6 +381,12 @@ class GlobalAggregator:
             extra=fields(job=self.name, round=number),
         )
         return info
+
+    async def _gone(self, clients: Sequence[str]) -> set[str]:
+        """Clients that registered once but not within ``registrationTtlSeconds``."""
+        seen = await self.store.registrations()
+        limit = time.time() - self.spec.participation.registration_ttl_seconds
+        return {c for c in clients if c in seen and seen[c] <= limit}
 
     async def _await_clients(self, number: int, selected: list[str], needed: int) -> None:
         """Open a round only once a quorum of its selected clients has registered."""
@@ -315,7 +408,8 @@ class GlobalAggregator:
                     f"clients, but only {len(eligible)} can take part: refused at their site: "
                     + "; ".join(f"tenant {t}: {refused[t]}" for t in names)
                 )
-            ready = len(eligible & await self.store.registered_clients())
+            ttl = self.spec.participation.registration_ttl_seconds
+            ready = len(eligible & await self.store.registered_clients(ttl))
             if ready >= needed:
                 return
             waited = time.monotonic() - started
@@ -368,7 +462,12 @@ class GlobalAggregator:
                         extra=fields(job=self.name, round=number),
                     )
                 else:
-                    await self._quorum_missed(current, reported, len(selected))
+                    offline = [
+                        f"region {region} has no running combiner (its lease lapsed)"
+                        for region in sorted(expected)
+                        if not await self.store.lease_held(f"combiner-{region}")
+                    ]
+                    await self._quorum_missed(current, reported, len(selected), offline)
             elif current.state == RoundState.aggregating:
                 flush_deadline = flush_deadline or now + timeout
                 if now >= flush_deadline:
@@ -383,7 +482,11 @@ class GlobalAggregator:
                     await self.store.transition(
                         number, RoundState.aggregating, RoundState.collecting
                     )
-                    await self._quorum_missed(current, got, len(selected))
+                    silent = [
+                        f"no partial from region {region} (is its combiner running?)"
+                        for region in sorted(expected - self.partials.keys())
+                    ]
+                    await self._quorum_missed(current, got, len(selected), silent)
                     flush_deadline = None
             wait = max(0.01, min(POLL_INTERVAL_S, current.deadline - now))
             # asyncio.wait, not wait_for: wait_for can swallow a cancellation
@@ -397,23 +500,28 @@ class GlobalAggregator:
         if self.stopping.is_set():
             raise asyncio.CancelledError("the global aggregator is stopping")
 
-    async def _quorum_missed(self, info: RoundInfo, reported: int, selected: int) -> None:
+    async def _quorum_missed(
+        self, info: RoundInfo, reported: int, selected: int, causes: Sequence[str] = ()
+    ) -> None:
+        """Extend the deadline or fail the job; ``causes`` name regions that cannot report."""
         policy = self.spec.participation
+        regions = "".join(f"; {cause}" for cause in causes)
         if policy.on_quorum_missed == "extend" and info.extensions < policy.max_extensions:
             await self.store.extend(info.round, policy.round_timeout_seconds)
             log.warning(
-                "quorum missed (%d of %d, need %d): deadline extended (%d/%d)",
+                "quorum missed (%d of %d, need %d): deadline extended (%d/%d)%s",
                 reported,
                 selected,
                 info.quorum,
                 info.extensions + 1,
                 policy.max_extensions,
+                regions,
                 extra=fields(job=self.name, round=info.round),
             )
             return
         raise QuorumNotReached(
             f"round {info.round}: {reported} of {selected} selected clients reported, "
-            f"quorum is {info.quorum} (after {info.extensions} deadline extensions)"
+            f"quorum is {info.quorum} (after {info.extensions} deadline extensions){regions}"
         )
 
     async def _close(self, info: RoundInfo, partials: list[Partial]) -> None:
@@ -431,6 +539,7 @@ class GlobalAggregator:
             self.server_state,
             self.spec.strategy,
         )
+        faults.reached("global.after_reduce", number)
         summary = self._show_state()
         self.metrics.aggregation_seconds.labels(self.name, TIER, "").observe(
             time.perf_counter() - started
@@ -443,8 +552,11 @@ class GlobalAggregator:
         selected = await self.store.selected(number)
         counters = await self.store.counters(number)
         by_region: dict[str, dict[str, int]] = {}
+        missing: list[str] = []
         for region in sorted(self.regions):
             chosen = sum(1 for c in selected if self.region_of[c] == region)
+            if chosen and region not in self.partials:
+                missing.append(region)
             got = self.partials[region].count if region in self.partials else 0
             by_region[region] = {"selected": chosen, "reported": got}
             if chosen:
@@ -467,6 +579,8 @@ class GlobalAggregator:
             "duplicates": counters.get("duplicate", 0),
             "late": counters.get("late", 0),
             "regions": by_region,
+            # Regions with selected clients whose combiner sent no partial.
+            "missing_regions": missing,
             "extensions": (await self.store.round_info(number) or info).extensions,
             "strategy": self.spec.strategy.name,
             "robust": self.spec.strategy.robust.rule,
@@ -480,6 +594,7 @@ class GlobalAggregator:
             record,
             state=self.server_state,
         )
+        faults.reached("global.after_checkpoint", number)
         self.round_no = number
         self.version = number + 1
         self._publish_model()
@@ -593,6 +708,11 @@ class GlobalAggregator:
             None, checkpoint.save_partial, self.config.checkpoint_dir, number, region, body
         )
         self.partials[region] = partial
+        try:
+            # A combiner restarted after this point finds its region done here.
+            await self.store.record_partial(number, region, partial.count)
+        except RedisError as exc:  # it would send again, and hear "duplicate"
+            log.warning("partial not recorded in Redis: %s", exc, extra=fields(job=self.name))
         return partial, body
 
     def _decode_partial(self, body: bytes, number: int, region: str) -> Partial:

@@ -166,7 +166,7 @@ def client_headers(job: FederatedJob, client: Client, token: str) -> dict[str, s
 async def sim_client(
     job: FederatedJob, client: Client, url: str, token: str, stats: dict[str, Any]
 ) -> None:
-    """A worker that trains for zero seconds: the same HTTP exchange as Worker._train_round."""
+    """A worker that trains for zero seconds: the same HTTP exchange as Worker._serve_round."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     async with aiohttp.ClientSession(
         headers=client_headers(job, client, token), timeout=timeout

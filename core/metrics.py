@@ -115,6 +115,18 @@ class Metrics:
             ["job", "strategy", "quantity"],
             registry=r,
         )
+        self.state_store_up = Gauge(
+            "fedkube_state_store_up",
+            "1 while this component reaches the round state (Redis), 0 during an outage.",
+            ["job", "tier", "region"],
+            registry=r,
+        )
+        self.updates_recovered = Counter(
+            "fedkube_updates_recovered_total",
+            "Updates folded again after a combiner restart (resent by their workers).",
+            ["job", "region", "tenant"],
+            registry=r,
+        )
         self.model_loss = Gauge(
             "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r
         )

@@ -60,8 +60,12 @@ class Reason(str, Enum):
     non_finite = "non_finite"
     norm_bound = "norm_bound"
     bad_weight = "bad_weight"
+    weight_above_cap = "weight_above_cap"
     bad_steps = "bad_steps"
     buffer_full = "buffer_full"
+    # Not the update's fault: the round state (Redis) could not record it. The
+    # worker keeps the update and sends it again.
+    unavailable = "unavailable"
 
 
 # HTTP headers (lower-case, as aiohttp normalises lookups).

@@ -12,6 +12,7 @@ hash tag, so every key of one job lives in one slot and MULTI works)::
     fedkube:{job}:round:<r>:selected  set   client ids selected for round r
     fedkube:{job}:round:<r>:reported  hash  client id -> weight (HSETNX: a duplicate is a no-op)
     fedkube:{job}:round:<r>:counters  hash  bytes_up, bytes_down, duplicates, late
+    fedkube:{job}:round:<r>:partials  hash  region -> updates in the partial the global tier holds
     fedkube:{job}:clients             hash  client id -> time it last polled (registration)
     fedkube:{job}:history             list  one JSON document per closed round
     fedkube:{job}:lease:<role>        str   leader lease token (SET NX PX), e.g. lease:global
@@ -38,6 +39,7 @@ from fedkube.errors import LeaseLost
 from fedkube.protocol import RoundState, can_transition
 
 REDIS_PASSWORD_ENV = "FEDKUBE_REDIS_PASSWORD"
+SOCKET_TIMEOUT_S = 5.0
 
 
 def redis_url_with_password(url: str, password: str | None) -> str:
@@ -106,9 +108,16 @@ def select_clients(client_ids: Sequence[str], fraction: float, seed: int, number
     return sorted(rng.sample(list(client_ids), k))
 
 
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+# Renew our lease, or take it back if it lapsed while Redis was away (a
+# restart longer than the TTL drops the key); 0 only if another holder has it.
+_RENEW_OR_RETAKE = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if not holder then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -139,7 +148,17 @@ class RoundStore:
 
     @classmethod
     def connect(cls, url: str, job: str) -> RoundStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), job)
+        # Timeouts: a Redis that stops answering (frozen, partitioned) raises
+        # like one that is down, so callers ride out both the same way.
+        return cls(
+            aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+            ),
+            job,
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -221,6 +240,7 @@ class RoundStore:
                 self.key("round", number, "selected"),
                 self.key("round", number, "reported"),
                 self.key("round", number, "counters"),
+                self.key("round", number, "partials"),
             )
             pipe.hset(
                 self.key("round", number),
@@ -272,6 +292,10 @@ class RoundStore:
         """Move a round's deadline without counting an extension (the job is paused)."""
         await self.redis.hset(self.key("round", number), "deadline", time.time() + timeout_s)
 
+    async def set_deadline(self, number: int, deadline: float) -> None:
+        """Give a round back time it could not use (Redis was unreachable)."""
+        await self.redis.hset(self.key("round", number), "deadline", deadline)
+
     async def extend(self, number: int, timeout_s: float) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key("round", number), "deadline", time.time() + timeout_s)
@@ -289,6 +313,15 @@ class RoundStore:
     async def reported(self, number: int) -> dict[str, float]:
         data = await self.redis.hgetall(self.key("round", number, "reported"))
         return {client: float(weight) for client, weight in data.items()}
+
+    async def record_partial(self, number: int, region: str, count: int) -> None:
+        """The global tier holds ``region``'s partial of round ``number`` (durably)."""
+        await self.redis.hset(self.key("round", number, "partials"), region, count)
+
+    async def partials(self, number: int) -> dict[str, int]:
+        """Regions whose partial of round ``number`` the global tier holds."""
+        data = await self.redis.hgetall(self.key("round", number, "partials"))
+        return {region: int(count) for region, count in data.items()}
 
     async def reported_count(self, number: int) -> int:
         return int(await self.redis.hlen(self.key("round", number, "reported")))
@@ -316,7 +349,7 @@ class RoundStore:
                 },
             )
             pipe.rpush(self.key("history"), json.dumps(record, sort_keys=True))
-            for suffix in ("", ":selected", ":reported", ":counters"):
+            for suffix in ("", ":selected", ":reported", ":counters", ":partials"):
                 pipe.expire(self.key("round", number) + suffix, ttl_seconds)
             await pipe.execute()
         await self.publish({"type": "round_closed", "round": number})
@@ -348,8 +381,18 @@ class RoundStore:
     async def register_client(self, client: str) -> None:
         await self.redis.hset(self.key("clients"), client, time.time())
 
-    async def registered_clients(self) -> set[str]:
-        return set(await self.redis.hkeys(self.key("clients")))
+    async def registrations(self) -> dict[str, float]:
+        """Client id -> when it last polled its combiner (or sent an update)."""
+        data = await self.redis.hgetall(self.key("clients"))
+        return {client: float(seen) for client, seen in data.items()}
+
+    async def registered_clients(self, ttl_s: float | None = None) -> set[str]:
+        """Clients that registered; with ``ttl_s``, only those seen within it."""
+        seen = await self.registrations()
+        if ttl_s is None:
+            return set(seen)
+        now = time.time()
+        return {client for client, at in seen.items() if now - at < ttl_s}
 
     # -- sites' refusals ---------------------------------------------------
     async def record_refusal(self, tenant: str, message: str) -> None:
@@ -364,11 +407,19 @@ class RoundStore:
     async def publish(self, event: dict[str, Any]) -> None:
         await self.redis.publish(self.channel, json.dumps(event))
 
+    async def lease_held(self, role: str) -> bool:
+        """Whether some process holds ``role``'s lease (a running combiner renews it)."""
+        return bool(await self.redis.exists(self.key("lease", role)))
+
     async def acquire_lease(self, role: str, token: str, ttl_ms: int) -> bool:
         return bool(await self.redis.set(self.key("lease", role), token, nx=True, px=ttl_ms))
 
     async def renew_lease(self, role: str, token: str, ttl_ms: int) -> None:
-        if not await self.redis.eval(_RENEW, 1, self.key("lease", role), token, ttl_ms):
+        """Keep the lease; take it back if it lapsed (Redis was away longer than the TTL).
+
+        Raises LeaseLost only when another process holds it now.
+        """
+        if not await self.redis.eval(_RENEW_OR_RETAKE, 1, self.key("lease", role), token, ttl_ms):
             raise LeaseLost(f"lease {role!r} of job {self.job!r} is held by another process")
 
     async def release_lease(self, role: str, token: str) -> None:

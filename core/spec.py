@@ -149,6 +149,13 @@ class Tenant(_Model):
         default=None, max_length=253, description="priorityClassName of its worker pods"
     )
     data: TenantData = Field(default_factory=TenantData)
+    max_weight: int | None = Field(
+        default=None,
+        ge=1,
+        description="the most samples one of this tenant's clients may claim as its update's "
+        "weight; an update above it is refused (weight_above_cap). Unset: "
+        "spec.participation.maxWeight",
+    )
 
 
 class Optimizer(str, Enum):
@@ -199,6 +206,19 @@ class Participation(_Model):
     )
     max_extensions: int = Field(
         default=3, ge=0, description="deadline extensions before the job fails"
+    )
+    max_weight: int | None = Field(
+        default=None,
+        ge=1,
+        description="the most samples any client may claim as its update's weight (a "
+        "weight is a claim: capped, one client cannot outweigh the rest); a tenant's "
+        "maxWeight overrides it",
+    )
+    registration_ttl_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a client that has not polled its combiner for this long is gone: "
+        "rounds no longer wait for it until it polls again (keep it above the round timeout)",
     )
 
 
@@ -472,6 +492,13 @@ class FederatedJob(_Model):
 
     def region_names(self) -> list[str]:
         return [region.name for region in self.spec.regions]
+
+    def weight_cap(self, tenant: str) -> int | None:
+        """The most samples a client of ``tenant`` may claim (None: no cap)."""
+        for entry in self.spec.tenants:
+            if entry.name == tenant and entry.max_weight is not None:
+                return entry.max_weight
+        return self.spec.participation.max_weight
 
 
 @dataclass(frozen=True)

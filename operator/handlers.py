@@ -21,6 +21,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 from redis.exceptions import RedisError
+from urllib3.exceptions import HTTPError as TransportError
 
 from fedkube.errors import RefusalNotDelivered, SpecError
 from fedkube.logs import fields
@@ -151,6 +152,16 @@ async def run_pass(state: State, job: FederatedJob, body: kopf.Body, trigger: st
             raise kopf.TemporaryError(
                 f"API server: {exc.status} {exc.reason}: {exc.body!r}", delay=RETRY_DELAY_S
             ) from None
+        except TransportError as exc:
+            # No answer at all (API server restarting, connection refused or
+            # reset): as temporary as a 5xx. Left to kopf, this is an arbitrary
+            # exception retried after its default 60 s, so a status timer that
+            # failed during a short API outage kept the job's status stale for a
+            # minute after the API was back (tests/chaos/test_operator_faults.py).
+            state.metrics.reconcile_errors.labels("api").inc()
+            raise kopf.TemporaryError(
+                f"API server unreachable: {exc}", delay=RETRY_DELAY_S
+            ) from None
     state.metrics.reconcile_seconds.labels(trigger).observe(time.perf_counter() - started)
     for kind, _ in outcome.applied:
         state.metrics.writes.labels("apply", kind).inc()
@@ -175,8 +186,13 @@ async def run_pass(state: State, job: FederatedJob, body: kopf.Body, trigger: st
     return outcome
 
 
-async def _round_facts(state: State, job: FederatedJob, namespace: str) -> RoundFacts | None:
-    """The round state, or None when Redis cannot be read right now (status waits).
+async def _round_facts(
+    state: State, job: FederatedJob, namespace: str, before: JobStatus
+) -> RoundFacts | None:
+    """The round state; None while there is no Redis to read (not configured yet).
+
+    Redis configured but not answering gives the last round seen, marked
+    ``unreachable``: the status says so instead of going quiet.
 
     It also tells the global aggregator about ``spec.suspend`` (the one field
     the operator writes): a paused aggregator keeps its round open instead
@@ -194,7 +210,9 @@ async def _round_facts(state: State, job: FederatedJob, namespace: str) -> Round
         return facts
     except (RedisError, OSError) as exc:
         log.warning("cannot read round state: %s", exc, extra=fields(job=job.name))
-        return None
+        return RoundFacts(
+            current_round=before.round, closed_rounds=before.closed_rounds, unreachable=str(exc)
+        )
     finally:
         await store.close()
 
@@ -290,7 +308,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         namespace = body["metadata"]["namespace"]
         outcome = await run_pass(memo, job, body, "timer")
         before = JobStatus.model_validate(dict(body.get("status") or {}))
-        facts = await _round_facts(memo, job, namespace)
+        facts = await _round_facts(memo, job, namespace, before)
         if facts is None:
             facts = RoundFacts(current_round=before.round, closed_rounds=before.closed_rounds)
         seen = Observation(

@@ -34,6 +34,8 @@ class ConditionType(str, Enum):
     suspended = "Suspended"
     unschedulable = "Unschedulable"
     refused = "Refused"
+    # Redis (the round state) does not answer: the job is paused, not lost.
+    state_unavailable = "RoundStateUnavailable"
     succeeded = "Succeeded"
     failed = "Failed"
 
@@ -100,6 +102,9 @@ class RoundFacts:
     paused: bool = False  # what the aggregator was told of spec.suspend
     # tenant -> why its site refused the job (reported through its combiner)
     refused: dict[str, str] = field(default_factory=dict)
+    # Why Redis could not be read this time ("" when it was): the status
+    # keeps the last round it saw and says so.
+    unreachable: str = ""
 
 
 @dataclass(frozen=True)
@@ -313,6 +318,25 @@ def next_status(previous: JobStatus, seen: Observation) -> JobStatus:
     else:
         conditions = set_condition(
             conditions, ConditionType.unschedulable, False, "Scheduled", "every pod is placed", now
+        )
+    if facts.unreachable and phase not in FINISHED:
+        conditions = set_condition(
+            conditions,
+            ConditionType.state_unavailable,
+            True,
+            "RedisUnreachable",
+            f"the round state (Redis) does not answer; rounds pause until it does: "
+            f"{facts.unreachable}",
+            now,
+        )
+    else:
+        conditions = set_condition(
+            conditions,
+            ConditionType.state_unavailable,
+            False,
+            "RedisReachable",
+            "the round state answers",
+            now,
         )
     refused = {**facts.refused, **seen.refused}
     if refused:

@@ -115,6 +115,9 @@ class Component:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    args: list[str] = field(default_factory=list)
+    # Stopped on purpose (``ControlPlane.stop_apiserver``): not a failure to report.
+    stopped: bool = False
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -255,7 +258,7 @@ class ControlPlane:
         deadline = time.monotonic() + timeout
         while True:
             for component in self.components:
-                if not component.alive():
+                if not component.stopped and not component.alive():
                     raise ControlPlaneError(
                         f"{component.name} exited (code {component.process.returncode}) "
                         f"while waiting for {what}; {component.log}:\n{component.tail()}"
@@ -274,6 +277,57 @@ class ControlPlane:
             if component.name == name:
                 return f"{component.log}:\n{component.tail()}"
         return f"({name} not started)"
+
+    def _component(self, name: str) -> Component:
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise ControlPlaneError(f"{name} is not part of this control plane")
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (SIGTERM, as a control-plane upgrade does).
+
+        etcd keeps the data and the other components keep running, retrying
+        their connections, as they do on a real cluster while its API server
+        restarts. ``start_apiserver`` brings it back. With clients' watches
+        open it stops listening at once but tends not to exit; it is then
+        SIGKILLed after ``STOP_GRACE_S``, which closes those watches.
+        """
+        component = self._component("kube-apiserver")
+        component.stopped = True
+        component.stop()
+
+    def start_apiserver(self, timeout: float = 60) -> None:
+        """Start kube-apiserver again with the flags it first had, and wait for /readyz.
+
+        Same port, same etcd, same token file and the same serving
+        certificate: ``--cert-dir`` still holds the self-signed pair it made
+        on the first start, so the kubeconfig's CA stays valid. Its log goes
+        on after the first run's, in the same file. Call it from a thread
+        that outlives the cluster (see the module's note on PR_SET_PDEATHSIG).
+        """
+        old = self._component("kube-apiserver")
+        if not old.stopped:
+            raise ControlPlaneError("kube-apiserver is running; stop_apiserver() first")
+        self.components[self.components.index(old)] = _launch(
+            self.workdir, self.bin_dir, old.name, old.args, append=True
+        )
+        self._wait_ready(timeout)
+
+    def restart_apiserver(self, timeout: float = 60) -> float:
+        """``stop_apiserver`` then ``start_apiserver``; returns how long the API was down (s)."""
+        down = time.monotonic()
+        self.stop_apiserver()
+        self.start_apiserver(timeout)
+        return time.monotonic() - down
+
+    def _wait_ready(self, timeout: float) -> None:
+        self.wait(
+            lambda: _http_ok(f"{self.server}/readyz", token=self.token, expect="ok"),
+            timeout,
+            "kube-apiserver /readyz",
+            blame="kube-apiserver",
+        )
 
     def stop(self) -> None:
         """Stop every component in reverse start order (clients first, etcd last). Idempotent."""
@@ -406,22 +460,29 @@ def _clear_state(workdir: Path) -> None:
 
 
 def _spawn(cp: ControlPlane, name: str, args: list[str]) -> None:
+    """Start one component and add it to the control plane (see ``_launch``)."""
+    cp.components.append(_launch(cp.workdir, cp.bin_dir, name, args))
+
+
+def _launch(
+    workdir: Path, bin_dir: Path, name: str, args: list[str], *, append: bool = False
+) -> Component:
     """Start one component with its output in ``<workdir>/<name>.log``.
 
     Its own session keeps a terminal's Ctrl-C away from it, so ``stop()``
     decides the order; PR_SET_PDEATHSIG kills it if we die first.
     """
-    log = cp.workdir / f"{name}.log"
-    with log.open("wb") as out:
+    log = workdir / f"{name}.log"
+    with log.open("ab" if append else "wb") as out:
         process = subprocess.Popen(
-            [str(cp.bin_dir / name), *args],
+            [str(bin_dir / name), *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
             start_new_session=True,
         )
-    cp.components.append(Component(name, process, log))
+    return Component(name, process, log, list(args))
 
 
 def _http_ok(url: str, *, token: str | None = None, expect: str) -> bool:
@@ -560,12 +621,7 @@ def _start(cp: ControlPlane, nodes: int, timeout: float) -> None:
             "--allow-privileged=true",
         ],
     )
-    cp.wait(
-        lambda: _http_ok(f"{cp.server}/readyz", token=cp.token, expect="ok"),
-        timeout,
-        "kube-apiserver /readyz",
-        blame="kube-apiserver",
-    )
+    cp._wait_ready(timeout)
     _write_kubeconfig(cp)
 
     kubeconfig = str(cp.kubeconfig)

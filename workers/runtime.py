@@ -7,9 +7,12 @@ client side of the job's strategy happens here: FedProx's proximal term,
 SCAFFOLD's gradient correction and control-variate update (``c_i`` kept in
 the client's durable state, and replaced only once the combiner accepted the
 ``Δc`` that goes with it, so that ``c`` and the ``c_i`` stay consistent).
-Connection failures (a combiner restarting) are retried with backoff; an
-update the combiner refuses is logged with the reason and the worker waits
-for the next round.
+A worker keeps its update until a later round opens: a combiner that
+restarted mid-round asks for it again (task ``resend``), and an update the
+combiner could not take (unreachable, or its round state unavailable: 503)
+is sent again when the next poll hands the round out, not trained again.
+Connection failures are retried with backoff; an update the combiner refuses
+is logged with the reason and the worker waits for the next round.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from fedkube.protocol import (
     H_WEIGHT,
     M_STEPS,
     Envelope,
+    Reason,
 )
 from fedkube.spec import Client, FederatedJob
 from fedkube.workers.client_state import ClientState
@@ -76,6 +80,13 @@ class WorkerConfig:
     data_binding: DataBinding | None = None
 
 
+# Retry delays while the combiner is away: capped well below the combiner's
+# reattach window (combiner.REATTACH_S), so a restarted combiner gets its
+# resends in time.
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 2.0
+
+
 @dataclass
 class LocalUpdate:
     """One round's result: what to send, and state to keep once it is accepted."""
@@ -84,6 +95,18 @@ class LocalUpdate:
     loss: float
     steps: int
     keep: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass
+class _Outgoing:
+    """An encoded update, kept until a later round opens (for a resend)."""
+
+    round: int
+    body: bytes
+    update: LocalUpdate
+    weight: float
+    train_s: float
+    accepted: bool = False
 
 
 class Worker:
@@ -102,6 +125,8 @@ class Worker:
         }
         self.last_round = 0
         self.rounds_done = 0
+        self.resent = 0
+        self.outgoing: _Outgoing | None = None
         self.strategy = REGISTRY[config.job.spec.strategy.name]
         self.state = ClientState(
             config.state_dir or default_state_dir(config.job.name, config.client.id),
@@ -126,30 +151,32 @@ class Worker:
         """Serve rounds until the job ends (returns its status) or ``stop`` is set."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as http:
-            delay = 0.1
+            delay = RETRY_MIN_S
             while not stop.is_set():
                 try:
                     task = await self._next_task(http)
-                    delay = 0.1
+                    delay = RETRY_MIN_S
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     log.warning("combiner unreachable (%s); retrying", exc, extra=self._f())
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, RETRY_MAX_S)
                     continue
                 if task["status"] == "done":
                     log.info("job finished: %s", task.get("job_status"), extra=self._f())
                     return str(task.get("job_status"))
-                if task["status"] == "train":
+                if task["status"] in ("train", "resend"):
                     number = int(task["round"])
                     try:
-                        await self._train_round(http, number, int(task["version"]))
+                        sent = await self._serve_round(http, number, int(task["version"]))
                     except (aiohttp.ClientError, asyncio.TimeoutError, CodecError) as exc:
                         # The round may still be open: the next poll hands it out again.
                         log.warning(
                             "round failed in transit (%s); asking again", exc, extra=self._f(number)
                         )
+                        sent = False
+                    if not sent:
                         await asyncio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
+                        delay = min(delay * 2, RETRY_MAX_S)
         return "stopped"
 
     def _f(self, number: int | None = None) -> dict[str, object]:
@@ -171,7 +198,54 @@ class Worker:
                 )
             return dict(await response.json())
 
-    async def _train_round(self, http: aiohttp.ClientSession, number: int, version: int) -> None:
+    async def _serve_round(self, http: aiohttp.ClientSession, number: int, version: int) -> bool:
+        """Send round ``number``'s update, training only if it is not at hand.
+
+        Returns False when it should be sent again later (the combiner is
+        restarting, or could not record it): the update stays in
+        ``outgoing``, and the next poll hands the round out again.
+        """
+        outgoing = self.outgoing
+        if outgoing is None or outgoing.round != number:
+            outgoing = self.outgoing = await self._train(http, number, version)
+        else:
+            self.resent += 1
+            log.info("sending the round's update again", extra=self._f(number))
+        headers = {
+            H_ROUND: str(number),
+            H_WEIGHT: repr(outgoing.weight),
+            H_CODEC: codec.CODEC,
+            "Content-Type": codec.CONTENT_TYPE,
+        }
+        async with http.post(
+            f"{self.config.combiner_url}/v1/update", data=outgoing.body, headers=headers
+        ) as response:
+            text = await response.text()
+        try:
+            answer = json.loads(text)
+        except json.JSONDecodeError:
+            answer = {"error": f"http {response.status}", "detail": text[:200]}
+        if response.status == 503 and answer.get("error") == Reason.unavailable.value:
+            log.warning(
+                "update not taken yet (%s); it will be sent again",
+                answer.get("detail"),
+                extra=self._f(number),
+            )
+            return False
+        self.last_round = number
+        if response.status < 300 or answer.get("error") == "duplicate":
+            # A duplicate means an earlier try of this very update was accepted.
+            self._accepted(outgoing, number)
+        else:
+            log.warning(
+                "update refused (%s): %s",
+                answer.get("error"),
+                answer.get("detail"),
+                extra=self._f(number),
+            )
+        return True
+
+    async def _train(self, http: aiohttp.ClientSession, number: int, version: int) -> _Outgoing:
         async with http.get(f"{self.config.combiner_url}/v1/model/{version}") as response:
             response.raise_for_status()
             payload = await response.read()
@@ -186,42 +260,25 @@ class Worker:
         envelope = Envelope(self.job.name, number, self.client.id, self.client.tenant, weight)
         metadata = {**envelope.metadata("update"), M_STEPS: str(update.steps)}
         body = codec.encode(update.delta, metadata)
-        headers = {
-            H_ROUND: str(number),
-            H_WEIGHT: repr(weight),
-            H_CODEC: codec.CODEC,
-            "Content-Type": codec.CONTENT_TYPE,
-        }
-        async with http.post(
-            f"{self.config.combiner_url}/v1/update", data=body, headers=headers
-        ) as response:
-            text = await response.text()
-        try:
-            answer = json.loads(text)
-        except json.JSONDecodeError:
-            answer = {"error": f"http {response.status}", "detail": text[:200]}
-        self.last_round = number
-        if response.status < 300 or answer.get("error") == "duplicate":
-            # A duplicate means an earlier try of this very update was accepted.
-            for name, kept in update.keep.items():
-                self.state.save(name, kept, number)
-            self.rounds_done += 1
-            self.metrics.worker_rounds.labels(*self._labels()).inc()
-            self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(body))
-            log.info(
-                "update sent: loss %.4f, %d samples, %.2fs training",
-                update.loss,
-                int(weight),
-                train_s,
-                extra=self._f(number),
-            )
-        else:
-            log.warning(
-                "update refused (%s): %s",
-                answer.get("error"),
-                answer.get("detail"),
-                extra=self._f(number),
-            )
+        return _Outgoing(number, body, update, weight, train_s)
+
+    def _accepted(self, outgoing: _Outgoing, number: int) -> None:
+        """Keep the client state that goes with an accepted update (once per round)."""
+        if outgoing.accepted:
+            return
+        outgoing.accepted = True
+        for name, kept in outgoing.update.keep.items():
+            self.state.save(name, kept, number)
+        self.rounds_done += 1
+        self.metrics.worker_rounds.labels(*self._labels()).inc()
+        self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(outgoing.body))
+        log.info(
+            "update sent: loss %.4f, %d samples, %.2fs training",
+            outgoing.update.loss,
+            int(outgoing.weight),
+            outgoing.train_s,
+            extra=self._f(number),
+        )
 
     def _worker_bytes(self) -> tuple[str, str, str, str]:
         return self.job.name, TIER, self.client.region, self.client.tenant

@@ -56,9 +56,19 @@ class ProgressPrinter:
             f"acc {_pct(record.get('accuracy'))}  "
             f"up {human_bytes(record.get('bytes_up', 0))}  "
             f"down {human_bytes(record.get('bytes_down', 0))}  "
-            f"{record['duration_s']:.2f}s",
+            f"{record['duration_s']:.2f}s"
+            + (
+                f"  no partial from {', '.join(record['missing_regions'])}"
+                if record.get("missing_regions")
+                else ""
+            ),
             flush=True,
         )
+
+    def event(self, message: str) -> None:
+        """Something that happened to the run itself (a restart, an outage)."""
+        if self.enabled:
+            print(f"! {message}", flush=True)
 
 
 def write_history(history: list[dict[str, Any]], out: Path, fmt: str) -> Path:

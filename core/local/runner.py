@@ -6,6 +6,11 @@ in its own process (or Ray actor), talking over loopback HTTP exactly as the
 pods do. Follows progress from Redis, and when the job ends writes the
 history (JSONL or CSV), a PNG plot and a summary.
 
+While the job runs it supervises like Kubernetes does: a service (or
+redis-server) that exits is started again on the same port, the global
+aggregator with ``--resume``, with a growing back-off and at most
+``spec.backoffLimit`` restarts in all; then the run fails and names it.
+
 Run directory layout (``runs/<job>`` by default)::
 
     redis/         Redis append-only file (round state; kept for --resume)
@@ -14,6 +19,7 @@ Run directory layout (``runs/<job>`` by default)::
     secrets/       tenant and aggregator tokens (mode 0600)
     logs/          one JSON-lines log per process
     ports/         ports the services bound
+    pids/          each service's process id (processes only; the chaos tests use them)
     history.jsonl  one record per round (or history.csv)
     plot.png       accuracy and loss per round
 """
@@ -50,6 +56,7 @@ from fedkube.spec import FederatedJob, load_job
 from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
 
 READY_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = (0.5, 10.0)  # first delay, cap (doubling), as a kubelet's crash back-off
 
 
 @dataclass
@@ -77,6 +84,7 @@ class RunResult:
     wall_s: float
     history_path: Path | None = None
     plot_path: Path | None = None
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 class Handle(Protocol):
@@ -111,6 +119,7 @@ class ProcessHandle:
     def __init__(self, name: str, process: Any):
         self.name = name
         self.process = process
+        self.pid: int = process.pid
 
     def read_port(self, path: Path) -> int | None:
         return int(path.read_text()) if path.exists() else None
@@ -160,7 +169,7 @@ def _prepare_dir(out: Path, resume: bool) -> None:
         if not (out / "checkpoints").exists() and not (out / "redis").exists():
             raise FedkubeError(f"--resume: {out} holds no earlier run of this job")
         return
-    for part in ("redis", "checkpoints", "clients", "logs", "ports", "secrets"):
+    for part in ("redis", "checkpoints", "clients", "logs", "ports", "pids", "secrets"):
         shutil.rmtree(out / part, ignore_errors=True)
     for name in ("history.jsonl", "history.csv", "plot.png", "summary.txt"):
         (out / name).unlink(missing_ok=True)
@@ -209,6 +218,12 @@ class LocalRun:
         self.job = load_job(options.job_path)
         self.out = (options.out_dir or Path("runs") / self.job.name).resolve()
         self.handles: dict[str, Handle] = {}
+        # What started each service, to start it again the same way.
+        self.launches: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.restarts: dict[str, int] = {}
+        self._restart_at: dict[str, float] = {}
+        self._redis_down_since: float | None = None
+        self.stopping = False  # set by stop() (from another thread): follow() returns
         self.redis_server: RedisServer | None = None
         self._client: redis.Redis | None = None
         self.policy: SitePolicy | None = (
@@ -224,9 +239,9 @@ class LocalRun:
     def start(self) -> None:
         job, out = self.job, self.out
         _prepare_dir(out, self.options.resume)
-        for part in ("logs", "ports"):
+        for part in ("logs", "ports", "pids"):
             (out / part).mkdir(parents=True, exist_ok=True)
-        for stale in (out / "ports").glob("*"):
+        for stale in [*(out / "ports").glob("*"), *(out / "pids").glob("*")]:
             stale.unlink()
         tokens = _secrets(out, job)
         external = self.options.redis_url or job.spec.state.redis_url
@@ -355,27 +370,106 @@ class LocalRun:
         return self.out / "logs" / f"{name}.log"
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.handles[name] = self.launcher.start(name, argv, env, self._log(name))
+        self.launches[name] = (argv, env)
+        handle = self.launcher.start(name, argv, env, self._log(name))
+        self.handles[name] = handle
+        pid = getattr(handle, "pid", None)
+        if pid is not None:
+            (self.out / "pids" / name).write_text(str(pid))
 
-    def follow(self, on_round: Callable[[dict[str, Any]], None]) -> tuple[str, str]:
-        """Report each closed round until the job ends; returns (status, message)."""
+    def follow(
+        self,
+        on_round: Callable[[dict[str, Any]], None],
+        on_event: Callable[[str], None] = lambda _message: None,
+    ) -> tuple[str, str]:
+        """Report each closed round until the job ends; returns (status, message).
+
+        Meanwhile restart what crashed (``on_event`` hears of it) and ride
+        out a Redis outage, saying so once.
+        """
         seen = 0
-        while True:
-            for record in self.history(start=seen):
-                on_round(record)
-                seen += 1
-            info = self._redis().hgetall(job_prefix(self.job.name) + "job")
-            status = info.get("status")
-            global_code = self.handles["global"].poll()
-            if status in ("succeeded", "failed") and global_code is not None:
+        while not self.stopping:
+            try:
                 for record in self.history(start=seen):
                     on_round(record)
-                return str(status), str(info.get("message", ""))
-            if global_code is not None:
-                return "failed", (
-                    f"global aggregator exited with code {global_code}; see {self._log('global')}"
-                )
+                    seen += 1
+                info = self._redis().hgetall(job_prefix(self.job.name) + "job")
+            except redis.RedisError as exc:
+                self._supervise_redis(on_event)
+                if self._redis_down_since is None:
+                    self._redis_down_since = time.monotonic()
+                    on_event(f"round state (Redis) unreachable: {exc}; the job waits for it")
+                time.sleep(0.2)
+                continue
+            if self._redis_down_since is not None:
+                down = time.monotonic() - self._redis_down_since
+                on_event(f"round state (Redis) back after {down:.1f}s")
+                self._redis_down_since = None
+            status = info.get("status")
+            if status in ("succeeded", "failed"):
+                if self.handles["global"].poll() is not None:
+                    for record in self.history(start=seen):
+                        on_round(record)
+                    return str(status), str(info.get("message", ""))
+            else:
+                failure = self._supervise(on_event)
+                if failure:
+                    return "failed", failure
             time.sleep(0.2)
+        return "interrupted", "stopped before the job ended"
+
+    def _supervise(self, on_event: Callable[[str], None]) -> str | None:
+        """Start again what exited while the job runs; a message once the limit is hit."""
+        self._supervise_redis(on_event)
+        limit = self.job.spec.backoff_limit
+        for name, handle in list(self.handles.items()):
+            code = handle.poll()
+            if code is None:
+                continue
+            used = sum(self.restarts.values())
+            if used >= limit:
+                return (
+                    f"{name} exited with code {code} and the run already restarted services "
+                    f"{used} times (spec.backoffLimit {limit}); see {self._log(name)}"
+                )
+            now = time.monotonic()
+            due = self._restart_at.setdefault(name, now + self._backoff(name))
+            if now < due:
+                continue
+            del self._restart_at[name]
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            on_event(
+                f"{name} exited with code {code}: restarted "
+                f"({sum(self.restarts.values())} of at most {limit} restarts)"
+            )
+            self._restart(name)
+        return None
+
+    def _backoff(self, name: str) -> float:
+        first, cap = RESTART_BACKOFF_S
+        return float(min(cap, first * 2 ** self.restarts.get(name, 0)))
+
+    def _restart(self, name: str) -> None:
+        """The same command on the same port (the others know it), the aggregator resuming."""
+        argv, env = self.launches[name]
+        argv = list(argv)
+        if "--port" in argv and "--port-file" in argv:
+            port = self.handles[name].read_port(Path(argv[argv.index("--port-file") + 1]))
+            if port is not None:
+                argv[argv.index("--port") + 1] = str(port)
+        if name == "global" and "--resume" not in argv:
+            argv.append("--resume")
+        self._start(name, argv, env)
+
+    def _supervise_redis(self, on_event: Callable[[str], None]) -> None:
+        """The run's own redis-server, started again on its port from its append-only file."""
+        server = self.redis_server
+        if server is None or server.process is None or server.process.poll() is None:
+            return
+        code = server.process.poll()
+        self.restarts["redis"] = self.restarts.get("redis", 0) + 1
+        on_event(f"redis-server exited with code {code}: restarted from its append-only file")
+        server.start()
 
     def history(self, start: int = 0) -> list[dict[str, Any]]:
         """Closed rounds' records from Redis, from the ``start``-th on."""
@@ -385,11 +479,14 @@ class LocalRun:
     def _redis(self) -> Any:
         """One client for following the run (decode_responses: replies are str)."""
         if self._client is None:
-            self._client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+            self._client = redis.Redis.from_url(
+                self.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+            )
         return self._client
 
     def stop(self, grace_s: float = 15.0) -> None:
         """Let services exit on their own (the job ended), then terminate the rest."""
+        self.stopping = True
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(h.poll() is None for h in self.handles.values()):
             time.sleep(0.1)

@@ -8,6 +8,7 @@ marked ``cluster``, so ``pytest -m "not cluster"`` skips them all.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,11 +104,22 @@ def site_namespace(api_client: kubernetes.client.ApiClient) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def crd(control_plane: ControlPlane) -> None:
-    """The FederatedJob CRD from crds/, applied as a user would."""
+    """The FederatedJob CRD from crds/, applied as a user would, once it is Established.
+
+    Polled rather than ``kubectl wait --for=condition=Established``, which
+    fails ("<nil> is of the type <nil>") when it runs before the CRD has any
+    conditions at all.
+    """
     control_plane.kubectl("apply", "-f", str(ROOT / "crds"))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/federatedjobs.fedkube.io", "--timeout=60s"
-    )
+
+    def established() -> bool:
+        found = control_plane.kubectl(
+            "get", "crd", "federatedjobs.fedkube.io", "-o", "json", check=False
+        )
+        conditions = json.loads(found.stdout or "{}").get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 60, "the FederatedJob CRD Established")
 
 
 @pytest.fixture

@@ -128,3 +128,23 @@ def test_an_unchanged_observation_gives_an_equal_status():
     once = next_status(JobStatus(), observe(rounds_facts=facts))
     twice = next_status(once, observe(rounds_facts=facts, now=NOW + timedelta(seconds=2)))
     assert twice == once
+
+
+def test_an_unreachable_round_state_is_shown_and_cleared_when_redis_answers_again():
+    # prepare: a running job, then a status pass that could not read Redis
+    running = next_status(
+        JobStatus(), observe(rounds_facts=RoundFacts(job_status="running", current_round=3))
+    )
+    away = RoundFacts(current_round=3, unreachable="Connection refused")
+    # execute
+    during = next_status(running, observe(rounds_facts=away))
+    after = next_status(
+        during, observe(rounds_facts=RoundFacts(job_status="running", current_round=3))
+    )
+    # assert: the STATE column says why while it lasts; the phase and round hold
+    assert last_condition(during) == "RoundStateUnavailable"
+    assert during.phase is Phase.running and during.round == 3
+    assert "Connection refused" in during.conditions[-1].message
+    assert last_condition(after) == "Running"
+    unavailable = next(c for c in after.conditions if c.type.value == "RoundStateUnavailable")
+    assert unavailable.status == "False" and unavailable.reason == "RedisReachable"

@@ -137,3 +137,13 @@ def test_krum_needs_two_f_plus_three_clients_in_every_region():
 def test_robust_rule_names_in_the_spec_match_the_registry():
     allowed = set(typing.get_args(Robust.model_fields["rule"].annotation))
     assert allowed == {"none", *ROBUST_RULES}
+
+
+def test_a_tenants_weight_cap_overrides_the_jobs_and_unset_means_no_cap():
+    document = small_job_dict(participation={"maxWeight": 500})
+    document["spec"]["tenants"][1]["maxWeight"] = 50
+    job = parse_job(document)
+    assert [job.weight_cap(t) for t in ("a", "b", "c")] == [500, 50, 500]
+    assert parse_job(small_job_dict()).weight_cap("a") is None
+    with pytest.raises(SpecError, match="maxWeight"):
+        parse_job(small_job_dict(participation={"maxWeight": 0}))

@@ -1,0 +1,133 @@
+"""What a client claims, and what a silent one costs: the aggregator tier in-process.
+
+A global aggregator and the combiners run in the test's event loop against a
+real redis-server; the test plays the workers. A client's sample count is a
+claim that weighs its update, so the spec caps it; a client whose worker
+stopped polling is no longer waited for; and a region without a running
+combiner is named when the job fails for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from fedkube.aggregator import checkpoint
+from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube.spec import parse_job
+from tests.integration.test_services import (
+    Tier,
+    deltas_for,
+    rejected,
+    running_tier,
+    start_combiner,
+    start_global,
+)
+from tests.support import small_job_dict
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_weight_above_the_spec_cap_is_refused_by_name_and_the_round_is_exact(
+    redis_server, tmp_path
+):
+    # prepare: every client may claim at most 100 samples, tenant d at most 20
+    document = small_job_dict(
+        rounds=1, participation={"maxWeight": 100, "minFraction": 1.0, "roundTimeoutSeconds": 20}
+    )
+    document["spec"]["tenants"][3]["maxWeight"] = 20
+    job = parse_job(document)
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
+        await tier.wait_round(1)
+        start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
+        good = {
+            c: deltas_for(tier.aggregator, i) for i, c in enumerate(["a-0", "b-0", "c-0", "d-0"])
+        }
+        weights = {"a-0": 100.0, "b-0": 30.0, "c-0": 5.0, "d-0": 20.0}
+        # execute: a client claiming more than the cap, then honest claims
+        over_global = await tier.send("a-0", 1, good["a-0"], weight=1e9)
+        over_tenant = await tier.send("d-0", 1, good["d-0"], weight=21.0)
+        for client, weight in weights.items():
+            assert (await tier.send(client, 1, good[client], weight=weight))[0] == 200, client
+        await tier.wait_closed(1)
+        eu, us = await tier.metrics("eu"), await tier.metrics("us")
+    # assert: refused by name, counted, and the round is FedAvg of the honest four
+    assert over_global[0] == 400 and over_global[1]["error"] == "weight_above_cap"
+    assert "cap of 100 samples for tenant 'a'" in over_global[1]["detail"]
+    assert over_tenant[0] == 400 and over_tenant[1]["error"] == "weight_above_cap"
+    assert "cap of 20 samples for tenant 'd'" in over_tenant[1]["detail"]
+    assert rejected(eu, "weight_above_cap") == 1 and rejected(us, "weight_above_cap") == 1
+    expected = apply_delta(start, flat_fedavg(list(good.values()), list(weights.values())), 1.0)
+    saved = checkpoint.load_latest(tmp_path / "ckpt", job.name)
+    assert saved is not None
+    for name in expected:
+        np.testing.assert_allclose(saved.weights[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+async def test_a_client_whose_worker_stopped_polling_is_not_waited_for(redis_server, tmp_path):
+    # prepare: d-0 polled once, 31 s ago, and fell silent (its registration expired)
+    participation = {"minFraction": 0.5, "roundTimeoutSeconds": 60, "registrationTtlSeconds": 30}
+    job = parse_job(small_job_dict(rounds=1, participation=participation))
+    aggregator = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    combiners = {
+        r: await start_combiner(job, r, redis_server.url, aggregator) for r in ("eu", "us")
+    }
+    try:
+        async with aiohttp.ClientSession() as http:
+            tier = Tier(job, aggregator, combiners, None, http, tmp_path / "ckpt")
+            for client in ["a-0", "b-0", "c-0"]:
+                await tier.register(client)
+            store = aggregator.store
+            await store.redis.hset(store.key("clients"), "d-0", time.time() - 31)
+            # execute: the three live clients report
+            run = asyncio.create_task(aggregator.run())
+            await tier.wait_round(1)
+            for i, client in enumerate(["a-0", "b-0", "c-0"]):
+                assert (await tier.send(client, 1, deltas_for(aggregator, i)))[0] == 200
+            # assert: the round closes on them, long before its 60 s deadline
+            status = await asyncio.wait_for(run, timeout=30)
+            assert status == "succeeded"
+            assert await store.selected(1) == {"a-0", "b-0", "c-0"}
+            assert (await store.history())[0]["reported"] == 3
+    finally:
+        for combiner in combiners.values():
+            await combiner.stop()
+        await aggregator.stop()
+
+
+async def test_a_round_that_cannot_reach_quorum_names_the_region_without_a_combiner(
+    redis_server, tmp_path
+):
+    # prepare: every client is needed; region us has no combiner running
+    # (its clients registered before it died)
+    participation = {"minFraction": 1.0, "roundTimeoutSeconds": 1, "onQuorumMissed": "fail"}
+    job = parse_job(small_job_dict(rounds=1, participation=participation))
+    aggregator = await start_global(job, redis_server.url, tmp_path / "ckpt")
+    eu = await start_combiner(job, "eu", redis_server.url, aggregator)
+    try:
+        async with aiohttp.ClientSession() as http:
+            tier = Tier(job, aggregator, {"eu": eu}, None, http, tmp_path / "ckpt")
+            for client in ["a-0", "b-0"]:
+                await tier.register(client)
+            for client in ["c-0", "d-0"]:
+                await aggregator.store.register_client(client)
+            # execute
+            run = asyncio.create_task(aggregator.run())
+            await tier.wait_round(1)
+            for i, client in enumerate(["a-0", "b-0"]):
+                assert (await tier.send(client, 1, deltas_for(aggregator, i)))[0] == 200
+            status = await asyncio.wait_for(run, timeout=30)
+        # assert: the job failed with a message that names the region
+        info = await aggregator.store.job_info()
+        assert status == "failed"
+        assert info["message"] == (
+            "round 1: 2 of 4 selected clients reported, quorum is 4 (after 0 deadline "
+            "extensions); region us has no running combiner (its lease lapsed)"
+        )
+    finally:
+        await eu.stop()
+        await aggregator.stop()
