@@ -48,15 +48,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec, faults
+from fedkube import codec, compression, faults
 from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.update_buffer import UpdateBuffer
-from fedkube.aggregator.validation import Template, check_update, l2_norm, template_of
+from fedkube.aggregator.validation import (
+    Template,
+    check_norm,
+    check_update,
+    l2_norm,
+    template_of,
+)
 from fedkube.errors import CodecError, LeaseLost, UpdateRejected
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -149,6 +156,7 @@ class Combiner:
         self.tenants = {c.tenant for c in clients}
         self.max_bytes = config.job.spec.transport.max_update_bytes
         self.weight_caps = {c.id: config.job.weight_cap(c.tenant) for c in clients}
+        self.compression = config.job.spec.compression
         self.strategy = config.job.spec.strategy
         self.fold_scale = REGISTRY[self.strategy.name].fold_scale
         self.needs_local_steps = REGISTRY[self.strategy.name].needs_local_steps
@@ -380,8 +388,13 @@ class Combiner:
         async with self._http.get(url, params={"region": self.region}) as response:
             response.raise_for_status()
             data = await response.read()
-        tensors, _meta = codec.decode(data)
-        self.template = template_of(tensors)
+        tensors, meta = codec.decode(data)
+        if self.compression.down.scheme == "none":
+            self.template = template_of(tensors)
+        else:  # served as it came; updates must match the model it decodes to
+            shapes = compression.shapes_of(tensors, meta)
+            compression.parse(tensors, meta, shapes, self.compression.down)
+            self.template = {name: (shape, np.dtype(np.float32)) for name, shape in shapes.items()}
         self.models[version] = data
         # Served from a file so that aiohttp can use sendfile(2): a region's
         # hundred downloads then cost no user-space copies.
@@ -606,11 +619,19 @@ class Combiner:
         if self.template is None:
             await self.model_bytes(current.info.version)
         assert self.template is not None
-        check_update(tensors, self.template, self.job.spec.transport.norm_bound)
+        update: dict[str, np.ndarray | compression.Part]
+        if self.compression.up.scheme == "none":
+            check_update(tensors, self.template, self.job.spec.transport.norm_bound)
+            update = dict(tensors)
+        else:
+            # Checked in its wire form and folded from it: no dense copy per update.
+            shapes = {name: shape for name, (shape, _dtype) in self.template.items()}
+            update = dict(compression.parse(tensors, metadata, shapes, self.compression.up))
+            check_norm(update, self.job.spec.transport.norm_bound)
         clip = 1.0
         if self.strategy.robust.norm_bound is not None:
             # Applied as a factor inside the fold (or the buffer's copy): no clipped copy.
-            clip = norm_bound.clip_scale(l2_norm(tensors), self.strategy.robust.norm_bound)
+            clip = norm_bound.clip_scale(l2_norm(update), self.strategy.robust.norm_bound)
             if clip < 1.0:
                 self.metrics.updates_clipped.labels(self.name, self.region, tenant).inc()
         started = time.perf_counter()
@@ -637,12 +658,12 @@ class Combiner:
             loop = asyncio.get_running_loop()
             if current.buffer is not None:
                 await loop.run_in_executor(
-                    None, current.buffer.add, tensors, scale / weight, weight, steps
+                    None, current.buffer.add, update, scale / weight, weight, steps
                 )
             else:
                 if current.sum is None:
-                    current.sum = WeightedSum.zeros_like(tensors)
-                await loop.run_in_executor(None, current.sum.fold, tensors, weight, scale, steps)
+                    current.sum = WeightedSum.zeros(self.template)
+                await loop.run_in_executor(None, current.sum.fold, update, weight, scale, steps)
             current.folded.add(client)
             recovered = client in current.owed
             current.owed.discard(client)

@@ -33,11 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import codec, faults
+from fedkube import codec, compression, faults
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.fedavg import Partial, Tensors, aggregate_partials
@@ -253,10 +254,23 @@ class GlobalAggregator:
             )
 
     def _publish_model(self) -> None:
+        """Encode model ``v`` once (in ``compression.down``'s form) for every combiner."""
         self.model_bytes = {v: b for v, b in self.model_bytes.items() if v >= self.version - 1}
-        self.model_bytes[self.version] = codec.encode(
+        rng = np.random.default_rng([self.spec.seed, self.version])
+        wire, meta, _decoded = compression.encode(
             self.strategy.downlink(self.weights, self.server_state),
-            {"fedkube.job": self.name, "fedkube.version": str(self.version), M_KIND: "model"},
+            self.spec.compression.down,
+            rng,
+            with_shapes=True,
+        )
+        self.model_bytes[self.version] = codec.encode(
+            wire,
+            {
+                **meta,
+                "fedkube.job": self.name,
+                "fedkube.version": str(self.version),
+                M_KIND: "model",
+            },
         )
 
     # -- the round loop ------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 from fedkube.aggregator.strategies import RobustRule
 from fedkube.aggregator.strategies.fedavg import Tensors
 from fedkube.aggregator.validation import Template
+from fedkube.compression import Part
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
 from fedkube.spec import Robust
@@ -67,7 +68,11 @@ class UpdateBuffer:
             )
 
     def add(
-        self, tensors: Mapping[str, np.ndarray], coefficient: float, weight: float, steps: float
+        self,
+        tensors: Mapping[str, np.ndarray | Part],
+        coefficient: float,
+        weight: float,
+        steps: float,
     ) -> None:
         """Store ``coefficient · tensors`` as the next row (the caller checked room)."""
         self.check_room()
@@ -78,7 +83,14 @@ class UpdateBuffer:
         row = self._rows[self.count]
         offset = 0
         for name in self.names:
-            flat = tensors[name].reshape(-1)
+            tensor = tensors[name]
+            if isinstance(tensor, Part):  # a compressed update: written dense into its row
+                tensor.fold_into(
+                    row[offset : offset + tensor.size], np.float32(coefficient), assign=True
+                )
+                offset += tensor.size
+                continue
+            flat = tensor.reshape(-1)
             np.multiply(flat, np.float32(coefficient), out=row[offset : offset + flat.size])
             offset += flat.size
         self.weights.append(weight)

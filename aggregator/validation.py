@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedkube.compression import Part
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
 
@@ -49,13 +50,21 @@ def check_finite(tensors: Mapping[str, np.ndarray]) -> None:
             raise UpdateRejected(Reason.non_finite.value, f"{name} holds NaN or Inf")
 
 
-def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
+def l2_norm(tensors: Mapping[str, np.ndarray | Part]) -> float:
+    """The update's L2 norm, from dense arrays or from a compressed update's parts."""
     return float(
-        np.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in tensors.values()))
+        np.sqrt(
+            sum(
+                a.squared_norm()
+                if isinstance(a, Part)
+                else float(np.dot(a.reshape(-1), a.reshape(-1)))
+                for a in tensors.values()
+            )
+        )
     )
 
 
-def check_norm(tensors: Mapping[str, np.ndarray], bound: float | None) -> None:
+def check_norm(tensors: Mapping[str, np.ndarray | Part], bound: float | None) -> None:
     if bound is None:
         return
     norm = l2_norm(tensors)

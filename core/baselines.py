@@ -27,7 +27,7 @@ import yaml
 from fedkube.learning import build_model, evaluate, load_data, train
 from fedkube.local.report import human_bytes
 from fedkube.local.runner import RunOptions, run_job
-from fedkube.spec import Client, FederatedJob, dump_job, load_job, parse_job
+from fedkube.spec import Client, FederatedJob, WireCompression, dump_job, load_job, parse_job
 
 
 @dataclass
@@ -181,6 +181,7 @@ class StrategyRow:
     gap: Spread | None
     rounds_to_target: list[int | None]
     bytes_moved: Spread
+    bytes_up: Spread
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,9 @@ def strategy_rows(
                 gap=Spread.of(gaps) if gaps else None,
                 rounds_to_target=[rounds_to_target(run.history, target) for run in mine],
                 bytes_moved=Spread.of([float(bytes_moved(run.history)) for run in mine]),
+                bytes_up=Spread.of(
+                    [float(sum(int(r.get("bytes_up", 0)) for r in run.history)) for run in mine]
+                ),
             )
         )
     return rows
@@ -284,9 +288,12 @@ def _rounds(values: Sequence[int | None]) -> str:
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
 
 
+PLURAL = {"strategy": "strategies", "compression": "compressions"}
+
+
 @dataclass
 class StrategyComparison:
-    """Everything ``fedkube compare --strategies`` measured, and how to show it."""
+    """Everything ``fedkube compare --strategies`` (or ``--compression``) measured."""
 
     job: str
     seeds: list[int]
@@ -297,6 +304,7 @@ class StrategyComparison:
     target: float
     target_is_default: bool = True
     plot_path: Path | None = None
+    axis: str = "strategy"  # or "compression": what the rows vary
 
     @property
     def all_succeeded(self) -> bool:
@@ -309,13 +317,22 @@ class StrategyComparison:
         rows = self.rows()
         target = f"{100 * self.target:.1f}%"
         why = " (90% of centralised)" if self.target_is_default else ""
-        header = ["strategy", "final", "best", f"rounds to {target}", "bytes moved", "gap"]
+        header = [
+            self.axis,
+            "final",
+            "best",
+            f"rounds to {target}",
+            "bytes up",
+            "bytes moved",
+            "gap",
+        ]
         body = [
             [
                 row.strategy + (f" ({row.failed}/{row.runs} failed)" if row.failed else ""),
                 _pct(row.final),
                 _pct(row.best),
                 _rounds(row.rounds_to_target),
+                human_bytes(row.bytes_up.mean),
                 human_bytes(row.bytes_moved.mean),
                 _pct(row.gap, signed=True),
             ]
@@ -323,9 +340,11 @@ class StrategyComparison:
         ]
         central = Spread.of([b.central_accuracy for b in self.baselines])
         alone = Spread.of([b.best_alone for b in self.baselines])
-        body.append(["centralised, pooled data", _pct(central), "", "", "", ""])
+        body.append(["centralised, pooled data", _pct(central), "", "", "", "", ""])
         alone_gap = Spread.of([b.central_accuracy - b.best_alone for b in self.baselines])
-        body.append(["best tenant alone", _pct(alone), "", "", "", _pct(alone_gap, signed=True)])
+        body.append(
+            ["best tenant alone", _pct(alone), "", "", "", "", _pct(alone_gap, signed=True)]
+        )
         widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
         def render(cells: list[str]) -> str:
@@ -335,7 +354,8 @@ class StrategyComparison:
 
         seeds = ", ".join(str(seed) for seed in self.seeds)
         lines = [
-            f"fedkube compare {self.job}: {len(rows)} strategies x {len(self.seeds)} seeds "
+            f"fedkube compare {self.job}: {len(rows)} {PLURAL[self.axis]} x "
+            f"{len(self.seeds)} seeds "
             f"({seeds}), {self.rounds} rounds x {self.epochs_per_round} local epochs",
             f"held-out accuracy in %, mean ± sample standard deviation over seeds; "
             f"target {target}{why}",
@@ -350,7 +370,7 @@ class StrategyComparison:
             best = max(finals, key=finals.__getitem__)
             lines += [
                 "",
-                f"  best strategy: {best}; it beats the best tenant alone: "
+                f"  best {self.axis}: {best}; it beats the best tenant alone: "
                 f"{'yes' if finals[best] > alone.mean else 'no'}",
             ]
         if self.plot_path is not None:
@@ -394,15 +414,40 @@ def plot_curves(
     return path
 
 
-def variant(job: FederatedJob, strategy: str, seed: int) -> dict[str, Any]:
-    """The job's manifest with only ``spec.strategy.name`` and ``spec.seed`` replaced.
+def compression_setting(label: str) -> dict[str, Any]:
+    """``spec.compression.up`` for a ``--compression`` entry.
 
-    Built from the parsed model, so every other strategy parameter (and every
-    default) stays as the manifest had it.
+    ``none``, ``fp16``, ``int8``, ``int8:<block size>``, ``topk`` (1 %) or
+    ``topk:<fraction>``; checked by the spec's own model.
+    """
+    scheme, _, argument = label.partition(":")
+    setting: dict[str, Any] = {"scheme": scheme}
+    if argument and scheme == "topk":
+        setting["fraction"] = float(argument)
+    elif argument and scheme == "int8":
+        setting["blockSize"] = int(argument)
+    elif argument:
+        raise ValueError(f"{label!r}: only int8:<block size> and topk:<fraction> take a value")
+    WireCompression.model_validate(setting)
+    return setting
+
+
+def variant(job: FederatedJob, label: str, seed: int, axis: str = "strategy") -> dict[str, Any]:
+    """The job's manifest with only ``spec.seed`` and the compared setting replaced.
+
+    ``axis`` ``strategy``: ``label`` is ``spec.strategy.name``; ``compression``:
+    it is ``spec.compression.up`` (see :func:`compression_setting`). Built
+    from the parsed model, so every other parameter (and every default) stays
+    as the manifest had it.
     """
     document = dump_job(job)
     document["spec"]["seed"] = seed
-    document["spec"]["strategy"]["name"] = strategy
+    if axis == "strategy":
+        document["spec"]["strategy"]["name"] = label
+    elif axis == "compression":
+        document["spec"]["compression"]["up"] = compression_setting(label)
+    else:
+        raise ValueError(f"unknown comparison axis {axis!r}")
     parse_job(document)  # an unknown strategy fails here, before anything runs
     return document
 
@@ -426,13 +471,16 @@ def compare_strategies(
     out_dir: Path | None = None,
     target: float | None = None,
     quiet: bool = False,
+    axis: str = "strategy",
 ) -> StrategyComparison:
-    """Run the job once per (seed, strategy); train the baselines once per seed.
+    """Run the job once per (seed, variant); train the baselines once per seed.
 
-    Seeds are ``spec.seed``, ``spec.seed + 1``, ... Each run gets its own
-    directory ``<out>/seed-<seed>/<strategy>/`` holding its manifest
-    (``manifest.yaml``) and the usual run outputs. ``target`` defaults to 90%
-    of the mean centralised accuracy.
+    The variants are strategies, or with ``axis="compression"`` upload
+    compressions (``none``, ``int8``, ``topk:0.01``: see
+    :func:`compression_setting`). Seeds are ``spec.seed``, ``spec.seed + 1``,
+    ... Each run gets its own directory ``<out>/seed-<seed>/<variant>/``
+    holding its manifest (``manifest.yaml``) and the usual run outputs.
+    ``target`` defaults to 90% of the mean centralised accuracy.
     """
     if not strategies:
         raise ValueError("compare_strategies needs at least one strategy")
@@ -441,17 +489,19 @@ def compare_strategies(
     job = load_job(job_path)
     out = (out_dir or Path("runs") / f"compare-{job.name}").resolve()
     seed_list = [job.spec.seed + offset for offset in range(seeds)]
-    plan = {(seed, name): variant(job, name, seed) for seed in seed_list for name in strategies}
+    plan = {
+        (seed, name): variant(job, name, seed, axis) for seed in seed_list for name in strategies
+    }
     runs: list[StrategyRun] = []
     baselines: list[SeedBaselines] = []
     for seed in seed_list:
         for name in strategies:
-            run_dir = out / f"seed-{seed}" / name
+            run_dir = out / f"seed-{seed}" / name.replace(":", "-")
             run_dir.mkdir(parents=True, exist_ok=True)
             manifest = run_dir / "manifest.yaml"
             manifest.write_text(yaml.safe_dump(plan[seed, name], sort_keys=False))
             if not quiet:
-                print(f"fedkube compare: strategy {name}, seed {seed} -> {run_dir}", flush=True)
+                print(f"fedkube compare: {axis} {name}, seed {seed} -> {run_dir}", flush=True)
             result = run_job(RunOptions(job_path=manifest, out_dir=run_dir, quiet=quiet))
             if result.status == "interrupted":
                 raise KeyboardInterrupt  # run_job swallowed the Ctrl-C; stop every run
@@ -460,6 +510,7 @@ def compare_strategies(
             print(f"fedkube compare: baselines, seed {seed}", flush=True)
         baselines.append(seed_baselines(parse_job(plan[seed, strategies[0]])))
     comparison = StrategyComparison(
+        axis=axis,
         job=job.name,
         seeds=seed_list,
         rounds=job.spec.rounds,

@@ -103,19 +103,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedkube.baselines import compare, compare_strategies
 
     out = Path(args.out) if args.out else None
-    if args.strategies is None:
+    if args.strategies is not None and args.compression is not None:
+        raise FedkubeError("compare: give --strategies or --compression, not both")
+    variants, axis = args.strategies, "strategy"
+    if args.compression is not None:
+        variants, axis = args.compression, "compression"
+    if variants is None:
         if args.seeds is not None or args.target is not None:
-            raise FedkubeError("compare: --seeds and --target only apply with --strategies")
+            raise FedkubeError(
+                "compare: --seeds and --target only apply with --strategies or --compression"
+            )
         report = compare(Path(args.job), out, quiet=args.quiet)
         print(report.table())
         return EXIT_OK if report.federated_status == "succeeded" else EXIT_FAILED
     comparison = compare_strategies(
         Path(args.job),
-        args.strategies,
+        variants,
         seeds=args.seeds or 1,
         out_dir=out,
         target=args.target,
         quiet=args.quiet,
+        axis=axis,
     )
     print(comparison.table())
     return EXIT_OK if comparison.all_succeeded else EXIT_FAILED
@@ -141,6 +149,23 @@ def _strategy_list(text: str) -> list[str]:
             reason = "; ".join(error["msg"] for error in exc.errors())
             raise argparse.ArgumentTypeError(f"strategy {name!r}: {reason}") from None
     return names
+
+
+def _compression_list(text: str) -> list[str]:
+    """``--compression none,int8,topk:0.01``: valid upload compressions, in order, each once."""
+    from pydantic import ValidationError
+
+    from fedkube.baselines import compression_setting
+
+    labels = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not labels:
+        raise argparse.ArgumentTypeError("give at least one compression, e.g. none,int8,topk:0.01")
+    for label in labels:
+        try:
+            compression_setting(label)
+        except (ValueError, ValidationError) as exc:
+            raise argparse.ArgumentTypeError(f"compression {label!r}: {exc}") from None
+    return labels
 
 
 def _positive_int(text: str) -> int:
@@ -347,9 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
         "one table row each (default: the manifest's strategy, the plain comparison)",
     )
     p.add_argument(
+        "--compression",
+        type=_compression_list,
+        help="comma-separated upload compressions to run the job with: none, fp16, int8, "
+        "int8:<block size>, topk:<fraction>, e.g. none,int8,topk:0.01; one table row each",
+    )
+    p.add_argument(
         "--seeds",
         type=_positive_int,
-        help="with --strategies: seeds per strategy, spec.seed, spec.seed+1, ... (default 1)",
+        help="with --strategies or --compression: seeds per row, spec.seed, spec.seed+1, ... "
+        "(default 1)",
     )
     p.add_argument(
         "--target",

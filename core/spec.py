@@ -163,12 +163,33 @@ class Optimizer(str, Enum):
     adam = "adam"
 
 
+class Lora(_Model):
+    """Low-rank adapters (the ``peft`` library): only they train and travel."""
+
+    rank: int = Field(default=8, ge=1, le=1024, description="r, the adapters' rank")
+    alpha: float = Field(
+        default=16.0, gt=0, description="lora_alpha (the update is scaled by alpha/r)"
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="lora_dropout")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="names of the modules to adapt (peft's target_modules); empty: peft's "
+        "default for the model's architecture",
+    )
+
+
 class Training(_Model):
     epochs: int = Field(default=1, ge=1, le=1000, description="local epochs per round")
     batch_size: int = Field(default=32, ge=1)
     optimizer: Optimizer = Optimizer.sgd
     learning_rate: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum")
+    peft: Lora | None = Field(
+        default=None,
+        description="fine-tune low-rank adapters instead of the whole model: the frozen base "
+        "is loaded once per worker and never sent",
+    )
 
 
 class Participation(_Model):
@@ -220,6 +241,44 @@ class Participation(_Model):
         description="a client that has not polled its combiner for this long is gone: "
         "rounds no longer wait for it until it polls again (keep it above the round timeout)",
     )
+
+
+CompressionScheme = Literal["none", "fp16", "int8", "topk"]
+
+
+class WireCompression(_Model):
+    """How one direction's payloads are compressed (``fedkube.compression``)."""
+
+    scheme: CompressionScheme = Field(
+        default="none", description="none, fp16, int8, or topk (updates only)"
+    )
+    block_size: int | None = Field(
+        default=None,
+        ge=16,
+        le=1 << 24,
+        description="int8: values that share one scale; unset: one scale per tensor",
+    )
+    stochastic_rounding: bool = Field(
+        default=False, description="int8: round up or down at random in proportion (unbiased)"
+    )
+    fraction: float = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description="topk: share of the update's entries sent (the largest, across all tensors)",
+    )
+    error_feedback: bool = Field(
+        default=True,
+        description="topk: add what was not sent to the next update (kept in the client's "
+        "durable state)",
+    )
+
+
+class Compression(_Model):
+    """Per direction: ``up`` (worker updates), ``down`` (the model to the workers)."""
+
+    up: WireCompression = Field(default_factory=WireCompression)
+    down: WireCompression = Field(default_factory=WireCompression)
 
 
 StrategyName = Literal[
@@ -461,6 +520,7 @@ class JobSpec(_Model):
     strategy: Strategy = Field(default_factory=Strategy)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     transport: Transport = Field(default_factory=Transport)
+    compression: Compression = Field(default_factory=Compression)
     state: State = Field(default_factory=State)
 
 
@@ -577,6 +637,13 @@ def _strategy_problems(spec: JobSpec, region_names: list[str]) -> list[tuple[str
                 "spec.training.optimizer",
                 "scaffold corrects SGD steps (its control-variate update assumes SGD); "
                 f"got {spec.training.optimizer.value!r}",
+            )
+        )
+    if spec.compression.down.scheme == "topk":
+        problems.append(
+            (
+                "spec.compression.down.scheme",
+                "topk sparsifies updates; the model travels as none, fp16 or int8",
             )
         )
     if robust.rule in ("krum", "multiKrum"):

@@ -61,6 +61,13 @@ SPEC_RULES: list[dict[str, str]] = [
         "fieldPath": ".training.optimizer",
         "reason": "FieldValueInvalid",
     },
+    {
+        "rule": "!has(self.compression) || !has(self.compression.down) || "
+        "!has(self.compression.down.scheme) || self.compression.down.scheme != 'topk'",
+        "message": "topk sparsifies updates; the model travels as none, fp16 or int8",
+        "fieldPath": ".compression.down.scheme",
+        "reason": "FieldValueInvalid",
+    },
 ]
 # Not in CEL: krum's per-region client count (spec.strategy.robust.byzantine). A
 # per-region sum over the tenants is over the API server's cost budget at 1000

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from prometheus_client import start_http_server
 
-from fedkube import codec
+from fedkube import codec, compression
 from fedkube.aggregator.strategies import REGISTRY, scaffold
 from fedkube.errors import CodecError, FedkubeError
 from fedkube.learning import build_model, float_state, load_data, load_float_state, train_local
@@ -59,6 +59,8 @@ log = logging.getLogger("fedkube.worker")
 TIER = "worker"
 STATE_DIR_ENV = "FEDKUBE_STATE_DIR"
 SCAFFOLD_STATE = "scaffold-control"
+# What top-k left unsent, added to the next update (error feedback).
+RESIDUAL_STATE = "compression-residual"
 
 
 def default_state_dir(job: str, client: str) -> Path:
@@ -250,7 +252,7 @@ class Worker:
             response.raise_for_status()
             payload = await response.read()
         self.metrics.bytes_down.labels(*self._worker_bytes()).inc(len(payload))
-        tensors, _meta = codec.decode(payload)
+        tensors = self._model(payload)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         update = await loop.run_in_executor(None, self.compute_update, tensors, number)
@@ -259,8 +261,45 @@ class Worker:
         weight = float(len(self.data))
         envelope = Envelope(self.job.name, number, self.client.id, self.client.tenant, weight)
         metadata = {**envelope.metadata("update"), M_STEPS: str(update.steps)}
-        body = codec.encode(update.delta, metadata)
+        wire, scheme = self._compress(update, number)
+        body = codec.encode(wire, {**metadata, **scheme})
         return _Outgoing(number, body, update, weight, train_s)
+
+    def _model(self, payload: bytes) -> dict[str, np.ndarray]:
+        """The round's model as float32 arrays, whatever form it travelled in."""
+        tensors, meta = codec.decode(payload)
+        down = self.job.spec.compression.down
+        if down.scheme == "none":
+            return tensors
+        shapes = compression.shapes_of(tensors, meta)
+        return compression.dense(compression.parse(tensors, meta, shapes, down), shapes)
+
+    def _compress(
+        self, update: LocalUpdate, number: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The update in ``compression.up``'s form, with top-k's error feedback.
+
+        What top-k leaves out is kept (with the update, saved once accepted)
+        and added to the next round's update before choosing again.
+        """
+        up = self.job.spec.compression.up
+        if up.scheme == "none":
+            return update.delta, {}
+        delta = update.delta
+        feedback = up.scheme == "topk" and up.error_feedback
+        if feedback:
+            residual = self.state.load(RESIDUAL_STATE, before_round=number)
+            if residual is not None and residual.keys() == delta.keys():
+                delta = {name: delta[name] + residual[name] for name in delta}
+        rng = np.random.default_rng([self._seed(number), 1])
+        wire, scheme, decoded = compression.encode(delta, up, rng)
+        if feedback:
+            update.keep[RESIDUAL_STATE] = {name: delta[name] - decoded[name] for name in delta}
+        return wire, scheme
+
+    def _seed(self, number: int) -> int:
+        """This client's seed for round ``number``: the same after a restart."""
+        return self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(self.client.id.encode())
 
     def _accepted(self, outgoing: _Outgoing, number: int) -> None:
         """Keep the client state that goes with an accepted update (once per round)."""
@@ -287,7 +326,7 @@ class Worker:
         """Train on the round's model (and the strategy's downlink) and form the update."""
         global_weights, control = scaffold.split(payload)
         load_float_state(self.model, global_weights)
-        seed = self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(self.client.id.encode())
+        seed = self._seed(number)
         training = self.job.spec.training
         c_i: dict[str, np.ndarray] = {}
         correction = None

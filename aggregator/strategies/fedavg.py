@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedkube.compression import Part
+
 if TYPE_CHECKING:
     from fedkube.spec import Strategy
 
@@ -52,9 +54,14 @@ class WeightedSum:
     def zeros_like(cls, template: Mapping[str, np.ndarray]) -> WeightedSum:
         return cls({name: np.zeros(a.shape, np.float32) for name, a in template.items()})
 
+    @classmethod
+    def zeros(cls, template: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> WeightedSum:
+        """A zero sum shaped like a model template (names -> (shape, dtype))."""
+        return cls({name: np.zeros(shape, np.float32) for name, (shape, _dt) in template.items()})
+
     def fold(
         self,
-        delta: Mapping[str, np.ndarray],
+        delta: Mapping[str, np.ndarray | Part],
         weight: float,
         scale: float | None = None,
         steps: float = 1.0,
@@ -63,13 +70,19 @@ class WeightedSum:
 
         One cache-sized chunk at a time: memory traffic per element is one
         read of the update and one read-modify-write of the sum, the same as
-        ``a += b``. ``weight`` always counts toward ``Σ w_i``; a strategy that
-        rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.
+        ``a += b``. A compressed update (:class:`fedkube.compression.Part`)
+        folds from its wire form: int8 dequantised chunk by chunk, top-k as a
+        scatter-add. ``weight`` always counts toward ``Σ w_i``; a strategy
+        that rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.
         """
         factor = np.float32(weight if scale is None else scale)
         for name, total in self.sums.items():
-            src = delta[name].reshape(-1)
             dst = total.reshape(-1)
+            part = delta[name]
+            if isinstance(part, Part):
+                part.fold_into(dst, factor)
+                continue
+            src = part.reshape(-1)
             for start in range(0, dst.size, FOLD_CHUNK):
                 stop = min(start + FOLD_CHUNK, dst.size)
                 scaled = self._scratch[: stop - start]

@@ -123,6 +123,10 @@ INVALID = {
         lambda spec: spec["model"].update(entrypoint="not a module path"),
         "spec.model.entrypoint",
     ),
+    "a sparse model": (
+        lambda spec: spec.update(compression={"down": {"scheme": "topk"}}),
+        "spec.compression.down.scheme",
+    ),
 }
 
 

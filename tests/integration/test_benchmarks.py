@@ -67,6 +67,12 @@ def test_fold_benchmark_prints_bandwidths_fold_rates_and_memory():
     ):
         assert figure_rows(rows, label), f"no figures for {label!r} in:\n{output}"
     assert re.search(r"fold/in-place-add traffic ratio \(safetensors views\): best\s+\d", output)
+    for label in (
+        "int8, one scale per tensor",
+        "int8, 4096-value blocks",
+        "top-k 1 %, scatter-add",
+    ):
+        assert re.search(rf"\(e\) fold of {label}\s+[\d.]+ GB/s", output), output
     assert re.search(r"^WeightedSum.fold\s+tracemalloc peak\s+\d", output, re.M), output
     assert "correctness spot check" in output
 

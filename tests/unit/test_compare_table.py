@@ -139,9 +139,13 @@ def test_the_table_has_one_row_per_strategy_and_the_baselines():
     assert "sample standard deviation" in lines[1] and "target 60.0%" in lines[1]
     fedavg = next(line for line in lines if line.strip().startswith("fedavg"))
     scaffold = next(line for line in lines if line.strip().startswith("scaffold"))
-    # final, best, rounds to target (one of two seeds), bytes, gap
-    assert re.search(r"50\.0 ± 14\.1\s+55\.0 ± 7\.1\s+2 \(1/2 seeds\)\s+450 B\s+\+35\.0", fedavg)
-    assert re.search(r"80\.0 ± 14\.1\s+80\.0 ± 14\.1\s+2\s+750 B\s+\+5\.0 ± 7\.1$", scaffold)
+    # final, best, rounds to target (one of two seeds), bytes up, bytes moved, gap
+    assert re.search(
+        r"50\.0 ± 14\.1\s+55\.0 ± 7\.1\s+2 \(1/2 seeds\)\s+300 B\s+450 B\s+\+35\.0", fedavg
+    )
+    assert re.search(
+        r"80\.0 ± 14\.1\s+80\.0 ± 14\.1\s+2\s+600 B\s+750 B\s+\+5\.0 ± 7\.1$", scaffold
+    )
     central = next(line for line in lines if "centralised, pooled data" in line)
     assert "85.0 ± 7.1" in central
     alone = next(line for line in lines if "best tenant alone" in line)
