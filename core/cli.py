@@ -1,7 +1,8 @@
 """The ``fedkube`` command line.
 
 User commands: ``run`` (the embedded runtime, or Ray), ``compare`` (federated
-vs centralised vs each tenant alone), ``validate``. Service commands (what
+vs centralised vs each tenant alone, or strategies or compressions side by
+side), ``validate``, ``export`` (a LoRA job's merged model). Service commands (what
 the pods and the local runtime execute): ``aggregator``, ``combiner``,
 ``worker``. Secrets come from the environment (``FEDKUBE_TOKEN``,
 ``FEDKUBE_AGGREGATOR_TOKEN``) or files, never from arguments that ``ps``
@@ -292,6 +293,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK if status in ("succeeded", "stopped") else EXIT_FAILED
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedkube.export import export_merged
+
+    job = load_job(args.job)
+    directory = Path(args.checkpoint_dir or Path("runs") / job.name / "checkpoints")
+    done = export_merged(job, directory, Path(args.out))
+    print(
+        f"fedkube export {job.name}: round {done.round}'s {done.adapter_tensors} adapter "
+        f"tensors ({done.adapter_bytes:,} bytes) merged into the base: {done.path} "
+        f"({done.model_tensors} tensors, {done.model_bytes:,} bytes)"
+    )
+    return EXIT_OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from fedkube.logs import configure
     from fedkube.operator.config import DEFAULT_IMAGE, OperatorConfig
@@ -437,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the site's own data entrypoint and kwargs (JSON/YAML), over the manifest's",
     )
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "export", help="a LoRA job's result as one model: base and adapters merged, safetensors"
+    )
+    p.add_argument("job", help="FederatedJob manifest (YAML) with spec.training.peft")
+    p.add_argument(
+        "--checkpoint-dir",
+        help="the global aggregator's checkpoints (default runs/<job name>/checkpoints)",
+    )
+    p.add_argument("--out", required=True, help="the merged model's .safetensors file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("operator", help="reconcile FederatedJobs on a Kubernetes cluster")
     p.add_argument("--kubeconfig", help="default: in-cluster, else $KUBECONFIG")

@@ -7,6 +7,7 @@ so that all three train and measure the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from fedkube.entrypoints import resolve
-from fedkube.spec import Client, FederatedJob, Training
+from fedkube.spec import Client, FederatedJob, Lora, Training
 
 if TYPE_CHECKING:
     from fedkube.policy import DataBinding
@@ -54,14 +55,53 @@ class ArrayData:
 
 
 def build_model(job: FederatedJob) -> nn.Module:
-    """The job's model, initialised from ``spec.seed`` (same on every tier)."""
+    """The job's model, initialised from ``spec.seed`` (same on every tier).
+
+    With ``spec.training.peft`` the entrypoint's model is the frozen base of
+    a peft model with LoRA adapters (:func:`with_lora`).
+    """
     torch.manual_seed(job.spec.seed)
     model = resolve(job.spec.model.entrypoint)(**job.spec.model.kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"{job.spec.model.entrypoint} returned {type(model).__name__}, not nn.Module"
         )
+    if job.spec.training.peft is not None:
+        return with_lora(model, job.spec.training.peft)
     return model
+
+
+def with_lora(model: nn.Module, lora: Lora) -> nn.Module:
+    """``model`` frozen, with trainable LoRA adapters (peft) on ``lora.target_modules``.
+
+    Empty ``target_modules``: peft's default for the model's architecture
+    (read from ``model.config.model_type``, e.g. GPT-2's ``c_attn``). The
+    adapters' ``B`` starts at zero, so the wrapped model computes what the
+    base does until it trains.
+    """
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules) or None,
+    )
+    with warnings.catch_warnings():
+        # GPT-2's Conv1D layers store weights transposed: peft says so, and adapts to it.
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
+        wrapped: nn.Module = peft.get_peft_model(model, config)
+    return wrapped
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether ``model`` is a base with adapters (a peft model): then only they travel."""
+    return getattr(model, "peft_config", None) is not None
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that local training updates (all of them unless some are frozen)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_data(
@@ -102,10 +142,19 @@ def load_data(
 
 
 def float_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The model's floating-point state as float32 numpy arrays (what travels)."""
+    """The model's floating-point state as float32 numpy arrays (what travels).
+
+    For an adapted model (:func:`is_adapted`) only its trainable tensors, the
+    adapters: the frozen base is built from the seed (or loaded) by every
+    tier and never sent, aggregated or checkpointed.
+    """
+    if is_adapted(model):
+        tensors: Mapping[str, torch.Tensor] = trainable_parameters(model)
+    else:
+        tensors = model.state_dict()
     return {
         name: tensor.detach().cpu().to(torch.float32).numpy().copy()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in tensors.items()
         if tensor.is_floating_point()
     }
 
@@ -119,11 +168,10 @@ def load_float_state(model: nn.Module, tensors: dict[str, np.ndarray]) -> None:
 
 
 def _optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
+    params = list(trainable_parameters(model).values())
     if training.optimizer.value == "adam":
-        return torch.optim.Adam(model.parameters(), lr=training.learning_rate)
-    return torch.optim.SGD(
-        model.parameters(), lr=training.learning_rate, momentum=training.momentum
-    )
+        return torch.optim.Adam(params, lr=training.learning_rate)
+    return torch.optim.SGD(params, lr=training.learning_rate, momentum=training.momentum)
 
 
 def proximal_term(
@@ -179,7 +227,7 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(model, training)
     loss_fn = nn.CrossEntropyLoss()
-    named = dict(model.named_parameters())
+    named = trainable_parameters(model)
     start = [(p, p.detach().clone()) for p in named.values()] if proximal_mu else []
     shifts = (
         [(named[n], torch.as_tensor(c, device=device)) for n, c in correction.items() if n in named]
@@ -204,14 +252,30 @@ def train_local(
     return LocalResult(loss=total / max(batches, 1), steps=batches)
 
 
+# Targets per forward pass in evaluate(): a language model's rows hold one
+# target per position, so its held-out set is evaluated in slices.
+EVAL_TARGETS = 16384
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ArrayData) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of the model on ``data``."""
+    """(mean cross-entropy loss, accuracy) of the model on ``data``, over every target.
+
+    ``y`` holds one class per row, or one per position (a language model's
+    next tokens, with logits shaped ``(rows, classes, positions)``). Rows go
+    through the model in slices of about :data:`EVAL_TARGETS` targets.
+    """
     model.eval()
     device = next(model.parameters()).device
     x = torch.as_tensor(data.x, dtype=torch.float32, device=device)
     y = torch.as_tensor(data.y, dtype=torch.long, device=device)
-    logits = model(x)
-    loss = nn.functional.cross_entropy(logits, y).item()
-    accuracy = (logits.argmax(dim=1) == y).float().mean().item()
-    return float(loss), float(accuracy)
+    per_row = max(1, int(np.prod(y.shape[1:])))
+    rows = max(1, EVAL_TARGETS // per_row)
+    loss_sum, correct, count = 0.0, 0, 0
+    for first in range(0, len(y), rows):
+        logits = model(x[first : first + rows])
+        target = y[first : first + rows]
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == target).sum().item())
+        count += target.numel()
+    return loss_sum / max(count, 1), correct / max(count, 1)
