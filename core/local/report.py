@@ -156,6 +156,9 @@ def summary(job: FederatedJob, result: RunResult) -> str:
             ),
             ("mean round time", f"{sum(r['duration_s'] for r in history) / len(history):.2f}s"),
         ]
+        if result.restarts:
+            restarted = ", ".join(f"{name} {n}x" for name, n in sorted(result.restarts.items()))
+            rows.append(("restarted", restarted))
         if result.history_path:
             rows.append(("history", str(result.history_path)))
         if result.plot_path:

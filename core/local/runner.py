@@ -519,7 +519,7 @@ def run_job(options: RunOptions, launcher: Launcher | None = None) -> RunResult:
     status, message, history = "interrupted", "stopped before the job ended", []
     try:
         run.start()
-        status, message = run.follow(printer.round)
+        status, message = run.follow(printer.round, printer.event)
         history = run.history()
     except KeyboardInterrupt:
         message = "stopped by the user"
@@ -531,6 +531,7 @@ def run_job(options: RunOptions, launcher: Launcher | None = None) -> RunResult:
         history=history,
         out_dir=run.out,
         wall_s=time.monotonic() - started,
+        restarts=dict(run.restarts),
     )
     if history:
         result.history_path = report.write_history(history, run.out, options.history_format)
