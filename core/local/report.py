@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +49,18 @@ class ProgressPrinter:
         if not self.enabled:
             return
         loss = record.get("loss")
+        # A language model (LoRA) is read by its perplexity, e^loss.
+        perplexity = (
+            f"ppl {math.exp(min(loss, 700.0)):.2f}  "
+            if loss is not None and self.job.spec.training.peft is not None
+            else ""
+        )
         print(
             f"round {record['round']:>3}/{self.job.spec.rounds}  "
             f"clients {record['reported']}/{record['selected']} "
             f"({100 * record['participation']:.0f}%)  "
             f"loss {'n/a' if loss is None else f'{loss:.4f}'}  "
+            f"{perplexity}"
             f"acc {_pct(record.get('accuracy'))}  "
             f"up {human_bytes(record.get('bytes_up', 0))}  "
             f"down {human_bytes(record.get('bytes_down', 0))}  "
