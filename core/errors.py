@@ -86,3 +86,7 @@ class CheckpointError(FedkubeError):
 
 class LeaseLost(FedkubeError):
     """Another process holds the lease this one needs (split-brain guard)."""
+
+
+class ExportError(FedkubeError):
+    """A job's result cannot be exported (no adapters, no checkpoint, a mismatch)."""

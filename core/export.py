@@ -19,15 +19,11 @@ from pathlib import Path
 
 from fedkube import codec
 from fedkube.aggregator import checkpoint
-from fedkube.errors import FedkubeError
+from fedkube.errors import ExportError, FedkubeError
 from fedkube.learning import build_model, float_state, is_adapted, load_float_state
 from fedkube.spec import FederatedJob
 
 KIND = "merged-model"
-
-
-class ExportError(FedkubeError):
-    """A job's result cannot be exported (no adapters, no checkpoint, a mismatch)."""
 
 
 @dataclass(frozen=True)
