@@ -110,7 +110,10 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
             if len(options) != 1:
                 raise ValueError(f"field {name!r}: a union of several types has no CRD schema")
             rest = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
-            return convert({**options[0], **rest}, name)
+            converted = convert({**options[0], **rest}, name)
+            if converted.get("type") == "object" and len(options) < len(node["anyOf"]):
+                converted[_OPTIONAL] = True  # X | None: absent means None, not {}
+            return converted
         out: dict[str, Any] = {}
         for key, value in node.items():
             if key in _DROP or key == "$defs":
@@ -151,6 +154,11 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     return convert(schema)
 
 
+# Marks, while converting, an object field that may be None (``X | None``):
+# it gets no ``default: {}``; removed again before the schema is returned.
+_OPTIONAL = "x-fedkube-optional"
+
+
 def _default_nested_objects(node: dict[str, Any]) -> None:
     """Give optional object fields ``default: {}`` so their own defaults apply.
 
@@ -160,6 +168,8 @@ def _default_nested_objects(node: dict[str, Any]) -> None:
     """
     required = set(node.get("required", []))
     for prop, sub in node["properties"].items():
+        if sub.pop(_OPTIONAL, False):
+            continue  # e.g. training.peft: filling it in would switch LoRA on
         if (
             prop not in required
             and sub.get("type") == "object"

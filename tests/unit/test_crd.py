@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from fedkube.operator.crd import build_crd, render
+from fedkube.operator.crd import build_crd, render, spec_schema
 from tests.support import ROOT
 
 CRD_FILE = ROOT / "crds" / "federatedjob.yaml"
@@ -72,3 +72,11 @@ def test_the_crd_has_a_status_subresource_short_name_and_printer_columns():
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["State"] == ".status.conditions[-1:].type"
     assert {"Phase", "Round", "Participation", "Age"} <= set(columns)
+
+
+def test_an_optional_object_gets_no_empty_default_that_would_switch_it_on():
+    # training.peft absent means "train the whole model"; an API-server default of {}
+    # would turn LoRA on for every job
+    training = spec_schema()["properties"]["training"]
+    assert "default" not in training["properties"]["peft"]
+    assert training["default"] == {}
