@@ -382,15 +382,13 @@ class RoundStore:
         await self.redis.hset(self.key("clients"), client, time.time())
 
     async def registrations(self) -> dict[str, float]:
-        """Client id -> when it last polled its combiner (or sent an update)."""
+        """Client id -> when it last polled its combiner."""
         data = await self.redis.hgetall(self.key("clients"))
         return {client: float(seen) for client, seen in data.items()}
 
-    async def registered_clients(self, ttl_s: float | None = None) -> set[str]:
-        """Clients that registered; with ``ttl_s``, only those seen within it."""
+    async def registered_clients(self, ttl_s: float) -> set[str]:
+        """Clients whose registration is live: seen within the last ``ttl_s`` seconds."""
         seen = await self.registrations()
-        if ttl_s is None:
-            return set(seen)
         now = time.time()
         return {client for client, at in seen.items() if now - at < ttl_s}
 
