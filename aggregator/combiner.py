@@ -180,7 +180,7 @@ class Combiner:
     # -- lifecycle ---------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_bytes)
-        app.router.add_get("/v1/task", self.handle_task)
+        app.router.add_post("/v1/tasks", self.handle_tasks)
         app.router.add_get("/v1/model/{version}", self.handle_model)
         app.router.add_post("/v1/update", self.handle_update)
         app.router.add_post("/v1/refusal", self.handle_refusal)
@@ -429,37 +429,79 @@ class Combiner:
             )
         return tenant
 
-    async def handle_task(self, request: web.Request) -> web.Response:
-        """Long poll: the next round this client should train in."""
+    async def handle_tasks(self, request: web.Request) -> web.Response:
+        """Long poll for a worker's clients (``{"clients": [...], "after": r, "wait": s}``).
+
+        One request (and one Redis write to register them all) for every
+        client a worker hosts: a worker of a thousand virtual clients polls
+        as cheaply as a worker of one. The answer lists a task per client
+        that has one (``train`` or ``resend``), the round the combiner is
+        at, or ``done`` with the job's status.
+        """
         try:
-            self._authenticate(request)
+            tenant = self._authenticate(request)
+            clients, after, wait_s = await self._poll_request(request, tenant)
         except UpdateRejected as exc:
             return json_error(exc.status, exc.reason, exc.detail)
-        client = request.headers.get(H_CLIENT, "")
-        if client not in self.clients:
-            return json_error(400, Reason.malformed.value, "the X-Fedkube-Client header is missing")
+        return web.json_response(await self._await_tasks(clients, after, wait_s))
+
+    async def _poll_request(
+        self, request: web.Request, tenant: str
+    ) -> tuple[list[str], int, float]:
+        """The checked body of a ``/v1/tasks`` poll: every client must be the tenant's, here."""
         try:
-            await self.store.register_client(client)
+            document = await request.json()
+        except ValueError:
+            raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+        if not isinstance(document, dict):
+            raise UpdateRejected(Reason.malformed.value, 'expected {"clients": [...], ...}')
+        clients = document.get("clients")
+        if (
+            not isinstance(clients, list)
+            or not clients
+            or not all(isinstance(c, str) for c in clients)
+        ):
+            raise UpdateRejected(
+                Reason.malformed.value, "clients must be a non-empty list of client ids"
+            )
+        for client in clients:
+            known = self.clients.get(client)
+            if known is None or known.tenant != tenant:
+                raise UpdateRejected(
+                    Reason.unknown_tenant.value,
+                    f"client {client!r} is not a client of tenant {tenant!r} in region "
+                    f"{self.region}",
+                    403,
+                )
+        after, wait_s = document.get("after", 0), document.get("wait", 20)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise UpdateRejected(Reason.malformed.value, "after must be a round number (>= 0)")
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or wait_s < 0:
+            raise UpdateRejected(Reason.malformed.value, "wait must be seconds (>= 0)")
+        return clients, after, float(wait_s)
+
+    async def _await_tasks(self, clients: list[str], after: int, wait_s: float) -> dict[str, Any]:
+        """Register ``clients`` and wait, at most ``wait_s`` seconds, until one has a task."""
+        try:
+            await self.store.register_clients(clients)
         except RedisError as exc:  # the task can still be answered from memory
             log.warning("cannot record registration: %s", exc, extra=fields(job=self.name))
-        try:
-            after = int(request.query.get("after", "0"))
-            wait_s = min(float(request.query.get("wait", "20")), 60.0)
-        except ValueError:
-            return json_error(400, Reason.malformed.value, "after and wait must be numbers")
-        deadline = time.monotonic() + wait_s
+        mine = set(clients)
+        deadline = time.monotonic() + min(wait_s, 60.0)
         while True:
-            task = self._task_for(client, after)
-            if task is not None:
-                return web.json_response(task)
+            answer = self._tasks_for(mine, after)
+            if answer is not None:
+                return answer
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return web.json_response({"status": "wait"})
+                current = self.current
+                return {"status": "wait", "round": current.info.round if current else 0}
             async with self._changed:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
-    def _task_for(self, client: str, after: int) -> dict[str, object] | None:
+    def _tasks_for(self, clients: set[str], after: int) -> dict[str, Any] | None:
+        """What ``clients`` should do now, or None while none of them has anything to do."""
         if self.job_status in ("succeeded", "failed"):
             return {"status": "done", "job_status": self.job_status}
         current = self.current
@@ -470,16 +512,22 @@ class Combiner:
             "version": current.info.version,
             "deadline": current.info.deadline,
         }
-        if client in current.owed:
-            # Accepted by the incarnation that died: the worker has it still.
-            return {"status": "resend", **task}
-        if current.info.round <= after:
+        tasks: list[dict[str, Any]] = []
+        # Only the round's selected (and owed) clients can have a task: a worker
+        # of many clients is answered in O(selected), not O(its clients).
+        for client in sorted((current.selected | current.owed) & clients):
+            if client in current.owed:
+                # Accepted by the incarnation that died: the worker has it still.
+                tasks.append({"status": "resend", "client": client, **task})
+            elif (
+                current.info.round > after
+                and client not in current.folded
+                and current.info.state == RoundState.collecting
+            ):
+                tasks.append({"status": "train", "client": client, **task})
+        if not tasks:
             return None
-        if client not in current.selected or client in current.folded:
-            return None
-        if current.info.state != RoundState.collecting:
-            return None
-        return {"status": "train", **task}
+        return {"status": "tasks", "round": current.info.round, "tasks": tasks}
 
     async def handle_model(self, request: web.Request) -> web.StreamResponse:
         try:

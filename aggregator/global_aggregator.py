@@ -398,7 +398,7 @@ class GlobalAggregator:
 
     async def _gone(self, clients: Sequence[str]) -> set[str]:
         """Clients that registered once but not within ``registrationTtlSeconds``."""
-        seen = await self.store.registrations()
+        seen = await self.store.registrations(clients)
         limit = time.time() - self.spec.participation.registration_ttl_seconds
         return {c for c in clients if c in seen and seen[c] <= limit}
 
@@ -423,7 +423,7 @@ class GlobalAggregator:
                     + "; ".join(f"tenant {t}: {refused[t]}" for t in names)
                 )
             ttl = self.spec.participation.registration_ttl_seconds
-            ready = len(eligible & await self.store.registered_clients(ttl))
+            ready = len(await self.store.registered_clients(ttl, sorted(eligible)))
             if ready >= needed:
                 return
             waited = time.monotonic() - started

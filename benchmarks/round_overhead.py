@@ -3,7 +3,7 @@
 Runs the real services (a ``redis-server``, the ``GlobalAggregator`` and one
 ``Combiner`` per region, all in this process on one asyncio loop, talking over
 loopback HTTP) and drives them with clients that do exactly what
-``fedkube.workers.runtime.Worker`` does on the wire: long-poll ``/v1/task``,
+``fedkube.workers.runtime.Worker`` does on the wire: long-poll ``/v1/tasks``,
 ``GET /v1/model/{version}``, decode it, encode a delta as safetensors and
 ``POST /v1/update``. Scenarios:
 
@@ -173,14 +173,16 @@ async def sim_client(
     ) as http:
         last = 0
         while True:
-            params = {"after": str(last), "wait": "20"}
-            async with http.get(f"{url}/v1/task", params=params) as response:
+            poll = {"clients": [client.id], "after": last, "wait": 20}
+            async with http.post(f"{url}/v1/tasks", json=poll) as response:
                 response.raise_for_status()
-                task = await response.json()
-            if task["status"] == "done":
+                answer = await response.json()
+            if answer["status"] == "done":
                 return
-            if task["status"] != "train":
+            tasks = [t for t in answer.get("tasks", []) if t["status"] == "train"]
+            if not tasks:
                 continue
+            task = tasks[0]
             number, version = int(task["round"]), int(task["version"])
             marks = stats["marks"].setdefault(str(number), {"task": [], "model": [], "done": []})
             marks["task"].append(time.time())
@@ -267,11 +269,13 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
         stop = asyncio.Event()
         workers = [
             Worker(
-                WorkerConfig(job=job, client=c, combiner_url=urls[c.region], token=tokens[c.tenant])
+                WorkerConfig(
+                    job=job, clients=[c], combiner_url=urls[c.region], token=tokens[c.tenant]
+                )
             )
             for c in clients
         ]
-        timing = TrainingTimes(job, {w.client.id: w.metrics for w in workers}, stats["train_s"])
+        timing = TrainingTimes(job, {w.name: w.metrics for w in workers}, stats["train_s"])
         worker_log.addHandler(timing)
         worker_log.setLevel(logging.INFO)  # the per-round record is logged at INFO
         coros = [w.run(stop) for w in workers]

@@ -257,22 +257,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     configure("worker", args.log_level)
     job = load_job(args.job)
-    clients = {c.id: c for c in job.clients()}
-    if args.client not in clients:
+    flag, wanted = ("--group", args.group) if args.group else ("--client", args.client)
+    groups = {g.name: g for g in job.worker_groups()}
+    if wanted not in groups:
+        names = sorted(groups)
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        what = "worker group" if job.spec.simulation else "client"
         raise SpecError(
-            [
-                (
-                    "--client",
-                    f"{args.client!r} is not a client of job {job.name!r} "
-                    f"(clients: {', '.join(sorted(clients))})",
-                )
-            ]
+            [(flag, f"{wanted!r} is not a {what} of job {job.name!r} ({what}s: {shown})")]
         )
-    client = clients[args.client]
-    tenant = next(t for t in job.spec.tenants if t.name == client.tenant)
+    group = groups[wanted]
+    tenant = next(t for t in job.spec.tenants if t.name == group.tenant)
     config = WorkerConfig(
         job=job,
-        client=client,
+        clients=group.clients,
+        name=group.name,
         combiner_url=args.combiner_url,
         token=_env(TOKEN_ENV),
         device=pick_device(tenant.resources.gpu),
@@ -438,13 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_combiner)
 
-    p = service("worker", "one client's training loop")
-    p.add_argument("--client", required=True, help="client id, <tenant>-<replica>")
+    p = service("worker", "the training loop of one client, or of a group of virtual clients")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", help="client id, <tenant>-<replica>")
+    who.add_argument(
+        "--group", help="under spec.simulation: worker group <tenant>-v<k> (its virtual clients)"
+    )
     p.add_argument("--combiner-url", required=True)
     p.add_argument(
         "--state-dir",
-        help="the client's durable state, e.g. SCAFFOLD's c_i (default: $FEDKUBE_STATE_DIR/"
-        "<job>/<client>, else under the temp dir)",
+        help="where each client keeps its durable state (SCAFFOLD's c_i, top-k residuals), in "
+        "<state-dir>/<client> (default: $FEDKUBE_STATE_DIR/<job>, else under the temp dir)",
     )
     p.add_argument("--metrics-port", type=int, help="serve /metrics here (0: any free port)")
     p.add_argument(

@@ -378,17 +378,28 @@ class RoundStore:
             await pipe.execute()
 
     # -- client registration -----------------------------------------------
-    async def register_client(self, client: str) -> None:
-        await self.redis.hset(self.key("clients"), client, time.time())
+    async def register_clients(self, clients: Sequence[str]) -> None:
+        """``clients`` polled just now (one write for all of a worker's clients)."""
+        now = time.time()
+        await self.redis.hset(self.key("clients"), mapping=dict.fromkeys(clients, now))
 
-    async def registrations(self) -> dict[str, float]:
-        """Client id -> when it last polled its combiner."""
-        data = await self.redis.hgetall(self.key("clients"))
-        return {client: float(seen) for client, seen in data.items()}
+    async def registrations(self, clients: Sequence[str] | None = None) -> dict[str, float]:
+        """Client id -> when it last polled its combiner (of ``clients`` only, if given).
 
-    async def registered_clients(self, ttl_s: float) -> set[str]:
-        """Clients whose registration is live: seen within the last ``ttl_s`` seconds."""
-        seen = await self.registrations()
+        Asking for the round's selected clients keeps this O(selected) when a
+        job has thousands of (virtual) clients.
+        """
+        if clients is None:
+            data = await self.redis.hgetall(self.key("clients"))
+            return {client: float(seen) for client, seen in data.items()}
+        if not clients:
+            return {}
+        values = await self.redis.hmget(self.key("clients"), list(clients))
+        return {c: float(v) for c, v in zip(clients, values, strict=True) if v is not None}
+
+    async def registered_clients(self, ttl_s: float, clients: Sequence[str]) -> set[str]:
+        """Those of ``clients`` whose registration is live: seen within the last ``ttl_s`` s."""
+        seen = await self.registrations(clients)
         now = time.time()
         return {client for client, at in seen.items() if now - at < ttl_s}
 

@@ -35,6 +35,10 @@ MAX_TENANT_NAME = 30
 MAX_REGION_NAME = 20
 MAX_TENANTS = 1000
 MAX_REGIONS = 50
+# Worker processes (pods) per tenant; each hosts one client, or under
+# spec.simulation up to clientsPerWorker virtual clients.
+MAX_WORKERS_PER_TENANT = 1000
+MAX_REPLICAS = 100_000
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
@@ -135,8 +139,10 @@ class Tenant(_Model):
     replicas: int = Field(
         default=1,
         ge=1,
-        le=1000,
-        description="workers (clients) of this tenant; they split its data",
+        le=MAX_REPLICAS,
+        description="clients of this tenant; they split its data. One worker (pod) each, "
+        f"at most {MAX_WORKERS_PER_TENANT}; under spec.simulation they are virtual clients, "
+        "clientsPerWorker to a worker process",
     )
     resources: Resources = Field(default_factory=Resources)
     node_selector: dict[str, str] = Field(
@@ -484,6 +490,27 @@ class State(_Model):
     )
 
 
+class Simulation(_Model):
+    """Virtual clients: one worker process hosts many of a tenant's clients.
+
+    What Flower's simulation gives a researcher, through the real protocol:
+    each virtual client keeps its own data shard, seed and durable state
+    (SCAFFOLD's c_i, top-k residuals), and sends its own update to its
+    combiner, which checks it like any other. A worker process polls for all
+    of its clients at once, fetches each round's model once, and trains its
+    selected clients in turn; a client that is not selected costs nothing
+    but its entry in the worker's table (its data is loaded only to train).
+    """
+
+    clients_per_worker: int = Field(
+        default=100,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="virtual clients hosted by one worker process (pod or Ray actor); a "
+        "tenant's replicas are split into ceil(replicas / clientsPerWorker) workers",
+    )
+
+
 class JobSpec(_Model):
     rounds: int = Field(ge=1, le=100_000)
     suspend: bool = Field(
@@ -522,6 +549,10 @@ class JobSpec(_Model):
     transport: Transport = Field(default_factory=Transport)
     compression: Compression = Field(default_factory=Compression)
     state: State = Field(default_factory=State)
+    simulation: Simulation | None = Field(
+        default=None,
+        description="host many virtual clients per worker process (unset: one worker per client)",
+    )
 
 
 class Metadata(_Model):
@@ -549,6 +580,9 @@ class FederatedJob(_Model):
 
     def clients(self) -> list[Client]:
         return list_clients(self.spec)
+
+    def worker_groups(self) -> list[WorkerGroup]:
+        return list_worker_groups(self.spec)
 
     def region_names(self) -> list[str]:
         return [region.name for region in self.spec.regions]
@@ -595,6 +629,48 @@ def list_clients(spec: JobSpec) -> list[Client]:
     ]
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """The clients that one worker process hosts (all of one tenant).
+
+    Without ``spec.simulation`` every client is its own group, named by the
+    client's id; with it, a tenant's replicas are cut into runs of
+    ``clientsPerWorker`` named ``<tenant>-v<k>``.
+    """
+
+    name: str
+    tenant: str
+    region: str
+    clients: tuple[Client, ...]
+
+    def worker_args(self, simulation: bool) -> list[str]:
+        """How ``fedkube worker`` is told which clients it hosts."""
+        return ["--group", self.name] if simulation else ["--client", self.name]
+
+
+def list_worker_groups(spec: JobSpec) -> list[WorkerGroup]:
+    """Every worker process of the job, in client order."""
+    clients = list_clients(spec)
+    if spec.simulation is None:
+        return [WorkerGroup(c.id, c.tenant, c.region, (c,)) for c in clients]
+    size = spec.simulation.clients_per_worker
+    groups: list[WorkerGroup] = []
+    start = 0
+    for tenant in spec.tenants:  # list_clients keeps a tenant's clients together
+        for k, offset in enumerate(range(0, tenant.replicas, size)):
+            chunk = tuple(clients[start + offset : start + min(offset + size, tenant.replicas)])
+            groups.append(WorkerGroup(f"{tenant.name}-v{k}", tenant.name, tenant.region, chunk))
+        start += tenant.replicas
+    return groups
+
+
+def workers_of(spec: JobSpec, tenant: Tenant) -> int:
+    """How many worker processes (pods) ``tenant`` runs."""
+    if spec.simulation is None:
+        return tenant.replicas
+    return math.ceil(tenant.replicas / spec.simulation.clients_per_worker)
+
+
 def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Rules that span fields; the CRD states the same rules in CEL."""
     problems: list[tuple[str, str]] = []
@@ -616,6 +692,28 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 )
             )
     problems += _strategy_problems(spec, region_names)
+    for index, tenant in enumerate(spec.tenants):
+        workers = workers_of(spec, tenant)
+        if workers <= MAX_WORKERS_PER_TENANT:
+            continue
+        if spec.simulation is None:
+            problems.append(
+                (
+                    f"spec.tenants[{index}].replicas",
+                    f"{tenant.replicas} clients would be {workers} worker pods (at most "
+                    f"{MAX_WORKERS_PER_TENANT}); set spec.simulation to host them as virtual "
+                    "clients",
+                )
+            )
+        else:
+            problems.append(
+                (
+                    "spec.simulation.clientsPerWorker",
+                    f"tenant {tenant.name!r}'s {tenant.replicas} clients would need {workers} "
+                    f"worker processes (at most {MAX_WORKERS_PER_TENANT}): raise it to at least "
+                    f"{math.ceil(tenant.replicas / MAX_WORKERS_PER_TENANT)}",
+                )
+            )
     total = sum(tenant.replicas for tenant in spec.tenants)
     minimum = spec.participation.min_clients
     if minimum is not None and minimum > total:

@@ -29,7 +29,7 @@ from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
 from fedkube.policy import DataBinding, data_binding_document
 from fedkube.roundstate import REDIS_PASSWORD_ENV
-from fedkube.spec import API_VERSION, KIND, Client, FederatedJob, Tenant, dump_job
+from fedkube.spec import API_VERSION, KIND, FederatedJob, Tenant, WorkerGroup, dump_job
 from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
 
 CONFIG_DIR = "/etc/fedkube/config"
@@ -376,8 +376,11 @@ def worker_resources(tenant: Tenant, gpu_resource: str) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def build_worker_pod(target: Target, tenant: Tenant, client: Client) -> dict[str, Any]:
-    """One worker (client) of a tenant: a bare Pod with a fixed name, like Kubeflow's.
+def build_worker_pod(target: Target, tenant: Tenant, group: WorkerGroup) -> dict[str, Any]:
+    """One worker of a tenant: a bare Pod with a fixed name, like Kubeflow's.
+
+    It hosts one client, or under ``spec.simulation`` a group of virtual
+    clients (label ``fedkube.io/client`` then names the group).
 
     ``restartPolicy: OnFailure`` lets the kubelet retry a crashed worker in
     place; a pod that fails for good is replaced by the operator and counted
@@ -389,8 +392,7 @@ def build_worker_pod(target: Target, tenant: Tenant, client: Client) -> dict[str
         "worker",
         "--job",
         JOB_FILE,
-        "--client",
-        client.id,
+        *group.worker_args(target.job.spec.simulation is not None),
         "--combiner-url",
         combiner_url(target, tenant.region),
         "--host",
@@ -453,13 +455,13 @@ def build_worker_pod(target: Target, tenant: Tenant, client: Client) -> dict[str
         naming.ROLE_WORKER,
         tenant=tenant.name,
         region=tenant.region,
-        client=client.id,
+        client=group.name,
     )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            **_metadata(target, naming.worker_pod_name(target.name, client), pod_labels),
+            **_metadata(target, naming.worker_pod_name(target.name, group), pod_labels),
             "annotations": annotations,
         },
         "spec": spec,
@@ -743,8 +745,8 @@ def build_children(target: Target) -> list[dict[str, Any]]:
     if target.mode is RunMode.active:
         by_name = {t.name: t for t in tenants}
         children += [
-            build_worker_pod(target, by_name[c.tenant], c)
-            for c in target.job.clients()
-            if c.tenant in by_name
+            build_worker_pod(target, by_name[g.tenant], g)
+            for g in target.job.worker_groups()
+            if g.tenant in by_name
         ]
     return [with_hash(child) for child in children]

@@ -25,7 +25,14 @@ from typing import Any
 import yaml
 
 from fedkube.operator.status import JobStatus
-from fedkube.spec import API_VERSION, KIND, MAX_JOB_NAME, JobSpec
+from fedkube.spec import (
+    API_VERSION,
+    KIND,
+    MAX_JOB_NAME,
+    MAX_WORKERS_PER_TENANT,
+    JobSpec,
+    Simulation,
+)
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "federatedjobs"
@@ -66,6 +73,27 @@ SPEC_RULES: list[dict[str, str]] = [
         "!has(self.compression.down.scheme) || self.compression.down.scheme != 'topk'",
         "message": "topk sparsifies updates; the model travels as none, fp16 or int8",
         "fieldPath": ".compression.down.scheme",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": "has(self.simulation) || self.tenants.all(t, !has(t.replicas) || "
+        f"t.replicas <= {MAX_WORKERS_PER_TENANT})",
+        "message": f"a tenant runs at most {MAX_WORKERS_PER_TENANT} worker pods: set "
+        "spec.simulation to host more replicas as virtual clients",
+        "fieldPath": ".tenants",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": "!has(self.simulation) || self.tenants.all(t, "
+        "((has(t.replicas) ? t.replicas : 1) + _cpw - 1) / _cpw <= "
+        f"{MAX_WORKERS_PER_TENANT})".replace(
+            "_cpw",
+            "(has(self.simulation.clientsPerWorker) ? self.simulation.clientsPerWorker : "
+            f"{Simulation().clients_per_worker})",
+        ),
+        "message": f"a tenant runs at most {MAX_WORKERS_PER_TENANT} worker processes: "
+        "raise clientsPerWorker",
+        "fieldPath": ".simulation.clientsPerWorker",
         "reason": "FieldValueInvalid",
     },
 ]

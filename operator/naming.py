@@ -7,7 +7,7 @@ one request per kind.
 
 from __future__ import annotations
 
-from fedkube.spec import Client
+from fedkube.spec import WorkerGroup
 
 LABEL_JOB = "fedkube.io/job"
 LABEL_ROLE = "fedkube.io/role"
@@ -52,8 +52,9 @@ def data_binding_name(job: str, tenant: str) -> str:
     return f"{job}-data-{tenant}"
 
 
-def worker_pod_name(job: str, client: Client) -> str:
-    return f"{job}-{client.id}"
+def worker_pod_name(job: str, group: WorkerGroup) -> str:
+    """``<job>-<client>``, or ``<job>-<tenant>-v<k>`` for a group of virtual clients."""
+    return f"{job}-{group.name}"
 
 
 def labels(

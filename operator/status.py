@@ -63,7 +63,9 @@ class JobStatus(_Model):
     participation: str = Field(
         default="", description="reported / selected clients of the last closed round"
     )
-    clients: int = Field(default=0, description="clients (worker pods) of the job")
+    clients: int = Field(
+        default=0, description="clients of the job (under spec.simulation: virtual clients)"
+    )
     last_loss: float | None = Field(default=None, description="global model, last evaluation")
     last_accuracy: float | None = Field(default=None, description="global model, last evaluation")
     strategy: str | None = Field(

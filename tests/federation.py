@@ -1,9 +1,10 @@
 """A whole federation in the test's event loop: real Redis, real HTTP, real workers.
 
-The global aggregator, one combiner per region and every client's
-:class:`~fedkube.workers.runtime.Worker` run as objects in one process, over
-loopback HTTP and a real redis-server, exactly as their CLI entrypoints would
-run them, but without starting a Python process (and importing torch) per
+The global aggregator, one combiner per region and every worker group's
+:class:`~fedkube.workers.runtime.Worker` (one client's, or many virtual
+clients') run as objects in one process, over loopback HTTP and a real
+redis-server, exactly as their CLI entrypoints would run them, but without
+starting a Python process (and importing torch) per
 service. A test may give some clients a worker class of its own (an
 attacker): that is reachable only from tests, never from a manifest.
 """
@@ -11,7 +12,7 @@ attacker): that is reachable only from tests, never from a manifest.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class Outcome:
     message: str
     history: list[dict[str, Any]]
     checkpoint: checkpoint.Checkpoint | None
+    workers: list[Worker] = field(default_factory=list)
 
     @property
     def accuracy(self) -> list[float]:
@@ -64,7 +66,8 @@ async def federate(
     workers: dict[str, type[Worker]] | None = None,
     timeout_s: float = 300,
 ) -> Outcome:
-    """Run ``job`` to its end; ``workers`` maps client ids to a worker class of the test's."""
+    """Run ``job`` to its end; ``workers`` maps worker groups (client ids, unless the job
+    simulates) to a worker class of the test's."""
     checkpoints = workdir / "ckpt"
     aggregator = GlobalAggregator(
         GlobalConfig(job, redis_url, checkpoints, aggregator_digest=digest(AGG_TOKEN))
@@ -85,18 +88,20 @@ async def federate(
     }
     for combiner in combiners.values():
         await combiner.start()
+    # One worker per worker group: a client each, or many under spec.simulation.
     clients = [
-        (workers or {}).get(client.id, Worker)(
+        (workers or {}).get(group.name, Worker)(
             WorkerConfig(
                 job=job,
-                client=client,
-                combiner_url=f"http://127.0.0.1:{combiners[client.region].port}",
-                token=tenant_token(client.tenant),
-                state_dir=workdir / "clients" / client.id,
+                clients=group.clients,
+                name=group.name,
+                combiner_url=f"http://127.0.0.1:{combiners[group.region].port}",
+                token=tenant_token(group.tenant),
+                state_dir=workdir / "clients",
                 poll_wait_s=5,
             )
         )
-        for client in job.clients()
+        for group in job.worker_groups()
     ]
     stop = asyncio.Event()
     running = [asyncio.create_task(worker.run(stop)) for worker in clients]
@@ -113,4 +118,4 @@ async def federate(
         for combiner in combiners.values():
             await combiner.stop()
         await aggregator.stop()
-    return Outcome(status, message, history, checkpoint.load_latest(checkpoints, job.name))
+    return Outcome(status, message, history, checkpoint.load_latest(checkpoints, job.name), clients)

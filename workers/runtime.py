@@ -1,18 +1,27 @@
-"""One client's loop: wait for a round, train on local data, send Δ.
+"""A worker process: wait for a round, train its selected clients, send each Δ.
 
-The worker only ever loads its own data partition, talks only to its
-region's combiner, and sends ``Δ = w_local - w_global`` with its sample
-count as the weight and its local optimizer steps, as safetensors. The
-client side of the job's strategy happens here: FedProx's proximal term,
-SCAFFOLD's gradient correction and control-variate update (``c_i`` kept in
-the client's durable state, and replaced only once the combiner accepted the
-``Δc`` that goes with it, so that ``c`` and the ``c_i`` stay consistent).
-A worker keeps its update until a later round opens: a combiner that
-restarted mid-round asks for it again (task ``resend``), and an update the
-combiner could not take (unreachable, or its round state unavailable: 503)
-is sent again when the next poll hands the round out, not trained again.
-Connection failures are retried with backoff; an update the combiner refuses
-is logged with the reason and the worker waits for the next round.
+A worker hosts one client, or under ``spec.simulation`` many virtual clients
+of one tenant (a :class:`~fedkube.spec.WorkerGroup`). Every client keeps its
+own data partition, seed and durable state, and sends
+``Δ = w_local - w_global`` with its sample count as the weight and its local
+optimizer steps, as safetensors, under its own name: the combiner checks a
+virtual client's update like any other. What the process shares is what a
+simulation should share: one poll for all its clients (``POST /v1/tasks``),
+one download of each round's model, one model object trained for each
+selected client in turn (the next one trains while the previous update is
+on the wire). A client that is not selected holds no data (it is loaded to
+train and dropped after) and no update.
+
+The client side of the job's strategy happens here: FedProx's proximal
+term, SCAFFOLD's gradient correction and control-variate update (``c_i``
+kept in the client's durable state, and replaced only once the combiner
+accepted the ``Δc`` that goes with it, so that ``c`` and the ``c_i`` stay
+consistent). A client keeps its update until its round closes: a combiner
+that restarted mid-round asks for it again (task ``resend``), and an update
+the combiner could not take (unreachable, or its round state unavailable:
+503) is sent again when the next poll hands the round out, not trained
+again. Connection failures are retried with backoff; an update the combiner
+refuses is logged with the reason and the client waits for the next round.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import os
 import tempfile
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +46,14 @@ from prometheus_client import start_http_server
 from fedkube import codec, compression
 from fedkube.aggregator.strategies import REGISTRY, scaffold
 from fedkube.errors import CodecError, FedkubeError
-from fedkube.learning import build_model, float_state, load_data, load_float_state, train_local
+from fedkube.learning import (
+    ArrayData,
+    build_model,
+    float_state,
+    load_data,
+    load_float_state,
+    train_local,
+)
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
 from fedkube.policy import DataBinding
@@ -63,23 +80,29 @@ SCAFFOLD_STATE = "scaffold-control"
 RESIDUAL_STATE = "compression-residual"
 
 
-def default_state_dir(job: str, client: str) -> Path:
-    """``$FEDKUBE_STATE_DIR``, else a folder under the temp dir (a pod's emptyDir)."""
+def default_state_dir(job: str) -> Path:
+    """``$FEDKUBE_STATE_DIR/<job>``, else a folder under the temp dir (a pod's emptyDir).
+
+    Each client's state is in a folder of its own below it.
+    """
     root = os.environ.get(STATE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedkube-state"
-    return Path(root) / job / client
+    return Path(root) / job
 
 
 @dataclass
 class WorkerConfig:
     job: FederatedJob
-    client: Client
+    # The clients this process hosts: one, or a worker group's virtual clients
+    # (all of one tenant, so of one region and one token).
+    clients: Sequence[Client]
     combiner_url: str
     token: str
     device: str = "cpu"
     poll_wait_s: float = 20.0
-    state_dir: Path | None = None
+    state_dir: Path | None = None  # each client's state in <state_dir>/<client id>
     # The site's own data binding (fedkube.policy): it overrides the manifest's.
     data_binding: DataBinding | None = None
+    name: str | None = None  # the worker group's name; default: the only client's id
 
 
 # Retry delays while the combiner is away: capped well below the combiner's
@@ -97,11 +120,12 @@ class LocalUpdate:
     loss: float
     steps: int
     keep: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    weight: float = 0.0  # the client's samples (set by the worker, not the strategy)
 
 
 @dataclass
 class _Outgoing:
-    """An encoded update, kept until a later round opens (for a resend)."""
+    """An encoded update, kept until its round closes (for a resend)."""
 
     round: int
     body: bytes
@@ -111,43 +135,76 @@ class _Outgoing:
     accepted: bool = False
 
 
+@dataclass
+class Seat:
+    """One client that this process hosts: its identity, state and last update."""
+
+    client: Client
+    state: ClientState
+    outgoing: _Outgoing | None = None
+    # Loaded to train; kept between rounds only by a worker with one client.
+    data: ArrayData | None = None
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, metrics: Metrics | None = None):
+        if not config.clients or len({c.tenant for c in config.clients}) != 1:
+            raise FedkubeError("a worker hosts one or more clients, all of one tenant")
         self.config = config
         self.job = config.job
-        self.client = config.client
+        self.tenant = config.clients[0].tenant
+        self.region = config.clients[0].region
+        self.name = config.name or config.clients[0].id
         self.metrics = metrics or Metrics()
         self.model = build_model(config.job).to(config.device)
-        self.data = load_data(config.job, "train", config.client, config.data_binding)
+        root = config.state_dir or default_state_dir(config.job.name)
+        self.seats = {
+            c.id: Seat(c, ClientState(root / c.id, config.job.name, c.id)) for c in config.clients
+        }
+        # One client: its data is loaded now (a bad binding fails at start) and kept.
+        self.keep_data = len(self.seats) == 1
         self.headers = {
             "Authorization": f"Bearer {config.token}",
             H_JOB: config.job.name,
-            H_TENANT: config.client.tenant,
-            H_CLIENT: config.client.id,
+            H_TENANT: self.tenant,
         }
         self.last_round = 0
         self.rounds_done = 0
         self.resent = 0
-        self.outgoing: _Outgoing | None = None
         self.strategy = REGISTRY[config.job.spec.strategy.name]
-        self.state = ClientState(
-            config.state_dir or default_state_dir(config.job.name, config.client.id),
-            config.job.name,
-            config.client.id,
-        )
+        # (round, version, tensors): the model the round's clients train on.
+        self._round_model: tuple[int, int, dict[str, np.ndarray]] | None = None
         self._warm_up()
+
+    @property
+    def client_ids(self) -> list[str]:
+        return list(self.seats)
 
     def _warm_up(self) -> None:
         """One forward/backward pass before registering: torch's lazy start-up
         (thread pools, kernels) would otherwise eat into the first round's deadline."""
-        batch = min(len(self.data), self.job.spec.training.batch_size)
-        x = torch.as_tensor(self.data.x[:batch], dtype=torch.float32, device=self.config.device)
-        y = torch.as_tensor(self.data.y[:batch], dtype=torch.long, device=self.config.device)
+        seat = next(iter(self.seats.values()))
+        data = self._data(seat)
+        batch = min(len(data), self.job.spec.training.batch_size)
+        x = torch.as_tensor(data.x[:batch], dtype=torch.float32, device=self.config.device)
+        y = torch.as_tensor(data.y[:batch], dtype=torch.long, device=self.config.device)
         torch.nn.functional.cross_entropy(self.model(x), y).backward()
         self.model.zero_grad(set_to_none=True)
+        if not self.keep_data:
+            seat.data = None
+
+    def _data(self, seat: Seat) -> ArrayData:
+        if seat.data is None:
+            seat.data = load_data(self.job, "train", seat.client, self.config.data_binding)
+        return seat.data
 
     def _labels(self) -> tuple[str, str, str]:
-        return self.job.name, self.client.region, self.client.tenant
+        return self.job.name, self.region, self.tenant
+
+    def _describe(self) -> str:
+        if self.keep_data:
+            return f"client {self.name}"
+        return f"worker {self.name} ({len(self.seats)} clients)"
 
     async def run(self, stop: asyncio.Event) -> str:
         """Serve rounds until the job ends (returns its status) or ``stop`` is set."""
@@ -156,43 +213,60 @@ class Worker:
             delay = RETRY_MIN_S
             while not stop.is_set():
                 try:
-                    task = await self._next_task(http)
+                    answer = await self._next_tasks(http)
                     delay = RETRY_MIN_S
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     log.warning("combiner unreachable (%s); retrying", exc, extra=self._f())
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
-                if task["status"] == "done":
-                    log.info("job finished: %s", task.get("job_status"), extra=self._f())
-                    return str(task.get("job_status"))
-                if task["status"] in ("train", "resend"):
-                    number = int(task["round"])
-                    try:
-                        sent = await self._serve_round(http, number, int(task["version"]))
-                    except (aiohttp.ClientError, asyncio.TimeoutError, CodecError) as exc:
-                        # The round may still be open: the next poll hands it out again.
-                        log.warning(
-                            "round failed in transit (%s); asking again", exc, extra=self._f(number)
-                        )
-                        sent = False
-                    if not sent:
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, RETRY_MAX_S)
+                if answer["status"] == "done":
+                    log.info("job finished: %s", answer.get("job_status"), extra=self._f())
+                    return str(answer.get("job_status"))
+                self._round_open(int(answer.get("round", 0)))
+                tasks = [t for t in answer.get("tasks", []) if t["status"] in ("train", "resend")]
+                if not tasks:
+                    continue
+                number = max(int(t["round"]) for t in tasks)
+                try:
+                    sent = await self._serve_round(http, number, tasks)
+                except (aiohttp.ClientError, asyncio.TimeoutError, CodecError) as exc:
+                    # The round may still be open: the next poll hands it out again.
+                    log.warning(
+                        "round failed in transit (%s); asking again", exc, extra=self._f(number)
+                    )
+                    sent = False
+                if not sent:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
         return "stopped"
 
-    def _f(self, number: int | None = None) -> dict[str, object]:
+    def _f(self, number: int | None = None, client: str | None = None) -> dict[str, object]:
         return fields(
-            job=self.job.name, round=number, tenant=self.client.tenant, client=self.client.id
+            job=self.job.name,
+            round=number,
+            tenant=self.tenant,
+            client=client or (self.name if self.keep_data else None),
+            worker=None if self.keep_data else self.name,
         )
 
-    async def _next_task(self, http: aiohttp.ClientSession) -> dict[str, Any]:
-        params = {"after": str(self.last_round), "wait": str(self.config.poll_wait_s)}
-        async with http.get(f"{self.config.combiner_url}/v1/task", params=params) as response:
+    def _round_open(self, number: int) -> None:
+        """The combiner is at round ``number``: no earlier update or model is asked for again."""
+        for seat in self.seats.values():
+            if seat.outgoing is not None and seat.outgoing.round < number:
+                seat.outgoing = None
+        if self._round_model is not None and self._round_model[0] < number:
+            self._round_model = None
+
+    async def _next_tasks(self, http: aiohttp.ClientSession) -> dict[str, Any]:
+        body = {
+            "clients": self.client_ids,
+            "after": self.last_round,
+            "wait": self.config.poll_wait_s,
+        }
+        async with http.post(f"{self.config.combiner_url}/v1/tasks", json=body) as response:
             if response.status in (401, 403):
-                raise FedkubeError(
-                    f"combiner refused client {self.client.id}: {await response.text()}"
-                )
+                raise FedkubeError(f"combiner refused {self._describe()}: {await response.text()}")
             if response.status >= 400:
                 detail = await response.text()
                 raise aiohttp.ClientResponseError(
@@ -200,20 +274,49 @@ class Worker:
                 )
             return dict(await response.json())
 
-    async def _serve_round(self, http: aiohttp.ClientSession, number: int, version: int) -> bool:
-        """Send round ``number``'s update, training only if it is not at hand.
+    async def _serve_round(
+        self, http: aiohttp.ClientSession, number: int, tasks: list[dict[str, Any]]
+    ) -> bool:
+        """Send round ``number``'s update of every client in ``tasks``.
 
-        Returns False when it should be sent again later (the combiner is
-        restarting, or could not record it): the update stays in
-        ``outgoing``, and the next poll hands the round out again.
+        A client trains only if its update is not at hand; while it trains,
+        the previous client's update is on its way. Returns False when some
+        update should be sent again later (the combiner is restarting, or
+        could not record it): it stays with its client, and the next poll
+        hands the round out again.
         """
-        outgoing = self.outgoing
-        if outgoing is None or outgoing.round != number:
-            outgoing = self.outgoing = await self._train(http, number, version)
-        else:
-            self.resent += 1
-            log.info("sending the round's update again", extra=self._f(number))
+        sends: list[asyncio.Task[bool]] = []
+        try:
+            for task in tasks:
+                seat = self.seats.get(str(task.get("client", "")))
+                if seat is None or int(task["round"]) != number:
+                    continue
+                outgoing = seat.outgoing
+                if outgoing is None or outgoing.round != number:
+                    tensors = await self._model_for(http, number, int(task["version"]))
+                    outgoing = seat.outgoing = await self._train(seat, tensors, number)
+                else:
+                    self.resent += 1
+                    log.info(
+                        "sending the round's update again",
+                        extra=self._f(number, seat.client.id),
+                    )
+                sends.append(asyncio.create_task(self._send(http, seat, outgoing, number)))
+            results = await asyncio.gather(*sends)
+        finally:
+            for pending in sends:
+                pending.cancel()
+        if all(results):
+            self.last_round = max(self.last_round, number)
+            return True
+        return False
+
+    async def _send(
+        self, http: aiohttp.ClientSession, seat: Seat, outgoing: _Outgoing, number: int
+    ) -> bool:
+        """POST one client's update; False if it must be sent again (503)."""
         headers = {
+            H_CLIENT: seat.client.id,
             H_ROUND: str(number),
             H_WEIGHT: repr(outgoing.weight),
             H_CODEC: codec.CODEC,
@@ -231,39 +334,59 @@ class Worker:
             log.warning(
                 "update not taken yet (%s); it will be sent again",
                 answer.get("detail"),
-                extra=self._f(number),
+                extra=self._f(number, seat.client.id),
             )
             return False
-        self.last_round = number
         if response.status < 300 or answer.get("error") == "duplicate":
             # A duplicate means an earlier try of this very update was accepted.
-            self._accepted(outgoing, number)
+            self._accepted(seat, outgoing, number)
         else:
             log.warning(
                 "update refused (%s): %s",
                 answer.get("error"),
                 answer.get("detail"),
-                extra=self._f(number),
+                extra=self._f(number, seat.client.id),
             )
         return True
 
-    async def _train(self, http: aiohttp.ClientSession, number: int, version: int) -> _Outgoing:
+    async def _model_for(
+        self, http: aiohttp.ClientSession, number: int, version: int
+    ) -> dict[str, np.ndarray]:
+        """Model ``version``, downloaded once for all the clients that train on it."""
+        if self._round_model is not None and self._round_model[1] == version:
+            return self._round_model[2]
         async with http.get(f"{self.config.combiner_url}/v1/model/{version}") as response:
             response.raise_for_status()
             payload = await response.read()
         self.metrics.bytes_down.labels(*self._worker_bytes()).inc(len(payload))
         tensors = self._model(payload)
+        self._round_model = (number, version, tensors)
+        return tensors
+
+    async def _train(self, seat: Seat, tensors: dict[str, np.ndarray], number: int) -> _Outgoing:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        update = await loop.run_in_executor(None, self.compute_update, tensors, number)
+        update = await loop.run_in_executor(None, self._train_seat, seat, tensors, number)
         train_s = time.perf_counter() - started
         self.metrics.train_seconds.labels(*self._labels()).observe(train_s)
-        weight = float(len(self.data))
-        envelope = Envelope(self.job.name, number, self.client.id, self.client.tenant, weight)
+        weight = float(update.weight)
+        client = seat.client
+        envelope = Envelope(self.job.name, number, client.id, client.tenant, weight)
         metadata = {**envelope.metadata("update"), M_STEPS: str(update.steps)}
-        wire, scheme = self._compress(update, number)
+        wire, scheme = self._compress(seat, update, number)
         body = codec.encode(wire, {**metadata, **scheme})
         return _Outgoing(number, body, update, weight, train_s)
+
+    def _train_seat(self, seat: Seat, tensors: dict[str, np.ndarray], number: int) -> LocalUpdate:
+        """Train one client (in the executor), holding its data only meanwhile."""
+        try:
+            data = self._data(seat)
+            update = self.compute_update(seat, data, tensors, number)
+            update.weight = float(len(data))
+            return update
+        finally:
+            if not self.keep_data:
+                seat.data = None
 
     def _model(self, payload: bytes) -> dict[str, np.ndarray]:
         """The round's model as float32 arrays, whatever form it travelled in."""
@@ -275,12 +398,12 @@ class Worker:
         return compression.dense(compression.parse(tensors, meta, shapes, down), shapes)
 
     def _compress(
-        self, update: LocalUpdate, number: int
+        self, seat: Seat, update: LocalUpdate, number: int
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The update in ``compression.up``'s form, with top-k's error feedback.
 
         What top-k leaves out is kept (with the update, saved once accepted)
-        and added to the next round's update before choosing again.
+        and added to the client's next update before choosing again.
         """
         up = self.job.spec.compression.up
         if up.scheme == "none":
@@ -288,26 +411,26 @@ class Worker:
         delta = update.delta
         feedback = up.scheme == "topk" and up.error_feedback
         if feedback:
-            residual = self.state.load(RESIDUAL_STATE, before_round=number)
+            residual = seat.state.load(RESIDUAL_STATE, before_round=number)
             if residual is not None and residual.keys() == delta.keys():
                 delta = {name: delta[name] + residual[name] for name in delta}
-        rng = np.random.default_rng([self._seed(number), 1])
+        rng = np.random.default_rng([self._seed(seat.client, number), 1])
         wire, scheme, decoded = compression.encode(delta, up, rng)
         if feedback:
             update.keep[RESIDUAL_STATE] = {name: delta[name] - decoded[name] for name in delta}
         return wire, scheme
 
-    def _seed(self, number: int) -> int:
-        """This client's seed for round ``number``: the same after a restart."""
-        return self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(self.client.id.encode())
+    def _seed(self, client: Client, number: int) -> int:
+        """The client's seed for round ``number``: the same after a restart."""
+        return self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(client.id.encode())
 
-    def _accepted(self, outgoing: _Outgoing, number: int) -> None:
+    def _accepted(self, seat: Seat, outgoing: _Outgoing, number: int) -> None:
         """Keep the client state that goes with an accepted update (once per round)."""
         if outgoing.accepted:
             return
         outgoing.accepted = True
         for name, kept in outgoing.update.keep.items():
-            self.state.save(name, kept, number)
+            seat.state.save(name, kept, number)
         self.rounds_done += 1
         self.metrics.worker_rounds.labels(*self._labels()).inc()
         self.metrics.bytes_up.labels(*self._worker_bytes()).inc(len(outgoing.body))
@@ -316,22 +439,24 @@ class Worker:
             outgoing.update.loss,
             int(outgoing.weight),
             outgoing.train_s,
-            extra=self._f(number),
+            extra=self._f(number, seat.client.id),
         )
 
     def _worker_bytes(self) -> tuple[str, str, str, str]:
-        return self.job.name, TIER, self.client.region, self.client.tenant
+        return self.job.name, TIER, self.region, self.tenant
 
-    def compute_update(self, payload: dict[str, np.ndarray], number: int) -> LocalUpdate:
-        """Train on the round's model (and the strategy's downlink) and form the update."""
+    def compute_update(
+        self, seat: Seat, data: ArrayData, payload: dict[str, np.ndarray], number: int
+    ) -> LocalUpdate:
+        """Train one client on the round's model (and the strategy's downlink); form its update."""
         global_weights, control = scaffold.split(payload)
         load_float_state(self.model, global_weights)
-        seed = self._seed(number)
+        seed = self._seed(seat.client, number)
         training = self.job.spec.training
         c_i: dict[str, np.ndarray] = {}
         correction = None
         if self.strategy.control_variates:
-            saved = self.state.load(SCAFFOLD_STATE, before_round=number)
+            saved = seat.state.load(SCAFFOLD_STATE, before_round=number)
             c_i = (
                 saved
                 if saved is not None and saved.keys() == control.keys()
@@ -340,7 +465,7 @@ class Worker:
             correction = {name: control[name] - c_i[name] for name in control}
         result = train_local(
             self.model,
-            self.data,
+            data,
             training,
             seed,
             proximal_mu=self.job.spec.strategy.proximal_mu if self.strategy.proximal else 0.0,

@@ -35,6 +35,7 @@ own part.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,16 +181,16 @@ def make_data(
     with ``path`` only the file's rows are used.
     """
     client = context.client
-    base = base_data(context.seed, path, **sizes)  # type: ignore[arg-type]
-    parts = tenant_parts(
-        base,
-        context.num_tenants,
+    parts = _parts(
         context.seed,
-        scheme=context.partition_scheme,
-        alpha=context.alpha,
-        test_fraction=context.test_fraction,
-        shift=shift,
-        offset=offset,
+        path,
+        tuple(sorted(sizes.items())),
+        context.num_tenants,
+        context.partition_scheme,
+        context.alpha,
+        context.test_fraction,
+        shift,
+        offset,
     )
     if context.role == "test":
         return _concat([part.test for part in parts])
@@ -200,6 +201,34 @@ def make_data(
     own = parts[client.tenant_index].train
     mine = partition.split_replicas(np.arange(len(own)), client.replicas, client.replica)
     return ArrayData(own.x[mine], own.y[mine])
+
+
+@functools.lru_cache(maxsize=2)
+def _parts(
+    seed: int,
+    path: str | None,
+    sizes: tuple[tuple[str, int | float], ...],
+    tenants: int,
+    scheme: str,
+    alpha: float,
+    test_fraction: float,
+    shift: float,
+    offset: float,
+) -> list[TenantPart]:
+    """Every tenant's split, computed once per process: a worker hosting many
+    virtual clients (spec.simulation) asks for a client's shard each time it
+    trains one, and a shard is a slice of these."""
+    base = base_data(seed, path, **dict(sizes))  # type: ignore[arg-type]
+    return tenant_parts(
+        base,
+        tenants,
+        seed,
+        scheme=scheme,
+        alpha=alpha,
+        test_fraction=test_fraction,
+        shift=shift,
+        offset=offset,
+    )
 
 
 def _concat(parts: list[ArrayData]) -> ArrayData:

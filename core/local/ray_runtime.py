@@ -60,12 +60,12 @@ def _needs(argv: Sequence[str], job: FederatedJob) -> tuple[str | None, int, int
         return _flag(argv, "--region"), 0, None
     if command != "worker":
         return None, 0, None
-    client_id = _flag(argv, "--client")
-    client = next((c for c in job.clients() if c.id == client_id), None)
-    if client is None:
-        raise FedkubeError(f"worker {client_id}: no such client in job {job.name!r}")
-    index = next(i for i, t in enumerate(job.spec.tenants) if t.name == client.tenant)
-    return client.region, job.spec.tenants[index].resources.gpu, index
+    name = _flag(argv, "--group" if "--group" in argv else "--client")
+    group = next((g for g in job.worker_groups() if g.name == name), None)
+    if group is None:
+        raise FedkubeError(f"worker {name}: no such client or worker group in job {job.name!r}")
+    index = next(i for i, t in enumerate(job.spec.tenants) if t.name == group.tenant)
+    return group.region, job.spec.tenants[index].resources.gpu, index
 
 
 def actor_options(
@@ -77,7 +77,7 @@ def actor_options(
     (``ray.nodes()[i]["Resources"]``). What the cluster does not offer at all
     is not asked for, so a plain local Ray runs everything:
 
-    * a combiner (``--region``) and a worker (``--client``, whose tenant names
+    * a combiner (``--region``) and a worker (``--client`` or ``--group``, whose tenant names
       the region) ask for ``REGION_SHARE`` of ``region-<name>`` when some node
       has that resource;
     * a worker whose tenant asks for GPUs (``resources.gpu``) asks Ray for them

@@ -304,33 +304,34 @@ class LocalRun:
             combiner_urls[region] = f"http://{self.handles[name].url_host}:{port}"
         # Workers share this machine: give each a fair share of torch's threads
         # instead of letting every process spin up one thread per core.
-        threads = str(max(1, (os.cpu_count() or 1) // len(job.clients())))
-        for client in job.clients():
-            if client.tenant in refused:
+        groups = job.worker_groups()
+        threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
+        simulation = job.spec.simulation is not None
+        for group in groups:
+            if group.tenant in refused:
                 continue
-            binding = bindings.get(client.tenant)
+            binding = bindings.get(group.tenant)
             self._start(
-                f"worker-{client.id}",
+                f"worker-{group.name}",
                 [
                     "worker",
                     "--job",
                     job_file,
-                    "--client",
-                    client.id,
+                    *group.worker_args(simulation),
                     "--combiner-url",
-                    combiner_urls[client.region],
+                    combiner_urls[group.region],
                     "--host",
                     host,
                     "--metrics-port",
                     "0",
                     "--port-file",
-                    str(out / "ports" / f"worker-{client.id}"),
+                    str(out / "ports" / f"worker-{group.name}"),
                     "--state-dir",
-                    str(out / "clients" / client.id),
+                    str(out / "clients"),
                     *(["--data-binding", str(binding)] if binding else []),
                 ],
                 {
-                    TOKEN_ENV: tokens[client.tenant],
+                    TOKEN_ENV: tokens[group.tenant],
                     "OMP_NUM_THREADS": threads,
                     **self.options.extra_env,
                 },

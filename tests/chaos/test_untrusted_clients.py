@@ -114,7 +114,7 @@ async def test_a_round_that_cannot_reach_quorum_names_the_region_without_a_combi
             for client in ["a-0", "b-0"]:
                 await tier.register(client)
             for client in ["c-0", "d-0"]:
-                await aggregator.store.register_client(client)
+                await aggregator.store.register_clients([client])
             # execute
             run = asyncio.create_task(aggregator.run())
             await tier.wait_round(1)

@@ -127,6 +127,17 @@ INVALID = {
         lambda spec: spec.update(compression={"down": {"scheme": "topk"}}),
         "spec.compression.down.scheme",
     ),
+    "more worker pods than a tenant may run": (
+        lambda spec: spec["tenants"][0].update(replicas=1001),
+        "spec.tenants",
+    ),
+    "too many virtual-client workers": (
+        lambda spec: (
+            spec["tenants"][0].update(replicas=5000),
+            spec.update(simulation={"clientsPerWorker": 4}),
+        ),
+        "spec.simulation.clientsPerWorker",
+    ),
 }
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedkube.learning import ArrayData
 from fedkube.redis_server import RedisServer
 from fedkube.spec import FederatedJob, parse_job
-from fedkube.workers.runtime import LocalUpdate, Worker
+from fedkube.workers.runtime import LocalUpdate, Seat, Worker
 from tests.federation import federate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -31,8 +32,10 @@ TENANTS = [f"t{i}" for i in range(20)]  # t0..t9 in eu, t10..t19 in us
 class SignFlipWorker(Worker):
     """Sends −10 × its honest update."""
 
-    def compute_update(self, payload: dict[str, np.ndarray], number: int) -> LocalUpdate:
-        update = super().compute_update(payload, number)
+    def compute_update(
+        self, seat: Seat, data: ArrayData, payload: dict[str, np.ndarray], number: int
+    ) -> LocalUpdate:
+        update = super().compute_update(seat, data, payload, number)
         update.delta = {k: -10.0 * v for k, v in update.delta.items()}
         return update
 
@@ -40,8 +43,10 @@ class SignFlipWorker(Worker):
 class GaussianWorker(Worker):
     """Sends noise, 10 × the spread of an honest update."""
 
-    def compute_update(self, payload: dict[str, np.ndarray], number: int) -> LocalUpdate:
-        update = super().compute_update(payload, number)
+    def compute_update(
+        self, seat: Seat, data: ArrayData, payload: dict[str, np.ndarray], number: int
+    ) -> LocalUpdate:
+        update = super().compute_update(seat, data, payload, number)
         rng = np.random.default_rng(number)
         update.delta = {
             k: rng.normal(0.0, 10.0 * float(v.std()) + 1e-3, v.shape).astype(np.float32)
@@ -53,8 +58,10 @@ class GaussianWorker(Worker):
 class ScaledWorker(Worker):
     """Sends its honest update scaled ×1000 (a boosted, model-replacement-style update)."""
 
-    def compute_update(self, payload: dict[str, np.ndarray], number: int) -> LocalUpdate:
-        update = super().compute_update(payload, number)
+    def compute_update(
+        self, seat: Seat, data: ArrayData, payload: dict[str, np.ndarray], number: int
+    ) -> LocalUpdate:
+        update = super().compute_update(seat, data, payload, number)
         update.delta = {k: 1000.0 * v for k, v in update.delta.items()}
         return update
 

@@ -105,7 +105,7 @@ async def test_a_refused_tenant_is_left_out_of_the_round_but_counts_in_its_quoru
     try:
         await aggregator.store.record_refusal("d", "not here")
         for client in ("a-0", "b-0", "c-0"):
-            await aggregator.store.register_client(client)
+            await aggregator.store.register_clients([client])
         info = await asyncio.wait_for(aggregator._open(1), timeout=10)
         assert await aggregator.store.selected(1) == {"a-0", "b-0", "c-0"}
         assert info.quorum == 3

@@ -81,9 +81,9 @@ class Tier:
         await asyncio.wait_for(closed(), timeout)
 
     async def register(self, client: str) -> None:
-        async with self.http.get(
-            self.url(region_of(client)) + "/v1/task",
-            params={"wait": "0"},
+        async with self.http.post(
+            self.url(region_of(client)) + "/v1/tasks",
+            json={"clients": [client], "wait": 0},
             headers=client_headers(client),
         ) as response:
             assert response.status == 200
@@ -300,15 +300,34 @@ async def test_the_combiner_serves_one_model_copy_per_region(tier):
 async def test_a_task_long_poll_hands_out_the_open_round(tier):
     await tier.wait_round(1)
     headers = client_headers("c-0")
-    async with tier.http.get(
-        tier.url("us") + "/v1/task", params={"after": "0"}, headers=headers
+    poll = {"clients": ["c-0"], "after": 0}
+    async with tier.http.post(tier.url("us") + "/v1/tasks", json=poll, headers=headers) as response:
+        answer = await response.json()
+    deadline = answer["tasks"][0]["deadline"]
+    task = {"status": "train", "client": "c-0", "round": 1, "version": 1, "deadline": deadline}
+    assert answer == {"status": "tasks", "round": 1, "tasks": [task]}
+    poll = {"clients": ["c-0"], "after": 1, "wait": 0.2}
+    async with tier.http.post(tier.url("us") + "/v1/tasks", json=poll, headers=headers) as response:
+        assert (await response.json()) == {"status": "wait", "round": 1}
+
+
+async def test_a_poll_for_another_tenants_client_or_a_malformed_poll_is_refused_by_name(tier):
+    # prepare: tenant c's token, asking for c-0 and for d-0 (tenant d's)
+    await tier.wait_round(1)
+    headers = client_headers("c-0")
+    poll = {"clients": ["c-0", "d-0"], "after": 0}
+    # execute
+    async with tier.http.post(tier.url("us") + "/v1/tasks", json=poll, headers=headers) as response:
+        refused = response.status, await response.json()
+    async with tier.http.post(
+        tier.url("us") + "/v1/tasks", json={"clients": "c-0"}, headers=headers
     ) as response:
-        task = await response.json()
-    assert task == {"status": "train", "round": 1, "version": 1, "deadline": task["deadline"]}
-    async with tier.http.get(
-        tier.url("us") + "/v1/task", params={"after": "1", "wait": "0.2"}, headers=headers
-    ) as response:
-        assert (await response.json()) == {"status": "wait"}
+        malformed = response.status, await response.json()
+    # assert
+    assert refused[0] == 403
+    assert refused[1]["error"] == "unknown_tenant"
+    assert "'d-0' is not a client of tenant 'c'" in refused[1]["detail"]
+    assert malformed[0] == 400 and "non-empty list" in malformed[1]["detail"]
 
 
 async def test_a_round_without_quorum_fails_the_job_with_a_clear_status(redis_server, tmp_path):
@@ -326,7 +345,7 @@ async def test_a_round_without_quorum_fails_the_job_with_a_clear_status(redis_se
             tier = Tier(job, aggregator, {"eu": combiner}, None, http, tmp_path / "ckpt")
             for client in ["a-0", "b-0"]:
                 await tier.register(client)
-            await aggregator.store.register_client("c-0")  # registered, then silent
+            await aggregator.store.register_clients(["c-0"])  # registered, then silent
             # execute
             run = asyncio.create_task(aggregator.run())
             await tier.wait_round(1)
@@ -346,7 +365,7 @@ async def test_a_worker_with_a_wrong_token_stops_with_a_clear_error(tier):
     client = next(c for c in tier.job.clients() if c.id == "a-0")
     worker = Worker(
         WorkerConfig(
-            job=tier.job, client=client, combiner_url=tier.url("eu"), token="not-the-token"
+            job=tier.job, clients=[client], combiner_url=tier.url("eu"), token="not-the-token"
         )
     )
     with pytest.raises(FedkubeError, match="combiner refused client a-0"):

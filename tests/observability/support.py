@@ -277,11 +277,12 @@ def register(run: LocalRun, client: str) -> None:
     """Poll the combiner for a task once, as a worker's first request does (it registers)."""
     found = next(c for c in run.job.clients() if c.id == client)
     request = urllib.request.Request(
-        combiner_url(run, found.region) + "/v1/task?wait=0",
+        combiner_url(run, found.region) + "/v1/tasks",
+        data=json.dumps({"clients": [client], "wait": 0}).encode(),
         headers={
             "Authorization": f"Bearer {tenant_token(run, found.tenant)}",
             H_TENANT: found.tenant,
-            H_CLIENT: client,
+            "Content-Type": "application/json",
         },
     )
     with urllib.request.urlopen(request, timeout=30) as reply:

@@ -204,6 +204,23 @@ def test_a_worker_talks_to_its_regions_combiner_with_its_tenants_token():
     assert pods["mnist-c-0"]["spec"]["serviceAccountName"] == "mnist-tenant-c"
 
 
+def test_virtual_clients_run_as_one_pod_per_worker_group():
+    # prepare: tenant b's 2,500 clients, 1,000 to a worker process
+    document = three_tenants()
+    document["spec"]["tenants"][1]["replicas"] = 2500
+    document["spec"]["simulation"] = {"clientsPerWorker": 1000}
+    # execute
+    pods = by_kind(build_children(target(document)), "Pod")
+    # assert: three pods for b (1,000 + 1,000 + 500 clients), one each for a and c
+    assert sorted(pods) == ["mnist-a-v0", "mnist-b-v0", "mnist-b-v1", "mnist-b-v2", "mnist-c-v0"]
+    args = pods["mnist-b-v2"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--group") + 1] == "b-v2" and "--client" not in args
+    assert pods["mnist-b-v2"]["metadata"]["labels"][naming.LABEL_CLIENT] == "b-v2"
+    # the pod asks for the tenant's resources once, not once per virtual client
+    limits = pods["mnist-b-v2"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1
+
+
 def test_combiners_hold_digests_of_their_regions_tokens_never_the_tokens():
     secrets = by_kind(build_children(target()), "Secret")
     eu = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["tokens.json"]))

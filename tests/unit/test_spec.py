@@ -147,3 +147,44 @@ def test_a_tenants_weight_cap_overrides_the_jobs_and_unset_means_no_cap():
     assert parse_job(small_job_dict()).weight_cap("a") is None
     with pytest.raises(SpecError, match="maxWeight"):
         parse_job(small_job_dict(participation={"maxWeight": 0}))
+
+
+def test_virtual_clients_are_grouped_per_tenant_into_workers_of_clients_per_worker():
+    # prepare: tenant a with 5 clients, 2 to a worker; b with 1
+    document = small_job_dict(
+        tenants=[{"name": "a", "region": "eu", "replicas": 5}, {"name": "b", "region": "us"}],
+        simulation={"clientsPerWorker": 2},
+    )
+    # execute
+    groups = parse_job(document).worker_groups()
+    # assert
+    assert [(g.name, [c.id for c in g.clients]) for g in groups] == [
+        ("a-v0", ["a-0", "a-1"]),
+        ("a-v1", ["a-2", "a-3"]),
+        ("a-v2", ["a-4"]),
+        ("b-v0", ["b-0"]),
+    ]
+    assert groups[0].worker_args(True) == ["--group", "a-v0"]
+
+
+def test_without_simulation_every_client_is_its_own_worker():
+    document = small_job_dict(tenants=[{"name": "a", "region": "eu", "replicas": 2}])
+    groups = parse_job(document).worker_groups()
+    assert [(g.name, len(g.clients)) for g in groups] == [("a-0", 1), ("a-1", 1)]
+    assert groups[1].worker_args(False) == ["--client", "a-1"]
+
+
+def test_more_than_a_thousand_workers_for_a_tenant_is_refused_naming_the_field():
+    too_many_pods = small_job_dict(tenants=[{"name": "a", "region": "eu", "replicas": 1001}])
+    assert "spec.simulation" in problems_of(too_many_pods)["spec.tenants[0].replicas"]
+    too_small_groups = small_job_dict(
+        tenants=[{"name": "a", "region": "eu", "replicas": 5000}],
+        simulation={"clientsPerWorker": 4},
+    )
+    message = problems_of(too_small_groups)["spec.simulation.clientsPerWorker"]
+    assert "1250 worker processes" in message and "at least 5" in message
+    fine = small_job_dict(
+        tenants=[{"name": "a", "region": "eu", "replicas": 100_000}],
+        simulation={"clientsPerWorker": 100},
+    )
+    assert len(parse_job(fine).clients()) == 100_000
