@@ -1,5 +1,5 @@
 # The README's commands. Each one installs what it needs first (scripts/setup.sh).
-.PHONY: setup demo compare test lint bench cluster
+.PHONY: setup demo compare test lint bench bench-flower cluster
 
 setup:
 	./scripts/setup.sh
@@ -11,10 +11,12 @@ compare: setup
 	.venv/bin/fedkube compare examples/digits.yaml
 
 # The tests in tests/cluster need the control-plane binaries; the build script
-# skips what is up to date (a cold build takes about 16 minutes).
+# skips what is up to date (a cold build takes about 16 minutes). The smoke test
+# of benchmarks/vs_flower.py needs Flower's own virtualenv (.cache/flower-venv).
 test: setup
 	./scripts/build-control-plane.sh
 	./scripts/install-prometheus.sh
+	./scripts/flower-venv.sh
 	.venv/bin/python -m pytest
 
 lint: setup
@@ -31,6 +33,13 @@ bench: setup
 	.venv/bin/python benchmarks/strategies.py
 	.venv/bin/python benchmarks/soak.py
 	.venv/bin/python benchmarks/reconcile_latency.py
+
+# fedkube against Flower's simulation (flwr[simulation] 1.42), one run on this
+# machine: a markdown table of round times, peak memory and start-up. Flower lives
+# in its own virtualenv, .cache/flower-venv (it pins another ray than fedkube's).
+bench-flower: setup
+	./scripts/flower-venv.sh
+	.venv/bin/python benchmarks/vs_flower.py
 
 # A loopback Kubernetes control plane with kwok GPU nodes, up until Ctrl-C;
 # it prints the `export KUBECONFIG=...` to use (tests/controlplane.py).

@@ -59,7 +59,7 @@ from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.update_buffer import UpdateBuffer
 from fedkube.aggregator.validation import (
     Template,
-    check_norm,
+    check_bound,
     check_update,
     l2_norm,
     template_of,
@@ -92,7 +92,7 @@ from fedkube.protocol import (
 )
 from fedkube.roundstate import RoundInfo, RoundStore
 from fedkube.spec import FederatedJob
-from fedkube.web import bearer, json_error, start_site, token_matches
+from fedkube.web import bearer, json_error, start_site, token_matches, upload
 
 log = logging.getLogger("fedkube.combiner")
 
@@ -667,19 +667,16 @@ class Combiner:
         if self.template is None:
             await self.model_bytes(current.info.version)
         assert self.template is not None
-        update: dict[str, np.ndarray | compression.Part]
-        if self.compression.up.scheme == "none":
-            check_update(tensors, self.template, self.job.spec.transport.norm_bound)
-            update = dict(tensors)
-        else:
-            # Checked in its wire form and folded from it: no dense copy per update.
-            shapes = {name: shape for name, (shape, _dtype) in self.template.items()}
-            update = dict(compression.parse(tensors, metadata, shapes, self.compression.up))
-            check_norm(update, self.job.spec.transport.norm_bound)
+        loop = asyncio.get_running_loop()
+        # In a worker thread (numpy releases the GIL): the loop keeps reading
+        # the next updates meanwhile.
+        update, norm = await loop.run_in_executor(
+            None, self._inspect, self.template, tensors, metadata
+        )
         clip = 1.0
         if self.strategy.robust.norm_bound is not None:
             # Applied as a factor inside the fold (or the buffer's copy): no clipped copy.
-            clip = norm_bound.clip_scale(l2_norm(update), self.strategy.robust.norm_bound)
+            clip = norm_bound.clip_scale(norm, self.strategy.robust.norm_bound)
             if clip < 1.0:
                 self.metrics.updates_clipped.labels(self.name, self.region, tenant).inc()
         started = time.perf_counter()
@@ -703,7 +700,6 @@ class Combiner:
                     Reason.unavailable.value, f"round state unavailable: {exc}", 503
                 ) from None
             scale = self.fold_scale(weight, steps) * clip
-            loop = asyncio.get_running_loop()
             if current.buffer is not None:
                 await loop.run_in_executor(
                     None, current.buffer.add, update, scale / weight, weight, steps
@@ -734,6 +730,20 @@ class Combiner:
         if complete:
             self._schedule_flush(current)
         return {"status": "accepted", "round": number}
+
+    def _inspect(
+        self, template: Template, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+    ) -> tuple[dict[str, np.ndarray | compression.Part], float]:
+        """The update in the form it is folded from, checked, and its L2 norm."""
+        bound = self.job.spec.transport.norm_bound
+        if self.compression.up.scheme == "none":
+            return dict(tensors), check_update(tensors, template, bound)
+        # Checked in its wire form and folded from it: no dense copy per update.
+        shapes = {name: shape for name, (shape, _dtype) in template.items()}
+        update = dict(compression.parse(tensors, metadata, shapes, self.compression.up))
+        norm = l2_norm(update)
+        check_bound(norm, bound)
+        return update, norm
 
     async def _count(self, number: int, **deltas: int) -> None:
         """Add to the round's counters; they are statistics, so Redis being away is logged."""
@@ -817,20 +827,22 @@ class Combiner:
                 "fedkube.count": str(count),
                 M_WEIGHTED_STEPS: repr(float(steps)),
             }
-            body = await loop.run_in_executor(None, codec.encode, tensors, metadata)
+            encoded = codec.encode_parts(tensors, metadata)
         headers = {
             H_JOB: self.name,
             H_ROUND: str(current.info.round),
             H_REGION: self.region,
             H_CODEC: codec.CODEC,
-            "Content-Type": codec.CONTENT_TYPE,
         }
         assert self._http is not None
         delay = 0.2
         while not self.stopped.is_set():
+            body, framing = upload(encoded)
             try:
                 async with self._http.post(
-                    f"{self.config.global_url}/v1/partial", data=body, headers=headers
+                    f"{self.config.global_url}/v1/partial",
+                    data=body,
+                    headers={**headers, **framing},
                 ) as response:
                     answer = await response.text()
                     if response.status < 300 or response.status in (409, 410):

@@ -63,7 +63,7 @@ from fedkube.protocol import (
 )
 from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
 from fedkube.spec import FederatedJob, quorum
-from fedkube.web import bearer, json_error, start_site, token_matches
+from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
 
 log = logging.getLogger("fedkube.global")
 
@@ -662,7 +662,7 @@ class GlobalAggregator:
             }
         )
 
-    async def handle_model(self, request: web.Request) -> web.Response:
+    async def handle_model(self, request: web.Request) -> web.StreamResponse:
         if not self._authorised(request):
             return json_error(401, Reason.unauthenticated.value, "bad or missing token")
         try:
@@ -678,7 +678,7 @@ class GlobalAggregator:
             )
         region = request.query.get("region", "")
         self.metrics.bytes_down.labels(self.name, TIER, region, "").inc(len(data))
-        return web.Response(body=data, content_type=codec.CONTENT_TYPE)
+        return await send_payload(request, data)
 
     async def handle_partial(self, request: web.Request) -> web.Response:
         region = request.headers.get(H_REGION, "")

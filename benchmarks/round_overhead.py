@@ -75,7 +75,7 @@ from fedkube.protocol import (  # noqa: E402
 )
 from fedkube.redis_server import RedisServer  # noqa: E402
 from fedkube.spec import Client, FederatedJob, parse_job  # noqa: E402
-from fedkube.web import digest  # noqa: E402
+from fedkube.web import digest, upload  # noqa: E402
 
 SCENARIO_TIMEOUT_S = 150.0
 SIM_WEIGHT = 64.0
@@ -193,12 +193,12 @@ async def sim_client(
             tensors, _meta = codec.decode(payload)
             delta = {name: np.zeros(array.shape, np.float32) for name, array in tensors.items()}
             envelope = Envelope(job.name, number, client.id, client.tenant, SIM_WEIGHT)
-            body = codec.encode(delta, envelope.metadata("update"))
+            body, framing = upload(codec.encode_parts(delta, envelope.metadata("update")))
             headers = {
                 H_ROUND: str(number),
                 H_WEIGHT: repr(SIM_WEIGHT),
                 H_CODEC: codec.CODEC,
-                "Content-Type": codec.CONTENT_TYPE,
+                **framing,
             }
             async with http.post(f"{url}/v1/update", data=body, headers=headers) as response:
                 answer = await response.json(content_type=None)

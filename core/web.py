@@ -12,9 +12,12 @@ import hmac
 import json
 import logging
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+
+from fedkube.codec import CHUNK_BYTES, CONTENT_TYPE, Encoded
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,40 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     sockets = getattr(server, "sockets", None) or []
     bound = int(sockets[0].getsockname()[1]) if sockets else port
     return runner, bound
+
+
+async def _pieces(encoded: Encoded) -> AsyncIterator[memoryview]:
+    for piece in encoded.chunks():
+        yield piece
+
+
+def upload(encoded: Encoded) -> tuple[AsyncIterator[memoryview], dict[str, str]]:
+    """A request body that aiohttp sends piece by piece, and the headers it needs.
+
+    With the Content-Length given, aiohttp sends the pieces as they are (no
+    chunked encoding), each from the arrays' own memory: a 40 MB update is
+    never copied into one ``bytes`` nor, as a whole, into the transport's
+    buffer. Make a new one for every try: it can be sent once.
+    """
+    headers = {"Content-Length": str(len(encoded)), "Content-Type": CONTENT_TYPE}
+    return _pieces(encoded), headers
+
+
+async def send_payload(request: web.Request, data: bytes) -> web.StreamResponse:
+    """Answer ``request`` with a large payload, one piece at a time.
+
+    ``web.Response(body=...)`` hands the whole body to the transport, which
+    (on Python 3.11) copies what the socket does not take at once; writing
+    pieces and waiting for each to drain copies nothing.
+    """
+    response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+    response.content_length = len(data)
+    await response.prepare(request)
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK_BYTES):
+        await response.write(view[start : start + CHUNK_BYTES])
+    await response.write_eof()
+    return response
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

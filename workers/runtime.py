@@ -69,6 +69,7 @@ from fedkube.protocol import (
     Reason,
 )
 from fedkube.spec import Client, FederatedJob
+from fedkube.web import upload
 from fedkube.workers.client_state import ClientState
 
 log = logging.getLogger("fedkube.worker")
@@ -128,7 +129,7 @@ class _Outgoing:
     """An encoded update, kept until its round closes (for a resend)."""
 
     round: int
-    body: bytes
+    body: codec.Encoded  # views of the update's arrays: sent without a copy
     update: LocalUpdate
     weight: float
     train_s: float
@@ -181,15 +182,16 @@ class Worker:
         return list(self.seats)
 
     def _warm_up(self) -> None:
-        """One forward/backward pass before registering: torch's lazy start-up
-        (thread pools, kernels) would otherwise eat into the first round's deadline."""
+        """One training step on one batch before registering: torch's lazy start-up
+        (thread pools, kernels, the optimizer's first step: about a second) would
+        otherwise eat into the first round's deadline. What it does to the weights
+        does not matter: every round starts from the global model's."""
         seat = next(iter(self.seats.values()))
         data = self._data(seat)
         batch = min(len(data), self.job.spec.training.batch_size)
-        x = torch.as_tensor(data.x[:batch], dtype=torch.float32, device=self.config.device)
-        y = torch.as_tensor(data.y[:batch], dtype=torch.long, device=self.config.device)
-        torch.nn.functional.cross_entropy(self.model(x), y).backward()
-        self.model.zero_grad(set_to_none=True)
+        train_local(
+            self.model, ArrayData(data.x[:batch], data.y[:batch]), self.job.spec.training, 0, 1
+        )
         if not self.keep_data:
             seat.data = None
 
@@ -211,12 +213,17 @@ class Worker:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as http:
             delay = RETRY_MIN_S
+            away_since: float | None = None
             while not stop.is_set():
                 try:
                     answer = await self._next_tasks(http)
-                    delay = RETRY_MIN_S
+                    delay, away_since = RETRY_MIN_S, None
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    log.warning("combiner unreachable (%s); retrying", exc, extra=self._f())
+                    # A worker may start before its combiner listens (fedkube run
+                    # starts every service at once): a warning only if it lasts.
+                    away_since = away_since or time.monotonic()
+                    level = logging.WARNING if time.monotonic() - away_since > 5 else logging.INFO
+                    log.log(level, "combiner unreachable (%s); retrying", exc, extra=self._f())
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
                     continue
@@ -315,15 +322,16 @@ class Worker:
         self, http: aiohttp.ClientSession, seat: Seat, outgoing: _Outgoing, number: int
     ) -> bool:
         """POST one client's update; False if it must be sent again (503)."""
+        body, framing = upload(outgoing.body)
         headers = {
             H_CLIENT: seat.client.id,
             H_ROUND: str(number),
             H_WEIGHT: repr(outgoing.weight),
             H_CODEC: codec.CODEC,
-            "Content-Type": codec.CONTENT_TYPE,
+            **framing,
         }
         async with http.post(
-            f"{self.config.combiner_url}/v1/update", data=outgoing.body, headers=headers
+            f"{self.config.combiner_url}/v1/update", data=body, headers=headers
         ) as response:
             text = await response.text()
         try:
@@ -374,7 +382,7 @@ class Worker:
         envelope = Envelope(self.job.name, number, client.id, client.tenant, weight)
         metadata = {**envelope.metadata("update"), M_STEPS: str(update.steps)}
         wire, scheme = self._compress(seat, update, number)
-        body = codec.encode(wire, {**metadata, **scheme})
+        body = codec.encode_parts(wire, {**metadata, **scheme})
         return _Outgoing(number, body, update, weight, train_s)
 
     def _train_seat(self, seat: Seat, tensors: dict[str, np.ndarray], number: int) -> LocalUpdate:

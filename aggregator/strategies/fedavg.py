@@ -131,11 +131,23 @@ def reduce_partials(partials: Sequence[Partial]) -> Tensors:
     if not live:
         raise ValueError("no partial carries any weight: nothing to aggregate")
     total = sum(p.weight for p in live)
-    sums = {name: np.zeros(array.shape, np.float64) for name, array in live[0].sums.items()}
-    for partial in live:
-        for name, acc in sums.items():
-            acc += partial.sums[name]
-    return {name: (acc / total).astype(np.float32) for name, acc in sums.items()}
+    # One cache-sized float64 block at a time: no model-sized float64 copies.
+    acc = np.empty(FOLD_CHUNK, np.float64)
+    mean: Tensors = {}
+    for name, first in live[0].sums.items():
+        out = np.empty(first.shape, np.float32)
+        flat = out.reshape(-1)
+        sources = [p.sums[name].reshape(-1) for p in live]
+        for start in range(0, flat.size, FOLD_CHUNK):
+            stop = min(start + FOLD_CHUNK, flat.size)
+            block = acc[: stop - start]
+            block[:] = sources[0][start:stop]
+            for source in sources[1:]:
+                block += source[start:stop]
+            block /= total
+            flat[start:stop] = block
+        mean[name] = out
+    return mean
 
 
 def aggregate_partials(partials: Sequence[Partial], population: int) -> RoundAggregate:

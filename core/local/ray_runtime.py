@@ -252,6 +252,10 @@ class RayLauncher:
                 )
         self.host = "127.0.0.1" if address is None else str(ray.util.get_node_ip_address())
 
+    def reserve_port(self) -> int | None:
+        """None: a service's node (and so its address) is known only once it is placed."""
+        return None
+
     def _job(self, argv: list[str]) -> FederatedJob:
         if self.job is None:
             self.job = load_job(Path(_flag(argv, "--job")))

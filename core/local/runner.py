@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -110,6 +111,10 @@ class Launcher(Protocol):
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> Handle: ...
 
+    def reserve_port(self) -> int | None:
+        """A port a service can be told to bind, or None where only the service knows
+        where it will run (a Ray cluster): then its address is read once it started."""
+
     def close(self) -> None: ...
 
 
@@ -159,6 +164,14 @@ class ProcessLauncher:
                 preexec_fn=die_with_parent,
             )
         return ProcessHandle(name, process)
+
+    def reserve_port(self) -> int | None:
+        """A free loopback port (the kernel's choice): every service's address is then
+        known before any starts, so they all start at once instead of one tier after
+        another (start-up is the slowest tier's, not the sum)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((self.host, 0))
+            return int(probe.getsockname()[1])
 
     def close(self) -> None:
         return None
@@ -270,9 +283,10 @@ class LocalRun:
             "--port-file",
             str(out / "ports" / "global"),
         ]
+        reserved = {name: self.launcher.reserve_port() for name in ["global", *job.region_names()]}
+        argv[argv.index("--port") + 1] = str(reserved["global"] or 0)
         self._start("global", argv + (["--resume"] if self.options.resume else []), base_env)
-        port = _wait_port(out / "ports" / "global", self.handles["global"], self._log("global"))
-        global_url = f"http://{self.handles['global'].url_host}:{port}"
+        global_url = self._url("global", out / "ports" / "global", reserved["global"])
         combiner_urls: dict[str, str] = {}
         for region in job.region_names():
             self._start(
@@ -292,16 +306,16 @@ class LocalRun:
                     "--host",
                     host,
                     "--port",
-                    "0",
+                    str(reserved[region] or 0),
                     "--port-file",
                     str(out / "ports" / region),
                 ],
                 base_env,
             )
         for region in job.region_names():
-            name = f"combiner-{region}"
-            port = _wait_port(out / "ports" / region, self.handles[name], self._log(name))
-            combiner_urls[region] = f"http://{self.handles[name].url_host}:{port}"
+            combiner_urls[region] = self._url(
+                f"combiner-{region}", out / "ports" / region, reserved[region]
+            )
         # Workers share this machine: give each a fair share of torch's threads
         # instead of letting every process spin up one thread per core.
         groups = job.worker_groups()
@@ -336,6 +350,20 @@ class LocalRun:
                     **self.options.extra_env,
                 },
             )
+
+        # Workers may start before their combiner listens (they retry); a service
+        # that fails to start is still reported here, naming its log.
+        for name, path in [
+            ("global", "global"),
+            *((f"combiner-{r}", r) for r in job.region_names()),
+        ]:
+            _wait_port(out / "ports" / path, self.handles[name], self._log(name))
+
+    def _url(self, name: str, port_file: Path, reserved: int | None) -> str:
+        """Where ``name`` is reached: its reserved port, else the one it announces."""
+        handle = self.handles[name]
+        port = reserved or _wait_port(port_file, handle, self._log(name))
+        return f"http://{handle.url_host}:{port}"
 
     def _record_refusals(self) -> dict[str, str]:
         """Tell the round state who the policy refuses (exactly these, this run).

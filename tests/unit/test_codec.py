@@ -37,6 +37,40 @@ def test_our_bytes_are_standard_safetensors():
     np.testing.assert_array_equal(loaded["w"], sample()["w"])
 
 
+def test_every_kind_of_array_we_encode_loads_with_the_safetensors_library():
+    # prepare: a scalar, an empty tensor, a transposed (non-contiguous) view,
+    # big-endian floats, half floats, bytes and booleans
+    arrays = {
+        "scalar": np.float32(2.5).reshape(()),
+        "empty": np.zeros((0, 3), np.float32),
+        "transposed": np.arange(12, dtype=np.float32).reshape(3, 4).T,
+        "big_endian": np.arange(4, dtype=">f4"),
+        "half": np.linspace(0, 1, 5, dtype=np.float16),
+        "int8": np.arange(-3, 3, dtype=np.int8).reshape(2, 3),
+        "flags": np.array([True, False, True]),
+    }
+    # execute
+    loaded = st_load(codec.encode(arrays, {"fedkube.kind": "model"}))
+    # assert
+    for name, array in arrays.items():
+        assert loaded[name].shape == array.shape, name
+        np.testing.assert_array_equal(loaded[name], array)
+
+
+def test_an_encoded_payload_is_sent_in_uncopied_pieces_that_add_up_to_the_bytes():
+    arrays = {"w": np.arange(1000, dtype=np.float32), "b": np.ones(3, np.float32)}
+    encoded = codec.encode_parts(arrays, {"fedkube.round": "2"})
+    pieces = list(encoded.chunks(size=1024))
+    assert b"".join(pieces) == codec.encode(arrays, {"fedkube.round": "2"})
+    assert len(encoded) == sum(len(p) for p in pieces) and max(len(p) for p in pieces) <= 1024
+    assert np.shares_memory(np.frombuffer(pieces[1], np.float32), arrays["w"])
+
+
+def test_a_dtype_without_a_safetensors_name_is_refused_by_tensor_name():
+    with pytest.raises(CodecError, match="'z'.*complex64"):
+        codec.encode({"z": np.zeros(2, np.complex64)}, {})
+
+
 def test_decoded_arrays_are_read_only_views():
     tensors, _ = codec.decode(codec.encode(sample(), {}))
     with pytest.raises(ValueError):

@@ -30,6 +30,7 @@ def with_(**changes):
         (with_(w=np.zeros((2, 3), np.float64)), "wrong_dtype"),
         (with_(b=np.array([0.0, np.nan, 0.0], np.float32)), "non_finite"),
         (with_(b=np.array([0.0, np.inf, 0.0], np.float32)), "non_finite"),
+        (with_(b=np.array([0.0, -np.inf, np.inf], np.float32)), "non_finite"),
         (with_(w=np.full((2, 3), 100.0, np.float32)), "norm_bound"),
     ],
 )
@@ -39,5 +40,15 @@ def test_bad_updates_are_rejected_with_a_reason(update, reason):
     assert caught.value.reason == reason
 
 
-def test_a_good_update_passes():
-    check_update(good(), template_of(MODEL), norm_bound=10.0)
+def test_a_good_update_passes_and_its_norm_is_returned():
+    norm = check_update(good(), template_of(MODEL), norm_bound=10.0)
+    assert norm == pytest.approx(np.sqrt(9 * 0.01), rel=1e-6)
+
+
+def test_finite_values_whose_squares_overflow_float32_are_finite_not_refused():
+    # prepare: 1e30² overflows float32, so the one-pass check sees +Inf
+    huge = with_(w=np.full((2, 3), 1e30, np.float32))
+    # execute
+    norm = check_update(huge, template_of(MODEL), norm_bound=None)
+    # assert: the norm is summed again in float64
+    assert norm == pytest.approx(np.sqrt(6) * 1e30, rel=1e-6)
