@@ -111,6 +111,8 @@ class WorkerConfig:
 # resends in time.
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
+# Updates of one worker's virtual clients sent at once.
+SENDS_IN_FLIGHT = 4
 
 
 @dataclass
@@ -293,6 +295,14 @@ class Worker:
         hands the round out again.
         """
         sends: list[asyncio.Task[bool]] = []
+        # A few updates on the wire at once, not every selected client's: the
+        # combiner holds a receive buffer per update in flight.
+        in_flight = asyncio.Semaphore(SENDS_IN_FLIGHT)
+
+        async def send(seat: Seat, outgoing: _Outgoing) -> bool:
+            async with in_flight:
+                return await self._send(http, seat, outgoing, number)
+
         try:
             for task in tasks:
                 seat = self.seats.get(str(task.get("client", "")))
@@ -308,7 +318,7 @@ class Worker:
                         "sending the round's update again",
                         extra=self._f(number, seat.client.id),
                     )
-                sends.append(asyncio.create_task(self._send(http, seat, outgoing, number)))
+                sends.append(asyncio.create_task(send(seat, outgoing)))
             results = await asyncio.gather(*sends)
         finally:
             for pending in sends:
