@@ -52,7 +52,7 @@ import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec, compression, faults
+from fedkube import codec, compression, faults, privacy
 from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
@@ -91,7 +91,7 @@ from fedkube.protocol import (
     parse_weight,
 )
 from fedkube.roundstate import RoundInfo, RoundStore
-from fedkube.spec import FederatedJob
+from fedkube.spec import DpMode, FederatedJob
 from fedkube.web import bearer, json_error, start_site, token_matches, upload
 
 log = logging.getLogger("fedkube.combiner")
@@ -161,6 +161,7 @@ class Combiner:
         self.fold_scale = REGISTRY[self.strategy.name].fold_scale
         self.needs_local_steps = REGISTRY[self.strategy.name].needs_local_steps
         self.robust_rule = ROBUST_RULES.get(self.strategy.robust.rule)
+        self.dp = config.job.spec.privacy.dp
         self.current: _Round | None = None
         self.job_status: str | None = None
         self.models: dict[int, bytes] = {}
@@ -699,15 +700,18 @@ class Combiner:
                 raise UpdateRejected(
                     Reason.unavailable.value, f"round state unavailable: {exc}", 503
                 ) from None
-            scale = self.fold_scale(weight, steps) * clip
+            # Under differential privacy every client counts once: a sample
+            # count as weight would let one client move the sum past clipNorm.
+            counted = 1.0 if self.dp is not None else weight
+            scale = self.fold_scale(counted, steps) * clip
             if current.buffer is not None:
                 await loop.run_in_executor(
-                    None, current.buffer.add, update, scale / weight, weight, steps
+                    None, current.buffer.add, update, scale / counted, counted, steps
                 )
             else:
                 if current.sum is None:
                     current.sum = WeightedSum.zeros(self.template)
-                await loop.run_in_executor(None, current.sum.fold, update, weight, scale, steps)
+                await loop.run_in_executor(None, current.sum.fold, update, counted, scale, steps)
             current.folded.add(client)
             recovered = client in current.owed
             current.owed.discard(client)
@@ -737,7 +741,17 @@ class Combiner:
         """The update in the form it is folded from, checked, and its L2 norm."""
         bound = self.job.spec.transport.norm_bound
         if self.compression.up.scheme == "none":
-            return dict(tensors), check_update(tensors, template, bound)
+            norm = check_update(tensors, template, bound)
+            dp = self.dp
+            # Local DP updates carry their noise: only a central one can be checked.
+            if dp is not None and dp.mode is DpMode.central:
+                if norm > dp.clip_norm * (1 + privacy.CLIP_TOLERANCE):
+                    raise UpdateRejected(
+                        Reason.over_clip_norm.value,
+                        f"update L2 norm {norm:.6g} > spec.privacy.dp.clipNorm {dp.clip_norm}: "
+                        "the worker must clip it",
+                    )
+            return dict(tensors), norm
         # Checked in its wire form and folded from it: no dense copy per update.
         shapes = {name: shape for name, (shape, _dtype) in template.items()}
         update = dict(compression.parse(tensors, metadata, shapes, self.compression.up))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -38,10 +39,15 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import codec, compression, faults
+from fedkube import codec, compression, faults, privacy
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
-from fedkube.aggregator.strategies.fedavg import Partial, Tensors, aggregate_partials
+from fedkube.aggregator.strategies.fedavg import (
+    Partial,
+    RoundAggregate,
+    Tensors,
+    aggregate_partials,
+)
 from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
 from fedkube.errors import CodecError, QuorumNotReached, UpdateRejected
 from fedkube.learning import build_model, evaluate, float_state, load_data, load_float_state
@@ -62,7 +68,7 @@ from fedkube.protocol import (
     parse_int,
 )
 from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
-from fedkube.spec import FederatedJob, quorum
+from fedkube.spec import DpMode, FederatedJob, quorum
 from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
 
 log = logging.getLogger("fedkube.global")
@@ -106,6 +112,12 @@ class GlobalAggregator:
         # What travels down (and so what every update and partial must match).
         self.template: Template = template_of(
             self.strategy.downlink(self.weights, self.server_state)
+        )
+        self.dp = self.spec.privacy.dp
+        self.accountant = (
+            privacy.Accountant(self.dp, privacy.noise_multiplier(self.spec, len(self.clients)))
+            if self.dp is not None
+            else None
         )
         self.version = 1
         self.model_bytes: dict[int, bytes] = {}
@@ -229,6 +241,11 @@ class GlobalAggregator:
         else:
             await self.store.trim_history(last_closed)
         await self.store.start_job(self.spec.rounds)
+        if self.accountant is not None:
+            # The privacy spent is in the history: one sampling rate per closed round.
+            self.accountant.rates = [
+                float(r["dp_rate"]) for r in await self.store.history() if "dp_rate" in r
+            ]
         log.info(
             "resuming after round %d (%d partials kept)",
             last_closed,
@@ -347,6 +364,8 @@ class GlobalAggregator:
     async def _drive(self) -> str:
         try:
             while self.round_no < self.spec.rounds:
+                if self._continue is None and (stop := self._privacy_budget_spent()):
+                    return await self._end_for_budget(stop)
                 info = self._continue or await self._open(self.round_no + 1)
                 self._continue = None
                 partials = await self._collect(info)
@@ -359,6 +378,27 @@ class GlobalAggregator:
         await self.store.finish_job("succeeded", message, self.spec.state.key_ttl_seconds)
         log.info("job succeeded", extra=fields(job=self.name))
         return "succeeded"
+
+    def _privacy_budget_spent(self) -> str | None:
+        """Why the next round may not run (its ε would pass the budget), or None."""
+        if self.dp is None or self.dp.budget is None or self.accountant is None:
+            return None
+        rate = privacy.sampling_rate(self.spec, len(self.clients))
+        after = self.accountant.epsilon_after(rate)
+        if after <= self.dp.budget:
+            return None
+        return (
+            f"privacy budget reached: round {self.round_no + 1} would bring ε to {after:.3f} "
+            f"(δ={self.dp.delta:g}), over spec.privacy.dp.budget {self.dp.budget:g}; "
+            f"{self.round_no} rounds ran, ε {self.accountant.epsilon():.3f}"
+        )
+
+    async def _end_for_budget(self, message: str) -> str:
+        assert self.dp is not None
+        status = "succeeded" if self.dp.on_budget_exhausted == "stop" else "failed"
+        log.warning("%s", message, extra=fields(job=self.name, round=self.round_no))
+        await self.store.finish_job(status, message, self.spec.state.key_ttl_seconds)
+        return status
 
     async def _open(self, number: int) -> RoundInfo:
         ids = [c.id for c in self.clients]
@@ -545,6 +585,11 @@ class GlobalAggregator:
         aggregate = await loop.run_in_executor(
             None, aggregate_partials, partials, len(self.clients)
         )
+        spent = await self._privatise(number, aggregate)
+        if spent is not None:
+            aggregate, privacy_record = spent
+        else:
+            privacy_record = {}
         self.weights, self.server_state = await loop.run_in_executor(
             None,
             self.strategy.module.server_step,
@@ -599,6 +644,7 @@ class GlobalAggregator:
             "strategy": self.spec.strategy.name,
             "robust": self.spec.strategy.robust.rule,
             "server_state": summary,
+            **privacy_record,
         }
         checkpoint.save(
             self.config.checkpoint_dir,
@@ -624,6 +670,30 @@ class GlobalAggregator:
             "n/a" if accuracy is None else f"{accuracy:.4f}",
             extra=fields(job=self.name, round=number),
         )
+
+    async def _privatise(
+        self, number: int, aggregate: RoundAggregate
+    ) -> tuple[RoundAggregate, dict[str, float]] | None:
+        """Central DP: the round's mean with its Gaussian noise, once for the whole
+        hierarchy; and the privacy spent so far (both modes). None without DP."""
+        if self.dp is None or self.accountant is None:
+            return None
+        z = self.accountant.noise_multiplier
+        if self.dp.mode is DpMode.central and aggregate.count:
+            std = z * self.dp.clip_norm / aggregate.count
+            noised = await asyncio.get_running_loop().run_in_executor(
+                None, privacy.add_gaussian_noise, aggregate.delta, std, privacy.noise_rng()
+            )
+            aggregate = dataclasses.replace(aggregate, delta=noised)
+        rate = len(await self.store.selected(number)) / len(self.clients)
+        epsilon = self.accountant.spend(rate)
+        self.metrics.dp_epsilon.labels(self.name).set(epsilon)
+        return aggregate, {
+            "epsilon": round(epsilon, 6),
+            "delta": self.dp.delta,
+            "noise_multiplier": round(z, 6),
+            "dp_rate": rate,
+        }
 
     def _show_state(self) -> dict[str, float]:
         """The strategy's state as norms, on ``/metrics`` (and returned for the history)."""

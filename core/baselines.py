@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from fedkube.errors import SpecError
 from fedkube.learning import build_model, evaluate, load_data, train
 from fedkube.local.report import human_bytes
 from fedkube.local.runner import RunOptions, run_job
@@ -288,7 +289,7 @@ def _rounds(values: Sequence[int | None]) -> str:
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
 
 
-PLURAL = {"strategy": "strategies", "compression": "compressions"}
+PLURAL = {"strategy": "strategies", "compression": "compressions", "dp": "privacy budgets"}
 
 
 @dataclass
@@ -304,7 +305,7 @@ class StrategyComparison:
     target: float
     target_is_default: bool = True
     plot_path: Path | None = None
-    axis: str = "strategy"  # or "compression": what the rows vary
+    axis: str = "strategy"  # or "compression" or "dp": what the rows vary
 
     @property
     def all_succeeded(self) -> bool:
@@ -432,11 +433,44 @@ def compression_setting(label: str) -> dict[str, Any]:
     return setting
 
 
+def dp_setting(job: FederatedJob, label: str) -> dict[str, Any] | None:
+    """``spec.privacy.dp`` for a ``--dp`` entry: ``none``, or a target ε for the whole job.
+
+    The manifest's own ``privacy.dp`` block gives everything else (mode,
+    clipNorm, delta); ``noiseMultiplier`` is then solved for the target.
+    """
+    if label == "none":
+        return None
+    epsilon = float(label)
+    if not epsilon > 0:
+        raise ValueError(f"{label!r}: a target epsilon must be positive")
+    if job.spec.privacy.dp is None:
+        raise SpecError(
+            [
+                (
+                    "spec.privacy.dp",
+                    "compare --dp varies its epsilon: the manifest must set it (mode, clipNorm)",
+                )
+            ]
+        )
+    setting = job.spec.privacy.dp.model_dump(mode="json", by_alias=True, exclude_none=True)
+    setting.pop("noiseMultiplier", None)
+    setting.pop("budget", None)
+    setting["epsilon"] = epsilon
+    return setting
+
+
+def dp_label(label: str) -> str:
+    """How a ``--dp`` entry is shown as a row."""
+    return "no DP" if label == "none" else f"ε = {float(label):g}"
+
+
 def variant(job: FederatedJob, label: str, seed: int, axis: str = "strategy") -> dict[str, Any]:
     """The job's manifest with only ``spec.seed`` and the compared setting replaced.
 
     ``axis`` ``strategy``: ``label`` is ``spec.strategy.name``; ``compression``:
-    it is ``spec.compression.up`` (see :func:`compression_setting`). Built
+    it is ``spec.compression.up`` (see :func:`compression_setting`); ``dp``: a
+    target ε, or ``none`` (see :func:`dp_setting`). Built
     from the parsed model, so every other parameter (and every default) stays
     as the manifest had it.
     """
@@ -446,6 +480,10 @@ def variant(job: FederatedJob, label: str, seed: int, axis: str = "strategy") ->
         document["spec"]["strategy"]["name"] = label
     elif axis == "compression":
         document["spec"]["compression"]["up"] = compression_setting(label)
+    elif axis == "dp":
+        document["spec"]["privacy"]["dp"] = dp_setting(job, label)
+        if document["spec"]["privacy"]["dp"] is None:
+            del document["spec"]["privacy"]["dp"]
     else:
         raise ValueError(f"unknown comparison axis {axis!r}")
     parse_job(document)  # an unknown strategy fails here, before anything runs
@@ -477,7 +515,8 @@ def compare_strategies(
 
     The variants are strategies, or with ``axis="compression"`` upload
     compressions (``none``, ``int8``, ``topk:0.01``: see
-    :func:`compression_setting`). Seeds are ``spec.seed``, ``spec.seed + 1``,
+    :func:`compression_setting`), or with ``axis="dp"`` target epsilons and
+    ``none`` (see :func:`dp_setting`). Seeds are ``spec.seed``, ``spec.seed + 1``,
     ... Each run gets its own directory ``<out>/seed-<seed>/<variant>/``
     holding its manifest (``manifest.yaml``) and the usual run outputs.
     ``target`` defaults to 90% of the mean centralised accuracy.
@@ -496,7 +535,8 @@ def compare_strategies(
     baselines: list[SeedBaselines] = []
     for seed in seed_list:
         for name in strategies:
-            run_dir = out / f"seed-{seed}" / name.replace(":", "-")
+            folder = f"epsilon-{name}" if axis == "dp" else name.replace(":", "-")
+            run_dir = out / f"seed-{seed}" / folder
             run_dir.mkdir(parents=True, exist_ok=True)
             manifest = run_dir / "manifest.yaml"
             manifest.write_text(yaml.safe_dump(plan[seed, name], sort_keys=False))
@@ -505,7 +545,8 @@ def compare_strategies(
             result = run_job(RunOptions(job_path=manifest, out_dir=run_dir, quiet=quiet))
             if result.status == "interrupted":
                 raise KeyboardInterrupt  # run_job swallowed the Ctrl-C; stop every run
-            runs.append(StrategyRun(name, seed, result.status, result.history, run_dir))
+            shown = dp_label(name) if axis == "dp" else name
+            runs.append(StrategyRun(shown, seed, result.status, result.history, run_dir))
         if not quiet:
             print(f"fedkube compare: baselines, seed {seed}", flush=True)
         baselines.append(seed_baselines(parse_job(plan[seed, strategies[0]])))

@@ -104,15 +104,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedkube.baselines import compare, compare_strategies
 
     out = Path(args.out) if args.out else None
-    if args.strategies is not None and args.compression is not None:
-        raise FedkubeError("compare: give --strategies or --compression, not both")
+    given = [a for a in (args.strategies, args.compression, args.dp) if a is not None]
+    if len(given) > 1:
+        raise FedkubeError("compare: give one of --strategies, --compression and --dp")
     variants, axis = args.strategies, "strategy"
     if args.compression is not None:
         variants, axis = args.compression, "compression"
+    if args.dp is not None:
+        variants, axis = ["none", *(e for e in args.dp if e != "none")], "dp"
     if variants is None:
         if args.seeds is not None or args.target is not None:
             raise FedkubeError(
-                "compare: --seeds and --target only apply with --strategies or --compression"
+                "compare: --seeds and --target only apply with --strategies, --compression or --dp"
             )
         report = compare(Path(args.job), out, quiet=args.quiet)
         print(report.table())
@@ -166,6 +169,22 @@ def _compression_list(text: str) -> list[str]:
             compression_setting(label)
         except (ValueError, ValidationError) as exc:
             raise argparse.ArgumentTypeError(f"compression {label!r}: {exc}") from None
+    return labels
+
+
+def _epsilon_list(text: str) -> list[str]:
+    """``--dp 1,4,8``: target epsilons (and ``none``), in order, each once."""
+    labels = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not labels:
+        raise argparse.ArgumentTypeError("give at least one target epsilon, e.g. 1,4,8")
+    for label in labels:
+        try:
+            if label != "none" and not float(label) > 0:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--dp {label!r}: a target epsilon is a positive number (or none)"
+            ) from None
     return labels
 
 
@@ -392,9 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
         "int8:<block size>, topk:<fraction>, e.g. none,int8,topk:0.01; one table row each",
     )
     p.add_argument(
+        "--dp",
+        type=_epsilon_list,
+        help="comma-separated target epsilons, e.g. 1,4,8: the job (which must set "
+        "spec.privacy.dp) once per epsilon and once without privacy; one table row each",
+    )
+    p.add_argument(
         "--seeds",
         type=_positive_int,
-        help="with --strategies or --compression: seeds per row, spec.seed, spec.seed+1, ... "
+        help="with --strategies, --compression or --dp: seeds per row, spec.seed, "
+        "spec.seed+1, ... "
         "(default 1)",
     )
     p.add_argument(

@@ -136,6 +136,13 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.dp_epsilon = Gauge(
+            "fedkube_dp_epsilon",
+            "Differential privacy spent so far: epsilon at the job's delta "
+            "(spec.privacy.dp), from the RDP accountant.",
+            ["job"],
+            registry=r,
+        )
         self.train_seconds = Histogram(
             "fedkube_worker_train_seconds",
             "Local training time per round.",

@@ -59,6 +59,7 @@ class Reason(str, Enum):
     wrong_dtype = "wrong_dtype"
     non_finite = "non_finite"
     norm_bound = "norm_bound"
+    over_clip_norm = "over_clip_norm"  # above spec.privacy.dp.clipNorm
     bad_weight = "bad_weight"
     weight_above_cap = "weight_above_cap"
     bad_steps = "bad_steps"

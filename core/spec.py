@@ -490,6 +490,55 @@ class State(_Model):
     )
 
 
+class DpMode(str, Enum):
+    central = "central"
+    local = "local"
+
+
+class DifferentialPrivacy(_Model):
+    """Client-level differential privacy (DP-FedAvg): see fedkube/privacy.py."""
+
+    mode: DpMode = Field(
+        default=DpMode.central,
+        description="central: the global aggregator adds the noise once per round (the "
+        "aggregator tier is trusted with clipped updates); local: every worker noises its own "
+        "update",
+    )
+    clip_norm: float = Field(
+        gt=0,
+        description="every client update is clipped to this L2 norm at the worker; the "
+        "combiner refuses a larger one (over_clip_norm)",
+    )
+    noise_multiplier: float | None = Field(
+        default=None,
+        ge=0,
+        description="noise standard deviation over clipNorm; or set epsilon instead",
+    )
+    epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        description="target ε at delta after spec.rounds rounds: the noise multiplier is "
+        "solved for it (with the job's sampling rate)",
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="the δ of (ε, δ)-DP")
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="the most ε the job may spend: a round that would exceed it does not run",
+    )
+    on_budget_exhausted: Literal["stop", "fail"] = Field(
+        default="stop",
+        description="when the budget would be exceeded: stop (the job succeeds with the rounds "
+        "it ran) or fail",
+    )
+
+
+class Privacy(_Model):
+    dp: DifferentialPrivacy | None = Field(
+        default=None, description="client-level differential privacy (unset: none)"
+    )
+
+
 class Simulation(_Model):
     """Virtual clients: one worker process hosts many of a tenant's clients.
 
@@ -549,6 +598,7 @@ class JobSpec(_Model):
     transport: Transport = Field(default_factory=Transport)
     compression: Compression = Field(default_factory=Compression)
     state: State = Field(default_factory=State)
+    privacy: Privacy = Field(default_factory=Privacy)
     simulation: Simulation | None = Field(
         default=None,
         description="host many virtual clients per worker process (unset: one worker per client)",
@@ -692,6 +742,7 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 )
             )
     problems += _strategy_problems(spec, region_names)
+    problems += _privacy_problems(spec)
     for index, tenant in enumerate(spec.tenants):
         workers = workers_of(spec, tenant)
         if workers <= MAX_WORKERS_PER_TENANT:
@@ -721,6 +772,41 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             (
                 "spec.participation.minClients",
                 f"{minimum} exceeds the {total} clients that the tenants' replicas provide",
+            )
+        )
+    return problems
+
+
+def _privacy_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What differential privacy cannot be combined with (each would break its bound)."""
+    dp = spec.privacy.dp
+    if dp is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    if (dp.noise_multiplier is None) == (dp.epsilon is None):
+        problems.append(("spec.privacy.dp", "set exactly one of noiseMultiplier and epsilon"))
+    if spec.strategy.name in ("scaffold", "fednova"):
+        problems.append(
+            (
+                "spec.strategy.name",
+                f"{spec.strategy.name} sends more than a clipped update (control variates or "
+                "local step counts): its privacy is not accounted; use fedavg, fedprox or a "
+                "server optimizer with spec.privacy.dp",
+            )
+        )
+    if spec.strategy.robust.rule != "none":
+        problems.append(
+            (
+                "spec.strategy.robust.rule",
+                "a robust rule is not a clipped sum plus noise: its privacy is not accounted",
+            )
+        )
+    if spec.compression.up.scheme != "none":
+        problems.append(
+            (
+                "spec.compression.up.scheme",
+                "a compressed update may exceed clipNorm after rounding: send updates "
+                "uncompressed with spec.privacy.dp",
             )
         )
     return problems

@@ -76,6 +76,13 @@ SPEC_RULES: list[dict[str, str]] = [
         "reason": "FieldValueInvalid",
     },
     {
+        "rule": "!has(self.privacy) || !has(self.privacy.dp) || "
+        "has(self.privacy.dp.noiseMultiplier) != has(self.privacy.dp.epsilon)",
+        "message": "set exactly one of noiseMultiplier and epsilon",
+        "fieldPath": ".privacy.dp",
+        "reason": "FieldValueInvalid",
+    },
+    {
         "rule": "has(self.simulation) || self.tenants.all(t, !has(t.replicas) || "
         f"t.replicas <= {MAX_WORKERS_PER_TENANT})",
         "message": f"a tenant runs at most {MAX_WORKERS_PER_TENANT} worker pods: set "
@@ -116,6 +123,7 @@ PRINTER_COLUMNS = [
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Participation", "type": "string", "jsonPath": ".status.participation"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.lastAccuracy"},
+    {"name": "Epsilon", "type": "number", "jsonPath": ".status.epsilon"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},

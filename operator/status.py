@@ -68,6 +68,10 @@ class JobStatus(_Model):
     )
     last_loss: float | None = Field(default=None, description="global model, last evaluation")
     last_accuracy: float | None = Field(default=None, description="global model, last evaluation")
+    epsilon: float | None = Field(
+        default=None,
+        description="differential privacy spent so far (epsilon at spec.privacy.dp.delta)",
+    )
     strategy: str | None = Field(
         default=None, description="the strategy of the last closed round (with its robust rule)"
     )
@@ -217,6 +221,8 @@ def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str
         fields["last_loss"] = round(float(record["loss"]), 6)
     if record.get("accuracy") is not None:
         fields["last_accuracy"] = round(float(record["accuracy"]), 6)
+    if record.get("epsilon") is not None:
+        fields["epsilon"] = round(float(record["epsilon"]), 4)
     if record.get("strategy"):
         robust = record.get("robust") or "none"
         fields["strategy"] = record["strategy"] + ("" if robust == "none" else f"+{robust}")

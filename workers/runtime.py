@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from prometheus_client import start_http_server
 
-from fedkube import codec, compression
+from fedkube import codec, compression, privacy
 from fedkube.aggregator.strategies import REGISTRY, scaffold
 from fedkube.errors import CodecError, FedkubeError
 from fedkube.learning import (
@@ -68,7 +68,7 @@ from fedkube.protocol import (
     Envelope,
     Reason,
 )
-from fedkube.spec import Client, FederatedJob
+from fedkube.spec import Client, DpMode, FederatedJob
 from fedkube.web import upload
 from fedkube.workers.client_state import ClientState
 
@@ -177,6 +177,7 @@ class Worker:
         self.strategy = REGISTRY[config.job.spec.strategy.name]
         # (round, version, tensors): the model the round's clients train on.
         self._round_model: tuple[int, int, dict[str, np.ndarray]] | None = None
+        self._noise_multiplier: float | None = None  # local DP: solved once, when first needed
         self._warm_up()
 
     @property
@@ -401,10 +402,29 @@ class Worker:
             data = self._data(seat)
             update = self.compute_update(seat, data, tensors, number)
             update.weight = float(len(data))
-            return update
+            return self._privatise(update)
         finally:
             if not self.keep_data:
                 seat.data = None
+
+    def _privatise(self, update: LocalUpdate) -> LocalUpdate:
+        """Under ``spec.privacy.dp``: the update clipped to clipNorm, and in local mode noised.
+
+        The clipped update is what is kept and sent: a resend is the same
+        release, not a second one.
+        """
+        dp = self.job.spec.privacy.dp
+        if dp is None:
+            return update
+        update.delta, _norm = privacy.clip(update.delta, dp.clip_norm)
+        if dp.mode is DpMode.local:
+            if self._noise_multiplier is None:
+                self._noise_multiplier = privacy.noise_multiplier(
+                    self.job.spec, len(self.job.clients())
+                )
+            std = self._noise_multiplier * dp.clip_norm
+            update.delta = privacy.add_gaussian_noise(update.delta, std, privacy.noise_rng())
+        return update
 
     def _model(self, payload: bytes) -> dict[str, np.ndarray]:
         """The round's model as float32 arrays, whatever form it travelled in."""

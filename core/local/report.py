@@ -14,6 +14,12 @@ if TYPE_CHECKING:
     from fedkube.local.runner import RunResult
 
 
+def _epsilon(record: dict[str, Any]) -> str:
+    """Differential privacy spent so far, where the job has it."""
+    epsilon = record.get("epsilon")
+    return "" if epsilon is None else f"ε {float(epsilon):.2f}  "
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1000 or unit == "GB":
@@ -62,6 +68,7 @@ class ProgressPrinter:
             f"loss {'n/a' if loss is None else f'{loss:.4f}'}  "
             f"{perplexity}"
             f"acc {_pct(record.get('accuracy'))}  "
+            f"{_epsilon(record)}"
             f"up {human_bytes(record.get('bytes_up', 0))}  "
             f"down {human_bytes(record.get('bytes_down', 0))}  "
             f"{record['duration_s']:.2f}s"
@@ -164,6 +171,14 @@ def summary(job: FederatedJob, result: RunResult) -> str:
             ),
             ("mean round time", f"{sum(r['duration_s'] for r in history) / len(history):.2f}s"),
         ]
+        if last.get("epsilon") is not None:
+            rows.append(
+                (
+                    "privacy spent",
+                    f"ε {float(last['epsilon']):.3f} at δ {last['delta']:g} "
+                    f"(noise multiplier {last['noise_multiplier']:g})",
+                )
+            )
         if result.restarts:
             restarted = ", ".join(f"{name} {n}x" for name, n in sorted(result.restarts.items()))
             rows.append(("restarted", restarted))

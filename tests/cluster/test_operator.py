@@ -131,6 +131,10 @@ INVALID = {
         lambda spec: spec["tenants"][0].update(replicas=1001),
         "spec.tenants",
     ),
+    "privacy with neither noise nor a target epsilon": (
+        lambda spec: spec.update(privacy={"dp": {"clipNorm": 1.0}}),
+        "spec.privacy.dp",
+    ),
     "too many virtual-client workers": (
         lambda spec: (
             spec["tenants"][0].update(replicas=5000),

@@ -100,3 +100,38 @@ def test_compare_refuses_an_unknown_strategy_before_running_anything(tmp_path: P
     assert done.returncode == 2
     assert "fedmagic" in done.stderr and "fedavg" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_dp_runs_the_job_at_each_epsilon_beside_no_privacy(tmp_path: Path):
+    # prepare: the short job with client-level DP (clip 1.0), two target epsilons
+    manifest = short_synthetic_job(tmp_path / "synthetic-short.yaml")
+    document = yaml.safe_load(manifest.read_text())
+    document["spec"]["privacy"] = {"dp": {"clipNorm": 1.0, "noiseMultiplier": 1.0}}
+    manifest.write_text(yaml.safe_dump(document))
+    out = tmp_path / "compare"
+    # execute
+    done = fedkube_cli(
+        "compare", str(manifest), "--dp", "2,8", "--out", str(out), "--quiet", timeout=300
+    )
+    # assert: a row per budget and one without privacy, each run at its target
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 privacy budgets x 1 seeds" in done.stdout
+    for label in ("no DP", "ε = 2", "ε = 8"):
+        assert any(line.strip().startswith(label) for line in done.stdout.splitlines()), label
+    plain = yaml.safe_load((out / "seed-7" / "epsilon-none" / "manifest.yaml").read_text())
+    assert "dp" not in plain["spec"].get("privacy", {})
+    for epsilon in (2, 8):
+        run = out / "seed-7" / f"epsilon-{epsilon}"
+        dp = yaml.safe_load((run / "manifest.yaml").read_text())["spec"]["privacy"]["dp"]
+        assert dp["epsilon"] == epsilon and "noiseMultiplier" not in dp
+        history = [
+            yaml.safe_load(line) for line in (run / "history.jsonl").read_text().splitlines()
+        ]
+        assert history[-1]["epsilon"] == pytest.approx(epsilon, rel=0.01)
+
+
+def test_compare_dp_needs_the_manifests_privacy_block(tmp_path: Path):
+    manifest = short_synthetic_job(tmp_path / "synthetic-short.yaml")
+    done = fedkube_cli("compare", str(manifest), "--dp", "4", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "spec.privacy.dp" in done.stderr

@@ -89,6 +89,7 @@ def test_the_job_overview_covers_what_the_design_promises():
         "fedkube_model_loss",
         "fedkube_model_accuracy",
         "fedkube_aggregation_seconds_bucket",
+        "fedkube_dp_epsilon",
     ]:
         assert name in series, name
 

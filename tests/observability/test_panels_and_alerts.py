@@ -71,8 +71,15 @@ def observed_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedJ
     rejected-updates panel has a rate to show in a run without faults.
     """
     workdir = tmp_path_factory.mktemp("observed")
-    # fedavgm: a strategy with server state, so that its panel has a series to show.
-    run = start_run(workdir, "observed", rounds=5000, strategy={"name": "fedavgm"})
+    # fedavgm: a strategy with server state, and differential privacy (its noise
+    # negligible here), so that their panels have a series to show.
+    run = start_run(
+        workdir,
+        "observed",
+        rounds=5000,
+        strategy={"name": "fedavgm"},
+        privacy={"dp": {"clipNorm": 100.0, "noiseMultiplier": 0.01}},
+    )
     try:
         targets = wait_service_targets(run)
         rules = write_rule_file(workdir / "alerts.yml", TEST_ALERT_VALUES)
@@ -125,6 +132,7 @@ def test_every_job_overview_panel_returns_data_for_a_running_job(observed_job):
     assert {tuple(sorted(k.split(","))) for k in series_of("Strategy server state")} == {
         ("fedavgm", "momentum_norm")
     }
+    assert list(series_of("Privacy spent (ε)").values())[0] > 0
 
 
 def test_every_alert_rule_loads_and_evaluates_without_error(observed_job):
