@@ -188,3 +188,8 @@ def test_more_than_a_thousand_workers_for_a_tenant_is_refused_naming_the_field()
         simulation={"clientsPerWorker": 100},
     )
     assert len(parse_job(fine).clients()) == 100_000
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_manifest_is_valid(path):
+    assert load_job(path).spec.rounds >= 1
