@@ -15,7 +15,7 @@ from typing import Any
 
 LOG_FILE_ENV = "FEDKUBE_LOG_FILE"  # log there instead of stderr (services inside Ray actors)
 
-CONTEXT_FIELDS = ("component", "job", "round", "region", "tenant", "client", "reason")
+CONTEXT_FIELDS = ("component", "job", "round", "region", "tenant", "client", "worker", "reason")
 
 
 def fields(**values: Any) -> dict[str, Any]:
