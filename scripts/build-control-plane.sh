@@ -260,7 +260,7 @@ build_helm
 
 echo
 echo "=== versions (${BIN})"
-"${BIN}/etcd" --version | head -n1
+"${BIN}/etcd" --version | sed -n 1p  # sed reads it all: head -n1 could end etcd with SIGPIPE (exit 141 under pipefail)
 for c in kube-apiserver kube-controller-manager kube-scheduler; do "${BIN}/${c}" --version; done
 "${BIN}/kubectl" version --client
 "${BIN}/kwok" --version

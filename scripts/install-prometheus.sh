@@ -39,4 +39,4 @@ command -v prometheus >/dev/null || {
   echo "install-prometheus: the package installed but prometheus is not on PATH" >&2
   exit 1
 }
-echo "install-prometheus: ready ($(prometheus --version 2>&1 | head -n 1))"
+echo "install-prometheus: ready ($(prometheus --version 2>&1 | sed -n 1p))"
