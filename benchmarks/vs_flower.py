@@ -133,14 +133,6 @@ class Sizes:
     startup_n: int
 
     @property
-    def c1_clients(self) -> int:
-        return self.c1_tenants * self.c1_replicas
-
-    @property
-    def c2_clients(self) -> int:
-        return self.c2_tenants * self.c2_replicas
-
-    @property
     def c3_clients(self) -> int:
         return self.c3_tenants * self.c3_replicas
 
@@ -564,51 +556,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row.incomplete.append(side)
         rows.append(row)
 
-    if "1" in wanted:
-        label = f"{sizes.c1_clients} clients x {human_params(sizes.c1_n)}, all/round: median round"
+    # Cases 1 and 2: every client in every round, only the sizes differ.
+    all_per_round = (
+        ("1", sizes.c1_tenants, sizes.c1_replicas, sizes.c1_n),
+        ("2", sizes.c2_tenants, sizes.c2_replicas, sizes.c2_n),
+    )
+    for key, tenants, replicas, n in all_per_round:
+        if key not in wanted:
+            continue
+        clients = tenants * replicas
+        label = f"{clients} clients x {human_params(n)}, all/round: median round"
         fk = attempt(
             f"fedkube {label}",
             fedkube_overhead_case,
-            f"{JOB_NAME}-c1",
-            sizes.c1_tenants,
-            sizes.c1_replicas,
-            sizes.c1_n,
+            f"{JOB_NAME}-c{key}",
+            tenants,
+            replicas,
+            n,
             sizes.rounds,
         )
         fl = attempt(
-            f"Flower {label}",
-            flower_case,
-            sizes.c1_clients,
-            sizes.c1_clients,
-            sizes.c1_n,
-            sizes.rounds,
-            flower_python,
+            f"Flower {label}", flower_case, clients, clients, n, sizes.rounds, flower_python
         )
-        record("1", fk, fl)
-        add("1", Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
-
-    if "2" in wanted:
-        label = f"{sizes.c2_clients} clients x {human_params(sizes.c2_n)}, all/round: median round"
-        fk = attempt(
-            f"fedkube {label}",
-            fedkube_overhead_case,
-            f"{JOB_NAME}-c2",
-            sizes.c2_tenants,
-            sizes.c2_replicas,
-            sizes.c2_n,
-            sizes.rounds,
-        )
-        fl = attempt(
-            f"Flower {label}",
-            flower_case,
-            sizes.c2_clients,
-            sizes.c2_clients,
-            sizes.c2_n,
-            sizes.rounds,
-            flower_python,
-        )
-        record("2", fk, fl)
-        add("2", Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
+        record(key, fk, fl)
+        add(key, Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
 
     if "3" in wanted:
         label = (
