@@ -1,8 +1,9 @@
-"""Client-level differential privacy: clipping, Gaussian noise, and the accountant.
+"""Client-level differential privacy: Gaussian noise and the accountant.
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
 Language Models"): every client's update is clipped to L2 norm ``S``
-(``spec.privacy.dp.clipNorm``) and counts once in the mean, whatever its
+(``spec.privacy.dp.clipNorm``; the worker uses ``norm_bound.clip``, the same
+clip as the robust rule's) and counts once in the mean, whatever its
 sample count, so that one client moves the sum by at most ``S``. Gaussian
 noise of standard deviation ``z·S`` (``z`` the noise multiplier) is added to
 that sum:
@@ -46,15 +47,6 @@ def sampling_rate(spec: JobSpec, population: int) -> float:
     if population <= 0:
         return 0.0
     return max(1, round(spec.participation.fraction * population)) / population
-
-
-def clip(
-    tensors: Mapping[str, np.ndarray], clip_norm: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """``tensors`` scaled to L2 norm at most ``clip_norm`` (new arrays), and the norm before."""
-    norm = math.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in tensors.values()))
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm
-    return {name: (a * np.float32(scale)).astype(a.dtype) for name, a in tensors.items()}, norm
 
 
 def add_gaussian_noise(

@@ -383,15 +383,12 @@ class RoundStore:
         now = time.time()
         await self.redis.hset(self.key("clients"), mapping=dict.fromkeys(clients, now))
 
-    async def registrations(self, clients: Sequence[str] | None = None) -> dict[str, float]:
-        """Client id -> when it last polled its combiner (of ``clients`` only, if given).
+    async def registrations(self, clients: Sequence[str]) -> dict[str, float]:
+        """Client id -> when it last polled its combiner, for ``clients`` that ever did.
 
-        Asking for the round's selected clients keeps this O(selected) when a
-        job has thousands of (virtual) clients.
+        Asked for the round's selected clients only (``HMGET``), so it stays
+        O(selected) when a job has thousands of (virtual) clients.
         """
-        if clients is None:
-            data = await self.redis.hgetall(self.key("clients"))
-            return {client: float(seen) for client, seen in data.items()}
         if not clients:
             return {}
         values = await self.redis.hmget(self.key("clients"), list(clients))

@@ -44,7 +44,7 @@ import torch
 from prometheus_client import start_http_server
 
 from fedkube import codec, compression, privacy
-from fedkube.aggregator.strategies import REGISTRY, scaffold
+from fedkube.aggregator.strategies import REGISTRY, norm_bound, scaffold
 from fedkube.errors import CodecError, FedkubeError
 from fedkube.learning import (
     ArrayData,
@@ -416,7 +416,7 @@ class Worker:
         dp = self.job.spec.privacy.dp
         if dp is None:
             return update
-        update.delta, _norm = privacy.clip(update.delta, dp.clip_norm)
+        update.delta, _scale = norm_bound.clip(update.delta, dp.clip_norm)
         if dp.mode is DpMode.local:
             if self._noise_multiplier is None:
                 self._noise_multiplier = privacy.noise_multiplier(

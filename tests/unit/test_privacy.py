@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedkube import privacy
+from fedkube.aggregator.strategies import norm_bound
 from fedkube.spec import DifferentialPrivacy, DpMode, parse_job
 from tests.support import small_job_dict
 
@@ -47,19 +48,19 @@ def test_the_accountant_counts_rounds_only_when_told():
     assert accountant.epsilon_after(0.1) > accountant.epsilon()
 
 
-def test_clipping_bounds_the_norm_and_leaves_its_input_alone():
+def test_the_workers_dp_clip_bounds_the_norm_and_leaves_its_input_alone():
     # prepare: an update of norm 5 and one of norm 0.5
     big = {"w": np.full((5,), 1.0, np.float32), "b": np.full((20,), 1.0, np.float32)}
     small = {"w": np.full((4,), 0.25, np.float32)}
-    # execute
-    clipped, norm = privacy.clip(big, 1.0)
-    kept, small_norm = privacy.clip(small, 1.0)
+    # execute: the clip the worker applies under spec.privacy.dp
+    clipped, scale = norm_bound.clip(big, 1.0)
+    kept, small_scale = norm_bound.clip(small, 1.0)
     # assert
-    assert norm == pytest.approx(5.0)
+    assert scale == pytest.approx(1.0 / 5.0)
     total = np.sqrt(sum(float((a**2).sum()) for a in clipped.values()))
     assert total == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_array_equal(big["w"], np.ones(5, np.float32))  # not mutated
-    assert small_norm == pytest.approx(0.5)
+    assert small_scale == 1.0
     np.testing.assert_array_equal(kept["w"], small["w"])
 
 
