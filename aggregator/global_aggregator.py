@@ -585,7 +585,8 @@ class GlobalAggregator:
         aggregate = await loop.run_in_executor(
             None, aggregate_partials, partials, len(self.clients)
         )
-        spent = await self._privatise(number, aggregate)
+        selected = await self.store.selected(number)
+        spent = await self._privatise(len(selected), aggregate)
         if spent is not None:
             aggregate, privacy_record = spent
         else:
@@ -608,7 +609,6 @@ class GlobalAggregator:
             loss, accuracy = await loop.run_in_executor(None, self._evaluate)
             self.metrics.model_loss.labels(self.name).set(loss)
             self.metrics.model_accuracy.labels(self.name).set(accuracy)
-        selected = await self.store.selected(number)
         counters = await self.store.counters(number)
         by_region: dict[str, dict[str, int]] = {}
         missing: list[str] = []
@@ -672,7 +672,7 @@ class GlobalAggregator:
         )
 
     async def _privatise(
-        self, number: int, aggregate: RoundAggregate
+        self, selected: int, aggregate: RoundAggregate
     ) -> tuple[RoundAggregate, dict[str, float]] | None:
         """Central DP: the round's mean with its Gaussian noise, once for the whole
         hierarchy; and the privacy spent so far (both modes). None without DP."""
@@ -685,7 +685,7 @@ class GlobalAggregator:
                 None, privacy.add_gaussian_noise, aggregate.delta, std, privacy.noise_rng()
             )
             aggregate = dataclasses.replace(aggregate, delta=noised)
-        rate = len(await self.store.selected(number)) / len(self.clients)
+        rate = selected / len(self.clients)
         epsilon = self.accountant.spend(rate)
         self.metrics.dp_epsilon.labels(self.name).set(epsilon)
         return aggregate, {
