@@ -52,19 +52,21 @@ import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec, compression, faults, privacy
+from fedkube import codec, compression, faults, privacy, secagg
 from fedkube.aggregator.bodies import BufferPool, read_body
+from fedkube.aggregator.secure_region import SecureRegion
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.update_buffer import UpdateBuffer
 from fedkube.aggregator.validation import (
     Template,
     check_bound,
+    check_structure,
     check_update,
     l2_norm,
     template_of,
 )
-from fedkube.errors import CodecError, LeaseLost, UpdateRejected
+from fedkube.errors import CodecError, LeaseLost, SecureAggregationFailed, UpdateRejected
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
 from fedkube.protocol import (
@@ -127,6 +129,7 @@ class _Round:
     reattach_by: float = 0.0  # time.monotonic() after which a flush stops waiting for them
     sum: WeightedSum | None = None
     buffer: UpdateBuffer | None = None  # under a robust rule, instead of the sum
+    secure: SecureRegion | None = None  # under secure aggregation, instead of the sum
     flushed: bool = False
 
 
@@ -162,6 +165,7 @@ class Combiner:
         self.needs_local_steps = REGISTRY[self.strategy.name].needs_local_steps
         self.robust_rule = ROBUST_RULES.get(self.strategy.robust.rule)
         self.dp = config.job.spec.privacy.dp
+        self.secure = config.job.spec.privacy.secure_aggregation
         self.current: _Round | None = None
         self.job_status: str | None = None
         self.models: dict[int, bytes] = {}
@@ -185,6 +189,7 @@ class Combiner:
         app.router.add_get("/v1/model/{version}", self.handle_model)
         app.router.add_post("/v1/update", self.handle_update)
         app.router.add_post("/v1/refusal", self.handle_refusal)
+        app.router.add_post("/v1/secagg/{step}", self.handle_secagg)
         app.router.add_get("/metrics", self.metrics.handle)
         app.router.add_get("/healthz", self.handle_health)
         return app
@@ -306,6 +311,10 @@ class Combiner:
                 self._changed.notify_all()
             return
         current = self.current
+        if current is not None and self.secure is not None:
+            async with self._lock:
+                await self._secure_tick(current)
+            return
         if (
             current
             and current.selected
@@ -353,6 +362,21 @@ class Combiner:
             current.flushed = True
             return
         current.owed = {c for c in await self.store.reported(number) if c in self.clients}
+        if current.owed and self.secure is not None:
+            # Their keys died with the incarnation they were sent to. Running the
+            # protocol again over the same updates would give a curious combiner
+            # two sums over different sets of clients: they count as dropped.
+            lost, current.owed = sorted(current.owed), set()
+            current.selected -= set(lost)
+            await self.store.forget_reports(number, lost)
+            log.error(
+                "restarted mid-round under secure aggregation: %d clients that sent their "
+                "keys before count as dropped (%s)",
+                len(lost),
+                ", ".join(lost),
+                extra=fields(job=self.name, round=number, region=self.region),
+            )
+            return
         if current.owed:
             window = min(REATTACH_S, self.job.spec.participation.round_timeout_seconds / 2)
             current.reattach_by = time.monotonic() + window
@@ -508,6 +532,8 @@ class Combiner:
         current = self.current
         if current is None or current.flushed:
             return None
+        if self.secure is not None:
+            return self._secure_tasks_for(current, clients, after)
         task = {
             "round": current.info.round,
             "version": current.info.version,
@@ -629,11 +655,16 @@ class Combiner:
                 "(spec.tenants[].maxWeight or spec.participation.maxWeight)",
             )
         current = self.current
-        self._check_round(current, number, client)
+        if self.secure is None:
+            self._check_round(current, number, client)
+        elif current is None or number != current.info.round:
+            raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
         assert current is not None
         buffer, length = await read_body(request, self.max_bytes, self._buffers)
         try:
             body = memoryview(buffer)[:length]
+            if self.secure is not None:
+                return await self._fold_masked(tenant, client, number, weight, current, body)
             return await self._fold(tenant, client, number, weight, current, body)
         finally:
             self._buffers.give(buffer)
@@ -735,6 +766,266 @@ class Combiner:
             self._schedule_flush(current)
         return {"status": "accepted", "round": number}
 
+    # -- secure aggregation ------------------------------------------------------
+    # The combiner runs the server side of fedkube.secagg for its region: the
+    # steps' timing is aggregator/secure_region.py's, every message is checked
+    # by secagg.ServerSession, and the sum it decodes goes up as the partial.
+    async def handle_secagg(self, request: web.Request) -> web.Response:
+        """``POST /v1/secagg/{keys,shares,unmask}``: one client's message for one step."""
+        tenant = "unknown"
+        step = request.match_info["step"]
+        try:
+            tenant = self._authenticate(request)
+            if step not in ("keys", "shares", "unmask") or self.secure is None:
+                raise UpdateRejected(
+                    Reason.malformed.value, f"no secure aggregation step {step!r} here", 404
+                )
+            client, number, document = await self._secagg_request(request)
+            async with self._lock:
+                current = self.current
+                if current is None or number != current.info.round:
+                    raise UpdateRejected(
+                        Reason.wrong_round.value, f"round {number} is not open", 409
+                    )
+                if current.flushed:
+                    raise UpdateRejected(
+                        Reason.late.value, f"round {number} no longer collects", 410
+                    )
+                if step == "keys":
+                    await self._receive_keys(current, tenant, client, document)
+                else:
+                    region = current.secure
+                    if region is None:
+                        raise UpdateRejected(
+                            Reason.late.value, f"{client}: round {number} has no keys yet", 409
+                        )
+                    if step == "shares":
+                        region.session.receive_shares(client, document)
+                    else:
+                        region.session.receive_unmasking(client, document)
+                await self._secure_tick(current)
+        except UpdateRejected as exc:
+            self.metrics.updates_rejected.labels(
+                self.name, TIER, self.region, tenant, exc.reason
+            ).inc()
+            log.warning(
+                "secure aggregation %s refused: %s",
+                step,
+                exc.detail,
+                extra=fields(
+                    job=self.name,
+                    region=self.region,
+                    tenant=tenant,
+                    client=request.headers.get(H_CLIENT),
+                    reason=exc.reason,
+                ),
+            )
+            return json_error(exc.status, exc.reason, exc.detail)
+        return web.json_response({"status": "accepted", "round": number})
+
+    async def _secagg_request(self, request: web.Request) -> tuple[str, int, dict[str, Any]]:
+        client = request.headers.get(H_CLIENT, "")
+        try:
+            document = await request.json()
+        except ValueError:
+            raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+        if not isinstance(document, dict):
+            raise UpdateRejected(Reason.malformed.value, "expected a JSON object")
+        number = document.get("round")
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise UpdateRejected(Reason.malformed.value, "round must be an integer")
+        if document.get("client") != client or client not in self.clients:
+            raise UpdateRejected(
+                Reason.metadata_mismatch.value,
+                f"body client {document.get('client')!r} but request says {client!r}",
+            )
+        return client, number, document
+
+    async def _receive_keys(
+        self, current: _Round, tenant: str, client: str, document: dict[str, Any]
+    ) -> None:
+        """Step 1: a client that trained joins the round with its keys and weight."""
+        assert self.secure is not None
+        if client not in current.selected:
+            raise UpdateRejected(
+                Reason.not_selected.value,
+                f"{client} was not selected for round {current.info.round}",
+                403,
+            )
+        weight = parse_weight(str(document.get("weight")))
+        cap = self.weight_caps.get(client)
+        if cap is not None and weight > cap:
+            raise UpdateRejected(
+                Reason.weight_above_cap.value,
+                f"weight {weight:g} is above the cap of {cap} samples for tenant {tenant!r}",
+            )
+        raw_steps = document.get("steps")
+        steps = parse_steps(
+            None if raw_steps is None else str(raw_steps), required=self.needs_local_steps
+        )
+        if current.secure is None:
+            if self.template is None:
+                await self.model_bytes(current.info.version)
+            assert self.template is not None
+            length = sum(int(np.prod(shape)) for shape, _dtype in self.template.values())
+            session = secagg.ServerSession(self.name, current.info.round, self.secure, length)
+            current.secure = SecureRegion(session, set(current.selected), self.secure)
+        counted = 1.0 if self.dp is not None else weight
+        current.secure.session.receive_keys(client, document, self.fold_scale(counted, steps))
+        try:
+            await self.store.record_report(current.info.round, client, weight)
+        except RedisError as exc:
+            del current.secure.session.members[client]
+            raise UpdateRejected(
+                Reason.unavailable.value, f"round state unavailable: {exc}", 503
+            ) from None
+        current.secure.weights[client] = (counted, steps)
+        self.metrics.clients_reported.labels(self.name, self.region).set(
+            len(current.secure.session.members)
+        )
+
+    async def _fold_masked(
+        self,
+        tenant: str,
+        client: str,
+        number: int,
+        weight: float,
+        current: _Round,
+        body: memoryview,
+    ) -> dict[str, object]:
+        """Step 3: add one masked update (uint32, the model's shapes) to the region's total."""
+        try:
+            tensors, metadata = codec.decode(body)
+        except CodecError as exc:
+            raise UpdateRejected(Reason.malformed.value, str(exc)) from None
+        check_metadata(
+            metadata,
+            {
+                M_JOB: self.name,
+                M_ROUND: str(number),
+                M_TENANT: tenant,
+                M_CLIENT: client,
+                M_KIND: "masked",
+            },
+        )
+        assert self.template is not None
+        check_structure(
+            tensors,
+            {name: (shape, np.dtype(np.uint32)) for name, (shape, _) in self.template.items()},
+        )
+        async with self._lock:
+            region = current.secure
+            if region is None or self.current is not current:
+                raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
+            advertised = region.weights.get(client)
+            if advertised is not None and parse_weight(metadata.get("fedkube.weight")) != weight:
+                raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
+            flat = np.concatenate([tensors[name].reshape(-1) for name in sorted(self.template)])
+            region.session.receive_masked(client, flat)
+            await self._secure_tick(current)
+        self.metrics.updates_accepted.labels(self.name, TIER, self.region, tenant).inc()
+        self.metrics.bytes_up.labels(self.name, TIER, self.region, tenant).inc(len(body))
+        await self._count(number, bytes_up=len(body))
+        log.info(
+            "masked update added",
+            extra=fields(
+                job=self.name, round=number, region=self.region, tenant=tenant, client=client
+            ),
+        )
+        return {"status": "accepted", "round": number}
+
+    def _secure_tasks_for(
+        self, current: _Round, clients: set[str], after: int
+    ) -> dict[str, Any] | None:
+        region = current.secure
+        task = {
+            "round": current.info.round,
+            "version": current.info.version,
+            "deadline": current.info.deadline,
+        }
+        tasks: list[dict[str, Any]] = []
+        for client in sorted(current.selected & clients):
+            step = region.task(client) if region is not None else None
+            if step is not None:
+                tasks.append({**task, **step, "client": client})
+            elif (
+                current.info.round > after
+                and (region is None or region.step == "advertise")
+                and (region is None or client not in region.session.members)
+                and current.info.state == RoundState.collecting
+            ):
+                tasks.append({"status": "train", "client": client, **task})
+        if not tasks:
+            return None
+        return {"status": "tasks", "round": current.info.round, "tasks": tasks}
+
+    async def _secure_tick(self, current: _Round) -> None:
+        """Move the region's protocol on if its step is done or out of time (under the lock)."""
+        if current.flushed:
+            return
+        flush = current.info.state == RoundState.aggregating
+        region = current.secure
+        if region is None:
+            if flush:  # nobody of this region sent keys by the deadline: an empty partial
+                self._schedule_flush(current)
+            return
+        now = time.monotonic()
+        before = region.step
+        try:
+            while region.due(now, flush):
+                region.advance(now)
+        except SecureAggregationFailed as exc:
+            await self._secure_failed(current, str(exc))
+            return
+        if region.step == "finish":
+            self._schedule_flush(current)
+        if region.step != before:
+            log.info(
+                "secure aggregation: step %s (%d clients in)",
+                region.step,
+                len(region.session.members),
+                extra=fields(job=self.name, round=current.info.round, region=self.region),
+            )
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _secure_failed(self, current: _Round, message: str) -> None:
+        """The region sends no partial this round: its reports go, the global tier learns why."""
+        current.flushed = True
+        number = current.info.round
+        log.error(
+            "secure aggregation failed: %s",
+            message,
+            extra=fields(job=self.name, round=number, region=self.region),
+        )
+        members = sorted(current.secure.session.members) if current.secure else []
+        current.secure = None
+        try:
+            await self.store.forget_reports(number, members)
+            await self.store.record_region_failure(number, self.region, message)
+            await self.store.publish({"type": "region_failed", "round": number})
+        except RedisError as exc:
+            log.warning("region failure not recorded: %s", exc, extra=fields(job=self.name))
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _secure_partial(
+        self, region: SecureRegion
+    ) -> tuple[dict[str, np.ndarray], float, int, float]:
+        """The decoded region sum as tensors, its weight, count and weighted steps (executor)."""
+        assert self.template is not None
+        flat, survivors = region.session.finish()
+        tensors: dict[str, np.ndarray] = {}
+        offset = 0
+        for name in sorted(self.template):
+            shape, _dtype = self.template[name]
+            size = int(np.prod(shape))
+            tensors[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        weight = sum(region.weights[c][0] for c in survivors)
+        steps = sum(region.weights[c][0] * region.weights[c][1] for c in survivors)
+        return tensors, weight, len(survivors), steps
+
     def _inspect(
         self, template: Template, tensors: dict[str, np.ndarray], metadata: dict[str, str]
     ) -> tuple[dict[str, np.ndarray | compression.Part], float]:
@@ -819,7 +1110,27 @@ class Combiner:
         loop = asyncio.get_running_loop()
         async with self._lock:
             await self._forget_owed(current)
-            if current.buffer is not None:
+            if current.secure is not None:
+                region, current.secure = current.secure, None
+                try:
+                    tensors, weight, count, steps = await loop.run_in_executor(
+                        None, self._secure_partial, region
+                    )
+                except SecureAggregationFailed as exc:
+                    current.secure = region
+                    await self._secure_failed(current, str(exc))
+                    return
+                dropped = sorted(region.session.members.keys() - region.session.masked)
+                if dropped:
+                    log.warning(
+                        "secure aggregation: %d clients dropped out (%s); the sum is the others'",
+                        len(dropped),
+                        ", ".join(dropped),
+                        extra=fields(job=self.name, round=current.info.round, region=self.region),
+                    )
+                    with contextlib.suppress(RedisError):
+                        await self.store.forget_reports(current.info.round, dropped)
+            elif current.buffer is not None:
                 assert self.robust_rule is not None
                 started = time.perf_counter()
                 tensors, weight, count, steps = await loop.run_in_executor(

@@ -496,6 +496,10 @@ class GlobalAggregator:
             now = time.time()
             current = await self.store.round_info(number)
             assert current is not None
+            if self.spec.privacy.secure_aggregation is not None:
+                closing = await self._without_failed_regions(current, expected, len(selected))
+                if closing is not None:
+                    return closing
             if current.state == RoundState.collecting and await self.store.is_paused():
                 # Suspended: its workers were stopped on purpose. The round keeps
                 # what it has and gets a whole deadline again once resumed.
@@ -549,6 +553,28 @@ class GlobalAggregator:
             await asyncio.wait({arrival}, timeout=wait)
             arrival.cancel()
             self._arrived.clear()
+
+    async def _without_failed_regions(
+        self, info: RoundInfo, expected: set[str], selected: int
+    ) -> list[Partial] | None:
+        """Once every region sent its partial or failed its secure aggregation: the round's
+        partials if they still make the quorum; else the round fails, saying why."""
+        failures = await self.store.region_failures(info.round)
+        if not failures or not expected <= self.partials.keys() | failures.keys():
+            return None
+        got = sum(p.count for p in self.partials.values())
+        causes = "; ".join(f"region {r}: {failures[r]}" for r in sorted(failures))
+        if got >= info.quorum and got > 0:
+            log.warning(
+                "closing without regions whose secure aggregation failed: %s",
+                causes,
+                extra=fields(job=self.name, round=info.round),
+            )
+            return list(self.partials.values())
+        raise QuorumNotReached(
+            f"round {info.round}: {got} of {selected} selected clients in the regions' sums, "
+            f"quorum is {info.quorum}; secure aggregation failed in {causes}"
+        )
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():

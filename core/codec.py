@@ -41,6 +41,7 @@ _DTYPES: dict[str, np.dtype] = {
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
+    "U32": np.dtype("<u4"),  # secure aggregation's masked fixed point
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("bool"),
 }

@@ -80,6 +80,10 @@ class QuorumNotReached(FedkubeError):
     """A round hit its deadline without enough reports and may not extend."""
 
 
+class SecureAggregationFailed(FedkubeError):
+    """A region's secure aggregation cannot produce its sum (too few shares, a bad task)."""
+
+
 class CheckpointError(FedkubeError):
     """A checkpoint is missing, unreadable or belongs to another job."""
 

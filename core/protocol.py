@@ -64,6 +64,9 @@ class Reason(str, Enum):
     weight_above_cap = "weight_above_cap"
     bad_steps = "bad_steps"
     buffer_full = "buffer_full"
+    # Secure aggregation: a key, sealed share or revealed share that is malformed,
+    # of the wrong length, or not the one this step asks for.
+    bad_share = "bad_share"
     # Not the update's fault: the round state (Redis) could not record it. The
     # worker keeps the update and sends it again.
     unavailable = "unavailable"
@@ -108,7 +111,7 @@ class Envelope:
         return {
             M_JOB: self.job,
             M_ROUND: str(self.round),
-            M_CLIENT if kind == "update" else M_REGION: self.sender,
+            M_REGION if kind == "partial" else M_CLIENT: self.sender,
             M_TENANT: self.tenant,
             M_WEIGHT: repr(float(self.weight)),
             M_KIND: kind,

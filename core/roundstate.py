@@ -323,6 +323,14 @@ class RoundStore:
         data = await self.redis.hgetall(self.key("round", number, "partials"))
         return {region: int(count) for region, count in data.items()}
 
+    async def record_region_failure(self, number: int, region: str, message: str) -> None:
+        """``region`` cannot send a partial for round ``number`` (its secure aggregation failed)."""
+        await self.redis.hset(self.key("round", number, "failed"), region, message)
+
+    async def region_failures(self, number: int) -> dict[str, str]:
+        """Region -> why it sends no partial for round ``number``."""
+        return dict(await self.redis.hgetall(self.key("round", number, "failed")))
+
     async def reported_count(self, number: int) -> int:
         return int(await self.redis.hlen(self.key("round", number, "reported")))
 
@@ -349,7 +357,7 @@ class RoundStore:
                 },
             )
             pipe.rpush(self.key("history"), json.dumps(record, sort_keys=True))
-            for suffix in ("", ":selected", ":reported", ":counters", ":partials"):
+            for suffix in ("", ":selected", ":reported", ":counters", ":partials", ":failed"):
                 pipe.expire(self.key("round", number) + suffix, ttl_seconds)
             await pipe.execute()
         await self.publish({"type": "round_closed", "round": number})

@@ -39,6 +39,9 @@ MAX_REGIONS = 50
 # spec.simulation up to clientsPerWorker virtual clients.
 MAX_WORKERS_PER_TENANT = 1000
 MAX_REPLICAS = 100_000
+# Under secure aggregation a region needs this many clients: with two, each
+# could subtract its own update from the sum and learn the other's.
+MIN_SECURE_REGION = 3
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
@@ -533,9 +536,48 @@ class DifferentialPrivacy(_Model):
     )
 
 
+class SecureAggregation(_Model):
+    """Secure aggregation per region (SecAgg+ over Bonawitz et al.): see fedkube/secagg.py."""
+
+    threshold: float = Field(
+        default=2 / 3,
+        gt=0.5,
+        le=1,
+        description="fraction of a client's share holders (its neighbours) whose shares "
+        "rebuild its secrets: t = ceil(threshold x holders); fewer survivors fail the round",
+    )
+    neighbours: int | None = Field(
+        default=None,
+        ge=2,
+        le=MAX_REPLICAS,
+        description="clients each client masks with and shares its secrets among (the "
+        "SecAgg+ graph's degree); default min(n - 1, 2 ceil(log2 n) + 2) for a region of n "
+        "clients; n - 1 or more is Bonawitz's complete graph",
+    )
+    clip_range: float = Field(
+        default=8.0,
+        gt=0,
+        le=2.0**20,
+        description="every coordinate of an update is clipped to [-clipRange, clipRange] "
+        "before its fixed-point encoding (the sum cannot overflow the 32-bit modulus)",
+    )
+    phase_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="how long a combiner waits for the clients of one protocol step (keys "
+        "shared, masked updates, unmasking shares) before going on with those that answered",
+    )
+
+
 class Privacy(_Model):
     dp: DifferentialPrivacy | None = Field(
         default=None, description="client-level differential privacy (unset: none)"
+    )
+    secure_aggregation: SecureAggregation | None = Field(
+        default=None,
+        description="combiners learn only their region's sum of masked updates, never one "
+        "client's (unset: updates travel in the clear over the token-authenticated channel)",
     )
 
 
@@ -777,12 +819,53 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def _privacy_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What differential privacy cannot be combined with (each would break its bound)."""
-    dp = spec.privacy.dp
-    if dp is None:
+def _secure_aggregation_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What a combiner that sees only masked updates cannot do."""
+    if spec.privacy.secure_aggregation is None:
         return []
     problems: list[tuple[str, str]] = []
+    if spec.strategy.robust.rule != "none" or spec.strategy.robust.norm_bound is not None:
+        problems.append(
+            (
+                "spec.strategy.robust",
+                "a robust rule or normBound needs each client's update, which secure "
+                "aggregation hides from the combiner",
+            )
+        )
+    if spec.transport.norm_bound is not None:
+        problems.append(
+            (
+                "spec.transport.normBound",
+                "a masked update's norm cannot be checked: clip at the worker instead "
+                "(spec.privacy.dp.clipNorm or secureAggregation.clipRange)",
+            )
+        )
+    if spec.compression.up.scheme != "none":
+        problems.append(
+            (
+                "spec.compression.up.scheme",
+                "masked updates are 32-bit fixed point: send them uncompressed",
+            )
+        )
+    for region in spec.regions:
+        clients = sum(t.replicas for t in spec.tenants if t.region == region.name)
+        if clients < MIN_SECURE_REGION:
+            problems.append(
+                (
+                    "spec.privacy.secureAggregation",
+                    f"region {region.name!r} has {clients} clients: a region's sum hides one "
+                    f"client's update only among at least {MIN_SECURE_REGION}",
+                )
+            )
+    return problems
+
+
+def _privacy_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What differential privacy cannot be combined with (each would break its bound)."""
+    problems = _secure_aggregation_problems(spec)
+    dp = spec.privacy.dp
+    if dp is None:
+        return problems
     if (dp.noise_multiplier is None) == (dp.epsilon is None):
         problems.append(("spec.privacy.dp", "set exactly one of noiseMultiplier and epsilon"))
     if spec.strategy.name in ("scaffold", "fednova"):

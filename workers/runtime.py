@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from prometheus_client import start_http_server
 
-from fedkube import codec, compression, privacy
+from fedkube import codec, compression, privacy, secagg
 from fedkube.aggregator.strategies import REGISTRY, norm_bound, scaffold
-from fedkube.errors import CodecError, FedkubeError
+from fedkube.errors import CodecError, FedkubeError, SecureAggregationFailed
 from fedkube.learning import (
     ArrayData,
     build_model,
@@ -113,6 +113,8 @@ RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
 # Updates of one worker's virtual clients sent at once.
 SENDS_IN_FLIGHT = 4
+# The tasks of secure aggregation's steps 2 to 4 (see fedkube.secagg).
+SECURE_STEPS = ("share", "mask", "unmask")
 
 
 @dataclass
@@ -147,6 +149,8 @@ class Seat:
     outgoing: _Outgoing | None = None
     # Loaded to train; kept between rounds only by a worker with one client.
     data: ArrayData | None = None
+    # Under secure aggregation: this round's keys, seed and received shares.
+    secure: secagg.ClientSession | None = None
 
 
 class Worker:
@@ -178,6 +182,7 @@ class Worker:
         # (round, version, tensors): the model the round's clients train on.
         self._round_model: tuple[int, int, dict[str, np.ndarray]] | None = None
         self._noise_multiplier: float | None = None  # local DP: solved once, when first needed
+        self.secure = config.job.spec.privacy.secure_aggregation
         self._warm_up()
 
     @property
@@ -234,6 +239,9 @@ class Worker:
                     log.info("job finished: %s", answer.get("job_status"), extra=self._f())
                     return str(answer.get("job_status"))
                 self._round_open(int(answer.get("round", 0)))
+                steps = [t for t in answer.get("tasks", []) if t["status"] in SECURE_STEPS]
+                if steps:
+                    await self._secure_steps(http, steps)
                 tasks = [t for t in answer.get("tasks", []) if t["status"] in ("train", "resend")]
                 if not tasks:
                     continue
@@ -265,6 +273,8 @@ class Worker:
         for seat in self.seats.values():
             if seat.outgoing is not None and seat.outgoing.round < number:
                 seat.outgoing = None
+            if seat.secure is not None and seat.secure.round < number:
+                seat.secure = None
         if self._round_model is not None and self._round_model[0] < number:
             self._round_model = None
 
@@ -313,6 +323,9 @@ class Worker:
                 if outgoing is None or outgoing.round != number:
                     tensors = await self._model_for(http, number, int(task["version"]))
                     outgoing = seat.outgoing = await self._train(seat, tensors, number)
+                    if self.secure is not None:
+                        sends.append(asyncio.create_task(self._advertise(http, seat, outgoing)))
+                        continue
                 else:
                     self.resent += 1
                     log.info(
@@ -327,6 +340,121 @@ class Worker:
         if all(results):
             self.last_round = max(self.last_round, number)
             return True
+        return False
+
+    # -- secure aggregation (the client side of fedkube.secagg) -----------------
+    async def _advertise(
+        self, http: aiohttp.ClientSession, seat: Seat, outgoing: _Outgoing
+    ) -> bool:
+        """Step 1: join the round with fresh keys and the update's weight (it stays here)."""
+        session = secagg.ClientSession(self.job.name, outgoing.round, seat.client.id)
+        document = {
+            "client": seat.client.id,
+            "round": outgoing.round,
+            "weight": outgoing.weight,
+            "steps": outgoing.update.steps,
+            **session.advertisement(),
+        }
+        answer = await self._post_step(http, seat, "keys", document, outgoing.round)
+        if answer is None:
+            return False  # 503: the next poll hands the round out again
+        if answer:
+            seat.secure = session
+        return True
+
+    async def _secure_steps(self, http: aiohttp.ClientSession, tasks: list[dict[str, Any]]) -> None:
+        """Steps 2 to 4 for each client that has one: shares, masked update, unmasking."""
+        loop = asyncio.get_running_loop()
+        for task in tasks:
+            seat = self.seats.get(str(task.get("client", "")))
+            number = int(task.get("round", 0))
+            session = seat.secure if seat is not None else None
+            if seat is None or session is None or session.round != number:
+                continue  # keys lost with a restart: the combiner counts this client dropped
+            try:
+                if task["status"] == "share":
+                    sealed = await loop.run_in_executor(None, session.share, task)
+                    document = {"client": seat.client.id, "round": number, "shares": sealed}
+                    await self._post_step(http, seat, "shares", document, number)
+                elif task["status"] == "mask":
+                    await self._send_masked(http, seat, session, task)
+                else:
+                    shares = session.unmask(task)
+                    document = {"client": seat.client.id, "round": number, "shares": shares}
+                    await self._post_step(http, seat, "unmask", document, number)
+            except SecureAggregationFailed as exc:
+                log.error(
+                    "leaving the round's secure aggregation: %s",
+                    exc,
+                    extra=self._f(number, seat.client.id),
+                )
+                seat.secure = None
+
+    async def _send_masked(
+        self,
+        http: aiohttp.ClientSession,
+        seat: Seat,
+        session: secagg.ClientSession,
+        task: dict[str, Any],
+    ) -> None:
+        outgoing = seat.outgoing
+        if outgoing is None or outgoing.round != session.round:
+            raise SecureAggregationFailed("the round's update is gone")
+        assert self.secure is not None
+        delta = outgoing.update.delta
+        names = sorted(delta)
+        counted = 1.0 if self.job.spec.privacy.dp is not None else outgoing.weight
+        ratio = self.strategy.fold_scale(counted, outgoing.update.steps)
+        loop = asyncio.get_running_loop()
+
+        def masked() -> codec.Encoded:
+            flat = np.concatenate([delta[name].reshape(-1) for name in names])
+            values = session.mask(task, flat, ratio / session.weight_total, self.secure.clip_range)
+            tensors, offset = {}, 0
+            for name in names:
+                tensors[name] = values[offset : offset + delta[name].size].reshape(
+                    delta[name].shape
+                )
+                offset += delta[name].size
+            envelope = Envelope(
+                self.job.name, session.round, seat.client.id, seat.client.tenant, outgoing.weight
+            )
+            return codec.encode_parts(tensors, {**envelope.metadata("masked")})
+
+        body = await loop.run_in_executor(None, masked)
+        wire = _Outgoing(session.round, body, outgoing.update, outgoing.weight, outgoing.train_s)
+        if await self._send(http, seat, wire, session.round) and wire.accepted:
+            outgoing.accepted = True
+
+    async def _post_step(
+        self,
+        http: aiohttp.ClientSession,
+        seat: Seat,
+        step: str,
+        document: dict[str, Any],
+        number: int,
+    ) -> bool | None:
+        """POST one protocol message: True if taken, False if refused, None to try again (503)."""
+        headers = {H_CLIENT: seat.client.id, H_ROUND: str(number)}
+        url = f"{self.config.combiner_url}/v1/secagg/{step}"
+        async with http.post(url, json=document, headers=headers) as response:
+            text = await response.text()
+            status = response.status
+        if status < 300:
+            return True
+        try:
+            answer = json.loads(text)
+        except json.JSONDecodeError:
+            answer = {"error": f"http {status}", "detail": text[:200]}
+        if status == 503:
+            return None
+        log.warning(
+            "secure aggregation %s refused (%s): %s",
+            step,
+            answer.get("error"),
+            answer.get("detail"),
+            extra=self._f(number, seat.client.id),
+        )
         return False
 
     async def _send(

@@ -1,0 +1,631 @@
+"""Secure aggregation: a region's combiner learns the sum of its updates, not one of them.
+
+The protocol is Bonawitz et al. 2017 ("Practical Secure Aggregation for
+Privacy-Preserving Machine Learning") over the neighbour graph of SecAgg+
+(Bell et al. 2020), run by each regional combiner for its own clients. This
+module is its pure part, with no I/O: the client's and the server's state
+machines, the crypto and the fixed-point maths. ``aggregator/secure_round``
+drives the server side over HTTP, ``workers/runtime`` the client side.
+
+One round, per region (U1 ⊇ U2 ⊇ U3 are the clients still in at each step)::
+
+  1. advertise  client: trains, then sends two fresh X25519 public keys
+                (c: to encrypt shares, s: to agree masks) and its weight.
+  2. share      server: picks the neighbour graph over U1 (a ring of degree
+                k over a permutation seeded by the round) and sends each
+                client its neighbours' keys. Client: draws a self-mask seed
+                b_u, Shamir-shares b_u and its mask key s_u^SK among its
+                neighbours (threshold t = ⌈threshold·k⌉), encrypts each share
+                pair with AES-GCM under HKDF(X25519(c_u, c_v)). U2: who sent.
+  3. mask       server: routes each client the ciphertexts addressed to it.
+                Client: sends y_u = encode(x_u) + PRG(b_u)
+                + Σ_{v∈N(u)∩U2} ±PRG(s_uv) (mod 2^32); U3: who sent.
+  4. unmask     server: tells each client which neighbours sent (U3) and
+                which dropped (U2 \\ U3). Client: reveals its share of b_v for
+                each v in U3 and of s_v^SK for each dropped v, never both for
+                one v. Server: rebuilds them from t shares each, removes the
+                self masks and the dropped clients' pairwise masks, and
+                decodes Σ_{U3} x_u. Pairwise masks between survivors cancel.
+
+The PRG is AES-256 in counter mode (``cryptography``), its key stream read
+by numpy as uint32: a cryptographic PRG, unlike numpy's own generators, whose
+state can be recovered from their output.
+
+Fixed-point encoding (the modulus is 2^32, as a uint32 per parameter, so a
+masked update is exactly the size of its float32 form):
+
+* every coordinate is clipped to ``[-c, c]`` (``clipRange``) and multiplied
+  by the client's share of the region's weight, ``ρ_u = s_u / S`` (``s_u``
+  its fold scale, ``S`` the sum over U1, announced in step 2);
+* with ``f = 30 - ⌈log2 c⌉`` fractional bits, ``q_u = round(ρ_u·x_u·2^f)``,
+  stored as two's complement mod 2^32;
+* any subset of U1 sums to at most ``c·2^f ≤ 2^30`` in magnitude, plus at
+  most ``n/2`` from rounding: below 2^31 for any region of fewer than 2^30
+  clients, so the int32 reading of the sum is exact (no overflow);
+* decoded, ``Σ q_u / 2^f · S`` is ``Σ s_u·x_u`` to within
+  ``|U3|·S/2^(f+1)`` per coordinate (:func:`sum_error_bound`).
+
+What it assumes: an honest-but-curious combiner (it follows the protocol but
+may read everything it gets) and clients that follow the protocol. It does
+not protect against a combiner that lies about who dropped to learn one
+client's update (Bonawitz's active-adversary variant signs the key
+advertisements for that), and the combiner cannot check a masked update's
+norm or finiteness: a malicious client can shift the sum.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import random
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedkube.errors import SecureAggregationFailed, UpdateRejected
+from fedkube.protocol import Reason
+from fedkube.spec import SecureAggregation
+
+KEY_BYTES = 32
+SEED_BYTES = 32
+# Shamir's field: the Mersenne prime 2^521 - 1 holds any 32-byte secret.
+PRIME = (1 << 521) - 1
+SHARE_BYTES = 66  # ⌈521 / 8⌉
+NONCE_BYTES = 12
+TAG_BYTES = 16
+# One encrypted share pair (of b_u and of s_u^SK): nonce, both shares, GCM tag.
+SEALED_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES
+MASK_CHUNK = 1 << 16  # elements per step of mask expansion (256 KiB: stays in cache)
+
+SELF = "b"  # a revealed share of a client's self-mask seed
+PAIRWISE = "s"  # a revealed share of a dropped client's mask key
+
+
+# -- encodings on the wire -----------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object, what: str, length: int) -> bytes:
+    """Base64 ``text`` of exactly ``length`` bytes, or a refusal naming ``what``."""
+    if not isinstance(text, str):
+        raise UpdateRejected(Reason.bad_share.value, f"{what} is not a base64 string")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise UpdateRejected(Reason.bad_share.value, f"{what} is not valid base64") from None
+    if len(data) != length:
+        raise UpdateRejected(
+            Reason.bad_share.value, f"{what} is {len(data)} bytes, expected {length}"
+        )
+    return data
+
+
+# -- keys ------------------------------------------------------------------------
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
+    """A 32-byte key both ends derive: HKDF-SHA256 over the X25519 shared secret."""
+    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=purpose + b"\0" + context
+    ).derive(shared)
+
+
+def _context(job: str, number: int, *clients: str) -> bytes:
+    """Binds a key or ciphertext to its job, round and clients (length-prefixed)."""
+    parts = [job.encode(), str(number).encode(), *(c.encode() for c in clients)]
+    return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
+def pair_context(job: str, number: int, u: str, v: str) -> bytes:
+    return _context(job, number, *sorted((u, v)))
+
+
+# -- Shamir secret sharing over GF(2^521 - 1) -------------------------------------
+def split(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, bytes]:
+    """Shares of ``secret`` at the points ``xs``: any ``threshold`` of them rebuild it."""
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold {threshold} for {len(xs)} holders")
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for coefficient in reversed(coefficients):
+            y = (y * x + coefficient) % PRIME
+        shares[x] = y.to_bytes(SHARE_BYTES, "big")
+    return shares
+
+
+def combine(shares: Mapping[int, bytes], length: int = SEED_BYTES) -> bytes:
+    """The secret (``length`` bytes) that these shares (exactly ``threshold`` of them) hide."""
+    points = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _yj) in enumerate(points):
+            if i != j:
+                numerator = numerator * -xj % PRIME
+                denominator = denominator * (xi - xj) % PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * length):
+        raise SecureAggregationFailed("shares do not rebuild a secret of the expected size")
+    return secret.to_bytes(length, "big")
+
+
+# -- masks -----------------------------------------------------------------------
+def apply_masks(values: np.ndarray, plus: Iterable[bytes], minus: Iterable[bytes]) -> None:
+    """``values += Σ PRG(plus) - Σ PRG(minus)`` in place (uint32, so mod 2^32).
+
+    PRG(key) is the AES-256-CTR key stream of ``key`` from counter 0, read as
+    uint32. Chunk by chunk, every stream at once: the chunk of ``values``
+    stays in cache while each key's stream is added to it.
+    """
+    streams: list[tuple[CipherContext, np.ufunc]] = [(_stream(key), np.add) for key in plus]
+    streams += [(_stream(key), np.subtract) for key in minus]
+    if not streams:
+        return
+    zeros = bytes(4 * MASK_CHUNK)
+    buffer = bytearray(4 * MASK_CHUNK + 16)
+    for start in range(0, values.size, MASK_CHUNK):
+        stop = min(start + MASK_CHUNK, values.size)
+        chunk = values[start:stop]
+        plain = memoryview(zeros)[: 4 * (stop - start)]
+        for stream, operation in streams:
+            stream.update_into(plain, buffer)
+            operation(chunk, np.frombuffer(buffer, np.uint32, count=stop - start), out=chunk)
+
+
+def _stream(key: bytes) -> CipherContext:
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+
+def pairwise_sign(u: str, v: str) -> int:
+    """+1 if ``u`` adds the mask it shares with ``v``, -1 if it subtracts it."""
+    return 1 if u < v else -1
+
+
+# -- fixed point -----------------------------------------------------------------
+def fraction_bits(clip_range: float) -> int:
+    """Fractional bits f with ``clip_range·2^f ≤ 2^30`` (see the module docstring)."""
+    return 30 - math.ceil(math.log2(clip_range))
+
+
+def encode(flat: np.ndarray, ratio: float, clip_range: float) -> np.ndarray:
+    """``round(ratio·clip(flat)·2^f)`` as two's complement uint32 (a new array)."""
+    scale = ratio * 2.0 ** fraction_bits(clip_range)
+    scaled = np.clip(flat.astype(np.float64), -clip_range, clip_range) * scale
+    return np.rint(scaled).astype(np.int64).astype(np.uint32)
+
+
+def decode(total: np.ndarray, weight_total: float, clip_range: float) -> np.ndarray:
+    """The float32 ``Σ s_u·x_u`` that a uint32 sum of encodings stands for."""
+    scale = weight_total / 2.0 ** fraction_bits(clip_range)
+    return (total.view(np.int32).astype(np.float64) * scale).astype(np.float32)
+
+
+def sum_error_bound(count: int, weight_total: float, clip_range: float) -> float:
+    """The most a decoded sum of ``count`` encodings can differ from the exact one."""
+    return count * weight_total / 2.0 ** (fraction_bits(clip_range) + 1)
+
+
+# -- the neighbour graph ---------------------------------------------------------
+def default_degree(n: int) -> int:
+    """SecAgg+'s O(log n) neighbours: min(n - 1, 2⌈log2 n⌉ + 2)."""
+    return min(n - 1, 2 * math.ceil(math.log2(max(n, 2))) + 2)
+
+
+def neighbours(roster: Sequence[str], degree: int, seed: bytes) -> dict[str, list[str]]:
+    """A ring of ``degree`` (rounded up to even) over a seeded permutation of ``roster``.
+
+    ``degree ≥ n - 1`` is the complete graph (Bonawitz). The permutation is
+    public (derived from the job and round) and random, so which clients
+    mask with which is not chosen by anyone.
+    """
+    n = len(roster)
+    if degree >= n - 1:
+        return {u: [v for v in roster if v != u] for u in roster}
+    order = sorted(roster)
+    random.Random(seed).shuffle(order)
+    half = (degree + 1) // 2
+    graph: dict[str, list[str]] = {}
+    for i, u in enumerate(order):
+        around = {order[(i + d) % n] for d in range(-half, half + 1) if d}
+        graph[u] = sorted(around)
+    return graph
+
+
+def threshold_for(holders: int, fraction: float) -> int:
+    return max(1, math.ceil(fraction * holders - 1e-9))
+
+
+# -- the client's side -------------------------------------------------------------
+@dataclass
+class Peer:
+    """A neighbour as the server announced it in step 2."""
+
+    x: int  # its Shamir point (1-based place in the round's roster)
+    c: bytes  # its public key for share encryption
+    s: bytes  # its public key for mask agreement
+
+
+@dataclass
+class ClientSession:
+    """One client's secrets and view for one round; dropped when the round ends."""
+
+    job: str
+    round: int
+    client: str
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
+    peers: dict[str, Peer] = field(default_factory=dict)
+    weight_total: float = 0.0
+    received: dict[str, bytes] = field(default_factory=dict)  # sealed shares addressed to us
+    revealed: bool = False
+
+    def advertisement(self) -> dict[str, str]:
+        return {"c": b64(public_bytes(self.c_key)), "s": b64(public_bytes(self.s_key))}
+
+    def share(self, task: Mapping[str, object]) -> dict[str, str]:
+        """Step 2: our seed and mask key, split among our neighbours and sealed for each."""
+        peers = task.get("peers")
+        threshold = task.get("threshold")
+        total = task.get("weightTotal")
+        if not isinstance(peers, dict) or not isinstance(threshold, int):
+            raise SecureAggregationFailed("share task without peers or threshold")
+        if not isinstance(total, int | float) or not total > 0:
+            raise SecureAggregationFailed("share task without a positive weightTotal")
+        self.weight_total = float(total)
+        for name, peer in peers.items():
+            self.peers[str(name)] = Peer(
+                x=int(peer["x"]),
+                c=unb64(peer["c"], f"{name}'s c key", KEY_BYTES),
+                s=unb64(peer["s"], f"{name}'s s key", KEY_BYTES),
+            )
+        xs = [peer.x for peer in self.peers.values()]
+        seed_shares = split(self.seed, xs, threshold)
+        key_shares = split(private_bytes(self.s_key), xs, threshold)
+        sealed = {}
+        for name, peer in self.peers.items():
+            key = agree(
+                self.c_key,
+                peer.c,
+                b"fedkube-secagg-share",
+                pair_context(self.job, self.round, self.client, name),
+            )
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            body = seed_shares[peer.x] + key_shares[peer.x]
+            aad = _context(self.job, self.round, self.client, name)
+            sealed[name] = b64(nonce + AESGCM(key).encrypt(nonce, body, aad))
+        return sealed
+
+    def mask(
+        self, task: Mapping[str, object], flat: np.ndarray, ratio: float, clip_range: float
+    ) -> np.ndarray:
+        """Step 3: our encoded update, masked (``flat`` is not changed)."""
+        shares = task.get("shares")
+        if not isinstance(shares, dict):
+            raise SecureAggregationFailed("mask task without shares")
+        for sender, sealed in shares.items():
+            if sender not in self.peers:
+                raise SecureAggregationFailed(f"a share from {sender!r}, not a neighbour")
+            self.received[sender] = unb64(sealed, f"share from {sender}", SEALED_BYTES)
+        values = encode(flat, ratio, clip_range)
+        plus: list[bytes] = [self.seed]
+        minus: list[bytes] = []
+        for name in self.received:  # the neighbours that shared (U2)
+            key = self._pair_key(name)
+            (plus if pairwise_sign(self.client, name) > 0 else minus).append(key)
+        apply_masks(values, plus, minus)
+        return values
+
+    def _pair_key(self, name: str) -> bytes:
+        return agree(
+            self.s_key,
+            self.peers[name].s,
+            b"fedkube-secagg-mask",
+            pair_context(self.job, self.round, self.client, name),
+        )
+
+    def unmask(self, task: Mapping[str, object]) -> dict[str, dict[str, str]]:
+        """Step 4: for each neighbour that shared, its seed's share or (dropped) its key's."""
+        survivors = set(_names(task.get("survivors")))
+        dropped = set(_names(task.get("dropped")))
+        if survivors & dropped:
+            # Revealing both for one client would unmask its update.
+            raise SecureAggregationFailed(
+                f"the server calls {sorted(survivors & dropped)} both survivors and dropped"
+            )
+        if self.revealed:
+            raise SecureAggregationFailed("this round's shares were revealed already")
+        self.revealed = True
+        answer: dict[str, dict[str, str]] = {}
+        for sender in (survivors | dropped) & self.received.keys():
+            seed_share, key_share = self._open(sender)
+            if sender in survivors:
+                answer[sender] = {"kind": SELF, "share": b64(seed_share), "round": str(self.round)}
+            else:
+                answer[sender] = {
+                    "kind": PAIRWISE,
+                    "share": b64(key_share),
+                    "round": str(self.round),
+                }
+        return answer
+
+    def _open(self, sender: str) -> tuple[bytes, bytes]:
+        sealed = self.received[sender]
+        key = agree(
+            self.c_key,
+            self.peers[sender].c,
+            b"fedkube-secagg-share",
+            pair_context(self.job, self.round, sender, self.client),
+        )
+        aad = _context(self.job, self.round, sender, self.client)
+        try:
+            body = AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+        except InvalidTag:
+            raise SecureAggregationFailed(
+                f"the share from {sender} does not decrypt for round {self.round}"
+            ) from None
+        return body[:SHARE_BYTES], body[SHARE_BYTES:]
+
+
+def _names(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SecureAggregationFailed("expected a list of client names")
+    return value
+
+
+# -- the server's side -------------------------------------------------------------
+@dataclass
+class _Member:
+    c: bytes
+    s: bytes
+    scale: float  # its fold scale s_u (what its update is weighted by)
+    x: int = 0
+    sealed: dict[str, bytes] = field(default_factory=dict)  # recipient -> ciphertext
+    reveals: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # about -> (kind, share)
+
+
+class ServerSession:
+    """A combiner's view of one round's protocol for its region.
+
+    Steps advance when the driver says so (everyone answered, or the step's
+    time ran out); each ``receive_*`` checks its input and raises
+    :class:`~fedkube.errors.UpdateRejected` (reason ``bad_share`` or
+    ``wrong_round``) without changing anything when it is refused.
+    """
+
+    STEPS = ("advertise", "share", "mask", "unmask", "done")
+
+    def __init__(self, job: str, number: int, config: SecureAggregation, length: int):
+        self.job = job
+        self.round = number
+        self.config = config
+        self.step = "advertise"
+        self.members: dict[str, _Member] = {}
+        self.graph: dict[str, list[str]] = {}
+        self.threshold = 0
+        self.weight_total = 0.0
+        self.shared: set[str] = set()  # U2
+        self.masked: set[str] = set()  # U3
+        self.unmasked: set[str] = set()
+        self.total = np.zeros(length, np.uint32)
+
+    # step 1
+    def receive_keys(self, client: str, document: Mapping[str, object], scale: float) -> None:
+        self._expect("advertise", client)
+        if client in self.members:
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already sent its keys", 409)
+        self.members[client] = _Member(
+            c=unb64(document.get("c"), "key c", KEY_BYTES),
+            s=unb64(document.get("s"), "key s", KEY_BYTES),
+            scale=scale,
+        )
+
+    def close_advertising(self) -> None:
+        """U1 is fixed: the graph, every member's point and the threshold follow."""
+        roster = sorted(self.members)
+        for x, client in enumerate(roster, start=1):
+            self.members[client].x = x
+        degree = self.config.neighbours or default_degree(len(roster))
+        seed = hashlib.sha256(b"fedkube-secagg-graph" + _context(self.job, self.round)).digest()
+        self.graph = neighbours(roster, degree, seed) if len(roster) > 1 else {}
+        holders = min((len(p) for p in self.graph.values()), default=0)
+        self.threshold = threshold_for(holders, self.config.threshold)
+        self.weight_total = sum(m.scale for m in self.members.values())
+        self.step = "share"
+
+    def share_task(self, client: str) -> dict[str, object]:
+        return {
+            "threshold": self.threshold,
+            "weightTotal": self.weight_total,
+            "peers": {
+                v: {
+                    "x": self.members[v].x,
+                    "c": b64(self.members[v].c),
+                    "s": b64(self.members[v].s),
+                }
+                for v in self.graph.get(client, [])
+            },
+        }
+
+    # step 2
+    def receive_shares(self, client: str, document: Mapping[str, object]) -> None:
+        self._expect("share", client)
+        if client in self.shared:
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already shared", 409)
+        sealed = document.get("shares")
+        expected = set(self.graph.get(client, []))
+        if not isinstance(sealed, dict) or set(sealed) != expected:
+            raise UpdateRejected(
+                Reason.bad_share.value,
+                f"{client} must send one sealed share to each of its {len(expected)} neighbours",
+            )
+        checked = {
+            v: unb64(text, f"{client}'s share for {v}", SEALED_BYTES) for v, text in sealed.items()
+        }
+        self.members[client].sealed = checked
+        self.shared.add(client)
+
+    def close_sharing(self) -> None:
+        self.step = "mask"
+
+    def mask_task(self, client: str) -> dict[str, object]:
+        """The sealed shares addressed to ``client`` from its neighbours in U2."""
+        return {
+            "shares": {
+                u: b64(self.members[u].sealed[client])
+                for u in self.graph.get(client, [])
+                if u in self.shared
+            }
+        }
+
+    # step 3
+    def receive_masked(self, client: str, values: np.ndarray) -> None:
+        """Add one masked update (flat uint32 of the model's length) to the running total."""
+        self._expect("mask", client)
+        if client not in self.shared:
+            raise UpdateRejected(Reason.bad_share.value, f"{client} did not share its keys")
+        if client in self.masked:
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already reported", 409)
+        if values.dtype != np.uint32 or values.size != self.total.size:
+            raise UpdateRejected(
+                Reason.wrong_shape.value,
+                f"a masked update is {self.total.size} uint32 values, got {values.size} "
+                f"{values.dtype}",
+            )
+        np.add(self.total, values, out=self.total)
+        self.masked.add(client)
+
+    def close_masking(self) -> None:
+        self.step = "unmask"
+
+    def unmask_task(self, client: str) -> dict[str, object]:
+        survivors, dropped = self._fates(client)
+        return {"survivors": survivors, "dropped": dropped}
+
+    def _fates(self, client: str) -> tuple[list[str], list[str]]:
+        """``client``'s neighbours that shared: those that sent an update, those that did not."""
+        mine = [v for v in self.graph.get(client, []) if v in self.shared]
+        return [v for v in mine if v in self.masked], [v for v in mine if v not in self.masked]
+
+    # step 4
+    def receive_unmasking(self, client: str, document: Mapping[str, object]) -> None:
+        self._expect("unmask", client)
+        if client in self.unmasked:
+            raise UpdateRejected(Reason.duplicate.value, f"{client} already unmasked", 409)
+        reveals = document.get("shares")
+        survivors, dropped = self._fates(client)
+        expected = {v: SELF for v in survivors} | {v: PAIRWISE for v in dropped}
+        if not isinstance(reveals, dict) or set(reveals) != set(expected):
+            raise UpdateRejected(
+                Reason.bad_share.value,
+                f"{client} must reveal a share for each of {sorted(expected)}",
+            )
+        checked = {}
+        for about, reveal in reveals.items():
+            if not isinstance(reveal, dict):
+                raise UpdateRejected(
+                    Reason.bad_share.value, f"the share of {about} is not an object"
+                )
+            if reveal.get("round") != str(self.round):
+                raise UpdateRejected(
+                    Reason.wrong_round.value,
+                    f"{client}'s share of {about} is for round {reveal.get('round')}, "
+                    f"this is round {self.round}",
+                    409,
+                )
+            if reveal.get("kind") != expected[about]:
+                raise UpdateRejected(
+                    Reason.bad_share.value,
+                    f"{client} must reveal the {'seed' if expected[about] == SELF else 'mask key'}"
+                    f" share of {about}",
+                )
+            checked[about] = (
+                expected[about],
+                unb64(reveal.get("share"), f"{client}'s share of {about}", SHARE_BYTES),
+            )
+        self.members[client].reveals = checked
+        self.unmasked.add(client)
+
+    def finish(self) -> tuple[np.ndarray, set[str]]:
+        """The region's decoded ``Σ s_u·x_u`` over U3, and U3 itself.
+
+        Raises :class:`~fedkube.errors.SecureAggregationFailed` naming the
+        shares needed and arrived when some secret cannot be rebuilt.
+        """
+        self.step = "done"
+        plus: list[bytes] = []
+        minus: list[bytes] = []
+        for v in sorted(self.masked):
+            minus.append(self._rebuild(v, SELF))
+        for v in sorted(self.shared - self.masked):
+            key = X25519PrivateKey.from_private_bytes(self._rebuild(v, PAIRWISE))
+            if public_bytes(key) != self.members[v].s:
+                raise SecureAggregationFailed(
+                    f"the shares of {v}'s mask key rebuild a key that is not the one it advertised"
+                )
+            for u in self.graph.get(v, []):
+                if u in self.masked:
+                    pair = agree(
+                        key,
+                        self.members[u].s,
+                        b"fedkube-secagg-mask",
+                        pair_context(self.job, self.round, u, v),
+                    )
+                    # u added sign(u, v)·PRG(pair): take it out again.
+                    (minus if pairwise_sign(u, v) > 0 else plus).append(pair)
+        total = self.total
+        apply_masks(total, plus, minus)
+        return decode(total, self.weight_total, self.config.clip_range), set(self.masked)
+
+    def _rebuild(self, about: str, kind: str) -> bytes:
+        shares = {
+            self.members[holder].x: reveal[1]
+            for holder in self.graph.get(about, [])
+            if holder in self.unmasked
+            and (reveal := self.members[holder].reveals.get(about)) is not None
+            and reveal[0] == kind
+        }
+        if len(shares) < self.threshold:
+            what = "self-mask seed" if kind == SELF else "mask key"
+            raise SecureAggregationFailed(
+                f"round {self.round}: rebuilding {about}'s {what} needs {self.threshold} shares, "
+                f"{len(shares)} arrived"
+            )
+        chosen = dict(sorted(shares.items())[: self.threshold])
+        return combine(chosen, SEED_BYTES if kind == SELF else KEY_BYTES)
+
+    def _expect(self, step: str, client: str) -> None:
+        if self.step != step:
+            raise UpdateRejected(
+                Reason.late.value,
+                f"round {self.round} is at step {self.step!r}, not {step!r} ({client})",
+                410,
+            )
+        if step != "advertise" and client not in self.members:
+            raise UpdateRejected(
+                Reason.not_selected.value, f"{client} did not advertise keys this round", 403
+            )
