@@ -14,16 +14,17 @@ One round, per region (U1 ⊇ U2 ⊇ U3 are the clients still in at each step)::
   2. share      server: picks the neighbour graph over U1 (a ring of degree
                 k over a permutation seeded by the round) and sends each
                 client its neighbours' keys. Client: draws a self-mask seed
-                b_u, Shamir-shares b_u and its mask key s_u^SK among its
-                neighbours (threshold t = ⌈threshold·k⌉), encrypts each share
-                pair with AES-GCM under HKDF(X25519(c_u, c_v)). U2: who sent.
+                b_u, Shamir-shares b_u and its mask key s_u^SK among its k
+                neighbours and itself (threshold t = ⌈threshold·(k + 1)⌉),
+                encrypts each neighbour's share pair with AES-GCM under
+                HKDF(X25519(c_u, c_v)). U2: who sent.
   3. mask       server: routes each client the ciphertexts addressed to it.
                 Client: sends y_u = encode(x_u) + PRG(b_u)
                 + Σ_{v∈N(u)∩U2} ±PRG(s_uv) (mod 2^32); U3: who sent.
   4. unmask     server: tells each client which neighbours sent (U3) and
                 which dropped (U2 \\ U3). Client: reveals its share of b_v for
-                each v in U3 and of s_v^SK for each dropped v, never both for
-                one v. Server: rebuilds them from t shares each, removes the
+                each v in U3 (itself included) and of s_v^SK for each dropped
+                v, never both for one v. Server: rebuilds them from t shares each, removes the
                 self masks and the dropped clients' pairwise masks, and
                 decodes Σ_{U3} x_u. Pairwise masks between survivors cancel.
 
@@ -282,6 +283,7 @@ class ClientSession:
     peers: dict[str, Peer] = field(default_factory=dict)
     weight_total: float = 0.0
     received: dict[str, bytes] = field(default_factory=dict)  # sealed shares addressed to us
+    own_seed_share: bytes = b""
     revealed: bool = False
 
     def advertisement(self) -> dict[str, str]:
@@ -303,9 +305,14 @@ class ClientSession:
                 c=unb64(peer["c"], f"{name}'s c key", KEY_BYTES),
                 s=unb64(peer["s"], f"{name}'s s key", KEY_BYTES),
             )
-        xs = [peer.x for peer in self.peers.values()]
+        own = task.get("x")
+        if not isinstance(own, int):
+            raise SecureAggregationFailed("share task without this client's point x")
+        xs = [own, *(peer.x for peer in self.peers.values())]
         seed_shares = split(self.seed, xs, threshold)
         key_shares = split(private_bytes(self.s_key), xs, threshold)
+        # Our own share of our seed, revealed in step 4 like the others' (Bonawitz).
+        self.own_seed_share = seed_shares[own]
         sealed = {}
         for name, peer in self.peers.items():
             key = agree(
@@ -361,6 +368,12 @@ class ClientSession:
             raise SecureAggregationFailed("this round's shares were revealed already")
         self.revealed = True
         answer: dict[str, dict[str, str]] = {}
+        if self.client in survivors:
+            answer[self.client] = {
+                "kind": SELF,
+                "share": b64(self.own_seed_share),
+                "round": str(self.round),
+            }
         for sender in (survivors | dropped) & self.received.keys():
             seed_share, key_share = self._open(sender)
             if sender in survivors:
@@ -452,7 +465,8 @@ class ServerSession:
         degree = self.config.neighbours or default_degree(len(roster))
         seed = hashlib.sha256(b"fedkube-secagg-graph" + _context(self.job, self.round)).digest()
         self.graph = neighbours(roster, degree, seed) if len(roster) > 1 else {}
-        holders = min((len(p) for p in self.graph.values()), default=0)
+        # A client's share holders: its neighbours and itself (Bonawitz shares to all of U1).
+        holders = 1 + min((len(p) for p in self.graph.values()), default=0)
         self.threshold = threshold_for(holders, self.config.threshold)
         self.weight_total = sum(m.scale for m in self.members.values())
         self.step = "share"
@@ -460,6 +474,7 @@ class ServerSession:
     def share_task(self, client: str) -> dict[str, object]:
         return {
             "threshold": self.threshold,
+            "x": self.members[client].x,
             "weightTotal": self.weight_total,
             "peers": {
                 v: {
@@ -529,6 +544,8 @@ class ServerSession:
     def _fates(self, client: str) -> tuple[list[str], list[str]]:
         """``client``'s neighbours that shared: those that sent an update, those that did not."""
         mine = [v for v in self.graph.get(client, []) if v in self.shared]
+        if client in self.masked:
+            mine.append(client)  # it holds a share of its own seed too
         return [v for v in mine if v in self.masked], [v for v in mine if v not in self.masked]
 
     # step 4
@@ -604,7 +621,7 @@ class ServerSession:
     def _rebuild(self, about: str, kind: str) -> bytes:
         shares = {
             self.members[holder].x: reveal[1]
-            for holder in self.graph.get(about, [])
+            for holder in [about, *self.graph.get(about, [])]
             if holder in self.unmasked
             and (reveal := self.members[holder].reveals.get(about)) is not None
             and reveal[0] == kind

@@ -543,8 +543,9 @@ class SecureAggregation(_Model):
         default=2 / 3,
         gt=0.5,
         le=1,
-        description="fraction of a client's share holders (its neighbours) whose shares "
-        "rebuild its secrets: t = ceil(threshold x holders); fewer survivors fail the round",
+        description="fraction of a client's share holders (its neighbours and itself) whose "
+        "shares rebuild its secrets: t = ceil(threshold x holders); fewer survivors fail the "
+        "round",
     )
     neighbours: int | None = Field(
         default=None,
