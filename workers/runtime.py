@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from prometheus_client import start_http_server
 
-from fedkube import codec, compression, privacy, secagg
+from fedkube import codec, compression, faults, privacy, secagg
 from fedkube.aggregator.strategies import REGISTRY, norm_bound, scaffold
 from fedkube.errors import CodecError, FedkubeError, SecureAggregationFailed
 from fedkube.learning import (
@@ -376,6 +376,7 @@ class Worker:
                     sealed = await loop.run_in_executor(None, session.share, task)
                     document = {"client": seat.client.id, "round": number, "shares": sealed}
                     await self._post_step(http, seat, "shares", document, number)
+                    faults.reached(f"worker.{seat.client.id}.shared", number)
                 elif task["status"] == "mask":
                     await self._send_masked(http, seat, session, task)
                 else:

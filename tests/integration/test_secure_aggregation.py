@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.numpy import load_file
 
 from fedkube import codec, secagg
 from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube.faults import FAULTS_DIR_ENV, FAULTS_ENV
 from fedkube.local.runner import RunOptions, run_job
 from fedkube.protocol import Envelope
 from fedkube.spec import parse_job
@@ -289,25 +291,45 @@ async def test_too_few_unmasking_shares_fail_the_round_saying_how_many(redis_ser
         assert "rebuilding a-0's self-mask seed needs 4 shares, 3 arrived" in message
 
 
-def test_a_secure_run_trains_the_same_model_as_the_same_run_in_the_clear(tmp_path):
-    # prepare: the same job with and without secure aggregation, real worker processes
+def test_a_secure_run_trains_the_clear_runs_model_and_survives_workers_killed_mid_protocol(
+    tmp_path,
+):
+    # prepare: the same job in the clear and secure, real worker processes; in the
+    # secure run's round 2, two of eu's six workers die once their keys are shared
     document = small_job_dict(
         rounds=2,
         tenants=[
-            {"name": "a", "region": "eu", "replicas": 3},
+            {"name": "a", "region": "eu", "replicas": 6},
             {"name": "c", "region": "us", "replicas": 3},
         ],
-        participation={"minFraction": 1.0, "roundTimeoutSeconds": 60},
+        participation={"minFraction": 0.5, "roundTimeoutSeconds": 60},
     )
-    secure = {**document, "spec": {**document["spec"], "privacy": {"secureAggregation": {}}}}
-    models = {}
-    for name, manifest in (("clear", document), ("secure", secure)):
+    secure = copy.deepcopy(document)
+    secure["spec"]["privacy"] = {"secureAggregation": {"phaseTimeoutSeconds": 3}}
+    kills = {
+        FAULTS_ENV: "worker.a-1.shared@2,worker.a-4.shared@2",
+        FAULTS_DIR_ENV: str(tmp_path / "fired"),
+    }
+    (tmp_path / "fired").mkdir()
+    runs = {}
+    for name, manifest, env in (("clear", document, {}), ("secure", secure, kills)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(manifest))
         # execute
-        result = run_job(RunOptions(job_path=path, out_dir=tmp_path / name, quiet=True))
-        assert result.status == "succeeded", result
-        models[name] = load_file(tmp_path / name / "checkpoints" / "round-000002.safetensors")
-    # assert: two rounds later, the models agree to the fixed-point precision
+        options = RunOptions(job_path=path, out_dir=tmp_path / name, quiet=True, extra_env=env)
+        runs[name] = run_job(options)
+    # assert: both succeed; round 1's models agree to the fixed-point precision
+    assert runs["clear"].status == runs["secure"].status == "succeeded", runs
+    models = {
+        name: load_file(tmp_path / name / "checkpoints" / "round-000001.safetensors")
+        for name in runs
+    }
     for key, clear in models["clear"].items():
-        np.testing.assert_allclose(models["secure"][key], clear, atol=1e-5)
+        np.testing.assert_allclose(models["secure"][key], clear, atol=1e-6)
+    # ... and round 2 closed with the seven survivors' sum
+    assert sorted(p.name for p in (tmp_path / "fired").iterdir()) == [
+        "worker.a-1.shared@2",
+        "worker.a-4.shared@2",
+    ]
+    rounds = [r["reported"] for r in runs["secure"].history]
+    assert rounds == [9, 7], runs["secure"].history
