@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import shutil
@@ -780,7 +781,7 @@ class Combiner:
                 raise UpdateRejected(
                     Reason.malformed.value, f"no secure aggregation step {step!r} here", 404
                 )
-            client, number, document = await self._secagg_request(request)
+            client, number, document, size = await self._secagg_request(request)
             async with self._lock:
                 current = self.current
                 if current is None or number != current.info.round:
@@ -821,12 +822,16 @@ class Combiner:
                 ),
             )
             return json_error(exc.status, exc.reason, exc.detail)
+        # Key material, counted apart from the masked updates (bytes_up).
+        await self._count(number, secagg_bytes=size)
         return web.json_response({"status": "accepted", "round": number})
 
-    async def _secagg_request(self, request: web.Request) -> tuple[str, int, dict[str, Any]]:
+    async def _secagg_request(self, request: web.Request) -> tuple[str, int, dict[str, Any], int]:
+        """The checked JSON of one protocol message: its client, round, body and size."""
         client = request.headers.get(H_CLIENT, "")
+        raw = await request.read()
         try:
-            document = await request.json()
+            document = json.loads(raw)
         except ValueError:
             raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
         if not isinstance(document, dict):
@@ -839,7 +844,7 @@ class Combiner:
                 Reason.metadata_mismatch.value,
                 f"body client {document.get('client')!r} but request says {client!r}",
             )
-        return client, number, document
+        return client, number, document, len(raw)
 
     async def _receive_keys(
         self, current: _Round, tenant: str, client: str, document: dict[str, Any]

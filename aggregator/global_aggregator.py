@@ -672,6 +672,9 @@ class GlobalAggregator:
             "server_state": summary,
             **privacy_record,
         }
+        if self.spec.privacy.secure_aggregation is not None:
+            # Its keys and shares, sent beside the masked updates (bytes_up).
+            record["secagg_bytes"] = counters.get("secagg_bytes", 0)
         checkpoint.save(
             self.config.checkpoint_dir,
             self.name,

@@ -359,6 +359,7 @@ def fedkube_cli_case(
         "simulation": manifest["spec"].get("simulation"),
         "complete": all(r["reported"] == r["selected"] == per_round for r in rounds),
         "rounds": rounds,
+        "history": history,
         "spans_s": spans,
         "median_span_s": statistics.median(spans) if spans else None,
         "periods_s": periods,
