@@ -55,7 +55,7 @@ from redis.exceptions import RedisError
 
 from fedkube import codec, compression, faults, privacy, secagg
 from fedkube.aggregator.bodies import BufferPool, read_body
-from fedkube.aggregator.secure_region import SecureRegion
+from fedkube.aggregator.secure_region import Claim, SecureRegion
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.update_buffer import UpdateBuffer
@@ -884,7 +884,7 @@ class Combiner:
             raise UpdateRejected(
                 Reason.unavailable.value, f"round state unavailable: {exc}", 503
             ) from None
-        current.secure.weights[client] = (counted, steps)
+        current.secure.claims[client] = Claim(weight, counted, steps)
         self.metrics.clients_reported.labels(self.name, self.region).set(
             len(current.secure.session.members)
         )
@@ -922,8 +922,13 @@ class Combiner:
             region = current.secure
             if region is None or self.current is not current:
                 raise UpdateRejected(Reason.late.value, f"round {number} no longer collects", 410)
-            advertised = region.weights.get(client)
-            if advertised is not None and parse_weight(metadata.get("fedkube.weight")) != weight:
+            claim = region.claims.get(client)
+            if claim is not None and weight != claim.weight:
+                raise UpdateRejected(
+                    Reason.metadata_mismatch.value,
+                    f"weight {weight:g} differs from the {claim.weight:g} sent with the keys",
+                )
+            if parse_weight(metadata.get("fedkube.weight")) != weight:
                 raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
             flat = np.concatenate([tensors[name].reshape(-1) for name in sorted(self.template)])
             region.session.receive_masked(client, flat)
@@ -971,7 +976,7 @@ class Combiner:
         flush = current.info.state == RoundState.aggregating
         region = current.secure
         if region is None:
-            if flush:  # nobody of this region sent keys by the deadline: an empty partial
+            if flush and current.selected:  # nobody here sent keys by the deadline
                 self._schedule_flush(current)
             return
         now = time.monotonic()
@@ -1027,8 +1032,8 @@ class Combiner:
             size = int(np.prod(shape))
             tensors[name] = flat[offset : offset + size].reshape(shape)
             offset += size
-        weight = sum(region.weights[c][0] for c in survivors)
-        steps = sum(region.weights[c][0] * region.weights[c][1] for c in survivors)
+        weight = sum(region.claims[c].counted for c in survivors)
+        steps = sum(region.claims[c].counted * region.claims[c].steps for c in survivors)
         return tensors, weight, len(survivors), steps
 
     def _inspect(

@@ -489,6 +489,9 @@ class GlobalAggregator:
         expected = {self.region_of[c] for c in selected}
         flush_deadline: float | None = None
         timeout = self.spec.participation.round_timeout_seconds
+        secure = self.spec.privacy.secure_aggregation
+        # After the flush request a secure region still runs three steps.
+        flush_timeout = timeout + (3 * secure.phase_timeout_seconds if secure else 0)
         while True:
             self._check_stopping()
             if expected <= self.partials.keys():
@@ -513,7 +516,7 @@ class GlobalAggregator:
                         number, RoundState.collecting, RoundState.aggregating
                     )
                     await self.store.publish({"type": "round_flush", "round": number})
-                    flush_deadline = now + timeout
+                    flush_deadline = now + flush_timeout
                     log.info(
                         "deadline: %d reported, asking combiners to flush",
                         reported,
@@ -527,7 +530,7 @@ class GlobalAggregator:
                     ]
                     await self._quorum_missed(current, reported, len(selected), offline)
             elif current.state == RoundState.aggregating:
-                flush_deadline = flush_deadline or now + timeout
+                flush_deadline = flush_deadline or now + flush_timeout
                 if now >= flush_deadline:
                     got = sum(p.count for p in self.partials.values())
                     if got >= current.quorum and got > 0:

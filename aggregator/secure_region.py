@@ -12,10 +12,19 @@ deadline). The clients that did not answer in time are the round's dropouts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fedkube.errors import SecureAggregationFailed
 from fedkube.secagg import ServerSession
 from fedkube.spec import MIN_SECURE_REGION, SecureAggregation
+
+
+class Claim(NamedTuple):
+    """What a client said with its keys: its samples, what it counts for, its local steps."""
+
+    weight: float
+    counted: float  # its weight in the sum (1 under differential privacy)
+    steps: int
 
 
 @dataclass
@@ -26,8 +35,7 @@ class SecureRegion:
     selected: set[str]
     config: SecureAggregation
     step_deadline: float = 0.0  # time.monotonic() at which the current step stops waiting
-    # The fold scale and weight each client advertised (reported to Redis with it).
-    weights: dict[str, tuple[float, int]] = field(default_factory=dict)
+    claims: dict[str, Claim] = field(default_factory=dict)
 
     @property
     def step(self) -> str:

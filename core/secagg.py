@@ -284,7 +284,9 @@ class ClientSession:
     weight_total: float = 0.0
     received: dict[str, bytes] = field(default_factory=dict)  # sealed shares addressed to us
     own_seed_share: bytes = b""
-    revealed: bool = False
+    # What step 4 revealed, and for which survivors and dropouts: a retry of the
+    # same request gets the same answer, a different one gets nothing.
+    revealed: tuple[frozenset[str], frozenset[str], dict[str, dict[str, str]]] | None = None
 
     def advertisement(self) -> dict[str, str]:
         return {"c": b64(public_bytes(self.c_key)), "s": b64(public_bytes(self.s_key))}
@@ -364,9 +366,12 @@ class ClientSession:
             raise SecureAggregationFailed(
                 f"the server calls {sorted(survivors & dropped)} both survivors and dropped"
             )
-        if self.revealed:
-            raise SecureAggregationFailed("this round's shares were revealed already")
-        self.revealed = True
+        if self.revealed is not None:
+            if self.revealed[:2] != (frozenset(survivors), frozenset(dropped)):
+                raise SecureAggregationFailed(
+                    "asked again to reveal shares, for other survivors and dropouts"
+                )
+            return self.revealed[2]
         answer: dict[str, dict[str, str]] = {}
         if self.client in survivors:
             answer[self.client] = {
@@ -384,6 +389,7 @@ class ClientSession:
                     "share": b64(key_share),
                     "round": str(self.round),
                 }
+        self.revealed = (frozenset(survivors), frozenset(dropped), answer)
         return answer
 
     def _open(self, sender: str) -> tuple[bytes, bytes]:

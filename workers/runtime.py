@@ -240,8 +240,11 @@ class Worker:
                     return str(answer.get("job_status"))
                 self._round_open(int(answer.get("round", 0)))
                 steps = [t for t in answer.get("tasks", []) if t["status"] in SECURE_STEPS]
-                if steps:
+                try:
                     await self._secure_steps(http, steps)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # The combiner hands the step out again until it has the answer.
+                    log.warning("a secure aggregation step failed in transit (%s)", exc)
                 tasks = [t for t in answer.get("tasks", []) if t["status"] in ("train", "resend")]
                 if not tasks:
                     continue

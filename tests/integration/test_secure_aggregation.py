@@ -49,13 +49,16 @@ EU = ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
 US = ["c-0", "c-1", "d-0"]
 
 
-def secure_job(**secure: Any) -> Any:
+def secure_job(dp: dict[str, Any] | None = None) -> Any:
+    privacy: dict[str, Any] = {"secureAggregation": {"phaseTimeoutSeconds": 1.5}}
+    if dp is not None:
+        privacy["dp"] = dp
     return parse_job(
         small_job_dict(
             rounds=1,
             tenants=TENANTS,
             participation={"minFraction": 0.5, "roundTimeoutSeconds": 30},
-            privacy={"secureAggregation": {"phaseTimeoutSeconds": 1.5, **secure}},
+            privacy=privacy,
         )
     )
 
@@ -68,6 +71,7 @@ class Player:
     client: str
     delta: dict[str, np.ndarray]
     weight: float
+    counted: float | None = None  # what the update counts for, if not its weight (DP: 1)
     session: secagg.ClientSession = field(init=False)
     masked: bytes = b""
 
@@ -113,7 +117,8 @@ class Player:
         names = sorted(self.delta)
         flat = np.concatenate([self.delta[n].reshape(-1) for n in names])
         total = self.session.weight_total
-        values = self.session.mask(task, flat, self.weight / total, 8.0)
+        counted = self.weight if self.counted is None else self.counted
+        values = self.session.mask(task, flat, counted / total, 8.0)
         tensors, offset = {}, 0
         for n in names:
             tensors[n] = values[offset : offset + self.delta[n].size].reshape(self.delta[n].shape)
@@ -155,22 +160,28 @@ def players(tier: Any, clients: list[str]) -> dict[str, Player]:
 
 
 def fedavg_of(tier: Any, start: dict, chosen: list[Player]) -> dict[str, np.ndarray]:
-    mean = flat_fedavg([p.delta for p in chosen], [p.weight for p in chosen])
+    counts = [p.weight if p.counted is None else p.counted for p in chosen]
+    mean = flat_fedavg([p.delta for p in chosen], counts)
     return apply_delta(start, mean, 1.0)
 
 
+@pytest.mark.parametrize("dp", [None, {"clipNorm": 5.0, "noiseMultiplier": 0.0}], ids=["", "dp"])
 async def test_the_secure_round_equals_fedavg_and_no_masked_update_reveals_its_client(
-    redis_server, tmp_path
+    redis_server, tmp_path, dp
 ):
-    # prepare
-    async with running_tier(secure_job(), redis_server.url, tmp_path / "ckpt") as tier:
+    # prepare: with central DP (its noise set to zero here) every client counts once
+    job = secure_job(dp)
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
         await register_all(tier)
         start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
         everyone = players(tier, EU + US)
+        if dp is not None:
+            for player in everyone.values():
+                player.counted = 1.0
         # execute
         await asyncio.gather(*(play(p) for p in everyone.values()))
         await tier.wait_closed(1)
-        # assert: FedAvg of all nine, to the fixed-point precision
+        # assert: FedAvg of all nine (the plain mean under DP), to the fixed-point precision
         expected = fedavg_of(tier, start, list(everyone.values()))
         for name, value in tier.aggregator.weights.items():
             np.testing.assert_allclose(value, expected[name], atol=1e-6)
