@@ -33,6 +33,7 @@ bench: setup
 	.venv/bin/python benchmarks/strategies.py
 	.venv/bin/python benchmarks/soak.py
 	.venv/bin/python benchmarks/reconcile_latency.py
+	.venv/bin/python benchmarks/secagg.py
 
 # fedkube against Flower's simulation (flwr[simulation] 1.42), one run on this
 # machine: a markdown table of round times, peak memory and start-up. Flower lives

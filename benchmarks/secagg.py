@@ -11,7 +11,8 @@ clients.
 
 Reported, per case:
 
-* round time: median span of rounds 2.. (round 1 warms up), from the global
+* round time: median span of rounds 2.. (round 1 warms up) over all runs of
+  the job (``--repeats``, clear and secure alternating), from the global
   tier opening the round to its close, read from ``logs/global.log``; the
   secure round includes the three extra exchanges (shares, masked update,
   unmasking shares) and the masking on both sides. Goal: secure ≤ 5× clear.
@@ -48,7 +49,7 @@ def per_client(result: dict[str, Any], history_key: str) -> float | None:
     """Median over rounds 2.. of a round's ``history_key`` bytes per reporting client."""
     values = [
         r[history_key] / r["reported"]
-        for r in result["history"][1:]
+        for r in result["history"]
         if r.get("reported") and history_key in r
     ]
     return statistics.median(values) if values else None
@@ -61,18 +62,32 @@ def run_case(manifest: dict[str, Any], clients: int) -> dict[str, Any]:
     return result
 
 
-def measure(clients: int, n: int, rounds: int) -> dict[str, Any]:
+def measure(clients: int, n: int, rounds: int, repeats: int) -> dict[str, Any]:
+    """Clear and secure runs alternated ``repeats`` times: a busy spell hits both."""
     half = clients // 2
     clear = cli_manifest("secagg-bench", rounds, 2, half, n, clients_per_worker=half)
     secure = copy.deepcopy(clear)
     secure["spec"]["privacy"] = {"secureAggregation": {}}
-    results = {"clear": run_case(clear, clients), "secure": run_case(secure, clients)}
+    runs: dict[str, list[dict[str, Any]]] = {"clear": [], "secure": []}
+    for _ in range(repeats):
+        runs["clear"].append(run_case(clear, clients))
+        runs["secure"].append(run_case(secure, clients))
+    cases = {}
+    for name, results in runs.items():
+        spans = [s for r in results for s in r["spans_s"]]
+        cases[name] = {
+            "median_span_s": statistics.median(spans),
+            "spans_s": spans,
+            "history": [h for r in results for h in r["history"][1:]],
+            "peak_pss_bytes": max(r["peak_pss_bytes"] or 0 for r in results),
+        }
     return {
         "clients": clients,
         "params": params_of(n),
         "rounds": rounds,
+        "repeats": repeats,
         "machine": machine(),
-        "cases": results,
+        "cases": cases,
     }
 
 
@@ -85,7 +100,8 @@ def print_report(raw: dict[str, Any]) -> None:
     ratio = secure["median_span_s"] / clear["median_span_s"]
     print(
         f"\nsecure aggregation, {raw['clients']} clients x {raw['params']:,} parameters, "
-        f"all per round, {raw['rounds']} rounds (round 1 is the warm-up)\n"
+        f"all per round, {raw['rounds']} rounds (round 1 is the warm-up), each job "
+        f"{raw['repeats']} times, alternating\n"
     )
     print("| measure | clear | secure | ratio | goal | met |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -116,11 +132,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--n", type=int, default=1000, help="dense layer n x n (+ n)")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each job, alternating")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.n, args.rounds = 12, 100, 3
-    raw = measure(args.clients, args.n, args.rounds)
+        args.clients, args.n, args.rounds, args.repeats = 12, 100, 3, 1
+    raw = measure(args.clients, args.n, args.rounds, args.repeats)
     print_report(raw)
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2, default=str))

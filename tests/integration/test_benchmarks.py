@@ -124,3 +124,10 @@ def test_the_flower_comparison_runs_both_systems_and_prints_the_side_by_side_tab
         found = [row for row in rows if label in row]
         assert found and "n/a" not in found[0], f"no figures for {label!r} in:\n{output}"
         assert len(NUMBER.findall(found[0])) >= 3, found[0]  # both sides and the ratio
+
+
+def test_the_secure_aggregation_benchmark_prints_both_jobs_side_by_side():
+    output = run_benchmark("secagg.py", "--quick", timeout=600)
+    rows = table_rows(output, "| measure | clear | secure |")
+    for label in ("| round time", "| update upload per client", "| key material per client"):
+        assert figure_rows(rows, label), f"no {label!r} row with figures in:\n{output}"
