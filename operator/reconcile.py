@@ -247,7 +247,7 @@ def _check_copied_secret(kube: Kube, namespace: str, job: FederatedJob, tenant: 
     missing = [key for key in (TOKEN_KEY, SIGNING_KEY_KEY) if key not in data]
     if missing:
         raise NotReady(
-            f"waiting for Secret {name!r} with tenant {tenant!r}'s token and signing key "
+            f"waiting for Secret {name!r} with the token and signing key of tenant {tenant!r} "
             f"(copy it from the central cluster; missing: {', '.join(missing)})"
         )
 
