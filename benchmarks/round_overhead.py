@@ -4,8 +4,9 @@ Runs the real services (a ``redis-server``, the ``GlobalAggregator`` and one
 ``Combiner`` per region, all in this process on one asyncio loop, talking over
 loopback HTTP) and drives them with clients that do exactly what
 ``fedkube.workers.runtime.Worker`` does on the wire: long-poll ``/v1/tasks``,
-``GET /v1/model/{version}``, decode it, encode a delta as safetensors and
-``POST /v1/update``. Scenarios:
+``GET /v1/model/{version}``, decode it, encode a delta as safetensors, sign it
+with the tenant's key (a SHA-256 pass over the body, as the combiner's check is)
+and ``POST /v1/update``. Scenarios:
 
 * 8 tenants, real ``Worker`` objects training the digits example (1 replica each);
   overhead = round wall - slowest worker's training time that round.
