@@ -6,8 +6,9 @@ One combiner runs per region. Per round it
 2. fetches model version ``v_r`` from the global aggregator once and serves it
    to every worker of the region from a local file with sendfile (one copy per
    region crosses the global tier, not one per worker),
-3. validates each worker's update (identity, round, selection, size, codec,
-   metadata, shape, dtype, finiteness, norm), clips it to
+3. validates each worker's update (identity, round, selection, size, the
+   tenant's signature over job, round, client and body, codec, metadata,
+   shape, dtype, finiteness, norm), clips it to
    ``strategy.robust.normBound`` if set, and folds it into one running
    weighted sum (memory O(model), not O(clients x model)) — or, under a robust
    rule, keeps it in the region's bounded buffer (O(clients x model)),
@@ -43,7 +44,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec, compression, faults, privacy, secagg
+from fedkube import codec, compression, faults, privacy, secagg, signing
 from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.secure_region import Claim, SecureRegion
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
@@ -67,7 +68,13 @@ from fedkube.aggregator.validation import (
     l2_norm,
     template_of,
 )
-from fedkube.errors import CodecError, LeaseLost, SecureAggregationFailed, UpdateRejected
+from fedkube.errors import (
+    CodecError,
+    LeaseLost,
+    SecureAggregationFailed,
+    SigningKeyError,
+    UpdateRejected,
+)
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
 from fedkube.protocol import (
@@ -76,6 +83,7 @@ from fedkube.protocol import (
     H_JOB,
     H_REGION,
     H_ROUND,
+    H_SIGNATURE,
     H_TENANT,
     H_WEIGHT,
     M_CLIENT,
@@ -141,6 +149,9 @@ class CombinerConfig:
     redis_url: str
     global_url: str
     tenant_digests: dict[str, str]
+    # Each tenant's public key: its updates must carry a signature made with
+    # the private key that only its workers hold (fedkube.signing).
+    tenant_keys: Mapping[str, signing.VerifyKey]
     aggregator_token: str
     host: str = "127.0.0.1"
     port: int = 0
@@ -158,6 +169,7 @@ class Combiner:
         clients = [c for c in config.job.clients() if c.region == config.region]
         self.clients = {c.id: c for c in clients}
         self.tenants = {c.tenant for c in clients}
+        self._check_keys(config.tenant_keys)
         self.max_bytes = config.job.spec.transport.max_update_bytes
         self.weight_caps = {c.id: config.job.weight_cap(c.tenant) for c in clients}
         self.compression = config.job.spec.compression
@@ -182,6 +194,13 @@ class Combiner:
         self._http: aiohttp.ClientSession | None = None
         self.stopped = asyncio.Event()
         self.port = config.port
+
+    def _check_keys(self, keys: Mapping[str, signing.VerifyKey]) -> None:
+        """Every tenant of the region needs a public key, or none of its updates could pass."""
+        missing = sorted(self.tenants - set(keys))
+        if missing:
+            reason = f"no public key (--tenant-keys) to check its updates in region {self.region}"
+            raise SigningKeyError([(f"tenant {t!r}", reason) for t in missing])
 
     # -- lifecycle ---------------------------------------------------------
     def app(self) -> web.Application:
@@ -661,14 +680,38 @@ class Combiner:
         elif current is None or number != current.info.round:
             raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
         assert current is not None
+        # Missing or malformed: refused before the body is read.
+        signature = signing.parse_signature(request.headers.get(H_SIGNATURE), tenant)
         buffer, length = await read_body(request, self.max_bytes, self._buffers)
         try:
             body = memoryview(buffer)[:length]
+            await self._verify(tenant, client, number, signature, body)
             if self.secure is not None:
                 return await self._fold_masked(tenant, client, number, weight, current, body)
             return await self._fold(tenant, client, number, weight, current, body)
         finally:
             self._buffers.give(buffer)
+
+    async def _verify(
+        self, tenant: str, client: str, number: int, signature: bytes, body: memoryview
+    ) -> None:
+        """Refuse an update that the tenant's key did not sign for this job, round and client.
+
+        The round comes from the request, checked above, so an update replayed
+        from an earlier round fails here even though its bytes are unchanged.
+        """
+        loop = asyncio.get_running_loop()
+        # hashlib releases the GIL: the loop goes on reading other updates.
+        digest = await loop.run_in_executor(None, signing.payload_digest, (body,))
+        signing.verify(
+            self.config.tenant_keys[tenant],
+            signature,
+            self.name,
+            number,
+            client,
+            digest,
+            tenant=tenant,
+        )
 
     async def _fold(
         self,

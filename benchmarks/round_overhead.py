@@ -4,8 +4,9 @@ Runs the real services (a ``redis-server``, the ``GlobalAggregator`` and one
 ``Combiner`` per region, all in this process on one asyncio loop, talking over
 loopback HTTP) and drives them with clients that do exactly what
 ``fedkube.workers.runtime.Worker`` does on the wire: long-poll ``/v1/tasks``,
-``GET /v1/model/{version}``, decode it, encode a delta as safetensors and
-``POST /v1/update``. Scenarios:
+``GET /v1/model/{version}``, decode it, encode a delta as safetensors, sign it
+with the tenant's key (a SHA-256 pass over the body, as the combiner's check is)
+and ``POST /v1/update``. Scenarios:
 
 * 8 tenants, real ``Worker`` objects training the digits example (1 replica each);
   overhead = round wall - slowest worker's training time that round.
@@ -60,7 +61,7 @@ sys.path.insert(0, str(HERE))  # bench_models:make_model / make_data
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedkube import codec  # noqa: E402
+from fedkube import codec, signing  # noqa: E402
 from fedkube.aggregator.combiner import Combiner, CombinerConfig  # noqa: E402
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig  # noqa: E402
 from fedkube.metrics import Metrics  # noqa: E402
@@ -69,6 +70,7 @@ from fedkube.protocol import (  # noqa: E402
     H_CODEC,
     H_JOB,
     H_ROUND,
+    H_SIGNATURE,
     H_TENANT,
     H_WEIGHT,
     Envelope,
@@ -164,9 +166,15 @@ def client_headers(job: FederatedJob, client: Client, token: str) -> dict[str, s
 
 
 async def sim_client(
-    job: FederatedJob, client: Client, url: str, token: str, stats: dict[str, Any]
+    job: FederatedJob,
+    client: Client,
+    url: str,
+    token: str,
+    key: signing.SigningKey,
+    stats: dict[str, Any],
 ) -> None:
-    """A worker that trains for zero seconds: the same HTTP exchange as Worker._serve_round."""
+    """A worker that trains for zero seconds: the same HTTP exchange as Worker._serve_round,
+    its update signed as a Worker signs it."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
     async with aiohttp.ClientSession(
         headers=client_headers(job, client, token), timeout=timeout
@@ -193,11 +201,14 @@ async def sim_client(
             tensors, _meta = codec.decode(payload)
             delta = {name: np.zeros(array.shape, np.float32) for name, array in tensors.items()}
             envelope = Envelope(job.name, number, client.id, client.tenant, SIM_WEIGHT)
-            body, framing = upload(codec.encode_parts(delta, envelope.metadata("update")))
+            encoded = codec.encode_parts(delta, envelope.metadata("update"))
+            digest = signing.payload_digest(encoded.chunks())
+            body, framing = upload(encoded)
             headers = {
                 H_ROUND: str(number),
                 H_WEIGHT: repr(SIM_WEIGHT),
                 H_CODEC: codec.CODEC,
+                H_SIGNATURE: signing.sign(key, job.name, number, client.id, digest),
                 **framing,
             }
             async with http.post(f"{url}/v1/update", data=body, headers=headers) as response:
@@ -249,11 +260,18 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
     """Run every client of the job to the job's end; returns per-round training times."""
     job = parse_job(config["manifest"])
     urls, tokens = config["urls"], config["tokens"]
+    keys = {
+        tenant: signing.load_signing_key(text, f"signing key of {tenant}")
+        for tenant, text in config["signing_keys"].items()
+    }
     stats: dict[str, Any] = {"refused": [], "train_s": {}, "marks": {}}
     worker_log = logging.getLogger("fedkube.worker")
     timing: TrainingTimes | None = None
     if config["mode"] == "sim":
-        coros = [sim_client(job, c, urls[c.region], tokens[c.tenant], stats) for c in job.clients()]
+        coros = [
+            sim_client(job, c, urls[c.region], tokens[c.tenant], keys[c.tenant], stats)
+            for c in job.clients()
+        ]
     else:
         import torch
 
@@ -270,7 +288,11 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
         workers = [
             Worker(
                 WorkerConfig(
-                    job=job, clients=[c], combiner_url=urls[c.region], token=tokens[c.tenant]
+                    job=job,
+                    clients=[c],
+                    combiner_url=urls[c.region],
+                    token=tokens[c.tenant],
+                    signing_key=keys[c.tenant],
                 )
             )
             for c in clients
@@ -328,6 +350,7 @@ class Result:
 async def run_scenario(sc: Scenario) -> Result:
     job = parse_job(sc.manifest)
     tokens = {t.name: secrets.token_urlsafe(24) for t in job.spec.tenants}
+    key_pairs = {t.name: signing.generate_key() for t in job.spec.tenants}
     aggregator_token = secrets.token_urlsafe(24)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedkube-bench-") as tmp, RedisServer() as redis:
@@ -349,6 +372,10 @@ async def run_scenario(sc: Scenario) -> Result:
                     redis_url=redis.url,
                     global_url=f"http://127.0.0.1:{agg.port}",
                     tenant_digests={name: digest(tok) for name, tok in tokens.items()},
+                    tenant_keys={
+                        name: signing.load_verify_key(public, f"public key of {name}")
+                        for name, (_private, public) in key_pairs.items()
+                    },
                     aggregator_token=aggregator_token,
                 )
             )
@@ -358,6 +385,7 @@ async def run_scenario(sc: Scenario) -> Result:
             "manifest": sc.manifest,
             "mode": sc.mode,
             "tokens": tokens,
+            "signing_keys": {name: private for name, (private, _public) in key_pairs.items()},
             "urls": {c.region: f"http://127.0.0.1:{c.port}" for c in combiners},
         }
         params = sum(int(a.size) for a in agg.weights.values())

@@ -5,8 +5,8 @@ vs centralised vs each tenant alone, or strategies or compressions side by
 side), ``validate``, ``export`` (a LoRA job's merged model). Service commands (what
 the pods and the local runtime execute): ``aggregator``, ``combiner``,
 ``worker``. Secrets come from the environment (``FEDKUBE_TOKEN``,
-``FEDKUBE_AGGREGATOR_TOKEN``) or files, never from arguments that ``ps``
-would show.
+``FEDKUBE_SIGNING_KEY``, ``FEDKUBE_AGGREGATOR_TOKEN``) or files, never from
+arguments that ``ps`` would show.
 
 Exit codes: 0 success, 1 the job failed, 2 invalid input, 3 lease lost,
 130 interrupted.
@@ -240,6 +240,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_combiner(args: argparse.Namespace) -> int:
     from fedkube.aggregator.combiner import CombinerConfig, run_combiner
     from fedkube.logs import configure
+    from fedkube.signing import load_verify_keys
     from fedkube.web import AGGREGATOR_TOKEN_ENV, load_digests, port_file_write, stop_on_signals
 
     configure("combiner", args.log_level)
@@ -252,6 +253,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
         redis_url=_redis_url(args.redis_url),
         global_url=args.global_url,
         tenant_digests=load_digests(args.tenant_tokens),
+        tenant_keys=load_verify_keys(args.tenant_keys),
         aggregator_token=_env(AGGREGATOR_TOKEN_ENV),
         host=args.host,
         port=args.port,
@@ -271,6 +273,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from fedkube.logs import configure
     from fedkube.policy import load_data_binding
+    from fedkube.signing import SIGNING_KEY_ENV, load_signing_key
     from fedkube.web import TOKEN_ENV, port_file_write, stop_on_signals
     from fedkube.workers.runtime import Worker, WorkerConfig, pick_device, serve_metrics
 
@@ -293,6 +296,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=group.name,
         combiner_url=args.combiner_url,
         token=_env(TOKEN_ENV),
+        signing_key=load_signing_key(
+            os.environ.get(SIGNING_KEY_ENV),
+            f"environment variable {SIGNING_KEY_ENV} (tenant {tenant.name!r})",
+        ),
         device=pick_device(tenant.resources.gpu),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         data_binding=load_data_binding(args.data_binding) if args.data_binding else None,
@@ -460,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", required=True)
     p.add_argument("--global-url", required=True)
     p.add_argument("--tenant-tokens", required=True, help="JSON file: tenant -> sha256 digest")
+    p.add_argument(
+        "--tenant-keys",
+        required=True,
+        help="JSON file: tenant -> base64 Ed25519 public key (its updates' signatures)",
+    )
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_combiner)
 

@@ -38,6 +38,12 @@ class PolicyError(SpecError):
     subject = "site policy"
 
 
+class SigningKeyError(SpecError):
+    """A tenant's signing key or public key is missing or malformed (names its source)."""
+
+    subject = "signing key"
+
+
 class PolicyRefused(SpecError):
     """A job asks a site for something its policy refuses; ``problems`` name each rule."""
 

@@ -67,6 +67,9 @@ class Reason(str, Enum):
     # Secure aggregation: a key, sealed share or revealed share that is malformed,
     # of the wrong length, or not the one this step asks for.
     bad_share = "bad_share"
+    # No signature, or one that does not verify with the tenant's public key
+    # for this job, round, client and body (fedkube.signing).
+    bad_signature = "bad_signature"
     # Not the update's fault: the round state (Redis) could not record it. The
     # worker keeps the update and sends it again.
     unavailable = "unavailable"
@@ -80,6 +83,7 @@ H_CLIENT = "X-Fedkube-Client"
 H_REGION = "X-Fedkube-Region"
 H_CODEC = "X-Fedkube-Codec"
 H_WEIGHT = "X-Fedkube-Weight"
+H_SIGNATURE = "X-Fedkube-Signature"  # an update's Ed25519 signature (fedkube.signing)
 
 # Keys in the safetensors ``__metadata__`` of a payload.
 M_JOB = "fedkube.job"

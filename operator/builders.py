@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from fedkube import signing
 from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
 from fedkube.policy import DataBinding, data_binding_document
@@ -40,7 +41,10 @@ TOKENS_DIR = "/etc/fedkube/tokens"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
 TOKENS_FILE = f"{TOKENS_DIR}/tokens.json"
+KEYS_FILE = f"{TOKENS_DIR}/keys.json"  # the combiner's: tenant -> public key
 TOKEN_KEY = "token"
+# The tenant Secret's Ed25519 private key, next to its token (fedkube.signing).
+SIGNING_KEY_KEY = "signing-key"
 REDIS_PASSWORD_KEY = "password"
 # libyaml's emitter when present: the ConfigMap is rebuilt on every pass, and
 # the pure-Python emitter took most of a no-op pass for a 100-tenant job.
@@ -71,6 +75,8 @@ class Target:
     mode: RunMode = RunMode.active
     aggregator_token: str = ""
     tenant_tokens: Mapping[str, str] = field(default_factory=dict)
+    # Each tenant's base64 Ed25519 private key; combiners get the public halves.
+    tenant_signing_keys: Mapping[str, str] = field(default_factory=dict)
     # Tenants this site's policy refuses: nothing of theirs is built here.
     refused: frozenset[str] = frozenset()
 
@@ -183,29 +189,43 @@ def build_aggregator_secret(target: Target) -> dict[str, Any]:
 
 
 def build_tenant_secret(target: Target, tenant: Tenant) -> dict[str, Any]:
-    """The tenant's worker token (copy it to the tenant's site in site mode)."""
+    """The tenant's worker token and signing key (copy it to the tenant's site in site mode)."""
     return _secret(
         target,
         naming.tenant_name(target.name, tenant.name),
         naming.labels(
             target.name, naming.ROLE_CREDENTIALS, tenant=tenant.name, region=tenant.region
         ),
-        {TOKEN_KEY: target.tenant_tokens[tenant.name]},
+        {
+            TOKEN_KEY: target.tenant_tokens[tenant.name],
+            SIGNING_KEY_KEY: target.tenant_signing_keys[tenant.name],
+        },
     )
 
 
 def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
-    """Digests of the region's tenant tokens: a combiner never holds a token itself."""
-    digests = {
-        tenant.name: digest(target.tenant_tokens[tenant.name])
-        for tenant in target.job.spec.tenants
-        if tenant.region == region
+    """What checks the region's tenants: their tokens' digests and their public keys.
+
+    A combiner never holds a token or a private key itself, so it can neither
+    pose as a tenant nor sign an update for one.
+    """
+    tenants = [t.name for t in target.job.spec.tenants if t.region == region]
+    digests = {name: digest(target.tenant_tokens[name]) for name in tenants}
+    public = {
+        name: signing.public_key_of(
+            target.tenant_signing_keys[name],
+            f"Secret {naming.tenant_name(target.name, name)} key {SIGNING_KEY_KEY}",
+        )
+        for name in tenants
     }
     return _secret(
         target,
         naming.combiner_name(target.name, region),
         naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
-        {"tokens.json": json.dumps(digests, sort_keys=True)},
+        {
+            "tokens.json": json.dumps(digests, sort_keys=True),
+            "keys.json": json.dumps(public, sort_keys=True),
+        },
     )
 
 
@@ -307,8 +327,8 @@ def _redis_env(target: Target) -> list[dict[str, Any]]:
     return [{"name": REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]
 
 
-def _secret_env(name: str, secret: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}}
+def _secret_env(name: str, secret: str, key: str = TOKEN_KEY) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
 def _config_volumes(target: Target) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -400,9 +420,12 @@ def build_worker_pod(target: Target, tenant: Tenant, group: WorkerGroup) -> dict
         "--metrics-port",
         str(port),
     ]
+    credentials = naming.tenant_name(target.name, tenant.name)
     env = [
         *_base_env(target),
-        _secret_env(TOKEN_ENV, naming.tenant_name(target.name, tenant.name)),
+        _secret_env(TOKEN_ENV, credentials),
+        # In site mode from the Secret copied from the central cluster, like the token.
+        _secret_env(signing.SIGNING_KEY_ENV, credentials, SIGNING_KEY_KEY),
     ]
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
     binding = target.data_binding(tenant.name)
@@ -685,6 +708,8 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         _service_url(target, naming.aggregator_name(target.name)),
         "--tenant-tokens",
         TOKENS_FILE,
+        "--tenant-keys",
+        KEYS_FILE,
         "--host",
         "$(POD_IP)",
         "--port",

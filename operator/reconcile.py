@@ -19,9 +19,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from fedkube.errors import FedkubeError
+from fedkube import signing
+from fedkube.errors import FedkubeError, SigningKeyError
 from fedkube.operator import naming
-from fedkube.operator.builders import TOKEN_KEY, RunMode, Target, build_children
+from fedkube.operator.builders import (
+    SIGNING_KEY_KEY,
+    TOKEN_KEY,
+    RunMode,
+    Target,
+    build_children,
+)
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.drift import drift
 from fedkube.operator.kube import CHILD_KINDS, Kube
@@ -171,6 +178,19 @@ def container_restarts(pods: Iterable[Mapping[str, Any]]) -> int:
     )
 
 
+def _owned_secrets(secrets_seen: Iterable[Mapping[str, Any]], uid: str) -> dict[str, Any]:
+    return {
+        s["metadata"]["name"]: s
+        for s in secrets_seen
+        if s.get("kind") == "Secret" and owned_by(s, uid)
+    }
+
+
+def _secret_value(secret: Mapping[str, Any] | None, key: str) -> str | None:
+    data = (secret or {}).get("data") or {}
+    return base64.b64decode(data[key]).decode() if key in data else None
+
+
 def read_tokens(
     secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob
 ) -> tuple[str, dict[str, str]]:
@@ -179,21 +199,57 @@ def read_tokens(
     Tokens are minted once and then read back from their Secrets: minting
     again would lock out workers that already hold the old token.
     """
-    by_name = {
-        s["metadata"]["name"]: s
-        for s in secrets_seen
-        if s.get("kind") == "Secret" and owned_by(s, uid)
-    }
+    by_name = _owned_secrets(secrets_seen, uid)
 
     def token(name: str) -> str:
-        data = (by_name.get(name) or {}).get("data") or {}
-        if TOKEN_KEY in data:
-            return base64.b64decode(data[TOKEN_KEY]).decode()
-        return secrets.token_urlsafe(32)
+        return _secret_value(by_name.get(name), TOKEN_KEY) or secrets.token_urlsafe(32)
 
     return token(naming.aggregator_name(job.name)), {
         t.name: token(naming.tenant_name(job.name, t.name)) for t in job.spec.tenants
     }
+
+
+def read_signing_keys(
+    secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob
+) -> dict[str, str]:
+    """Each tenant's private signing key: read back from its Secret, or minted once.
+
+    As with tokens, a pass never rotates a key: a new one would make the
+    combiner refuse every update the tenant's running workers sign. A key
+    that is there but not a key (a hand edit) stops the pass, naming the
+    Secret, rather than being replaced silently.
+    """
+    by_name = _owned_secrets(secrets_seen, uid)
+    keys: dict[str, str] = {}
+    for tenant in job.spec.tenants:
+        name = naming.tenant_name(job.name, tenant.name)
+        text = _secret_value(by_name.get(name), SIGNING_KEY_KEY)
+        if text is None:
+            keys[tenant.name] = signing.generate_key()[0]
+            continue
+        try:
+            signing.load_signing_key(text, f"Secret {name} key {SIGNING_KEY_KEY}")
+        except SigningKeyError as exc:
+            raise NotReady(f"{exc}; delete that key (or the Secret) to mint a new one") from None
+        keys[tenant.name] = text
+    return keys
+
+
+def _check_copied_secret(kube: Kube, namespace: str, job: FederatedJob, tenant: str) -> None:
+    """Site mode: wait until the tenant's Secret, copied from the central cluster, is complete.
+
+    Its workers read both the token and the signing key from it; a pod
+    whose Secret lacks a key would not even start.
+    """
+    name = naming.tenant_name(job.name, tenant)
+    secret = kube.get("Secret", namespace, name)
+    data = (secret or {}).get("data") or {}
+    missing = [key for key in (TOKEN_KEY, SIGNING_KEY_KEY) if key not in data]
+    if missing:
+        raise NotReady(
+            f"waiting for Secret {name!r} with the token and signing key of tenant {tenant!r} "
+            f"(copy it from the central cluster; missing: {', '.join(missing)})"
+        )
 
 
 def reconcile(
@@ -213,15 +269,8 @@ def reconcile(
     refused = frozenset(r.tenant for r in refusals)
     if config.site is not None:
         for tenant in job.spec.tenants:
-            if (
-                tenant.site == config.site
-                and tenant.name not in refused
-                and kube.get("Secret", namespace, naming.tenant_name(job.name, tenant.name)) is None
-            ):
-                raise NotReady(
-                    f"waiting for Secret {naming.tenant_name(job.name, tenant.name)!r} with "
-                    f"tenant {tenant.name!r}'s token (copy it from the central cluster)"
-                )
+            if tenant.site == config.site and tenant.name not in refused:
+                _check_copied_secret(kube, namespace, job, tenant.name)
     aggregator_token, tenant_tokens = read_tokens(existing, uid, job)
     target = Target(
         job=job,
@@ -231,6 +280,7 @@ def reconcile(
         mode=mode,
         aggregator_token=aggregator_token,
         tenant_tokens=tenant_tokens,
+        tenant_signing_keys=read_signing_keys(existing, uid, job),
         refused=refused,
     )
     try:

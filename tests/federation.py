@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from fedkube import signing
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
 from fedkube.spec import FederatedJob
 from fedkube.web import digest
 from fedkube.workers.runtime import Worker, WorkerConfig
+from tests.support import tenant_signing_key, tenant_verify_keys
 
 AGG_TOKEN = "aggregator-secret"
 SETTLED_ROUNDS = 5  # accuracy is compared as the mean of the last rounds: one round is noisy
@@ -81,6 +83,7 @@ async def federate(
                 redis_url=redis_url,
                 global_url=f"http://127.0.0.1:{aggregator.port}",
                 tenant_digests={t.name: digest(tenant_token(t.name)) for t in job.spec.tenants},
+                tenant_keys=tenant_verify_keys(t.name for t in job.spec.tenants),
                 aggregator_token=AGG_TOKEN,
             )
         )
@@ -97,6 +100,7 @@ async def federate(
                 name=group.name,
                 combiner_url=f"http://127.0.0.1:{combiners[group.region].port}",
                 token=tenant_token(group.tenant),
+                signing_key=signing.load_signing_key(tenant_signing_key(group.tenant), "test"),
                 state_dir=workdir / "clients",
                 poll_wait_s=5,
             )

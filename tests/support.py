@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from fedkube import signing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +43,22 @@ def small_job_dict(**spec_overrides: Any) -> dict[str, Any]:
     document = copy.deepcopy(SMALL_JOB)
     document["spec"].update(copy.deepcopy(spec_overrides))
     return document
+
+
+def tenant_signing_key(tenant: str) -> str:
+    """A fixed Ed25519 private key (base64) per tenant name, for tests that play workers."""
+    seed = hashlib.sha256(f"fedkube-test-signing-key:{tenant}".encode()).digest()
+    return base64.b64encode(seed).decode()
+
+
+def tenant_verify_keys(tenants: Iterable[str]) -> dict[str, signing.VerifyKey]:
+    """The public halves of :func:`tenant_signing_key`, as a combiner is configured."""
+    return {
+        tenant: signing.load_verify_key(
+            signing.public_key_of(tenant_signing_key(tenant), tenant), tenant
+        )
+        for tenant in tenants
+    }
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:

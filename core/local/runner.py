@@ -16,7 +16,8 @@ Run directory layout (``runs/<job>`` by default)::
     redis/         Redis append-only file (round state; kept for --resume)
     checkpoints/   global model per round (safetensors + JSON)
     clients/       each client's durable state (SCAFFOLD's c_i), kept for --resume
-    secrets/       tenant and aggregator tokens (mode 0600)
+    secrets/       tenant and aggregator tokens, tenant signing keys (mode 0600);
+                   the combiners' token digests and public keys
     logs/          one JSON-lines log per process
     ports/         ports the services bound
     pids/          each service's process id (processes only; the chaos tests use them)
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 
 import redis
 
+from fedkube import signing
 from fedkube.errors import FedkubeError
 from fedkube.local import report
 from fedkube.policy import (
@@ -189,20 +191,50 @@ def _prepare_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _secrets(out: Path, job: FederatedJob) -> dict[str, str]:
-    """Per-tenant tokens plus the aggregator's, kept across --resume."""
-    folder = out / "secrets"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / "tokens.json"
-    tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
-        tokens.setdefault(name, secrets.token_urlsafe(32))
+@dataclass(frozen=True)
+class Credentials:
+    """What the run's services authenticate with, kept in ``secrets/`` across --resume."""
+
+    tokens: dict[str, str]  # tenant (and "__aggregator__") -> bearer token
+    signing_keys: dict[str, str]  # tenant -> base64 Ed25519 private key (its workers only)
+
+
+def _write_private(path: Path, document: dict[str, str]) -> None:
+    """A JSON file only this user can read (mode 0600 from its creation on)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
-        handle.write(json.dumps(tokens))
+        handle.write(json.dumps(document))
+
+
+def _read(path: Path) -> dict[str, str]:
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def _secrets(out: Path, job: FederatedJob) -> Credentials:
+    """Per-tenant tokens and signing keys plus the aggregator's token, kept across --resume.
+
+    Workers get their tenant's token and private key through their
+    environment; combiners get only what checks them: the tokens' SHA-256
+    digests (``tenant-digests.json``) and the public keys (``tenant-keys.json``).
+    """
+    folder = out / "secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokens = _read(folder / "tokens.json")
+    for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
+        tokens.setdefault(name, secrets.token_urlsafe(32))
+    _write_private(folder / "tokens.json", tokens)
+    keys = _read(folder / "signing-keys.json")
+    for tenant in job.spec.tenants:
+        keys.setdefault(tenant.name, signing.generate_key()[0])
+    _write_private(folder / "signing-keys.json", keys)
     digests = {name: digest(token) for name, token in tokens.items() if name != "__aggregator__"}
     (folder / "tenant-digests.json").write_text(json.dumps(digests))
-    return tokens
+    public = {
+        tenant: signing.public_key_of(key, f"{folder / 'signing-keys.json'}: tenant {tenant!r}")
+        for tenant, key in keys.items()
+    }
+    (folder / "tenant-keys.json").write_text(json.dumps(public))
+    return Credentials(tokens, keys)
 
 
 def _wait_port(path: Path, handle: Handle, log: Path, timeout_s: float = READY_TIMEOUT_S) -> int:
@@ -256,7 +288,8 @@ class LocalRun:
             (out / part).mkdir(parents=True, exist_ok=True)
         for stale in [*(out / "ports").glob("*"), *(out / "pids").glob("*")]:
             stale.unlink()
-        tokens = _secrets(out, job)
+        credentials = _secrets(out, job)
+        tokens = credentials.tokens
         external = self.options.redis_url or job.spec.state.redis_url
         if external:
             self.redis_url = external
@@ -303,6 +336,8 @@ class LocalRun:
                     global_url,
                     "--tenant-tokens",
                     str(out / "secrets" / "tenant-digests.json"),
+                    "--tenant-keys",
+                    str(out / "secrets" / "tenant-keys.json"),
                     "--host",
                     host,
                     "--port",
@@ -346,6 +381,7 @@ class LocalRun:
                 ],
                 {
                     TOKEN_ENV: tokens[group.tenant],
+                    signing.SIGNING_KEY_ENV: credentials.signing_keys[group.tenant],
                     "OMP_NUM_THREADS": threads,
                     **self.options.extra_env,
                 },

@@ -2,9 +2,10 @@
 
 A global aggregator and the combiners run in the test's event loop against a
 real redis-server; the test plays the workers. A client's sample count is a
-claim that weighs its update, so the spec caps it; a client whose worker
-stopped polling is no longer waited for; and a region without a running
-combiner is named when the job fails for it.
+claim that weighs its update, so the spec caps it; an update counts only if
+its tenant's key signed it for that round; a client whose worker stopped
+polling is no longer waited for; and a region without a running combiner is
+named when the job fails for it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,71 @@ async def test_a_weight_above_the_spec_cap_is_refused_by_name_and_the_round_is_e
     expected = apply_delta(start, flat_fedavg(list(good.values()), list(weights.values())), 1.0)
     saved = checkpoint.load_latest(tmp_path / "ckpt", job.name)
     assert saved is not None
+    for name in expected:
+        np.testing.assert_allclose(saved.weights[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+async def test_unsigned_replayed_or_foreign_signed_updates_are_refused_and_the_round_is_exact(
+    redis_server, tmp_path
+):
+    # prepare: every client reports in both rounds; a-0's round-1 update (bytes and
+    # signature) is kept, as someone who saw it on the wire would
+    participation = {"minFraction": 1.0, "roundTimeoutSeconds": 20}
+    job = parse_job(small_job_dict(rounds=2, participation=participation))
+    clients = ["a-0", "b-0", "c-0", "d-0"]
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
+        await tier.wait_round(1)
+        first = {
+            c: tier.encode(c, 1, deltas_for(tier.aggregator, i)) for i, c in enumerate(clients)
+        }
+        for client, body in first.items():
+            assert (await tier.post(client, 1, body, tier.sign(client, 1, body)))[0] == 200
+        captured = first["a-0"], tier.sign("a-0", 1, first["a-0"])
+        await tier.wait_round(2)
+        start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
+        good = {c: deltas_for(tier.aggregator, 10 + i) for i, c in enumerate(clients)}
+        honest = {c: tier.encode(c, 2, good[c]) for c in clients}
+        # execute: a-0's token with no signature, with a malformed one, with tenant b's key;
+        # b's token (stolen) with a's key; a's round-1 update replayed in round 2; a's
+        # signature on another body. Then the honest updates.
+        refused = {
+            "unsigned": await tier.post("a-0", 2, honest["a-0"], None),
+            "malformed": await tier.post("a-0", 2, honest["a-0"], "not-a-signature"),
+            "b's key": await tier.post(
+                "a-0", 2, honest["a-0"], tier.sign("a-0", 2, honest["a-0"], signer="b")
+            ),
+            "posing as b": await tier.post(
+                "b-0", 2, honest["b-0"], tier.sign("b-0", 2, honest["b-0"], signer="a")
+            ),
+            "replayed": await tier.post("a-0", 2, *captured),
+            "other body": await tier.post(
+                "a-0", 2, first["a-0"], tier.sign("a-0", 2, honest["a-0"])
+            ),
+        }
+        for client, body in honest.items():
+            assert (await tier.post(client, 2, body, tier.sign(client, 2, body)))[0] == 200
+        await tier.wait_closed(2)
+        eu, us = await tier.metrics("eu"), await tier.metrics("us")
+        record = (await tier.aggregator.store.history())[1]
+    # assert: each refused by name, saying which key and what it was checked for
+    for case, (status, answer) in refused.items():
+        assert (status, answer["error"]) == (403, "bad_signature"), (case, answer)
+    assert "no X-Fedkube-Signature header" in refused["unsigned"][1]["detail"]
+    assert "not an Ed25519 signature" in refused["malformed"][1]["detail"]
+    for case, tenant, client in [
+        ("b's key", "a", "a-0"),
+        ("posing as b", "b", "b-0"),
+        ("replayed", "a", "a-0"),
+        ("other body", "a", "a-0"),
+    ]:
+        expected = f"with the key of tenant '{tenant}' for job small, round 2, client {client}"
+        assert expected in refused[case][1]["detail"], case
+    assert rejected(eu, "bad_signature") == 6 and rejected(us, "bad_signature") == 0
+    # ... and none of them touched the round: it is FedAvg of the four honest updates
+    assert record["round"] == 2 and record["reported"] == 4
+    expected = apply_delta(start, flat_fedavg(list(good.values()), [10.0] * 4), 1.0)
+    saved = checkpoint.load_latest(tmp_path / "ckpt", job.name)
+    assert saved is not None and saved.round == 2
     for name in expected:
         np.testing.assert_allclose(saved.weights[name], expected[name], rtol=1e-5, atol=1e-7)
 

@@ -5,8 +5,8 @@ and its own pod runner. The central site runs the aggregator tier and the
 tenants without a ``site``; the site ``hospital-c`` runs only tenant c's
 worker, which trains on its side and reports to the central combiner through
 ``--central-address``. The site has no Redis and its operator never sees the
-round state, as across a real site boundary; only the tenant's token is copied
-over, as the README tells a site admin to.
+round state, as across a real site boundary; only the tenant's Secret (its
+token and signing key) is copied over, as the README tells a site admin to.
 
 The site's operator runs with a site policy (``--policy``): one that accepts
 the job and binds tenant c's data to a file only the site knows, and one
@@ -40,7 +40,8 @@ SITE = "hospital-c"
 
 
 def copy_tenant_secret(cp: ControlPlane, central: str, site: str, name: str) -> None:
-    """What a site admin does with the tenant's credentials from the central site."""
+    """What a site admin does with the tenant's credentials from the central site: copy
+    its token and its signing key (the README's site mode)."""
     secret = wait_for(
         lambda: next(
             (s for s in get_json(cp, central, "secrets")["items"] if s["metadata"]["name"] == name),
@@ -49,8 +50,11 @@ def copy_tenant_secret(cp: ControlPlane, central: str, site: str, name: str) -> 
         30,
         f"Secret {name} at the central site",
     )
-    token = base64.b64decode(secret["data"]["token"]).decode()
-    cp.kubectl("create", "secret", "generic", "-n", site, name, f"--from-literal=token={token}")
+    literals = [
+        f"--from-literal={key}={base64.b64decode(secret['data'][key]).decode()}"
+        for key in ("token", "signing-key")
+    ]
+    cp.kubectl("create", "secret", "generic", "-n", site, name, *literals)
 
 
 def site_job(min_fraction: float) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from redis import Redis
 
+from fedkube import signing
 from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
 from fedkube.spec import load_job, parse_job
@@ -77,6 +78,10 @@ def test_applying_a_job_creates_every_child_with_gpu_limits_on_kwok_gpu_nodes(
     eu = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["tokens.json"]))
     token_a = base64.b64decode(secrets["mnist-tenant-a"]["data"]["token"]).decode()
     assert eu["a"] == digest(token_a) and set(eu) == {"a", "b"}
+    # ... and the public halves of its tenants' signing keys, never a private key.
+    keys = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["keys.json"]))
+    key_a = base64.b64decode(secrets["mnist-tenant-a"]["data"]["signing-key"]).decode()
+    assert keys["a"] == signing.public_key_of(key_a, "a") and set(keys) == {"a", "b"}
     printed = control_plane.kubectl("get", "-n", namespace, "fedjob").stdout
     assert printed.split("\n")[0].split() == [
         "NAME",
@@ -210,9 +215,16 @@ def test_an_operator_killed_mid_reconcile_converges_without_duplicates_and_then_
         held = json.loads(
             base64.b64decode(secrets[f"mnist-combiner-{region}"]["data"]["tokens.json"])
         )
+        public = json.loads(
+            base64.b64decode(secrets[f"mnist-combiner-{region}"]["data"]["keys.json"])
+        )
+        assert set(public) == set(held)
         for tenant, expected in held.items():
-            token = base64.b64decode(secrets[f"mnist-tenant-{tenant}"]["data"]["token"]).decode()
+            data = secrets[f"mnist-tenant-{tenant}"]["data"]
+            token = base64.b64decode(data["token"]).decode()
             assert digest(token) == expected, f"combiner {region} and tenant {tenant} disagree"
+            key = base64.b64decode(data["signing-key"]).decode()
+            assert public[tenant] == signing.public_key_of(key, tenant), (region, tenant)
     # Converged: another restart (a resume pass and timer passes) writes nothing.
     before = resource_versions(control_plane, namespace, "mnist")
     operator.stop()
@@ -475,6 +487,7 @@ def test_a_site_operator_runs_only_its_tenants_once_their_credentials_are_copied
             "the site operator to wait for the tenant's Secret",
         )
         assert not get_json(control_plane, namespace, "pods")["items"]
+        # A copy that predates signed updates (a token only) is not enough ...
         control_plane.kubectl(
             "create",
             "secret",
@@ -483,6 +496,17 @@ def test_a_site_operator_runs_only_its_tenants_once_their_credentials_are_copied
             namespace,
             "mnist-tenant-c",
             "--from-literal=token=copied-from-central",
+        )
+        wait_for(
+            lambda: "(copy it from the central cluster; missing: signing-key)" in site.log(),
+            30,
+            "the site operator to name the missing signing key",
+        )
+        assert not get_json(control_plane, namespace, "pods")["items"]
+        # ... the worker starts once the tenant's signing key is there too.
+        patch = {"stringData": {"signing-key": signing.generate_key()[0]}}
+        control_plane.kubectl(
+            "patch", "secret", "-n", namespace, "mnist-tenant-c", "-p", json.dumps(patch)
         )
         pod = wait_for(
             lambda: next(iter(get_json(control_plane, namespace, "pods")["items"]), None),
@@ -494,6 +518,15 @@ def test_a_site_operator_runs_only_its_tenants_once_their_credentials_are_copied
     assert pod["metadata"]["name"] == "mnist-c-0"
     args = pod["spec"]["containers"][0]["args"]
     assert args[args.index("--combiner-url") + 1] == "https://fl.example.org:8443/mnist/us"
+    refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for e in pod["spec"]["containers"][0]["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert refs == [
+        {"name": "mnist-tenant-c", "key": "token"},
+        {"name": "mnist-tenant-c", "key": "signing-key"},
+    ]
     made = names(children(control_plane, namespace, "mnist"))
     assert not {kind for kind, _ in made} & {"Deployment", "Service"}  # no aggregator tier here
     # The copied Secret is the site admin's, not the job's: it is never adopted.

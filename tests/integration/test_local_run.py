@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fedkube import signing
 from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions, run_job
 from tests.support import fedkube_cli, wait_for
 
@@ -197,12 +198,66 @@ def test_fedkube_run_resume_continues_a_killed_run(job_file, tmp_path):
         what="the killed run's services to exit",
     )
     killed_at = json.loads(latest.read_text())["round"]
+    keys_before = json.loads((out / "secrets" / "signing-keys.json").read_text())
     second = fedkube_cli(*args, "--resume")
     assert second.returncode == 0, second.stdout + second.stderr
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
     assert killed_at < 5
     assert os.path.exists(out / "plot.png")
+    # the resumed workers signed with the same keys: private ones readable by the user only,
+    # the combiners' file holding only their public halves
+    private = out / "secrets" / "signing-keys.json"
+    assert json.loads(private.read_text()) == keys_before and set(keys_before) == set("abcd")
+    assert private.stat().st_mode & 0o777 == 0o600
+    public = json.loads((out / "secrets" / "tenant-keys.json").read_text())
+    assert public == {t: signing.public_key_of(k, t) for t, k in keys_before.items()}
+
+
+def test_a_worker_without_a_valid_signing_key_stops_naming_the_variable_and_tenant(job_file):
+    # prepare
+    manifest = str(job_file())
+    args = ["worker", "--job", manifest, "--client", "b-0", "--combiner-url", "http://127.0.0.1:9"]
+    env = {**os.environ, "FEDKUBE_TOKEN": "t"}
+    env.pop("FEDKUBE_SIGNING_KEY", None)
+    # execute
+    missing = fedkube_cli(*args, timeout=120, env=env)
+    malformed = fedkube_cli(*args, timeout=120, env={**env, "FEDKUBE_SIGNING_KEY": "secret!"})
+    # assert: exit 2, the variable and the tenant named, the bad value never echoed
+    assert missing.returncode == 2, missing.stderr
+    assert "FEDKUBE_SIGNING_KEY (tenant 'b'): no private key" in missing.stderr
+    assert malformed.returncode == 2, malformed.stderr
+    assert "FEDKUBE_SIGNING_KEY (tenant 'b'): the private key is not base64" in malformed.stderr
+    assert "secret!" not in malformed.stderr
+
+
+def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_file, tmp_path):
+    # prepare: region eu serves tenants a and b; the keys file has a's only
+    (tmp_path / "digests.json").write_text(json.dumps({"a": "0" * 64, "b": "1" * 64}))
+    (tmp_path / "keys.json").write_text(json.dumps({"a": signing.generate_key()[1]}))
+    args = [
+        "combiner",
+        "--job",
+        str(job_file()),
+        "--region",
+        "eu",
+        "--redis-url",
+        "redis://127.0.0.1:9/0",
+        "--global-url",
+        "http://127.0.0.1:9",
+        "--tenant-tokens",
+        str(tmp_path / "digests.json"),
+        "--tenant-keys",
+        str(tmp_path / "keys.json"),
+    ]
+    env = {**os.environ, "FEDKUBE_AGGREGATOR_TOKEN": "t"}
+    # execute
+    done = fedkube_cli(*args, timeout=60, env=env)
+    # assert
+    assert done.returncode == 2, done.stderr
+    assert "tenant 'b': no public key (--tenant-keys) to check its updates in region eu" in (
+        done.stderr
+    )
 
 
 def test_run_job_in_process_returns_the_history(job_file, tmp_path):

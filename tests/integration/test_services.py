@@ -20,17 +20,17 @@ import aiohttp
 import numpy as np
 import pytest
 
-from fedkube import codec
+from fedkube import codec, signing
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
 from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
 from fedkube.errors import FedkubeError
-from fedkube.protocol import Envelope
+from fedkube.protocol import H_SIGNATURE, Envelope
 from fedkube.spec import FederatedJob, parse_job
 from fedkube.web import digest
 from fedkube.workers.runtime import Worker, WorkerConfig
-from tests.support import small_job_dict
+from tests.support import small_job_dict, tenant_signing_key, tenant_verify_keys
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +92,51 @@ class Tier:
         async with self.http.get(self.url(region) + "/metrics") as response:
             return await response.text()
 
+    def encode(
+        self,
+        client: str,
+        number: int,
+        tensors: dict[str, np.ndarray],
+        weight: float = 10.0,
+        tenant: str | None = None,
+        meta_round: int | None = None,
+    ) -> bytes:
+        """An update's body as a worker encodes it."""
+        tenant = tenant or client.split("-")[0]
+        envelope = Envelope(self.job.name, meta_round or number, client, tenant, weight)
+        return codec.encode(tensors, envelope.metadata("update"))
+
+    def sign(self, client: str, number: int, body: bytes, signer: str | None = None) -> str:
+        """The signature a worker of tenant ``signer`` (default: the client's) sends."""
+        key = signing.load_signing_key(tenant_signing_key(signer or client.split("-")[0]), "test")
+        digest = signing.payload_digest([body])
+        return signing.sign(key, self.job.name, number, client, digest)
+
+    async def post(
+        self,
+        client: str,
+        number: int,
+        body: bytes,
+        signature: str | None,
+        weight: float = 10.0,
+        token: str | None = None,
+        tenant: str | None = None,
+    ) -> tuple[int, dict]:
+        """POST exactly these bytes and this signature (none: no signature header)."""
+        tenant = tenant or client.split("-")[0]
+        headers = {
+            **client_headers(client, tenant, token),
+            "X-Fedkube-Job": self.job.name,
+            "X-Fedkube-Round": str(number),
+            "X-Fedkube-Weight": repr(weight),
+            "X-Fedkube-Codec": "safetensors",
+            **({H_SIGNATURE: signature} if signature is not None else {}),
+        }
+        async with self.http.post(
+            self.url(region_of(client)) + "/v1/update", data=body, headers=headers
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
     async def send(
         self,
         client: str,
@@ -102,23 +147,13 @@ class Tier:
         tenant: str | None = None,
         meta_round: int | None = None,
     ) -> tuple[int, dict]:
-        tenant = tenant or client.split("-")[0]
+        """An update signed with its tenant's key, as an honest worker sends it."""
         if isinstance(tensors, bytes):
             body = tensors
         else:
-            envelope = Envelope(self.job.name, meta_round or number, client, tenant, weight)
-            body = codec.encode(tensors, envelope.metadata("update"))
-        headers = {
-            **client_headers(client, tenant, token),
-            "X-Fedkube-Job": self.job.name,
-            "X-Fedkube-Round": str(number),
-            "X-Fedkube-Weight": repr(weight),
-            "X-Fedkube-Codec": "safetensors",
-        }
-        async with self.http.post(
-            self.url(region_of(client)) + "/v1/update", data=body, headers=headers
-        ) as response:
-            return response.status, await response.json(content_type=None)
+            body = self.encode(client, number, tensors, weight, tenant, meta_round)
+        signature = self.sign(client, number, body, tenant)
+        return await self.post(client, number, body, signature, weight, token, tenant)
 
 
 def global_aggregator(
@@ -152,6 +187,7 @@ async def start_combiner(
             redis_url=redis_url,
             global_url=f"http://127.0.0.1:{aggregator.port}",
             tenant_digests={t: digest(v) for t, v in TOKENS.items()},
+            tenant_keys=tenant_verify_keys(TOKENS),
             aggregator_token=AGG_TOKEN,
         )
     )
@@ -365,7 +401,11 @@ async def test_a_worker_with_a_wrong_token_stops_with_a_clear_error(tier):
     client = next(c for c in tier.job.clients() if c.id == "a-0")
     worker = Worker(
         WorkerConfig(
-            job=tier.job, clients=[client], combiner_url=tier.url("eu"), token="not-the-token"
+            job=tier.job,
+            clients=[client],
+            combiner_url=tier.url("eu"),
+            token="not-the-token",
+            signing_key=signing.load_signing_key(tenant_signing_key("a"), "test"),
         )
     )
     with pytest.raises(FedkubeError, match="combiner refused client a-0"):

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
+from fedkube import signing
 from fedkube.errors import ConfigError
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
 from fedkube.spec import parse_job
 from fedkube.web import digest
-from tests.support import small_job_dict
+from tests.support import small_job_dict, tenant_signing_key
 
 UID = "0f5e2d6c-1111-2222-3333-444455556666"
 
@@ -42,6 +43,7 @@ def target(document: dict[str, Any] | None = None, **overrides: Any) -> Target:
         "config": OperatorConfig(),
         "aggregator_token": "agg-token",
         "tenant_tokens": {t.name: f"token-{t.name}" for t in job.spec.tenants},
+        "tenant_signing_keys": {t.name: tenant_signing_key(t.name) for t in job.spec.tenants},
     }
     values.update(overrides)
     return Target(**values)
@@ -193,7 +195,7 @@ def test_every_file_a_container_reads_is_mounted():
                 assert any(arg.startswith(path + "/") or arg == path for path in mounted), arg
 
 
-def test_a_worker_talks_to_its_regions_combiner_with_its_tenants_token():
+def test_a_worker_talks_to_its_regions_combiner_with_its_tenants_token_and_signing_key():
     pods = by_kind(build_children(target()), "Pod")
     container = pods["mnist-c-0"]["spec"]["containers"][0]
     args = container["args"]
@@ -201,6 +203,9 @@ def test_a_worker_talks_to_its_regions_combiner_with_its_tenants_token():
     assert args[args.index("--client") + 1] == "c-0"
     token = next(e for e in container["env"] if e["name"] == "FEDKUBE_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "mnist-tenant-c", "key": "token"}
+    key = next(e for e in container["env"] if e["name"] == "FEDKUBE_SIGNING_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "mnist-tenant-c", "key": "signing-key"}
+    assert "value" not in key  # the key itself is never in the pod's spec
     assert pods["mnist-c-0"]["spec"]["serviceAccountName"] == "mnist-tenant-c"
 
 
@@ -226,6 +231,42 @@ def test_combiners_hold_digests_of_their_regions_tokens_never_the_tokens():
     eu = json.loads(base64.b64decode(secrets["mnist-combiner-eu"]["data"]["tokens.json"]))
     assert eu == {"a": digest("token-a"), "b": digest("token-b")}
     assert "token-a" not in json.dumps(secrets["mnist-combiner-eu"])
+
+
+def secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    return {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+
+
+def test_a_tenants_secret_holds_its_token_and_private_signing_key():
+    # execute
+    secrets = by_kind(build_children(target()), "Secret")
+    # assert
+    assert secret_data(secrets["mnist-tenant-c"]) == {
+        "token": "token-c",
+        "signing-key": tenant_signing_key("c"),
+    }
+
+
+def test_combiners_hold_only_the_public_keys_of_their_regions_tenants():
+    # execute
+    secrets = by_kind(build_children(target()), "Secret")
+    # assert: region eu's tenants' public keys, nothing of us, no private key anywhere
+    data = secret_data(secrets["mnist-combiner-eu"])
+    assert set(data) == {"tokens.json", "keys.json"}
+    assert json.loads(data["keys.json"]) == {
+        name: signing.public_key_of(tenant_signing_key(name), name) for name in ("a", "b")
+    }
+    for region in ("eu", "us"):
+        text = json.dumps(secret_data(secrets[f"mnist-combiner-{region}"]))
+        assert not any(tenant_signing_key(name) in text for name in ("a", "b", "c"))
+
+
+def test_a_combiner_is_started_with_its_public_keys_file_from_its_secret():
+    deployment = by_kind(build_children(target()), "Deployment")["mnist-combiner-us"]
+    pod = deployment["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--tenant-keys") + 1] == "/etc/fedkube/tokens/keys.json"
+    assert {"name": "tokens", "secret": {"secretName": "mnist-combiner-us"}} in pod["volumes"]
 
 
 def test_a_tenants_network_policy_allows_its_combiner_and_dns_only():
@@ -278,8 +319,19 @@ def test_site_mode_builds_only_the_sites_tenants_pointed_at_the_central_address(
         ("NetworkPolicy", "mnist-tenant-c"),
         ("Pod", "mnist-c-0"),
     }
-    args = by_kind(children, "Pod")["mnist-c-0"]["spec"]["containers"][0]["args"]
+    container = by_kind(children, "Pod")["mnist-c-0"]["spec"]["containers"][0]
+    args = container["args"]
     assert args[args.index("--combiner-url") + 1] == "https://fl.example.org:8443/mnist/us"
+    # token and signing key from the tenant's Secret as copied to the site
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+    }
+    assert refs == {
+        "FEDKUBE_TOKEN": {"name": "mnist-tenant-c", "key": "token"},
+        "FEDKUBE_SIGNING_KEY": {"name": "mnist-tenant-c", "key": "signing-key"},
+    }
     egress = by_kind(children, "NetworkPolicy")["mnist-tenant-c"]["spec"]["egress"][0]
     assert egress["ports"] == [{"protocol": "TCP", "port": 8443}]
 

@@ -7,12 +7,17 @@ import copy
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pytest
+
+from fedkube import signing
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, build_children
 from fedkube.operator.reconcile import (
     FINISH_GRACE_S,
+    NotReady,
     container_restarts,
     plan_changes,
+    read_signing_keys,
     read_tokens,
     run_mode,
     unschedulable_tenants,
@@ -129,6 +134,43 @@ def test_issued_tokens_are_read_back_and_only_missing_ones_minted():
     assert tenants["a"] == "issued-before"
     assert len(tenants["b"]) >= 32 and tenants["b"] != tenants["c"]
     assert len(aggregator) >= 32
+
+
+def tenant_secret(name: str, data: dict[str, str], uid: str = UID) -> dict[str, Any]:
+    return {
+        "kind": "Secret",
+        "metadata": {"name": name, "ownerReferences": [{"uid": uid}]},
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
+    }
+
+
+def test_signing_keys_are_read_back_and_only_missing_ones_minted():
+    # prepare: a's Secret has a key; b's predates signing (a token only); c's is a stranger's
+    job = parse_job(three_tenants())
+    issued, _public = signing.generate_key()
+    existing = [
+        tenant_secret("mnist-tenant-a", {"token": "t", "signing-key": issued}),
+        tenant_secret("mnist-tenant-b", {"token": "t"}),
+        tenant_secret("mnist-tenant-c", {"token": "t", "signing-key": issued}, uid="another"),
+    ]
+    # execute
+    keys = read_signing_keys(existing, UID, job)
+    again = read_signing_keys(existing, UID, job)
+    # assert: a's is kept on every pass; b and c get new ones, each its own
+    assert keys["a"] == again["a"] == issued
+    assert len({keys["a"], keys["b"], keys["c"]}) == 3
+    for name in ("b", "c"):
+        signing.load_signing_key(keys[name], name)
+
+
+def test_a_hand_edited_signing_key_stops_the_pass_naming_the_secret():
+    job = parse_job(three_tenants())
+    existing = [tenant_secret("mnist-tenant-b", {"token": "t", "signing-key": "edited"})]
+    with pytest.raises(NotReady) as caught:
+        read_signing_keys(existing, UID, job)
+    message = str(caught.value)
+    assert "Secret mnist-tenant-b key signing-key: the private key is not base64" in message
+    assert "delete that key (or the Secret) to mint a new one" in message
 
 
 def test_unschedulable_pods_name_their_tenant_and_restarts_add_up():
