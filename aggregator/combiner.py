@@ -92,6 +92,7 @@ from fedkube.protocol import (
     M_ROUND,
     M_STEPS,
     M_TENANT,
+    M_WEIGHT,
     M_WEIGHTED_STEPS,
     Envelope,
     Reason,
@@ -713,16 +714,10 @@ class Combiner:
             tenant=tenant,
         )
 
-    async def _fold(
-        self,
-        tenant: str,
-        client: str,
-        number: int,
-        weight: float,
-        current: _Round,
-        body: memoryview,
-    ) -> dict[str, object]:
-        """Decode, check and fold one update whose request checks have passed."""
+    def _decode(
+        self, body: memoryview, kind: str, tenant: str, client: str, number: int, weight: float
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """A payload's tensors and metadata, once its metadata agrees with its request's."""
         try:
             tensors, metadata = codec.decode(body)
         except CodecError as exc:
@@ -734,11 +729,24 @@ class Combiner:
                 M_ROUND: str(number),
                 M_TENANT: tenant,
                 M_CLIENT: client,
-                M_KIND: "update",
+                M_KIND: kind,
             },
         )
-        if parse_weight(metadata.get("fedkube.weight")) != weight:
+        if parse_weight(metadata.get(M_WEIGHT)) != weight:
             raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
+        return tensors, metadata
+
+    async def _fold(
+        self,
+        tenant: str,
+        client: str,
+        number: int,
+        weight: float,
+        current: _Round,
+        body: memoryview,
+    ) -> dict[str, object]:
+        """Decode, check and fold one update whose request checks have passed."""
+        tensors, metadata = self._decode(body, "update", tenant, client, number, weight)
         steps = parse_steps(metadata.get(M_STEPS), required=self.needs_local_steps)
         if self.template is None:
             await self.model_bytes(current.info.version)
@@ -942,20 +950,7 @@ class Combiner:
         body: memoryview,
     ) -> dict[str, object]:
         """Step 3: add one masked update (uint32, the model's shapes) to the region's total."""
-        try:
-            tensors, metadata = codec.decode(body)
-        except CodecError as exc:
-            raise UpdateRejected(Reason.malformed.value, str(exc)) from None
-        check_metadata(
-            metadata,
-            {
-                M_JOB: self.name,
-                M_ROUND: str(number),
-                M_TENANT: tenant,
-                M_CLIENT: client,
-                M_KIND: "masked",
-            },
-        )
+        tensors, _metadata = self._decode(body, "masked", tenant, client, number, weight)
         assert self.template is not None
         check_structure(
             tensors,
@@ -971,8 +966,6 @@ class Combiner:
                     Reason.metadata_mismatch.value,
                     f"weight {weight:g} differs from the {claim.weight:g} sent with the keys",
                 )
-            if parse_weight(metadata.get("fedkube.weight")) != weight:
-                raise UpdateRejected(Reason.metadata_mismatch.value, "weight differs from header")
             flat = np.concatenate([tensors[name].reshape(-1) for name in sorted(self.template)])
             region.session.receive_masked(client, flat)
             await self._secure_tick(current)
