@@ -1039,6 +1039,7 @@ class Combiner:
         """The region sends no partial this round: its reports go, the global tier learns why."""
         current.flushed = True
         number = current.info.round
+        self.metrics.secagg_failures.labels(self.name, self.region).inc()
         log.error(
             "secure aggregation failed: %s",
             message,
@@ -1168,6 +1169,7 @@ class Combiner:
                     return
                 dropped = sorted(region.session.members.keys() - region.session.masked)
                 if dropped:
+                    self.metrics.secagg_dropouts.labels(self.name, self.region).inc(len(dropped))
                     log.warning(
                         "secure aggregation: %d clients dropped out (%s); the sum is the others'",
                         len(dropped),

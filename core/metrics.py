@@ -127,6 +127,19 @@ class Metrics:
             ["job", "region", "tenant"],
             registry=r,
         )
+        self.secagg_dropouts = Counter(
+            "fedkube_secagg_dropouts_total",
+            "Clients that sent their keys under secure aggregation but no masked update "
+            "(their masks were removed with their neighbours' shares).",
+            ["job", "region"],
+            registry=r,
+        )
+        self.secagg_failures = Counter(
+            "fedkube_secagg_failures_total",
+            "Rounds in which a region's secure aggregation could not produce its sum.",
+            ["job", "region"],
+            registry=r,
+        )
         self.model_loss = Gauge(
             "fedkube_model_loss", "Global model loss on the held-out set.", ["job"], registry=r
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,7 @@ async def test_clients_that_drop_after_sharing_keys_leave_exactly_the_survivors_
             np.testing.assert_allclose(value, expected[name], atol=1e-6)
         record = (await tier.aggregator.store.history())[-1]
         assert record["reported"] == 9 - len(dropped)
+        assert counted(await tier.metrics("eu"), "fedkube_secagg_dropouts_total") == len(dropped)
 
 
 async def test_a_malformed_share_is_refused_by_name_and_the_round_still_closes(
@@ -267,6 +269,13 @@ async def test_a_malformed_share_is_refused_by_name_and_the_round_still_closes(
             np.testing.assert_allclose(value, expected[name], atol=1e-6)
 
 
+def counted(metrics: str, series: str) -> float:
+    """The value of ``series`` (one label set) in a /metrics page."""
+    values = re.findall(rf"^{series}\{{[^}}]*\}} ([0-9.e+]+)$", metrics, re.MULTILINE)
+    assert len(values) == 1, (series, values)
+    return float(values[0])
+
+
 def first_key(answer: dict) -> str:
     """The neighbour named in a refusal's detail ("X's share for Y is ...")."""
     return answer["detail"].split("share for ")[1].split(" ")[0]
@@ -300,6 +309,7 @@ async def test_too_few_unmasking_shares_fail_the_round_saying_how_many(redis_ser
         message = (await tier.aggregator.store.job_info())["message"]
         assert "secure aggregation failed in region eu" in message
         assert "rebuilding a-0's self-mask seed needs 4 shares, 3 arrived" in message
+        assert counted(await tier.metrics("eu"), "fedkube_secagg_failures_total") == 1
 
 
 def test_a_secure_run_trains_the_clear_runs_model_and_survives_workers_killed_mid_protocol(
