@@ -124,6 +124,17 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
     )
 
 
+def usable_key(public: bytes) -> bytes:
+    """``public`` if X25519 agreement with it works: not a low-order point (all-zero secret)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise UpdateRejected(
+            Reason.bad_share.value, "a key that is not a usable X25519 public key"
+        ) from None
+    return public
+
+
 def agree(private: X25519PrivateKey, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF-SHA256 over the X25519 shared secret."""
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
@@ -293,23 +304,7 @@ class ClientSession:
 
     def share(self, task: Mapping[str, object]) -> dict[str, str]:
         """Step 2: our seed and mask key, split among our neighbours and sealed for each."""
-        peers = task.get("peers")
-        threshold = task.get("threshold")
-        total = task.get("weightTotal")
-        if not isinstance(peers, dict) or not isinstance(threshold, int):
-            raise SecureAggregationFailed("share task without peers or threshold")
-        if not isinstance(total, int | float) or not total > 0:
-            raise SecureAggregationFailed("share task without a positive weightTotal")
-        self.weight_total = float(total)
-        for name, peer in peers.items():
-            self.peers[str(name)] = Peer(
-                x=int(peer["x"]),
-                c=unb64(peer["c"], f"{name}'s c key", KEY_BYTES),
-                s=unb64(peer["s"], f"{name}'s s key", KEY_BYTES),
-            )
-        own = task.get("x")
-        if not isinstance(own, int):
-            raise SecureAggregationFailed("share task without this client's point x")
+        own, threshold = self._read_share_task(task)
         xs = [own, *(peer.x for peer in self.peers.values())]
         seed_shares = split(self.seed, xs, threshold)
         key_shares = split(private_bytes(self.s_key), xs, threshold)
@@ -329,6 +324,38 @@ class ClientSession:
             sealed[name] = b64(nonce + AESGCM(key).encrypt(nonce, body, aad))
         return sealed
 
+    def _read_share_task(self, task: Mapping[str, object]) -> tuple[int, int]:
+        """Our point and the threshold; our neighbours and the weight total are kept.
+
+        What the server sends is checked like any input: a task we cannot use
+        makes us leave the round (:class:`SecureAggregationFailed`).
+        """
+        try:
+            peers, own, threshold = task["peers"], task["x"], task["threshold"]
+            total = float(task["weightTotal"])  # type: ignore[arg-type]
+            if not isinstance(peers, dict) or not isinstance(own, int):
+                raise TypeError("peers must map names to keys, x must be an integer")
+            for name, peer in peers.items():
+                self.peers[str(name)] = Peer(
+                    x=int(peer["x"]),
+                    c=usable_key(unb64(peer["c"], f"{name}'s c key", KEY_BYTES)),
+                    s=usable_key(unb64(peer["s"], f"{name}'s s key", KEY_BYTES)),
+                )
+        except (KeyError, TypeError, ValueError, UpdateRejected) as exc:
+            raise SecureAggregationFailed(f"a share task we cannot use: {exc}") from None
+        xs = [own, *(peer.x for peer in self.peers.values())]
+        if len(set(xs)) != len(xs) or min(xs) < 1:
+            raise SecureAggregationFailed("the share task's points are not distinct and positive")
+        if not isinstance(threshold, int) or not len(xs) / 2 < threshold <= len(xs):
+            # A threshold of half the holders or less would let fewer of them collude.
+            raise SecureAggregationFailed(
+                f"threshold {threshold!r} for {len(xs)} share holders: more than half needed"
+            )
+        if not total > 0:
+            raise SecureAggregationFailed("the share task's weight total is not positive")
+        self.weight_total = total
+        return own, threshold
+
     def mask(
         self, task: Mapping[str, object], flat: np.ndarray, ratio: float, clip_range: float
     ) -> np.ndarray:
@@ -339,7 +366,10 @@ class ClientSession:
         for sender, sealed in shares.items():
             if sender not in self.peers:
                 raise SecureAggregationFailed(f"a share from {sender!r}, not a neighbour")
-            self.received[sender] = unb64(sealed, f"share from {sender}", SEALED_BYTES)
+            try:
+                self.received[sender] = unb64(sealed, f"share from {sender}", SEALED_BYTES)
+            except UpdateRejected as exc:
+                raise SecureAggregationFailed(exc.detail) from None
         values = encode(flat, ratio, clip_range)
         plus: list[bytes] = [self.seed]
         minus: list[bytes] = []
@@ -458,8 +488,8 @@ class ServerSession:
         if client in self.members:
             raise UpdateRejected(Reason.duplicate.value, f"{client} already sent its keys", 409)
         self.members[client] = _Member(
-            c=unb64(document.get("c"), "key c", KEY_BYTES),
-            s=unb64(document.get("s"), "key s", KEY_BYTES),
+            c=usable_key(unb64(document.get("c"), "key c", KEY_BYTES)),
+            s=usable_key(unb64(document.get("s"), "key s", KEY_BYTES)),
             scale=scale,
         )
 

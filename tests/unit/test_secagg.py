@@ -75,9 +75,10 @@ def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not():
     # execute / assert
     for chosen in ([1, 2, 3], [2, 4, 5], [1, 3, 5]):
         assert secagg.combine({x: shares[x] for x in chosen}) == secret
-    with pytest.raises(SecureAggregationFailed):
-        # Two points of a degree-2 polynomial: a line, whose value at 0 is another number.
-        assert secagg.combine({x: shares[x] for x in (1, 2)}) != secret
+    # Two points of a degree-2 polynomial give a line, whose value at 0 is another
+    # number of the field: almost surely not even one of 32 bytes.
+    with pytest.raises(SecureAggregationFailed, match="expected size"):
+        secagg.combine({x: shares[x] for x in (1, 2)})
     assert all(len(share) == secagg.SHARE_BYTES for share in shares.values())
 
 
@@ -213,3 +214,26 @@ def test_a_region_too_small_to_hide_a_client_is_refused():
     document["spec"]["transport"] = {"normBound": 5.0}
     with pytest.raises(SpecError, match=r"spec.transport.normBound: a masked update's norm"):
         parse_job(document)
+
+
+def test_a_low_order_key_is_refused_before_any_peer_uses_it():
+    # prepare: the all-zero point makes every X25519 agreement with it zero
+    region = Region(5)
+    zero = base64.b64encode(bytes(32)).decode()
+    # execute / assert
+    with pytest.raises(UpdateRejected) as refused:
+        region.server.receive_keys("c00", {"c": zero, "s": zero}, 1.0)
+    assert refused.value.reason == "bad_share"
+    assert "not a usable X25519 public key" in refused.value.detail
+
+
+def test_a_client_leaves_rather_than_share_under_a_threshold_of_half_or_less():
+    # prepare
+    region = Region(5)
+    region.advertise()
+    task = region.server.share_task("c00")
+    # execute / assert: five holders (four neighbours and itself), threshold 2
+    with pytest.raises(SecureAggregationFailed, match="threshold 2 for 5 share holders"):
+        region.clients["c00"].share({**task, "threshold": 2})
+    with pytest.raises(SecureAggregationFailed, match="a share task we cannot use"):
+        region.clients["c01"].share({**task, "peers": {"c02": {"x": 3}}})
