@@ -16,6 +16,8 @@ from typing import Any
 import kubernetes.client
 import pytest
 
+from fedkube import signing
+from fedkube.operator.builders import SIGNING_KEY_KEY
 from fedkube.redis_server import free_port
 from tests.cluster.jobs import apply, get_json, job_document, status
 from tests.controlplane import ControlPlane
@@ -172,7 +174,9 @@ def test_a_site_install_runs_the_site_operator_only(
             f"the site operator to take its Lease; runner errors: {runner.errors}",
         )
         apply(control_plane, namespace, document)
-        # The tenant's Secret comes from the central cluster: copy it, as a user would.
+        # The tenant's Secret comes from the central cluster: copy it, as a user would
+        # (its token and its signing key).
+        private_key, _public_key = signing.generate_key()
         control_plane.kubectl(
             "create",
             "secret",
@@ -181,6 +185,7 @@ def test_a_site_install_runs_the_site_operator_only(
             "-n",
             namespace,
             "--from-literal=token=from-central",
+            f"--from-literal={SIGNING_KEY_KEY}={private_key}",
         )
         pod = wait_for(
             lambda: get_json(control_plane, namespace, "pods", "-l", "fedkube.io/role=worker")[
