@@ -20,6 +20,13 @@ One combiner runs per region. Per round it
 A rejected update is counted by reason and never touches the sum, so it
 cannot poison the round.
 
+Under ``spec.privacy.secureAggregation`` steps 3 and 4 are the server side
+of :mod:`fedkube.secagg` instead: the combiner routes its clients' keys and
+sealed shares, adds their masked updates into a uint32 total it cannot read,
+and decodes the region's sum once the survivors revealed the shares that
+remove the masks (the timing of the steps is ``secure_region``'s). The sum
+goes up as the region's partial, as in the clear.
+
 Restarts lose nothing a worker was told was accepted. The running sum lives
 only in memory (writing a model-sized sum to disk per update would cost more
 than the update itself), but every worker keeps its update until the round

@@ -27,6 +27,12 @@ Every update is signed with the tenant's private key (:mod:`fedkube.signing`)
 over the job, round, client and SHA-256 of its exact bytes, so that the
 bearer token alone cannot post as the tenant. The digest is taken once, over
 the encoded pieces without joining them; a resend repeats the signature.
+
+Under ``spec.privacy.secureAggregation`` a trained client keeps its update
+and runs the client side of :mod:`fedkube.secagg` instead of sending it:
+fresh keys with its weight, its secrets' shares for its neighbours, then
+its update masked (the only form in which it leaves), then the shares that
+let the combiner remove the masks of the round's survivors and dropouts.
 """
 
 from __future__ import annotations
