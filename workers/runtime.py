@@ -381,33 +381,50 @@ class Worker:
         return True
 
     async def _secure_steps(self, http: aiohttp.ClientSession, tasks: list[dict[str, Any]]) -> None:
-        """Steps 2 to 4 for each client that has one: shares, masked update, unmasking."""
-        loop = asyncio.get_running_loop()
-        for task in tasks:
-            seat = self.seats.get(str(task.get("client", "")))
-            number = int(task.get("round", 0))
-            session = seat.secure if seat is not None else None
-            if seat is None or session is None or session.round != number:
-                continue  # keys lost with a restart: the combiner counts this client dropped
-            try:
-                if task["status"] == "share":
-                    sealed = await loop.run_in_executor(None, session.share, task)
-                    document = {"client": seat.client.id, "round": number, "shares": sealed}
-                    await self._post_step(http, seat, "shares", document, number)
-                    faults.reached(f"worker.{seat.client.id}.shared", number)
-                elif task["status"] == "mask":
-                    await self._send_masked(http, seat, session, task)
-                else:
-                    shares = session.unmask(task)
-                    document = {"client": seat.client.id, "round": number, "shares": shares}
-                    await self._post_step(http, seat, "unmask", document, number)
-            except SecureAggregationFailed as exc:
-                log.error(
-                    "leaving the round's secure aggregation: %s",
-                    exc,
-                    extra=self._f(number, seat.client.id),
-                )
-                seat.secure = None
+        """Steps 2 to 4 for each client that has one: shares, masked update, unmasking.
+
+        A few clients at once (as updates are sent in the clear): one client's
+        update is masked while another's is on the wire. A transport error
+        is raised once every client's step has ended; the combiner hands the
+        steps that did not arrive out again.
+        """
+        in_flight = asyncio.Semaphore(SENDS_IN_FLIGHT)
+
+        async def one(task: dict[str, Any]) -> None:
+            async with in_flight:
+                await self._secure_step(http, task)
+
+        results = await asyncio.gather(*(one(t) for t in tasks), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _secure_step(self, http: aiohttp.ClientSession, task: dict[str, Any]) -> None:
+        seat = self.seats.get(str(task.get("client", "")))
+        number = int(task.get("round", 0))
+        session = seat.secure if seat is not None else None
+        if seat is None or session is None or session.round != number:
+            return  # keys lost with a restart: the combiner counts this client dropped
+        try:
+            if task["status"] == "share":
+                loop = asyncio.get_running_loop()
+                sealed = await loop.run_in_executor(None, session.share, task)
+                document = {"client": seat.client.id, "round": number, "shares": sealed}
+                await self._post_step(http, seat, "shares", document, number)
+                faults.reached(f"worker.{seat.client.id}.shared", number)
+            elif task["status"] == "mask":
+                await self._send_masked(http, seat, session, task)
+            else:
+                shares = session.unmask(task)
+                document = {"client": seat.client.id, "round": number, "shares": shares}
+                await self._post_step(http, seat, "unmask", document, number)
+        except SecureAggregationFailed as exc:
+            log.error(
+                "leaving the round's secure aggregation: %s",
+                exc,
+                extra=self._f(number, seat.client.id),
+            )
+            seat.secure = None
 
     async def _send_masked(
         self,
