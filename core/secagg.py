@@ -466,7 +466,7 @@ class ServerSession:
     ``wrong_round``) without changing anything when it is refused.
     """
 
-    STEPS = ("advertise", "share", "mask", "unmask", "done")
+    STEPS = ("advertise", "share", "mask", "unmask", "finish", "done")
 
     def __init__(self, job: str, number: int, config: SecureAggregation, length: int):
         self.job = job
