@@ -460,13 +460,12 @@ class _Member:
 class ServerSession:
     """A combiner's view of one round's protocol for its region.
 
-    Steps advance when the driver says so (everyone answered, or the step's
-    time ran out); each ``receive_*`` checks its input and raises
+    ``step`` goes advertise, share, mask, unmask, finish (the driver's: the
+    sum is due), done. Steps advance when the driver says so (everyone
+    answered, or the step's time ran out); each ``receive_*`` checks its input and raises
     :class:`~fedkube.errors.UpdateRejected` (reason ``bad_share`` or
     ``wrong_round``) without changing anything when it is refused.
     """
-
-    STEPS = ("advertise", "share", "mask", "unmask", "finish", "done")
 
     def __init__(self, job: str, number: int, config: SecureAggregation, length: int):
         self.job = job
