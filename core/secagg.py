@@ -224,10 +224,20 @@ def fraction_bits(clip_range: float) -> int:
 
 
 def encode(flat: np.ndarray, ratio: float, clip_range: float) -> np.ndarray:
-    """``round(ratio·clip(flat)·2^f)`` as two's complement uint32 (a new array)."""
+    """``round(ratio·clip(flat)·2^f)`` as two's complement uint32 (a new array).
+
+    In float64 (a float32 product would lose bits below the quantum), chunk by
+    chunk: the temporaries stay the size of a chunk, not of the model.
+    """
     scale = ratio * 2.0 ** fraction_bits(clip_range)
-    scaled = np.clip(flat.astype(np.float64), -clip_range, clip_range) * scale
-    return np.rint(scaled).astype(np.int64).astype(np.uint32)
+    out = np.empty(flat.size, np.uint32)
+    for start in range(0, flat.size, MASK_CHUNK):
+        chunk = flat[start : start + MASK_CHUNK].astype(np.float64)
+        np.clip(chunk, -clip_range, clip_range, out=chunk)
+        chunk *= scale
+        np.rint(chunk, out=chunk)
+        out[start : start + chunk.size] = chunk.astype(np.int64)  # wraps mod 2^32
+    return out
 
 
 def decode(total: np.ndarray, weight_total: float, clip_range: float) -> np.ndarray:
