@@ -150,6 +150,15 @@ class _Round:
     flushed: bool = False
 
 
+def _task_fields(current: _Round) -> dict[str, Any]:
+    """What every task of the round says: its number, model version and deadline."""
+    return {
+        "round": current.info.round,
+        "version": current.info.version,
+        "deadline": current.info.deadline,
+    }
+
+
 @dataclass
 class CombinerConfig:
     job: FederatedJob
@@ -562,11 +571,7 @@ class Combiner:
             return None
         if self.secure is not None:
             return self._secure_tasks_for(current, clients, after)
-        task = {
-            "round": current.info.round,
-            "version": current.info.version,
-            "deadline": current.info.deadline,
-        }
+        task = _task_fields(current)
         tasks: list[dict[str, Any]] = []
         # Only the round's selected (and owed) clients can have a task: a worker
         # of many clients is answered in O(selected), not O(its clients).
@@ -674,14 +679,7 @@ class Combiner:
                 415,
             )
         number = parse_int(request.headers.get(H_ROUND), "round")
-        weight = parse_weight(request.headers.get(H_WEIGHT))
-        cap = self.weight_caps.get(client)
-        if cap is not None and weight > cap:
-            raise UpdateRejected(
-                Reason.weight_above_cap.value,
-                f"weight {weight:g} is above the cap of {cap} samples for tenant {tenant!r} "
-                "(spec.tenants[].maxWeight or spec.participation.maxWeight)",
-            )
+        weight = self._capped_weight(request.headers.get(H_WEIGHT), client, tenant)
         current = self.current
         if self.secure is None:
             self._check_round(current, number, client)
@@ -699,6 +697,18 @@ class Combiner:
             return await self._fold(tenant, client, number, weight, current, body)
         finally:
             self._buffers.give(buffer)
+
+    def _capped_weight(self, value: str | None, client: str, tenant: str) -> float:
+        """The weight a client claims, refused above its tenant's cap."""
+        weight = parse_weight(value)
+        cap = self.weight_caps.get(client)
+        if cap is not None and weight > cap:
+            raise UpdateRejected(
+                Reason.weight_above_cap.value,
+                f"weight {weight:g} is above the cap of {cap} samples for tenant {tenant!r} "
+                "(spec.tenants[].maxWeight or spec.participation.maxWeight)",
+            )
+        return weight
 
     async def _verify(
         self, tenant: str, client: str, number: int, signature: bytes, body: memoryview
@@ -790,9 +800,7 @@ class Combiner:
                 raise UpdateRejected(
                     Reason.unavailable.value, f"round state unavailable: {exc}", 503
                 ) from None
-            # Under differential privacy every client counts once: a sample
-            # count as weight would let one client move the sum past clipNorm.
-            counted = 1.0 if self.dp is not None else weight
+            counted = privacy.counted_weight(self.dp, weight)
             scale = self.fold_scale(counted, steps) * clip
             if current.buffer is not None:
                 await loop.run_in_executor(
@@ -915,13 +923,7 @@ class Combiner:
                 f"{client} was not selected for round {current.info.round}",
                 403,
             )
-        weight = parse_weight(str(document.get("weight")))
-        cap = self.weight_caps.get(client)
-        if cap is not None and weight > cap:
-            raise UpdateRejected(
-                Reason.weight_above_cap.value,
-                f"weight {weight:g} is above the cap of {cap} samples for tenant {tenant!r}",
-            )
+        weight = self._capped_weight(str(document.get("weight")), client, tenant)
         raw_steps = document.get("steps")
         steps = parse_steps(
             None if raw_steps is None else str(raw_steps), required=self.needs_local_steps
@@ -933,7 +935,7 @@ class Combiner:
             length = sum(int(np.prod(shape)) for shape, _dtype in self.template.values())
             session = secagg.ServerSession(self.name, current.info.round, self.secure, length)
             current.secure = SecureRegion(session, set(current.selected), self.secure)
-        counted = 1.0 if self.dp is not None else weight
+        counted = privacy.counted_weight(self.dp, weight)
         current.secure.session.receive_keys(client, document, self.fold_scale(counted, steps))
         try:
             await self.store.record_report(current.info.round, client, weight)
@@ -973,8 +975,7 @@ class Combiner:
                     Reason.metadata_mismatch.value,
                     f"weight {weight:g} differs from the {claim.weight:g} sent with the keys",
                 )
-            flat = np.concatenate([tensors[name].reshape(-1) for name in sorted(self.template)])
-            region.session.receive_masked(client, flat)
+            region.session.receive_masked(client, secagg.flatten(tensors))
             await self._secure_tick(current)
         self.metrics.updates_accepted.labels(self.name, TIER, self.region, tenant).inc()
         self.metrics.bytes_up.labels(self.name, TIER, self.region, tenant).inc(len(body))
@@ -991,11 +992,7 @@ class Combiner:
         self, current: _Round, clients: set[str], after: int
     ) -> dict[str, Any] | None:
         region = current.secure
-        task = {
-            "round": current.info.round,
-            "version": current.info.version,
-            "deadline": current.info.deadline,
-        }
+        task = _task_fields(current)
         tasks: list[dict[str, Any]] = []
         for client in sorted(current.selected & clients):
             step = region.task(client) if region is not None else None
@@ -1069,13 +1066,8 @@ class Combiner:
         """The decoded region sum as tensors, its weight, count and weighted steps (executor)."""
         assert self.template is not None
         flat, survivors = region.session.finish()
-        tensors: dict[str, np.ndarray] = {}
-        offset = 0
-        for name in sorted(self.template):
-            shape, _dtype = self.template[name]
-            size = int(np.prod(shape))
-            tensors[name] = flat[offset : offset + size].reshape(shape)
-            offset += size
+        shapes = {name: shape for name, (shape, _dtype) in self.template.items()}
+        tensors = secagg.unflatten(flat, shapes)
         weight = sum(region.claims[c].counted for c in survivors)
         steps = sum(region.claims[c].counted * region.claims[c].steps for c in survivors)
         return tensors, weight, len(survivors), steps

@@ -42,6 +42,15 @@ from fedkube.spec import DifferentialPrivacy, DpMode, JobSpec
 CLIP_TOLERANCE = 1e-5
 
 
+def counted_weight(dp: DifferentialPrivacy | None, weight: float) -> float:
+    """What a client's update counts for in the sum: its samples, or 1 under DP.
+
+    Under differential privacy every client counts once: a sample count as
+    weight would let one client move the sum past clipNorm.
+    """
+    return 1.0 if dp is not None else weight
+
+
 def sampling_rate(spec: JobSpec, population: int) -> float:
     """The share of clients a round selects (``select_clients``' sample size)."""
     if population <= 0:

@@ -246,6 +246,22 @@ def decode(total: np.ndarray, weight_total: float, clip_range: float) -> np.ndar
     return (total.view(np.int32).astype(np.float64) * scale).astype(np.float32)
 
 
+def flatten(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The tensors as one vector, in name order: the layout masks are drawn over."""
+    return np.concatenate([tensors[name].reshape(-1) for name in sorted(tensors)])
+
+
+def unflatten(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Views of ``flat`` as the named tensors :func:`flatten` laid out."""
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name])
+        tensors[name] = flat[offset : offset + size].reshape(shapes[name])
+        offset += size
+    return tensors
+
+
 def sum_error_bound(count: int, weight_total: float, clip_range: float) -> float:
     """The most a decoded sum of ``count`` encodings can differ from the exact one."""
     return count * weight_total / 2.0 ** (fraction_bits(clip_range) + 1)

@@ -438,20 +438,14 @@ class Worker:
             raise SecureAggregationFailed("the round's update is gone")
         assert self.secure is not None
         delta = outgoing.update.delta
-        names = sorted(delta)
-        counted = 1.0 if self.job.spec.privacy.dp is not None else outgoing.weight
+        counted = privacy.counted_weight(self.job.spec.privacy.dp, outgoing.weight)
         ratio = self.strategy.fold_scale(counted, outgoing.update.steps)
         loop = asyncio.get_running_loop()
 
         def masked() -> codec.Encoded:
-            flat = np.concatenate([delta[name].reshape(-1) for name in names])
+            flat = secagg.flatten(delta)
             values = session.mask(task, flat, ratio / session.weight_total, self.secure.clip_range)
-            tensors, offset = {}, 0
-            for name in names:
-                tensors[name] = values[offset : offset + delta[name].size].reshape(
-                    delta[name].shape
-                )
-                offset += delta[name].size
+            tensors = secagg.unflatten(values, {name: d.shape for name, d in delta.items()})
             envelope = Envelope(
                 self.job.name, session.round, seat.client.id, seat.client.tenant, outgoing.weight
             )
@@ -481,10 +475,7 @@ class Worker:
             status = response.status
         if status < 300:
             return True
-        try:
-            answer = json.loads(text)
-        except json.JSONDecodeError:
-            answer = {"error": f"http {status}", "detail": text[:200]}
+        answer = _answer(status, text)
         if status == 503:
             return None
         log.warning(
@@ -513,10 +504,7 @@ class Worker:
             f"{self.config.combiner_url}/v1/update", data=body, headers=headers
         ) as response:
             text = await response.text()
-        try:
-            answer = json.loads(text)
-        except json.JSONDecodeError:
-            answer = {"error": f"http {response.status}", "detail": text[:200]}
+        answer = _answer(response.status, text)
         if response.status == 503 and answer.get("error") == Reason.unavailable.value:
             log.warning(
                 "update not taken yet (%s); it will be sent again",
@@ -702,6 +690,15 @@ class Worker:
             update.delta.update({scaffold.CONTROL + name: d for name, d in delta_c.items()})
             update.keep[SCAFFOLD_STATE] = new_c_i
         return update
+
+
+def _answer(status: int, text: str) -> dict[str, Any]:
+    """A combiner's JSON answer, or what to log of one that is not JSON."""
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        return {"error": f"http {status}", "detail": text[:200]}
+    return answer if isinstance(answer, dict) else {"error": f"http {status}", "detail": text[:200]}
 
 
 def pick_device(gpus: int) -> str:

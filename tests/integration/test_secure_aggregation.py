@@ -115,15 +115,10 @@ class Player:
 
     async def send_masked(self) -> tuple[int, dict]:
         task = await self.task("mask")
-        names = sorted(self.delta)
-        flat = np.concatenate([self.delta[n].reshape(-1) for n in names])
         total = self.session.weight_total
         counted = self.weight if self.counted is None else self.counted
-        values = self.session.mask(task, flat, counted / total, 8.0)
-        tensors, offset = {}, 0
-        for n in names:
-            tensors[n] = values[offset : offset + self.delta[n].size].reshape(self.delta[n].shape)
-            offset += self.delta[n].size
+        values = self.session.mask(task, secagg.flatten(self.delta), counted / total, 8.0)
+        tensors = secagg.unflatten(values, {n: d.shape for n, d in self.delta.items()})
         envelope = Envelope(self.tier.job.name, 1, self.client, self.client[0], self.weight)
         self.masked = codec.encode(tensors, envelope.metadata("masked"))
         return await self.tier.send(self.client, 1, self.masked, weight=self.weight)
@@ -190,12 +185,8 @@ async def test_the_secure_round_equals_fedavg_and_no_masked_update_reveals_its_c
         assert record["reported"] == 9
         # assert: what a combiner received of one client looks uniform, its update does not
         tensors, _ = codec.decode(everyone["a-0"].masked)
-        received = np.concatenate([tensors[n].reshape(-1) for n in sorted(tensors)])
-        plain = secagg.encode(
-            np.concatenate([everyone["a-0"].delta[n].reshape(-1) for n in sorted(tensors)]),
-            0.1,
-            8.0,
-        )
+        received = secagg.flatten(tensors)
+        plain = secagg.encode(secagg.flatten(everyone["a-0"].delta), 0.1, 8.0)
         assert looks_uniform(received) and not looks_uniform(plain)
         # ... and is the float32 update's size: four bytes a parameter, after the header
         header = 8 + int.from_bytes(everyone["a-0"].masked[:8], "little")
