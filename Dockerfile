@@ -1,39 +1,86 @@
-# One image for every fedkube component: the operator, the global aggregator,
-# the regional combiners and the workers. The chart and the operator run its
-# `fedkube` entrypoint with the component's subcommand (`fedkube operator ...`,
-# `fedkube combiner --region eu ...`); tests/unit/test_image.py checks that the
-# entrypoint, the user and the base stay what the chart and the operator expect.
+# fedkube's two images, from one file:
 #
-# Multi-stage: the first stage builds a virtual environment (with a compiler
-# available for any sdist); the runtime stage copies only that environment,
-# has no pip cache, no compiler, and runs as UID 10001 with a read-only root
-# filesystem (every pod mounts an emptyDir at /tmp, HOME=/tmp).
+#   --target full  fedkube:<version>       the workers and the global aggregator: torch
+#                                          (its Linux wheel brings the CUDA libraries, so the
+#                                          same image trains on GPU nodes) and every dependency
+#   --target slim  fedkube-slim:<version>  the operator and the regional combiners: no torch,
+#                                          no training stack ([tool.fedkube.image] in
+#                                          pyproject.toml lists what it leaves out)
 #
-# The base is pinned to a patch release; pin it by digest as well
-# (`python:3.11.11-slim-bookworm@sha256:...`) in the registry you build from.
-# torch's Linux wheel brings the CUDA libraries, so the same image runs on
-# GPU nodes (the operator asks for the GPU; the NVIDIA runtime mounts the driver).
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+# `scripts/build-images.sh` builds both with podman, from a Debian base that it makes
+# itself (mmdebstrap), with no container registry; tests/images/test_image.py builds them and
+# runs them. With a registry at hand, `docker build --target full .` works as it is.
+#
+# Layers are ordered so that a code change rebuilds in seconds: the dependencies (from
+# pyproject.toml's declared list, pip's cache as a build cache mount) are one layer that
+# changes only with pyproject.toml; fedkube itself is a small layer on top. The runtime
+# virtualenvs are created without pip and filled from outside with `pip --python`, so no
+# pip, no compiler and no pip configuration is left in an image. Both run as UID 10001 and
+# work with a read-only root filesystem (every pod mounts an emptyDir at /tmp, HOME=/tmp);
+# every module is precompiled (unchecked-hash .pyc), since a read-only image cannot cache
+# bytecode and a worker would otherwise recompile torch at every start.
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/fedkube
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY core core
-COPY aggregator aggregator
-COPY workers workers
-COPY operator operator
-RUN /opt/fedkube/bin/pip install . \
- && find /opt/fedkube -name '__pycache__' -prune -exec rm -rf {} + \
- && /opt/fedkube/bin/python -m compileall -q /opt/fedkube/lib
+# ---- build stages -----------------------------------------------------------------------
+# pip and fedkube's build backend, in a virtualenv of their own that no image keeps.
+FROM ${BASE_IMAGE} AS tools
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_WARN_SCRIPT_LOCATION=1
+COPY pyproject.toml /src/pyproject.toml
+RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 -m venv /opt/pip \
+ && /opt/pip/bin/pip install --quiet $(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("/src/pyproject.toml", "rb"))["build-system"]["requires"]))')
+COPY scripts/image-requirements.py /src/scripts/image-requirements.py
+RUN python3 /src/scripts/image-requirements.py full > /src/requirements-full.txt \
+ && python3 /src/scripts/image-requirements.py slim > /src/requirements-slim.txt
 
-FROM ${PYTHON_IMAGE}
-LABEL org.opencontainers.image.title="fedkube" \
-      org.opencontainers.image.description="Federated learning on Kubernetes: operator, aggregators, workers"
+# One virtualenv per image. Where TLS to the package index goes through a proxy with its own
+# certificate authority, pass its bundle as the build secret `ca-bundle` (build-images.sh
+# passes pip's). compileall skips test folders and the files written for a newer
+# Python than the image's (torch ships py312-only syntax under torch/testing/_internal).
+FROM tools AS deps-full
+RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 -m venv --without-pip /opt/fedkube \
+ && /opt/pip/bin/pip --python /opt/fedkube/bin/python install --no-compile \
+      -r /src/requirements-full.txt \
+ && /opt/fedkube/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+      -x '/(tests?|testing/_internal)/|/py3[0-9]+_' /opt/fedkube/lib
+
+FROM tools AS deps-slim
+RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 -m venv --without-pip /opt/fedkube \
+ && /opt/pip/bin/pip --python /opt/fedkube/bin/python install --no-compile \
+      -r /src/requirements-slim.txt \
+ && /opt/fedkube/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+      -x '/tests?/' /opt/fedkube/lib
+
+# fedkube itself, staged under /stage as the files it adds to /opt/fedkube (the package, its
+# dist-info, the `fedkube` script). Its dependencies are the images' business (--no-deps),
+# so both images take the same stage; it is built offline, with the tools stage's backend.
+FROM deps-slim AS app
+COPY README.md /src/README.md
+COPY core /src/core
+COPY aggregator /src/aggregator
+COPY workers /src/workers
+COPY operator /src/operator
+RUN /opt/pip/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/wheel /src \
+ && /opt/pip/bin/pip --python /opt/fedkube/bin/python install --no-index --no-compile --no-deps \
+      /tmp/wheel/fedkube-*.whl \
+ && site=$(/opt/fedkube/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+ && /opt/fedkube/bin/python -m compileall -q --invalidation-mode unchecked-hash "$site/fedkube" \
+ && mkdir -p "/stage$site" /stage/opt/fedkube/bin \
+ && mv "$site/fedkube" "$site"/fedkube-*.dist-info "/stage$site/" \
+ && mv /opt/fedkube/bin/fedkube /stage/opt/fedkube/bin/
+
+# ---- runtime images ---------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --gid 10001 fedkube \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fedkube
-COPY --from=build /opt/fedkube /opt/fedkube
 ENV PATH=/opt/fedkube/bin:$PATH \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \
@@ -44,3 +91,15 @@ WORKDIR /tmp
 EXPOSE 8080 9090 8000
 ENTRYPOINT ["fedkube"]
 CMD ["--help"]
+
+FROM runtime AS slim
+LABEL org.opencontainers.image.title="fedkube-slim" \
+      org.opencontainers.image.description="fedkube's operator and regional combiners (no training stack)"
+COPY --from=deps-slim /opt/fedkube /opt/fedkube
+COPY --from=app /stage/ /
+
+FROM runtime AS full
+LABEL org.opencontainers.image.title="fedkube" \
+      org.opencontainers.image.description="Federated learning on Kubernetes: workers, aggregators, operator"
+COPY --from=deps-full /opt/fedkube /opt/fedkube
+COPY --from=app /stage/ /

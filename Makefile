@@ -1,5 +1,5 @@
 # The README's commands. Each one installs what it needs first (scripts/setup.sh).
-.PHONY: setup demo compare test lint bench bench-flower cluster
+.PHONY: setup demo compare test lint bench bench-flower cluster cluster-kwok images
 
 setup:
 	./scripts/setup.sh
@@ -10,14 +10,21 @@ demo: setup
 compare: setup
 	.venv/bin/fedkube compare examples/digits.yaml
 
-# The tests in tests/cluster need the control-plane binaries; the build script
-# skips what is up to date (a cold build takes about 16 minutes). The smoke test
-# of benchmarks/vs_flower.py needs Flower's own virtualenv (.cache/flower-venv).
+# The tests in tests/cluster need the control-plane binaries, those in tests/node
+# the node's (kubelet, containerd, CoreDNS, a registry) and fedkube's images; each
+# script skips what is up to date (cold: about 16, 10 and 12 minutes). The smoke
+# test of benchmarks/vs_flower.py needs Flower's own virtualenv (.cache/flower-venv).
 test: setup
 	./scripts/build-control-plane.sh
+	./scripts/build-node.sh
+	./scripts/build-images.sh
 	./scripts/install-prometheus.sh
 	./scripts/flower-venv.sh
 	.venv/bin/python -m pytest
+
+# fedkube's images (podman, from a Debian base the script makes; no registry needed).
+images:
+	./scripts/build-images.sh
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
@@ -42,8 +49,16 @@ bench-flower: setup
 	./scripts/flower-venv.sh
 	.venv/bin/python benchmarks/vs_flower.py
 
-# A loopback Kubernetes control plane with kwok GPU nodes, up until Ctrl-C;
-# it prints the `export KUBECONFIG=...` to use (tests/controlplane.py).
+# A Kubernetes cluster on this machine with one real node (containerd, kubelet,
+# kube-proxy, CoreDNS) and fedkube's images loaded, up until Ctrl-C; it prints the
+# `export KUBECONFIG=...` to use (tests/node.py; needs root).
 cluster: setup
+	./scripts/build-control-plane.sh
+	./scripts/build-node.sh
+	./scripts/build-images.sh
+	.venv/bin/python -m tests.node --no-build
+
+# The control plane alone, with kwok's fake GPU nodes (scale tests; nothing runs).
+cluster-kwok: setup
 	./scripts/build-control-plane.sh
 	.venv/bin/python -m tests.controlplane

@@ -334,7 +334,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from fedkube.logs import configure
-    from fedkube.operator.config import DEFAULT_IMAGE, OperatorConfig
+    from fedkube.operator.config import DEFAULT_IMAGE, DEFAULT_SLIM_IMAGE, OperatorConfig
     from fedkube.operator.leader import Election
     from fedkube.operator.main import Runtime, run
     from fedkube.policy import DEFAULT_ENTRYPOINTS, SitePolicy, load_policy
@@ -343,6 +343,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     configure("operator", args.log_level)
     config = OperatorConfig(
         image=args.image or DEFAULT_IMAGE,
+        slim_image=args.slim_image or DEFAULT_SLIM_IMAGE,
         image_pull_policy=args.image_pull_policy,
         # The URL goes into the pods' args: it must not carry the password,
         # which reaches them through a Secret instead.
@@ -514,7 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch only this namespace (repeatable; default: every namespace)",
     )
     p.add_argument("--redis-url", help="Redis for jobs that set no spec.state.redisUrl")
-    p.add_argument("--image", default=None, help="image of every component")
+    p.add_argument("--image", default=None, help="image of the workers and the global aggregator")
+    p.add_argument(
+        "--slim-image", default=None, help="image of the combiners (no torch: fedkube-slim)"
+    )
     p.add_argument("--image-pull-policy", default="IfNotPresent")
     p.add_argument("--gpu-resource", default="nvidia.com/gpu", help="extended resource of a GPU")
     p.add_argument("--site", help="site mode: run only the tenants of this site")

@@ -627,7 +627,8 @@ class JobSpec(_Model):
     image: str | None = Field(
         default=None,
         max_length=512,
-        description="container image of every component (default: the operator's --image)",
+        description="container image of the workers and the global aggregator, which run "
+        "the job's code (default: the operator's --image; combiners run its --slim-image)",
     )
     seed: int = Field(default=0, description="model initialisation, selection, partitioning")
     model: Entrypoint

@@ -351,10 +351,13 @@ def _container(
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]],
     resources: dict[str, Any],
+    *,
+    image: str | None = None,
 ) -> dict[str, Any]:
+    """One fedkube container; ``image`` defaults to the job's image, else the operator's."""
     return {
         "name": name,
-        "image": target.job.spec.image or target.config.image,
+        "image": image or target.job.spec.image or target.config.image,
         "imagePullPolicy": target.config.image_pull_policy,
         "command": ["fedkube"],
         "args": args,
@@ -626,6 +629,8 @@ def _tier_deployment(
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
     requests: dict[str, str],
+    *,
+    image: str | None = None,
     **label_extra: str,
 ) -> dict[str, Any]:
     """A service of the aggregator tier: it holds the aggregator token and serves HTTP."""
@@ -643,6 +648,7 @@ def _tier_deployment(
         mounts,
         [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         {"requests": requests, "limits": {"memory": requests["memory"]}},
+        image=image,
     )
     container["readinessProbe"] = _service_probe(port)
     return _deployment(target, name, role, container, volumes, **label_extra)
@@ -689,7 +695,11 @@ def build_aggregator_service(target: Target) -> dict[str, Any]:
 
 
 def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
-    """A region's combiner: validates and folds its workers' updates."""
+    """A region's combiner: validates and folds its workers' updates.
+
+    It runs the slim image whatever the job's ``spec.image``: a combiner imports none of the
+    job's code (no model, no data), only fedkube's, and needs no torch.
+    """
     volumes, mounts = _config_volumes(target)
     volumes.append(
         {"name": "tokens", "secret": {"secretName": naming.combiner_name(target.name, region)}}
@@ -723,6 +733,7 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         volumes,
         mounts,
         {"cpu": target.config.combiner_cpu, "memory": target.config.combiner_memory},
+        image=target.config.slim_image,
         region=region,
     )
 

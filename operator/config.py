@@ -10,6 +10,9 @@ from fedkube.policy import DEFAULT_ENTRYPOINTS, ENTRYPOINT_RULE, SitePolicy
 from fedkube.spec import DNS_LABEL, QUANTITY
 
 DEFAULT_IMAGE = "fedkube:0.1.0"
+# The image of the components that never train (the operator itself and the regional
+# combiners): no torch, a tenth of the size (the Dockerfile's `slim` target).
+DEFAULT_SLIM_IMAGE = "fedkube-slim:0.1.0"
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,10 @@ class OperatorConfig:
     ``https://fl.example.org/{job}/{region}``).
     """
 
+    # Workers and the global aggregator (a job's spec.image replaces it); combiners run
+    # ``slim_image``, which a job cannot replace: they run no code of the job's.
     image: str = DEFAULT_IMAGE
+    slim_image: str = DEFAULT_SLIM_IMAGE
     image_pull_policy: str = "IfNotPresent"
     redis_url: str | None = None
     # From $FEDKUBE_REDIS_PASSWORD, never a flag (it would show in `ps`).

@@ -8,6 +8,8 @@
 # Scratch:   .cache/k8s/<K8S_VERSION>/src/   (throwaway wrapper modules)
 # Go caches: left at their defaults (GOCACHE, GOMODCACHE) so a fresh clone on
 #            the same machine only pays for linking.
+# Shared:    scripts/lib/go-build.sh (layout, flags, stamps, wrapper modules;
+#            also used by scripts/build-node.sh, which adds the node binaries)
 #
 # Idempotent: a binary is skipped when it exists and its stamp file
 # (bin/.<name>.version) matches the pinned version. Override versions with
@@ -24,86 +26,16 @@
 # one set of flags.
 set -euo pipefail
 
-K8S_VERSION="${K8S_VERSION:-v1.35.4}"
+# K8S_VERSION (default v1.35.4) is pinned in scripts/lib/go-build.sh, shared
+# with scripts/build-node.sh so node and control plane always match.
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BASE="${ROOT}/.cache/k8s/${K8S_VERSION}"
-BIN="${BASE}/bin"
-SRC="${BASE}/src"
+WRAPPER_MODULE="fedkube.invalid/control-plane-build"
+# shellcheck source-path=SCRIPTDIR source=lib/go-build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/go-build.sh"
 KWOK_STAGES="${BASE}/share/kwok/stages-fast.yaml" # kwok --config file
-mkdir -p "${BIN}" "${SRC}"
-
-# Static, lean, reproducible binaries; never switch toolchains behind our back
-# (a go.mod `toolchain` line newer than the local Go would otherwise try to
-# download one).
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
-export GOFLAGS="-buildvcs=false"
-BUILD_FLAGS=(-trimpath)
-FIXED_DATE="1970-01-01T00:00:00Z" # constant so relinks are reproducible
-
-command -v go >/dev/null || { echo "go not found on PATH" >&2; exit 1; }
-echo "go: $(go version)"
-echo "output: ${BIN}"
-
-SCRIPT_START=$SECONDS
-declare -a TIMINGS=()
-
-# up_to_date NAME VERSION -> 0 if bin/NAME exists and was built at VERSION
-up_to_date() {
-  [[ -x "${BIN}/$1" && -f "${BIN}/.$1.version" && "$(cat "${BIN}/.$1.version")" == "$2" ]]
-}
-stamp() { echo "$2" >"${BIN}/.$1.version"; }
-
-# make_wrapper DIR GO_LINE REQUIRE_LINES REPLACE_LINES PKG...
-# Writes a throwaway main module that blank-imports the wanted main packages
-# from a `tools`-tagged file (never compiled, only seen by `go mod tidy`).
-make_wrapper() {
-  local dir="$1" goline="$2" requires="$3" replaces="$4"
-  shift 4
-  rm -rf "${dir}"
-  mkdir -p "${dir}"
-  {
-    echo "module fedkube.invalid/control-plane-build"
-    echo
-    echo "${goline}"
-    echo
-    echo "require ("
-    echo "${requires}"
-    echo ")"
-    if [[ -n "${replaces}" ]]; then
-      echo
-      echo "replace ("
-      echo "${replaces}"
-      echo ")"
-    fi
-  } >"${dir}/go.mod"
-  {
-    echo "//go:build tools"
-    echo
-    echo "package tools"
-    echo
-    echo "import ("
-    local p
-    for p in "$@"; do echo "	_ \"${p}\""; done
-    echo ")"
-  } >"${dir}/tools.go"
-  (cd "${dir}" && go mod tidy)
-}
-
-# module_gomod MODULE VERSION -> path of that module's go.mod in the mod cache
-module_gomod() {
-  (cd "${SRC}" && GOFLAGS= go mod download -json "$1@$2") |
-    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p'
-}
-
-step() { # step NAME SECONDS
-  TIMINGS+=("$(printf '%-28s %5ss' "$1" "$2")")
-  echo ">>> $1 done in $2s"
-}
 
 # ---------------------------------------------------------------- etcd ----
 build_etcd() {
@@ -144,32 +76,10 @@ build_kubernetes() {
     return
   fi
   echo ">>> building ${K8S_CMDS[*]} ${K8S_VERSION}"
-  local gomod goline godebug staging_ver replaces="" m
-  gomod="$(module_gomod k8s.io/kubernetes "${K8S_VERSION}")"
-  goline="$(grep -m1 '^go ' "${gomod}")"
-  godebug="$(grep '^godebug ' "${gomod}" || true)" # e.g. `godebug default=go1.25`
-  # k8s.io/kubernetes vX.Y.Z <-> staging modules v0.Y.Z
-  staging_ver="v0.${K8S_VERSION#v1.}"
-  for m in $(sed -n 's/^[[:space:]]*\(k8s\.io\/[^ ]*\) => \.\/staging\/.*/\1/p' "${gomod}"); do
-    replaces+="	${m} => ${m} ${staging_ver}"$'\n'
-  done
-  if [[ -z "${replaces}" ]]; then
-    echo "no staging replace directives found in ${gomod}" >&2
-    exit 1
-  fi
-  local pkgs=()
+  local pkgs=() ld
   for c in "${K8S_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${c}"); done
-  make_wrapper "${SRC}/kubernetes" "${goline}"$'\n'"${godebug}" \
-    "	k8s.io/kubernetes ${K8S_VERSION}" "${replaces%$'\n'}" "${pkgs[@]}"
-  # Same version stamping as hack/lib/version.sh, so `--version`, /version and
-  # client-side skew checks (kubectl, helm kubeVersion) see a real version.
-  local minor="${K8S_VERSION#v1.}"
-  minor="${minor%%.*}"
-  local ld="-s -w" p
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld+=" -X ${p}.gitVersion=${K8S_VERSION} -X ${p}.gitMajor=1 -X ${p}.gitMinor=${minor}"
-    ld+=" -X ${p}.gitTreeState=clean -X ${p}.buildDate=${FIXED_DATE}"
-  done
+  k8s_wrapper "${SRC}/kubernetes" "${pkgs[@]}"
+  ld="$(k8s_ldflags)"
   # One invocation so the (large) shared package graph is compiled once.
   local tmp="${BIN}/.k8s-build"
   rm -rf "${tmp}" && mkdir -p "${tmp}"
@@ -181,18 +91,6 @@ build_kubernetes() {
   done
   rmdir "${tmp}"
   step "kubernetes ${K8S_VERSION} (4 bins)" $((SECONDS - t))
-}
-
-# plain_wrapper NAME MODULE VERSION PKG -> wrapper module in src/NAME for a
-# module whose go.mod needs no re-pinning (refuses one with replace directives)
-plain_wrapper() {
-  local name="$1" module="$2" version="$3" pkg="$4" gomod
-  gomod="$(module_gomod "${module}" "${version}")"
-  if grep -q '=>' "${gomod}"; then
-    echo "${name} ${version} go.mod has replace directives; teach this script about them" >&2
-    exit 1
-  fi
-  make_wrapper "${SRC}/${name}" "$(grep -m1 '^go ' "${gomod}")" "	${module} ${version}" "" "${pkg}"
 }
 
 # ---------------------------------------------------------------- kwok ----
@@ -265,7 +163,4 @@ for c in kube-apiserver kube-controller-manager kube-scheduler; do "${BIN}/${c}"
 "${BIN}/kubectl" version --client
 "${BIN}/kwok" --version
 "${BIN}/helm" version --short
-echo
-echo "=== timings"
-if ((${#TIMINGS[@]})); then printf '%s\n' "${TIMINGS[@]}"; else echo "(nothing built)"; fi
-echo "total: $((SECONDS - SCRIPT_START))s"
+print_timings

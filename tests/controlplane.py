@@ -92,6 +92,10 @@ SERVICE_CIDR = "10.96.0.0/16"
 # so a reused directory (`.cache/cluster`) never resurrects an old cluster.
 STATE_PATHS = ("etcd", "certs", "kubeconfig", "tokens.csv", "sa.key", "sa.pub", "helm")
 LOCK_FILE = ".lock"
+# A port picked by free_port() can be taken by another process before the component binds
+# it; the start is then tried again with new ports, this many times in all.
+PORT_ATTEMPTS = 3
+ADDRESS_IN_USE = "address already in use"
 # Shutdown grace before SIGKILL: kube-apiserver can hang on SIGTERM (seen when
 # etcd went away at the same moment), so a stop never waits unbounded.
 STOP_GRACE_S = 10.0
@@ -150,6 +154,9 @@ class ControlPlane:
     server: str
     token: str
     bin_dir: Path
+    # Where kube-apiserver listens and what it advertises: loopback, or an address that pods
+    # reach too (tests/node.py: the real node's bridge).
+    address: str = "127.0.0.1"
     components: list[Component] = field(default_factory=list, repr=False)
     startup_s: float = 0.0
     _lock: IO[str] | None = field(default=None, repr=False)
@@ -547,34 +554,51 @@ def _write_kubeconfig(cp: ControlPlane) -> None:
     cp.kubeconfig.chmod(0o600)
 
 
-def start_control_plane(workdir: Path, *, nodes: int = 2, timeout: float = 120) -> ControlPlane:
+def start_control_plane(
+    workdir: Path, *, nodes: int = 2, timeout: float = 120, address: str = "127.0.0.1"
+) -> ControlPlane:
     """Start a control plane in ``workdir`` with ``nodes`` GPU nodes; return it once usable.
 
     Usable means: /readyz is ok, the ``default`` ServiceAccount exists in
     namespace ``default`` (the controller-manager runs; pods can be created)
     and every node is Ready without taints. Nodes are named
     ``kwok-node-0``... with the defaults of ``ControlPlane.add_node``.
+    kube-apiserver listens on ``address`` (etcd and the rest on loopback).
     Earlier state in ``workdir`` is deleted. On failure everything started
-    is stopped again and the error shows the failing component's log tail.
+    is stopped again and the error shows the failing component's log tail;
+    a component that lost its port to another process ("address already in
+    use") is not a failure: the start is tried again with new ports.
     """
     started = time.monotonic()
     bin_dir = resolve_bin_dir()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cp = ControlPlane(
-        workdir=workdir,
-        kubeconfig=workdir / "kubeconfig",
-        server=f"https://127.0.0.1:{free_port()}",
-        token=token_hex(16),
-        bin_dir=bin_dir,
-        _lock=_lock_workdir(workdir),
-    )
-    try:
-        _clear_state(workdir)
-        _start(cp, nodes, timeout)
-    except BaseException:
-        cp.stop()
-        raise
+    lock = _lock_workdir(workdir)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        cp = ControlPlane(
+            workdir=workdir,
+            kubeconfig=workdir / "kubeconfig",
+            server=f"https://{address}:{free_port(address)}",
+            token=token_hex(16),
+            bin_dir=bin_dir,
+            address=address,
+        )
+        try:
+            _clear_state(workdir)
+            _start(cp, nodes, timeout)
+        except ControlPlaneError as error:
+            cp.stop()
+            if ADDRESS_IN_USE in str(error) and attempt < PORT_ATTEMPTS:
+                print(f"controlplane: a port was taken ({error}); starting again", file=sys.stderr)
+                continue
+            lock.close()
+            raise
+        except BaseException:
+            cp.stop()
+            lock.close()
+            raise
+        break
+    cp._lock = lock
     cp.startup_s = time.monotonic() - started
     return cp
 
@@ -608,8 +632,8 @@ def _start(cp: ControlPlane, nodes: int, timeout: float) -> None:
         "kube-apiserver",
         [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={cp.address}",
+            f"--advertise-address={cp.address}",
             f"--secure-port={cp.server.rsplit(':', 1)[1]}",
             f"--cert-dir={workdir / 'certs'}",
             f"--token-auth-file={workdir / 'tokens.csv'}",

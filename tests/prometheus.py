@@ -189,8 +189,10 @@ def write_config(
     rule_files: Iterable[Path],
     scrape_interval: str,
     evaluation_interval: str,
+    scrape_configs: Sequence[Mapping[str, Any]] = (),
 ) -> None:
-    """prometheus.yml: one scrape job per entry of ``targets``, honouring the series' labels."""
+    """prometheus.yml: one scrape job per entry of ``targets``, honouring the series' labels,
+    then ``scrape_configs`` as they are (service discovery, for example)."""
     config = {
         "global": {
             "scrape_interval": scrape_interval,
@@ -205,7 +207,8 @@ def write_config(
                 "static_configs": [{"targets": list(addresses)}],
             }
             for name, addresses in targets.items()
-        ],
+        ]
+        + [dict(c) for c in scrape_configs],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -217,6 +220,7 @@ def start_prometheus(
     scrape_interval: str = "1s",
     evaluation_interval: str = "1s",
     timeout: float = 60,
+    scrape_configs: Sequence[Mapping[str, Any]] = (),
 ) -> PrometheusServer:
     """Start Prometheus scraping ``targets`` (scrape job -> ``host:port`` list) and wait till ready.
 
@@ -226,7 +230,7 @@ def start_prometheus(
     binary = prometheus_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    write_config(config, targets, rule_files, scrape_interval, evaluation_interval)
+    write_config(config, targets, rule_files, scrape_interval, evaluation_interval, scrape_configs)
     port = free_port()
     log = workdir / "prometheus.log"
     with log.open("ab") as sink:

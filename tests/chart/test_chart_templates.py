@@ -337,15 +337,15 @@ def test_bad_values_fail_with_the_field_named(values: tuple[str, ...], message: 
     assert message in refused(*values)
 
 
-def test_the_image_runs_the_user_and_entrypoint_that_the_chart_and_operator_expect():
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    stages = [line for line in dockerfile.splitlines() if line.startswith("FROM ")]
-    assert len(stages) >= 2, "multi-stage: build, then a runtime stage without the toolchain"
-    base = next(line for line in dockerfile.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
-    assert base.count(".") >= 2 and "-slim" in base, f"pin the base to a patch release: {base}"
-    assert 'ENTRYPOINT ["fedkube"]' in dockerfile
+def test_the_operator_runs_the_slim_image_and_hands_both_images_to_the_jobs_pods():
+    """What tests/images/test_image.py builds is what the chart runs: the operator from the
+    slim image, as UID 10001 through the image's entrypoint; the jobs' pods get the full
+    image (workers, global aggregator) and the slim one (combiners) from its flags."""
+    spec = render("image.tag=1.2.3")[("Deployment", "fedkube-operator")]["spec"]["template"]
+    container = spec["spec"]["containers"][0]
+    assert container["image"] == "fedkube-slim:1.2.3"
+    assert "--image=fedkube:1.2.3" in container["args"]
+    assert "--slim-image=fedkube-slim:1.2.3" in container["args"]
     user = OperatorConfig().run_as_user
-    assert f"USER {user}:{user}" in dockerfile
-    deployment = render()[("Deployment", "fedkube-operator")]["spec"]["template"]["spec"]
-    assert deployment["securityContext"]["runAsUser"] == user
-    assert deployment["containers"][0]["command"] == ["fedkube"]
+    assert spec["spec"]["securityContext"]["runAsUser"] == user
+    assert container["command"] == ["fedkube"]

@@ -151,6 +151,41 @@ def test_the_gpu_resource_name_comes_from_the_operator_config():
     }
 
 
+def test_combiners_run_the_slim_image_and_the_rest_the_full_one_or_the_jobs():
+    # prepare
+    config = OperatorConfig(image="reg/fedkube:2", slim_image="reg/fedkube-slim:2")
+    custom = three_tenants()
+    custom["spec"]["image"] = "hospital/xray:1"
+    # execute
+    plain = build_children(target(config=config))
+    own = build_children(target(custom, config=config))
+
+    # assert
+    def images(children: list[dict[str, Any]]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for child in children:
+            if child["kind"] in ("Pod", "Deployment"):
+                spec = (
+                    child["spec"] if child["kind"] == "Pod" else child["spec"]["template"]["spec"]
+                )
+                role = child["metadata"]["labels"][naming.LABEL_ROLE]
+                found.setdefault(role, set()).add(spec["containers"][0]["image"])
+        return found
+
+    assert images(plain) == {
+        "worker": {"reg/fedkube:2"},
+        "aggregator": {"reg/fedkube:2"},
+        "combiner": {"reg/fedkube-slim:2"},
+    }
+    # A job's own image runs its code (workers, the aggregator that evaluates its model);
+    # combiners run none of it.
+    assert images(own) == {
+        "worker": {"hospital/xray:1"},
+        "aggregator": {"hospital/xray:1"},
+        "combiner": {"reg/fedkube-slim:2"},
+    }
+
+
 def test_placement_fields_of_a_tenant_reach_its_pods_only():
     document = three_tenants(
         nodeSelector={"gpu": "a100"},

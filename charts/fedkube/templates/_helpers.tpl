@@ -31,6 +31,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{- define "fedkube.slimImage" -}}
+{{- printf "%s:%s" .Values.image.slimRepository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
 {{- define "fedkube.operatorName" -}}
 {{- printf "%s-operator" (include "fedkube.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
