@@ -643,6 +643,8 @@ def _start(cp: ControlPlane, nodes: int, timeout: float) -> None:
             f"--service-account-signing-key-file={workdir / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
+            # A node's name is not in this machine's DNS: reach kubelets (logs, exec) by IP.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
         ],
     )
     cp._wait_ready(timeout)
