@@ -337,7 +337,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.delete(**resource, retries=CLEANUP_RETRIES)
     async def remove_round_state(body: kopf.Body, memo: State, retry: int, **_: Any) -> None:
-        """Children go by garbage collection; Redis keys are ours to delete."""
+        """Redis keys are ours to delete, once the pods that write them are gone."""
         memo.metrics.job_phase(body["metadata"]["uid"], None)
         memo.locks.pop(body["metadata"]["uid"], None)
         try:
@@ -350,6 +350,17 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         except NotReady as exc:
             log.warning("no Redis to clean up: %s", exc, extra=fields(job=job.name))
             return
+        try:
+            running = await asyncio.to_thread(
+                _stop_round_state_writers, memo.kube, namespace, job.name
+            )
+        except (ApiException, TransportError) as exc:
+            raise kopf.TemporaryError(f"API server: {exc}", delay=RETRY_DELAY_S) from None
+        if running and retry + 1 < CLEANUP_RETRIES:
+            raise kopf.TemporaryError(
+                f"waiting for {running} pod(s) of the job to stop before deleting its Redis keys",
+                delay=RETRY_DELAY_S,
+            )
         store = RoundStore.connect(url, job.name)
         try:
             removed = await store.delete_all()
@@ -367,6 +378,23 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         log.info("deleted %d Redis keys", removed, extra=fields(job=job.name))
 
     return registry
+
+
+def _stop_round_state_writers(kube: Kube, namespace: str, job: str) -> int:
+    """Delete the job's Deployments and pods now; return how many of its pods are left.
+
+    Kubernetes deletes a job's children only once its finalizers are done, and until then
+    its combiners and aggregator keep renewing their leases in Redis: keys deleted while
+    they run would be written back (seen on a real node: two ``lease:combiner-*`` keys
+    outlived ``kubectl delete``). So the finalizer stops the writers first.
+    """
+    selector = f"{naming.LABEL_JOB}={job}"
+    for kind in ("Deployment", "Pod"):
+        for item in kube.list(kind, namespace, selector):
+            meta = item["metadata"]
+            if not meta.get("deletionTimestamp"):
+                kube.delete(kind, namespace, meta["name"], meta["uid"])
+    return len(kube.list("Pod", namespace, selector))
 
 
 async def _expire_finished(
