@@ -1,10 +1,13 @@
-"""End to end: a FederatedJob applied with kubectl trains to completion.
+"""End to end: a suspended FederatedJob keeps its round and resumes it to success.
 
 Nothing is started by hand but the operator. The pods it writes (aggregator
 and combiner Deployments, worker pods with their ConfigMap, Secrets and
 Service DNS names) are executed as local processes by ``tests/podrunner.py``
 exactly as their specs say, against a real redis-server; the operator then
-reads the round state back into the job's status.
+reads the round state back into the job's status. (A job trained by the chart's
+operator in real containers is tests/realnode/test_pods.py; this test stays on the
+pod runner because its subject is the operator's suspend logic, where pods that start
+in a second instead of a minute keep the rounds short enough to catch mid-job.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from redis import Redis
 
 from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
-from tests.cluster.jobs import apply, get_json, job_document, status
+from tests.cluster.jobs import apply, job_document, status
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess
 from tests.podrunner import PodRunner
@@ -32,59 +35,6 @@ def finished(cp: ControlPlane, namespace: str, job: str) -> dict[str, Any] | Non
 
 
 SUSPEND = {"spec": {"suspend": True}}
-
-
-def workers_succeeded(cp: ControlPlane, namespace: str) -> bool:
-    pods = get_json(cp, namespace, "pods", "-l", "fedkube.io/role=worker")["items"]
-    return len(pods) == 3 and all(p["status"]["phase"] == "Succeeded" for p in pods)
-
-
-def test_a_job_applied_with_kubectl_trains_to_success_through_the_operators_pod_specs(
-    control_plane: ControlPlane,
-    namespace: str,
-    operator: OperatorProcess,
-    api_client: kubernetes.client.ApiClient,
-    tmp_path: Path,
-):
-    document = job_document()
-    document["spec"]["rounds"] = 3
-    document["spec"]["participation"] = {"minFraction": 1.0, "roundTimeoutSeconds": 120}
-    # Enough training that the accuracy says something (0.94 with `fedkube run`).
-    document["spec"]["training"] = {"epochs": 2, "batchSize": 16, "momentum": 0.9}
-    document["spec"]["model"]["kwargs"] = {"hidden": 32}
-    with PodRunner(api_client, namespace, tmp_path / "pods") as runner:
-        apply(control_plane, namespace, document)
-        final = wait_for(
-            lambda: finished(control_plane, namespace, "mnist"), 300, "the job to finish"
-        )
-        workers = ("mnist-a-0", "mnist-b-0", "mnist-c-0")
-        # Told by their combiner that the job is over, the workers exit 0.
-        wait_for(
-            lambda: all(runner.exit_codes(pod) == [0] for pod in workers),
-            60,
-            "every worker to exit 0",
-        )
-        wait_for(lambda: workers_succeeded(control_plane, namespace), 30, "workers Succeeded")
-        logs = {pod: runner.log(pod) for pod in workers}
-        assert not runner.errors, runner.errors
-    assert final["phase"] == "Succeeded", (final, operator.log()[-3000:])
-    assert final["progress"] == "3/3"
-    assert final["participation"] == "3/3"
-    assert final["lastAccuracy"] > 0.8
-    assert final["conditions"][-1]["type"] == "Succeeded"
-    for pod, log in logs.items():
-        assert '"job": "mnist"' in log, f"{pod} logged nothing of the job:\n{log[-2000:]}"
-    events = control_plane.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "reason=RoundClosed"
-    ).stdout
-    assert "round 3/3 closed" in events
-
-    # Every worker is done, so the whole tier is scaled to 0 (pods stay, with their logs).
-    def replicas() -> set[int]:
-        items = get_json(control_plane, namespace, "deployments")["items"]
-        return {d["spec"]["replicas"] for d in items}
-
-    wait_for(lambda: replicas() == {0}, 30, "the aggregator tier scaled to 0")
 
 
 def test_a_suspended_job_keeps_its_round_and_resumes_it_to_success(

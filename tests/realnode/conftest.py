@@ -8,6 +8,7 @@ changed). Every test here is marked ``node``; ``pytest -m "not node"`` skips the
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeClust
     """
     build_images()
     cluster = start_node_cluster(tmp_path_factory.mktemp("node"))
+    # On the terminal even when the tests pass: how long the node and its images took.
+    loads = ", ".join(f"{image} {s:.0f}s" for image, s in cluster.image_load_s.items())
+    sys.__stderr__.write(f"\nnode: up in {cluster.startup_s:.0f}s; images loaded: {loads}\n")
     try:
         yield cluster
     finally:
