@@ -285,7 +285,7 @@ class ControlPlane:
                 return f"{component.log}:\n{component.tail()}"
         return f"({name} not started)"
 
-    def _component(self, name: str) -> Component:
+    def component(self, name: str) -> Component:
         for component in self.components:
             if component.name == name:
                 return component
@@ -300,7 +300,7 @@ class ControlPlane:
         open it stops listening at once but tends not to exit; it is then
         SIGKILLed after ``STOP_GRACE_S``, which closes those watches.
         """
-        component = self._component("kube-apiserver")
+        component = self.component("kube-apiserver")
         component.stopped = True
         component.stop()
 
@@ -313,7 +313,7 @@ class ControlPlane:
         on after the first run's, in the same file. Call it from a thread
         that outlives the cluster (see the module's note on PR_SET_PDEATHSIG).
         """
-        old = self._component("kube-apiserver")
+        old = self.component("kube-apiserver")
         if not old.stopped:
             raise ControlPlaneError("kube-apiserver is running; stop_apiserver() first")
         self.components[self.components.index(old)] = _launch(

@@ -59,11 +59,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -210,9 +210,7 @@ class HostState:
             if path.exists():
                 sysctls[name] = path.read_text().strip()
         chains = {(tool, table): _chains(tool, table) for tool in IPTABLES for table in TABLES}
-        return cls(
-            sysctls, chains, _nft_tables(), _netns(), _entries(POD_LOG_DIRS + RUNTIME_DIRS)
-        )
+        return cls(sysctls, chains, _nft_tables(), _netns(), _entries(POD_LOG_DIRS + RUNTIME_DIRS))
 
     def restore(self, bin_dir: Path, dirs: Sequence[Path]) -> list[str]:
         """Undo what the node changed; returns what could not be undone (empty: all)."""
@@ -398,8 +396,16 @@ class NodeCluster:
             self.image_load_s[image] = time.monotonic() - loading
         self.images_s = time.monotonic() - started
 
-    def wait(self, condition, timeout: float = 60, what: str = "condition", *, blame="kubelet"):
-        """``ControlPlane.wait``, failing early if a node component exits too."""
+    def wait(
+        self,
+        condition: Callable[[], Any],
+        timeout: float = 60,
+        what: str = "condition",
+        *,
+        blame: str = "kubelet",
+    ) -> Any:
+        """``ControlPlane.wait``, failing early if a node component exits too (the tail of
+        ``blame``'s log, a control-plane component's, on a timeout)."""
         return self.cp.wait(
             lambda: self._check_alive(what) or condition(), timeout, what, blame=blame
         )
@@ -412,12 +418,6 @@ class NodeCluster:
                     f"while waiting for {what}; {component.log}:\n{component.tail()}"
                 )
 
-    def log_tail(self, name: str, lines: int = 60) -> str:
-        for component in self.components:
-            if component.name == name:
-                return component.tail(lines)
-        return f"({name} not started)"
-
     def stop(self) -> list[str]:
         """Remove every pod, stop everything, undo the host changes; returns what was left.
 
@@ -429,7 +429,7 @@ class NodeCluster:
         problems: list[str] = []
         if self.components and self.cp.components:
             with contextlib.suppress(ControlPlaneError, subprocess.SubprocessError):
-                self.cp._component("kube-scheduler").stop()
+                self.cp.component("kube-scheduler").stop()
                 self.cp.kubectl(
                     "delete", "pods", "--all", "-A", "--grace-period=0", "--force",
                     "--wait=false", check=False, timeout=60,

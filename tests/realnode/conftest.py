@@ -8,7 +8,6 @@ changed). Every test here is marked ``node``; ``pytest -m "not node"`` skips the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
+def node_cluster(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[NodeCluster]:
     """A control plane and a real node with fedkube's images loaded.
 
     Its stop is checked like a test: what the node changed on the host must be undone.
@@ -35,7 +36,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeClust
     cluster = start_node_cluster(tmp_path_factory.mktemp("node"))
     # On the terminal even when the tests pass: how long the node and its images took.
     loads = ", ".join(f"{image} {s:.0f}s" for image, s in cluster.image_load_s.items())
-    sys.__stderr__.write(f"\nnode: up in {cluster.startup_s:.0f}s; images loaded: {loads}\n")
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"node: up in {cluster.startup_s:.0f}s; images loaded: {loads}")
     try:
         yield cluster
     finally:

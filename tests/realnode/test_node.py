@@ -1,5 +1,6 @@
 """The real node itself: it runs a pod from an image, serves a Service by DNS name, and
-leaves the host as it found it, so that it can be started again in the same session.
+leaves the host as it found it, so that it can be started again in the same session
+(the shared node of the next modules is that second start).
 
 This module's test runs before any other of tests/node starts the shared node (file order),
 since one node runs at a time on a machine.
@@ -71,38 +72,39 @@ def finished_phase(cp: ControlPlane, pod: str) -> str | None:
 
 def test_a_node_runs_a_pod_behind_a_service_and_its_stop_restores_the_host(tmp_path: Path):
     before = HostState.capture()
-    for attempt in (1, 2):  # the second start proves the first stop left nothing in the way
-        with start_node_cluster(tmp_path / f"node-{attempt}", images=("pause:3.10", SLIM)) as c:
-            cp = c.cp
-            cp.kubectl("apply", "-f", "-", input=json.dumps(pod("web", [SERVER])))
-            cp.kubectl(
-                "apply",
-                "-f",
-                "-",
-                input=json.dumps(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Service",
-                        "metadata": {"name": "web"},
-                        "spec": {
-                            "selector": {"app": "web"},
-                            "ports": [{"port": 80, "targetPort": 8080}],
-                        },
-                    }
-                ),
-            )
-            cp.kubectl("wait", "--for=condition=Ready", "pod/web", "--timeout=120s")
-            cp.kubectl("apply", "-f", "-", input=json.dumps(pod("client", [CLIENT])))
+    # The shared node of tests/realnode starts after this one stopped: that start is the
+    # proof that a stop leaves nothing in the way of the next.
+    with start_node_cluster(tmp_path / "node", images=("pause:3.10", SLIM)) as c:
+        cp = c.cp
+        cp.kubectl("apply", "-f", "-", input=json.dumps(pod("web", [SERVER])))
+        cp.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "web"},
+                    "spec": {
+                        "selector": {"app": "web"},
+                        "ports": [{"port": 80, "targetPort": 8080}],
+                    },
+                }
+            ),
+        )
+        cp.kubectl("wait", "--for=condition=Ready", "pod/web", "--timeout=120s")
+        cp.kubectl("apply", "-f", "-", input=json.dumps(pod("client", [CLIENT])))
 
-            wait_for(lambda cp=cp: finished_phase(cp, "client"), 120, "the client pod to finish")
-            log = cp.kubectl("logs", "client").stdout
-            # A Service name resolved by CoreDNS, its port mapped by kube-proxy, the image's
-            # user (not root), and the root filesystem read-only as the pod asked.
-            assert "served by web" in log, log
-            assert "uid 10001" in log, log
-            assert "Read-only file system" in log, log
-        after = HostState.capture()
-        assert not host_differences(before, after)
-        assert not Path(f"/sys/class/net/{BRIDGE}").exists()
-        assert not _kubepods()
-        assert not _mounts_under([tmp_path, Path("/run/containerd")])
+        wait_for(lambda: finished_phase(cp, "client"), 120, "the client pod to finish")
+        log = cp.kubectl("logs", "client").stdout
+        # A Service name resolved by CoreDNS, its port mapped by kube-proxy, the image's
+        # user (not root), and the root filesystem read-only as the pod asked.
+        assert "served by web" in log, log
+        assert "uid 10001" in log, log
+        assert "Read-only file system" in log, log
+    after = HostState.capture()
+    assert not host_differences(before, after)
+    assert not Path(f"/sys/class/net/{BRIDGE}").exists()
+    assert not _kubepods()
+    assert not _mounts_under([tmp_path, Path("/run/containerd")])
