@@ -69,28 +69,7 @@ build_etcd() {
 # ---------------------------------------------------------- kubernetes ----
 K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 build_kubernetes() {
-  local t=$SECONDS c missing=0
-  for c in "${K8S_CMDS[@]}"; do up_to_date "$c" "${K8S_VERSION}" || missing=1; done
-  if [[ $missing == 0 ]]; then
-    echo ">>> kubernetes ${K8S_VERSION}: up to date, skipping"
-    return
-  fi
-  echo ">>> building ${K8S_CMDS[*]} ${K8S_VERSION}"
-  local pkgs=() ld
-  for c in "${K8S_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${c}"); done
-  k8s_wrapper "${SRC}/kubernetes" "${pkgs[@]}"
-  ld="$(k8s_ldflags)"
-  # One invocation so the (large) shared package graph is compiled once.
-  local tmp="${BIN}/.k8s-build"
-  rm -rf "${tmp}" && mkdir -p "${tmp}"
-  (cd "${SRC}/kubernetes" && go build "${BUILD_FLAGS[@]}" -ldflags="${ld}" \
-    -o "${tmp}/" "${pkgs[@]}")
-  for c in "${K8S_CMDS[@]}"; do
-    mv -f "${tmp}/${c}" "${BIN}/${c}"
-    stamp "${c}" "${K8S_VERSION}"
-  done
-  rmdir "${tmp}"
-  step "kubernetes ${K8S_VERSION} (4 bins)" $((SECONDS - t))
+  build_k8s_cmds "${SRC}/kubernetes" "kubernetes" "${K8S_CMDS[@]}"
 }
 
 # ---------------------------------------------------------------- kwok ----

@@ -169,28 +169,8 @@ build_registry() {
 # ---------------------------------------------------------- kubernetes ----
 K8S_NODE_CMDS=(kubelet kube-proxy)
 build_kubernetes_node() {
-  local t=$SECONDS c missing=0
-  for c in "${K8S_NODE_CMDS[@]}"; do up_to_date "$c" "${K8S_VERSION}" || missing=1; done
-  if [[ $missing == 0 ]]; then
-    echo ">>> kubelet/kube-proxy ${K8S_VERSION}: up to date, skipping"
-    return
-  fi
-  echo ">>> building ${K8S_NODE_CMDS[*]} ${K8S_VERSION}"
-  local pkgs=() ld
-  for c in "${K8S_NODE_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/${c}"); done
   # Own wrapper dir, so build-control-plane.sh's src/kubernetes is untouched.
-  k8s_wrapper "${SRC}/kubernetes-node" "${pkgs[@]}"
-  ld="$(k8s_ldflags)"
-  local tmp="${BIN}/.k8s-node-build"
-  rm -rf "${tmp}" && mkdir -p "${tmp}"
-  (cd "${SRC}/kubernetes-node" && go build "${BUILD_FLAGS[@]}" -ldflags="${ld}" \
-    -o "${tmp}/" "${pkgs[@]}")
-  for c in "${K8S_NODE_CMDS[@]}"; do
-    mv -f "${tmp}/${c}" "${BIN}/${c}"
-    stamp "${c}" "${K8S_VERSION}"
-  done
-  rmdir "${tmp}"
-  step "kubelet+kube-proxy ${K8S_VERSION}" $((SECONDS - t))
+  build_k8s_cmds "${SRC}/kubernetes-node" "kubelet/kube-proxy" "${K8S_NODE_CMDS[@]}"
 }
 
 ALL=(debs pause containerd coredns registry kubernetes)

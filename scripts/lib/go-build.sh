@@ -148,3 +148,30 @@ print_timings() {
   if ((${#TIMINGS[@]})); then printf '%s\n' "${TIMINGS[@]}"; else echo "(nothing built)"; fi
   echo "total: $((SECONDS - SCRIPT_START))s"
 }
+
+# build_k8s_cmds WRAPPER_DIR LABEL CMD... -> k8s.io/kubernetes/cmd/<CMD> at K8S_VERSION into
+# BIN, skipped when every one is up to date. One `go build` for all of them, so their
+# (large) shared package graph is compiled once.
+build_k8s_cmds() {
+  local dir="$1" label="$2" t=$SECONDS c missing=0
+  shift 2
+  for c in "$@"; do up_to_date "$c" "${K8S_VERSION}" || missing=1; done
+  if [[ $missing == 0 ]]; then
+    echo ">>> ${label} ${K8S_VERSION}: up to date, skipping"
+    return
+  fi
+  echo ">>> building $* ${K8S_VERSION}"
+  local pkgs=() ld
+  for c in "$@"; do pkgs+=("k8s.io/kubernetes/cmd/${c}"); done
+  k8s_wrapper "${dir}" "${pkgs[@]}"
+  ld="$(k8s_ldflags)"
+  local tmp="${BIN}/.$(basename "${dir}")-build"
+  rm -rf "${tmp}" && mkdir -p "${tmp}"
+  (cd "${dir}" && go build "${BUILD_FLAGS[@]}" -ldflags="${ld}" -o "${tmp}/" "${pkgs[@]}")
+  for c in "$@"; do
+    mv -f "${tmp}/${c}" "${BIN}/${c}"
+    stamp "${c}" "${K8S_VERSION}"
+  done
+  rmdir "${tmp}"
+  step "${label} ${K8S_VERSION} ($# bins)" $((SECONDS - t))
+}
