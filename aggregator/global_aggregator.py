@@ -30,9 +30,10 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -50,7 +51,7 @@ from fedkube.aggregator.strategies.fedavg import (
 )
 from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
 from fedkube.errors import CodecError, QuorumNotReached, UpdateRejected
-from fedkube.learning import build_model, evaluate, float_state, load_data, load_float_state
+from fedkube.learning import build_model, float_state, load_data, load_float_state
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
 from fedkube.protocol import (
@@ -69,6 +70,7 @@ from fedkube.protocol import (
 )
 from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
 from fedkube.spec import DpMode, FederatedJob, quorum
+from fedkube.task import TaskContext, TaskFailed, load_task
 from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
 
 log = logging.getLogger("fedkube.global")
@@ -104,7 +106,8 @@ class GlobalAggregator:
         self.region_of = {c.id: c.region for c in self.clients}
         self.tenant_of = {c.id: c.tenant for c in self.clients}
         self.regions = set(config.job.region_names())
-        self.model = build_model(config.job)
+        self.task = load_task(config.job)
+        self.model = build_model(config.job, self.task)
         self.weights = float_state(self.model)
         self.server_state: Tensors = self.strategy.module.init_state(
             self.weights, self.spec.strategy
@@ -125,7 +128,7 @@ class GlobalAggregator:
         self.partials: dict[str, Partial] = {}
         self._arrived = asyncio.Event()
         self._lease = secrets.token_hex(8)
-        self._test_data = None
+        self._test_data: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._continue: RoundInfo | None = None
         self.stopping = asyncio.Event()
@@ -633,10 +636,14 @@ class GlobalAggregator:
         self.metrics.aggregation_seconds.labels(self.name, TIER, "").observe(
             time.perf_counter() - started
         )
-        loss = accuracy = None
-        if number % self.spec.evaluation.every_rounds == 0 or number == self.spec.rounds:
-            loss, accuracy = await loop.run_in_executor(None, self._evaluate)
+        evaluated: Mapping[str, float] = {}
+        due = number % self.spec.evaluation.every_rounds == 0 or number == self.spec.rounds
+        if due and self.task.has("evaluate"):
+            evaluated = await loop.run_in_executor(None, self._evaluate, number)
+        loss, accuracy = evaluated.get("loss"), evaluated.get("accuracy")
+        if loss is not None:
             self.metrics.model_loss.labels(self.name).set(loss)
+        if accuracy is not None:
             self.metrics.model_accuracy.labels(self.name).set(accuracy)
         counters = await self.store.counters(number)
         by_region: dict[str, dict[str, int]] = {}
@@ -656,6 +663,7 @@ class GlobalAggregator:
             "round": number,
             "loss": loss,
             "accuracy": accuracy,
+            "metrics": dict(evaluated),
             "selected": len(selected),
             "reported": reported,
             "dropped": len(selected) - reported,
@@ -739,11 +747,26 @@ class GlobalAggregator:
             )
         return summary
 
-    def _evaluate(self) -> tuple[float, float]:
-        if self._test_data is None:
-            self._test_data = load_data(self.job, "test")
-        load_float_state(self.model, self.weights)
-        return evaluate(self.model, self._test_data)
+    def _evaluate(self, number: int) -> Mapping[str, float]:
+        """The task's metrics of the new global model on the held-out split (role ``test``).
+
+        A failure of the task's code is logged with its traceback and the
+        round goes on unevaluated: the model is not lost for want of a number.
+        """
+        ctx = TaskContext(self.job, "test", round=number, seed=self.spec.seed)
+        try:
+            if self._test_data is None:
+                self._test_data = load_data(self.job, "test", task=self.task)
+            load_float_state(self.model, self.weights)
+            return self.task.evaluate(self.model, self._test_data, ctx).metrics
+        except TaskFailed as exc:
+            log.error(
+                "evaluation failed: %s\n%s",
+                exc,
+                exc.details.rstrip(),
+                extra=fields(job=self.name, round=number),
+            )
+            return {}
 
     # -- handlers ------------------------------------------------------------
     def _authorised(self, request: web.Request) -> bool:

@@ -25,10 +25,11 @@ from typing import Any
 import yaml
 
 from fedkube.errors import SpecError
-from fedkube.learning import build_model, evaluate, load_data, train
+from fedkube.learning import build_model, load_data
 from fedkube.local.report import human_bytes
 from fedkube.local.runner import RunOptions, run_job
 from fedkube.spec import Client, FederatedJob, WireCompression, dump_job, load_job, parse_job
+from fedkube.task import Role, TaskContext, load_task
 
 
 @dataclass
@@ -74,9 +75,7 @@ class CompareReport:
 
 
 def centralised_accuracy(job: FederatedJob, epochs: int) -> float:
-    model = build_model(job)
-    train(model, load_data(job, "pooled"), job.spec.training, job.spec.seed, epochs=epochs)
-    return evaluate(model, load_data(job, "test"))[1]
+    return _baseline_accuracy(job, "pooled", None, epochs)
 
 
 def tenant_alone_accuracy(job: FederatedJob, tenant_index: int, epochs: int) -> float:
@@ -91,9 +90,19 @@ def tenant_alone_accuracy(job: FederatedJob, tenant_index: int, epochs: int) -> 
         tenant_index=tenant_index,
         num_tenants=len(job.spec.tenants),
     )
-    model = build_model(job)
-    train(model, load_data(job, "train", whole), job.spec.training, job.spec.seed, epochs=epochs)
-    return evaluate(model, load_data(job, "test"))[1]
+    return _baseline_accuracy(job, "train", whole, epochs)
+
+
+def _baseline_accuracy(job: FederatedJob, role: Role, client: Client | None, epochs: int) -> float:
+    """One model trained by the job's task on one data set for ``epochs``, then evaluated."""
+    task = load_task(job)
+    model = build_model(job, task)
+    training = job.spec.training.model_copy(update={"epochs": epochs})
+    ctx = TaskContext(job, role, seed=job.spec.seed, client=client, training_override=training)
+    task.train(model, load_data(job, role, client, task=task), ctx)
+    test = TaskContext(job, "test", seed=job.spec.seed)
+    metrics = task.evaluate(model, load_data(job, "test", task=task), test).metrics
+    return metrics["accuracy"]
 
 
 def compare(job_path: Path, out_dir: Path | None = None, quiet: bool = False) -> CompareReport:

@@ -91,14 +91,14 @@ def export_merged(job: FederatedJob, checkpoint_dir: Path, out: Path) -> Exporte
     merged = merge(job, saved.weights)
     lora = job.spec.training.peft
     assert lora is not None
+    source = job.spec.model or job.spec.task
+    assert source is not None  # the spec requires one of them
     metadata = {
         "fedkube.kind": KIND,
         "fedkube.job": job.name,
         "fedkube.round": str(saved.round),
-        "fedkube.model": json.dumps(
-            {"entrypoint": job.spec.model.entrypoint, "kwargs": job.spec.model.kwargs},
-            sort_keys=True,
-        ),
+        # What builds the base model: spec.model, else the task's model().
+        "fedkube.model": json.dumps(source.model_dump(mode="json", by_alias=True), sort_keys=True),
         "fedkube.lora": json.dumps(lora.model_dump(mode="json", by_alias=True), sort_keys=True),
     }
     body = codec.encode(merged, metadata)

@@ -1,37 +1,40 @@
-"""The torch side of a task: data contexts, local training, evaluation.
+"""The torch side of a job: its model, its data, one round of local training.
 
 Shared by the worker runtime (local training), the global aggregator
 (evaluation on the held-out split) and the baselines in ``fedkube compare``,
-so that all three train and measure the same way.
+so that all three build, load and train the same way, through the job's
+task (:mod:`fedkube.task`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedkube.entrypoints import resolve
-from fedkube.spec import Client, FederatedJob, Lora, Training
+from fedkube.errors import EntrypointError
+from fedkube.spec import Client, FederatedJob, Lora
+from fedkube.strategy_hooks import client_strategy
+from fedkube.task import Role, Task, TaskContext, load_task
 
 if TYPE_CHECKING:
     from fedkube.policy import DataBinding
-
-Role = Literal["train", "test", "pooled"]
 
 
 @dataclass(frozen=True)
 class DataContext:
     """What a data factory is told: who is asking, and for which split.
 
-    ``role`` is ``train`` for one client's own partition, ``test`` for the
-    global tier's held-out split and ``pooled`` for all training data (the
-    centralised baseline only).
+    ``role`` is ``train`` for one client's own partition, ``validation`` for
+    its own held-out part, ``test`` for the global tier's held-out split and
+    ``pooled`` for all training data (the centralised baseline only).
     """
 
     role: Role
@@ -54,18 +57,27 @@ class ArrayData:
         return int(len(self.y))
 
 
-def build_model(job: FederatedJob) -> nn.Module:
+def build_model(job: FederatedJob, task: Task | None = None) -> nn.Module:
     """The job's model, initialised from ``spec.seed`` (same on every tier).
 
-    With ``spec.training.peft`` the entrypoint's model is the frozen base of
-    a peft model with LoRA adapters (:func:`with_lora`).
+    Built by the task's ``model()`` when it has one, else by
+    ``spec.model``'s entrypoint. With ``spec.training.peft`` it is the
+    frozen base of a peft model with LoRA adapters (:func:`with_lora`).
     """
+    task = task or load_task(job)
     torch.manual_seed(job.spec.seed)
-    model = resolve(job.spec.model.entrypoint)(**job.spec.model.kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{job.spec.model.entrypoint} returned {type(model).__name__}, not nn.Module"
+    if task.has("model"):
+        model = task.call("model", TaskContext(job, "train", seed=job.spec.seed))
+        where = f"spec.task {task.reference!r}: model()"
+    elif job.spec.model is not None:
+        model = resolve(job.spec.model.entrypoint)(**job.spec.model.kwargs)
+        where = job.spec.model.entrypoint
+    else:
+        raise EntrypointError(
+            f"spec.model: required, because task {task.reference!r} has no model()"
         )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where} returned {type(model).__name__}, not torch.nn.Module")
     if job.spec.training.peft is not None:
         return with_lora(model, job.spec.training.peft)
     return model
@@ -109,14 +121,18 @@ def load_data(
     role: Role,
     client: Client | None = None,
     binding: DataBinding | None = None,
-) -> ArrayData:
-    """Call the job's data factory for one role (and client).
+    task: Task | None = None,
+) -> Any:
+    """This client's (or the global tier's) data for one role.
 
-    ``binding`` is the site's own data binding (fedkube.policy): its
-    entrypoint replaces the manifest's (with only its kwargs), or its kwargs
-    are merged last, so a site's paths never have to be in the manifest.
+    The kwargs are ``spec.data.kwargs``, then the tenant's
+    ``tenants[].data.kwargs``, then the site's own binding's (fedkube.policy),
+    so a site's paths never have to be in the manifest. A binding with an
+    entrypoint of its own replaces the job's loader (with only its kwargs).
+    Otherwise the task's ``data()`` loads it, else ``spec.data``'s factory.
     """
     spec = job.spec
+    task = task or load_task(job)
     kwargs: dict[str, Any] = dict(spec.data.kwargs)
     if client is not None:
         tenant = next(t for t in spec.tenants if t.name == client.tenant)
@@ -126,7 +142,26 @@ def load_data(
         if binding.entrypoint is not None:
             entrypoint, kwargs = binding.entrypoint, {}
         kwargs.update(binding.kwargs)
-    context = DataContext(
+    if task.has("data") and (binding is None or binding.entrypoint is None):
+        context = TaskContext(job, role, seed=spec.seed, client=client, data_kwargs=kwargs)
+        data = task.call("data", context)
+        where = f"spec.task {task.reference!r}: data()"
+    elif entrypoint is not None:
+        data = resolve(entrypoint)(data_context(job, role, client), **kwargs)
+        where = entrypoint
+    else:
+        raise EntrypointError(
+            f"spec.data.entrypoint: required, because task {task.reference!r} has no data()"
+        )
+    if data is None:
+        raise TypeError(f"{where} returned None for role {role!r}")
+    return data
+
+
+def data_context(job: FederatedJob, role: Role, client: Client | None) -> DataContext:
+    """What ``spec.data``'s factory is told."""
+    spec = job.spec
+    return DataContext(
         role=role,
         client=client,
         partition_scheme=spec.data.partition.scheme.value,
@@ -135,10 +170,6 @@ def load_data(
         seed=spec.seed,
         num_tenants=len(spec.tenants),
     )
-    data = resolve(entrypoint)(context, **kwargs)
-    if not isinstance(data, ArrayData):
-        raise TypeError(f"{entrypoint} returned {type(data).__name__}, not ArrayData")
-    return data
 
 
 def float_state(model: nn.Module) -> dict[str, np.ndarray]:
@@ -167,115 +198,34 @@ def load_float_state(model: nn.Module, tensors: dict[str, np.ndarray]) -> None:
             state[name].copy_(torch.from_numpy(np.array(array, copy=True)))
 
 
-def _optimizer(model: nn.Module, training: Training) -> torch.optim.Optimizer:
-    params = list(trainable_parameters(model).values())
-    if training.optimizer.value == "adam":
-        return torch.optim.Adam(params, lr=training.learning_rate)
-    return torch.optim.SGD(params, lr=training.learning_rate, momentum=training.momentum)
-
-
-def proximal_term(
-    params: Iterable[tuple[torch.Tensor, torch.Tensor]], mu: float
-) -> torch.Tensor | float:
-    """FedProx's ``μ/2·Σ‖w − w_g‖²`` over (local, round-start) parameter pairs.
-
-    The round-start parameters are constants (no gradient flows into them); the
-    gradient of the term on ``w`` is ``μ·(w − w_g)`` (Li et al., 2020).
-    """
-    if mu == 0:
-        return 0.0
-    total: torch.Tensor | float = 0.0
-    for local, start in params:
-        total = total + torch.sum((local - start.detach()) ** 2)
-    return 0.5 * mu * total
-
-
 @dataclass(frozen=True)
 class LocalResult:
-    """What one round of local training did: mean loss and optimizer steps (τ)."""
+    """One round of local training: the task's result and the steps its loop took."""
 
-    loss: float
-    steps: int
+    examples: int
+    metrics: Mapping[str, float]
+    steps: int  # optimizer steps over the model (τ)
+    rate: float  # their mean effective learning rate (fedkube.strategy_hooks.StepLog.rate)
 
-
-def train(
-    model: nn.Module, data: ArrayData, training: Training, seed: int, epochs: int | None = None
-) -> float:
-    """Train in place for ``training.epochs`` (or ``epochs``); returns the mean loss."""
-    return train_local(model, data, training, seed, epochs).loss
+    @property
+    def loss(self) -> float:
+        return float(self.metrics.get("loss", math.nan))
 
 
 def train_local(
+    task: Task,
     model: nn.Module,
-    data: ArrayData,
-    training: Training,
-    seed: int,
-    epochs: int | None = None,
+    data: Any,
+    ctx: TaskContext,
     proximal_mu: float = 0.0,
     correction: Mapping[str, np.ndarray] | None = None,
 ) -> LocalResult:
-    """Local training with the client side of the job's strategy.
+    """``task.train`` with the client side of the job's strategy.
 
-    ``proximal_mu`` adds FedProx's ``μ/2·‖w − w_start‖²`` to every batch's loss
-    (``w_start`` the weights the round started from). ``correction`` adds
-    SCAFFOLD's ``c − c_i`` to the gradient of each named parameter before
-    every optimizer step.
+    ``proximal_mu`` adds FedProx's proximal gradient and ``correction``
+    SCAFFOLD's ``c − c_i`` at every optimizer step of the task's loop
+    (:func:`fedkube.strategy_hooks.client_strategy`).
     """
-    device = next(model.parameters()).device
-    x = torch.as_tensor(data.x, dtype=torch.float32, device=device)
-    y = torch.as_tensor(data.y, dtype=torch.long, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = _optimizer(model, training)
-    loss_fn = nn.CrossEntropyLoss()
-    named = trainable_parameters(model)
-    start = [(p, p.detach().clone()) for p in named.values()] if proximal_mu else []
-    shifts = (
-        [(named[n], torch.as_tensor(c, device=device)) for n, c in correction.items() if n in named]
-        if correction
-        else []
-    )
-    model.train()
-    total, batches = 0.0, 0
-    for _ in range(epochs or training.epochs):
-        order = torch.randperm(len(y), generator=generator).to(device)
-        for first in range(0, len(y), training.batch_size):
-            batch = order[first : first + training.batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x[batch]), y[batch])
-            (loss + proximal_term(start, proximal_mu)).backward()
-            for param, shift in shifts:
-                if param.grad is not None:
-                    param.grad.add_(shift)
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
-    return LocalResult(loss=total / max(batches, 1), steps=batches)
-
-
-# Targets per forward pass in evaluate(): a language model's rows hold one
-# target per position, so its held-out set is evaluated in slices.
-EVAL_TARGETS = 16384
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayData) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of the model on ``data``, over every target.
-
-    ``y`` holds one class per row, or one per position (a language model's
-    next tokens, with logits shaped ``(rows, classes, positions)``). Rows go
-    through the model in slices of about :data:`EVAL_TARGETS` targets.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    x = torch.as_tensor(data.x, dtype=torch.float32, device=device)
-    y = torch.as_tensor(data.y, dtype=torch.long, device=device)
-    per_row = max(1, int(np.prod(y.shape[1:])))
-    rows = max(1, EVAL_TARGETS // per_row)
-    loss_sum, correct, count = 0.0, 0, 0
-    for first in range(0, len(y), rows):
-        logits = model(x[first : first + rows])
-        target = y[first : first + rows]
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == target).sum().item())
-        count += target.numel()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+    with client_strategy(model, proximal_mu, correction) as steps:
+        result = task.train(model, data, ctx)
+    return LocalResult(result.examples, dict(result.metrics), steps.steps, steps.rate())

@@ -169,6 +169,12 @@ class Metrics:
             ["job", "region", "tenant"],
             registry=r,
         )
+        self.task_failures = Counter(
+            "fedkube_task_failures_total",
+            "Client rounds lost to the task's code (an exception, a bad result), by step.",
+            ["job", "region", "tenant", "step"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

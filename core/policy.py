@@ -171,22 +171,14 @@ def check(job: FederatedJob, policy: SitePolicy, site: str | None, image: str) -
                 )
             )
             continue
-        found = [
-            _entrypoint_refusal(
-                name, "spec.model.entrypoint", job.spec.model.entrypoint, policy.entrypoints, where
-            )
-        ]
         binding = policy.data_bindings.get(name)
-        if binding is None or binding.entrypoint is None:
-            found.append(
-                _entrypoint_refusal(
-                    name,
-                    "spec.data.entrypoint",
-                    job.spec.data.entrypoint,
-                    policy.entrypoints,
-                    where,
-                )
-            )
+        replaced = binding is not None and binding.entrypoint is not None
+        found = [
+            _entrypoint_refusal(name, field, reference, policy.entrypoints, where)
+            for field, reference in job.spec.code_references()
+            # A site's own data entrypoint replaces the manifest's: only the site's runs.
+            if not (replaced and field == "spec.data.entrypoint")
+        ]
         refusals += [r for r in found if r is not None]
         wanted = job.spec.image or image
         images = policy.images or [image]
@@ -247,16 +239,14 @@ def _resource_refusals(index: int, tenant: Tenant, policy: SitePolicy, where: st
 def check_central(job: FederatedJob, allowed: tuple[str, ...]) -> list[Refusal]:
     """The central allowlist: the code the global aggregator imports and calls.
 
-    The global aggregator builds the model (``spec.model``) and evaluates it
-    on the held-out split (``spec.data`` with role ``test``).
+    The global aggregator builds the model (``spec.task`` or ``spec.model``)
+    and evaluates it on the held-out split (the task's or ``spec.data``'s
+    data, role ``test``).
     """
     where = "this operator (--allow-entrypoint)"
     found = [
         _entrypoint_refusal("", field, reference, allowed, where)
-        for field, reference in (
-            ("spec.model.entrypoint", job.spec.model.entrypoint),
-            ("spec.data.entrypoint", job.spec.data.entrypoint),
-        )
+        for field, reference in job.spec.code_references()
     ]
     return [r for r in found if r is not None]
 

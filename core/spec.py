@@ -43,6 +43,8 @@ MAX_REPLICAS = 100_000
 # could subtract its own update from the sum and learn the other's.
 MIN_SECURE_REGION = 3
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+# A task may also be a bare module whose functions are the task.
+TASK_ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
 
@@ -79,7 +81,35 @@ class Partition(_Model):
     )
 
 
-class DataSpec(Entrypoint):
+class TaskSpec(_Model):
+    """The user's task (fedkube.task): model, data, training loop, evaluation."""
+
+    entrypoint: str = Field(
+        pattern=TASK_ENTRYPOINT,
+        description="`module.path:Class` (built with kwargs), `module.path:object` or "
+        "`module.path` whose train(), and optionally model(), data() and evaluate(), "
+        "are the task (unset: the built-in classifier over spec.model and spec.data)",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the task's class"
+    )
+
+
+class ModelSpec(Entrypoint):
+    """``module:callable`` returning the ``torch.nn.Module`` (unless spec.task builds it)."""
+
+
+class DataSpec(_Model):
+    entrypoint: str | None = Field(
+        default=None,
+        pattern=ENTRYPOINT,
+        description="`module.path:callable` (context, **kwargs) -> data; unset when "
+        "spec.task's data() loads it",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments for the data factory (or spec.task's data())",
+    )
     partition: Partition = Field(default_factory=Partition)
     test_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="held-out share that the global tier evaluates on"
@@ -631,8 +661,15 @@ class JobSpec(_Model):
         "the job's code (default: the operator's --image; combiners run its --slim-image)",
     )
     seed: int = Field(default=0, description="model initialisation, selection, partitioning")
-    model: Entrypoint
-    data: DataSpec
+    task: TaskSpec | None = Field(
+        default=None,
+        description="the user's training code (fedkube.task); unset: the built-in "
+        "classifier (cross-entropy, accuracy)",
+    )
+    model: ModelSpec | None = Field(
+        default=None, description="the model's factory; required unless spec.task builds it"
+    )
+    data: DataSpec = Field(default_factory=lambda: DataSpec())
     regions: list[Region] = Field(min_length=1, max_length=MAX_REGIONS)
     tenants: list[Tenant] = Field(min_length=1, max_length=MAX_TENANTS)
     training: Training = Field(default_factory=Training)
@@ -647,6 +684,18 @@ class JobSpec(_Model):
         default=None,
         description="host many virtual clients per worker process (unset: one worker per client)",
     )
+
+    def code_references(self) -> list[tuple[str, str]]:
+        """(field, reference) of every piece of code the job asks a tier to import.
+
+        What site and central entrypoint policies check (fedkube.policy).
+        """
+        named = [
+            ("spec.task.entrypoint", self.task.entrypoint if self.task else None),
+            ("spec.model.entrypoint", self.model.entrypoint if self.model else None),
+            ("spec.data.entrypoint", self.data.entrypoint),
+        ]
+        return [(field, reference) for field, reference in named if reference is not None]
 
 
 class Metadata(_Model):
@@ -768,6 +817,14 @@ def workers_of(spec: JobSpec, tenant: Tenant) -> int:
 def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """Rules that span fields; the CRD states the same rules in CEL."""
     problems: list[tuple[str, str]] = []
+    if spec.task is None and spec.model is None:
+        problems.append(
+            ("spec.model", "required unless spec.task names a task that builds the model")
+        )
+    if spec.task is None and spec.data.entrypoint is None:
+        problems.append(
+            ("spec.data.entrypoint", "required unless spec.task names a task that loads the data")
+        )
     region_names = [region.name for region in spec.regions]
     for index, name in enumerate(region_names):
         if region_names.index(name) != index:

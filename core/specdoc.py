@@ -65,14 +65,23 @@ def _limits(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
+def _without_none(annotation: Any) -> Any:
+    """``X`` of ``X | None`` (an optional object's fields are documented too)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
 def rows(model: type[BaseModel] = JobSpec, prefix: str = "spec") -> list[tuple[str, ...]]:
     found: list[tuple[str, ...]] = []
     for name, info in model.model_fields.items():
         path = f"{prefix}.{info.alias or name}"
         annotation = info.annotation
-        inner = annotation
-        if typing.get_origin(annotation) is list:
-            inner = typing.get_args(annotation)[0]
+        inner = _without_none(annotation)
+        if typing.get_origin(inner) is list:
+            inner = typing.get_args(inner)[0]
             path_for_children = f"{path}[]"
         else:
             path_for_children = path

@@ -46,6 +46,19 @@ LIST_MAP_FIELDS = {"regions", "tenants"}
 
 SPEC_RULES: list[dict[str, str]] = [
     {
+        "rule": "has(self.task) || has(self.model)",
+        "message": "spec.model is required unless spec.task names a task that builds the model",
+        "fieldPath": ".model",
+        "reason": "FieldValueRequired",
+    },
+    {
+        "rule": "has(self.task) || (has(self.data) && has(self.data.entrypoint))",
+        "message": "spec.data.entrypoint is required unless spec.task names a task that loads "
+        "the data",
+        "fieldPath": ".data.entrypoint",
+        "reason": "FieldValueRequired",
+    },
+    {
         "rule": "self.tenants.all(t, self.regions.exists(r, r.name == t.region))",
         "message": "every tenant's region must be one of spec.regions",
         "fieldPath": ".tenants",

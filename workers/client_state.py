@@ -28,6 +28,12 @@ class ClientState:
         self.directory = directory
         self.tags = {"fedkube.job": job, "fedkube.client": client}
 
+    def scratch(self) -> Path:
+        """A directory of the client's own for its task (fedkube.task.TaskContext.scratch)."""
+        path = self.directory / "scratch"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"
 

@@ -44,7 +44,7 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ from fedkube.protocol import (
     Reason,
 )
 from fedkube.spec import Client, DpMode, FederatedJob
+from fedkube.task import BUILTIN, TaskContext, TaskFailed, load_task
 from fedkube.web import upload
 from fedkube.workers.client_state import ClientState
 
@@ -139,7 +140,8 @@ class LocalUpdate:
     loss: float
     steps: int
     keep: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    weight: float = 0.0  # the client's samples (set by the worker, not the strategy)
+    weight: float = 0.0  # the examples the task trained on (FedAvg's n_k)
+    metrics: Mapping[str, float] = field(default_factory=dict)  # what the task's train returned
 
 
 @dataclass
@@ -166,6 +168,7 @@ class Seat:
     data: ArrayData | None = None
     # Under secure aggregation: this round's keys, seed and received shares.
     secure: secagg.ClientSession | None = None
+    failed_round: int | None = None  # the round whose task failed (not run again)
 
 
 class Worker:
@@ -178,7 +181,9 @@ class Worker:
         self.region = config.clients[0].region
         self.name = config.name or config.clients[0].id
         self.metrics = metrics or Metrics()
-        self.model = build_model(config.job).to(config.device)
+        self.task = load_task(config.job)
+        self.device = torch.device(config.device)
+        self.model = build_model(config.job, self.task).to(self.device)
         root = config.state_dir or default_state_dir(config.job.name)
         self.seats = {
             c.id: Seat(c, ClientState(root / c.id, config.job.name, c.id)) for c in config.clients
@@ -205,22 +210,30 @@ class Worker:
         return list(self.seats)
 
     def _warm_up(self) -> None:
-        """One training step on one batch before registering: torch's lazy start-up
-        (thread pools, kernels, the optimizer's first step: about a second) would
-        otherwise eat into the first round's deadline. What it does to the weights
-        does not matter: every round starts from the global model's."""
+        """Load the first client's data now (a bad binding fails at start, not in a round).
+
+        With the built-in classifier, also one training step on one batch:
+        torch's lazy start-up (thread pools, kernels, the optimizer's first
+        step: about a second) would otherwise eat into the first round's
+        deadline. What it does to the weights does not matter: every round
+        starts from the global model's. A task of the user's own is not
+        called outside a round.
+        """
         seat = next(iter(self.seats.values()))
         data = self._data(seat)
-        batch = min(len(data), self.job.spec.training.batch_size)
-        train_local(
-            self.model, ArrayData(data.x[:batch], data.y[:batch]), self.job.spec.training, 0, 1
-        )
+        if self.task.reference == BUILTIN and isinstance(data, ArrayData):
+            batch = min(len(data), self.job.spec.training.batch_size)
+            one = self.job.spec.training.model_copy(update={"epochs": 1})
+            ctx = TaskContext(self.job, "train", device=self.device, training_override=one)
+            self.task.train(self.model, ArrayData(data.x[:batch], data.y[:batch]), ctx)
         if not self.keep_data:
             seat.data = None
 
     def _data(self, seat: Seat) -> ArrayData:
         if seat.data is None:
-            seat.data = load_data(self.job, "train", seat.client, self.config.data_binding)
+            seat.data = load_data(
+                self.job, "train", seat.client, self.config.data_binding, self.task
+            )
         return seat.data
 
     def _labels(self) -> tuple[str, str, str]:
@@ -338,9 +351,15 @@ class Worker:
                 if seat is None or int(task["round"]) != number:
                     continue
                 outgoing = seat.outgoing
+                if seat.failed_round == number:
+                    continue  # the task failed this round: it is not run again
                 if outgoing is None or outgoing.round != number:
                     tensors = await self._model_for(http, number, int(task["version"]))
-                    outgoing = seat.outgoing = await self._train(seat, tensors, number)
+                    try:
+                        outgoing = seat.outgoing = await self._train(seat, tensors, number)
+                    except TaskFailed as exc:
+                        self._task_failed(seat, number, exc)
+                        continue
                     if self.secure is not None:
                         sends.append(asyncio.create_task(self._advertise(http, seat, outgoing)))
                         continue
@@ -359,6 +378,21 @@ class Worker:
             self.last_round = max(self.last_round, number)
             return True
         return False
+
+    def _task_failed(self, seat: Seat, number: int, exc: TaskFailed) -> None:
+        """The user's code failed this client's round: said with the traceback, not retried.
+
+        The client sends nothing for the round, which closes on the others;
+        the next round runs the task again.
+        """
+        seat.failed_round = number
+        self.metrics.task_failures.labels(*self._labels(), exc.step).inc()
+        log.error(
+            "the task failed; the client sits this round out: %s\n%s",
+            exc,
+            exc.details.rstrip(),
+            extra=self._f(number, seat.client.id),
+        )
 
     # -- secure aggregation (the client side of fedkube.secagg) -----------------
     async def _advertise(
@@ -568,9 +602,7 @@ class Worker:
         """Train one client (in the executor), holding its data only meanwhile."""
         try:
             data = self._data(seat)
-            update = self.compute_update(seat, data, tensors, number)
-            update.weight = float(len(data))
-            return self._privatise(update)
+            return self._privatise(self.compute_update(seat, data, tensors, number))
         finally:
             if not self.keep_data:
                 seat.data = None
@@ -627,8 +659,7 @@ class Worker:
         return wire, scheme
 
     def _seed(self, client: Client, number: int) -> int:
-        """The client's seed for round ``number``: the same after a restart."""
-        return self.job.spec.seed * 1_000_003 + number * 7919 + zlib.crc32(client.id.encode())
+        return round_seed(self.job.spec.seed, client.id, number)
 
     def _accepted(self, seat: Seat, outgoing: _Outgoing, number: int) -> None:
         """Keep the client state that goes with an accepted update (once per round)."""
@@ -652,13 +683,17 @@ class Worker:
         return self.job.name, TIER, self.region, self.tenant
 
     def compute_update(
-        self, seat: Seat, data: ArrayData, payload: dict[str, np.ndarray], number: int
+        self, seat: Seat, data: Any, payload: dict[str, np.ndarray], number: int
     ) -> LocalUpdate:
-        """Train one client on the round's model (and the strategy's downlink); form its update."""
+        """Train one client on the round's model (and the strategy's downlink); form its update.
+
+        :class:`TaskFailed` when the task raised, returned a bad result, took
+        no optimizer step that the strategy needs, or trained to non-finite
+        weights: nothing of such a round is sent.
+        """
         global_weights, control = scaffold.split(payload)
         load_float_state(self.model, global_weights)
         seed = self._seed(seat.client, number)
-        training = self.job.spec.training
         c_i: dict[str, np.ndarray] = {}
         correction = None
         if self.strategy.control_variates:
@@ -669,27 +704,59 @@ class Worker:
                 else {name: np.zeros_like(c) for name, c in control.items()}
             )
             correction = {name: control[name] - c_i[name] for name in control}
+        ctx = TaskContext(
+            self.job,
+            "train",
+            round=number,
+            seed=seed,
+            device=self.device,
+            client=seat.client,
+            scratch=seat.state.scratch(),
+        )
         result = train_local(
+            self.task,
             self.model,
             data,
-            training,
-            seed,
+            ctx,
             proximal_mu=self.job.spec.strategy.proximal_mu if self.strategy.proximal else 0.0,
             correction=correction,
         )
+        needs_steps = (
+            self.strategy.proximal
+            or self.strategy.control_variates
+            or self.strategy.needs_local_steps
+        )
+        if needs_steps and result.steps == 0:
+            raise TaskFailed(
+                self.task.reference,
+                "train",
+                f"no torch.optim step over the model: {self.strategy.name} corrects and counts "
+                "the steps of a torch optimizer",
+            )
         local = float_state(self.model)
         delta = {name: local[name] - global_weights[name] for name in global_weights}
-        update = LocalUpdate(delta=delta, loss=result.loss, steps=result.steps)
+        bad = next((name for name, d in delta.items() if not np.isfinite(d).all()), None)
+        if bad is not None:
+            raise TaskFailed(self.task.reference, "train", f"the trained {bad} is not finite")
+        update = LocalUpdate(
+            delta=delta,
+            loss=result.loss,
+            steps=result.steps,
+            metrics=result.metrics,
+            weight=float(result.examples),
+        )
         if self.strategy.control_variates:
-            # With momentum m, SGD's steady-state step is lr/(1 − m): the
-            # option-II estimate of the gradient uses that effective rate.
-            rate = training.learning_rate / (1.0 - training.momentum)
             new_c_i, delta_c = scaffold.client_control_update(
-                c_i, control, global_weights, local, result.steps, rate
+                c_i, control, global_weights, local, result.steps, result.rate
             )
             update.delta.update({scaffold.CONTROL + name: d for name, d in delta_c.items()})
             update.keep[SCAFFOLD_STATE] = new_c_i
         return update
+
+
+def round_seed(job_seed: int, client: str, number: int) -> int:
+    """A client's seed for round ``number`` (its task's ``ctx.seed``): the same after a restart."""
+    return job_seed * 1_000_003 + number * 7919 + zlib.crc32(client.encode())
 
 
 def _answer(status: int, text: str) -> dict[str, Any]:

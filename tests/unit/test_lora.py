@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedkube import codec, learning
+from fedkube import classifier, codec
 from fedkube.aggregator import checkpoint
 from fedkube.cli import main
 from fedkube.examples import corpus, lm
 from fedkube.export import ExportError, export_merged, merge
 from fedkube.learning import (
+    ArrayData,
+    DataContext,
     build_model,
-    evaluate,
+    data_context,
     float_state,
     is_adapted,
     load_data,
@@ -25,12 +27,19 @@ from fedkube.learning import (
     train_local,
 )
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.task import Role, TaskContext, load_task
 
 # Small enough to build in a fraction of a second, wide enough that rank-4
 # adapters on c_attn are about 200 times smaller than the model.
 MODEL_KWARGS = {"context": 32, "width": 256, "layers": 2, "heads": 4}
 DATA_KWARGS = {"seq_len": 16, "windows_per_topic": 40}
 LORA = {"rank": 4, "alpha": 8.0}
+
+
+def evaluate(job: FederatedJob, model: torch.nn.Module, data: Any) -> tuple[float, float]:
+    """(loss, accuracy) of the built-in classifier task on ``data``."""
+    metrics = classifier.Classifier().evaluate(model, data, TaskContext(job, "test")).metrics
+    return metrics["loss"], metrics["accuracy"]
 
 
 def lora_job_dict(peft: dict[str, Any] | None = LORA, tenants: int = 4, **spec: Any) -> dict:
@@ -138,7 +147,9 @@ def test_local_training_changes_the_adapters_and_leaves_the_base_alone(optimizer
     data = load_data(job, "train", client)
     base_before, adapters_before = frozen_base(model), float_state(model)
 
-    result = train_local(model, data, job.spec.training, seed=1, epochs=1)
+    one_epoch = job.spec.training.model_copy(update={"epochs": 1})
+    ctx = TaskContext(job, "train", seed=1, training_override=one_epoch)
+    result = train_local(load_task(job), model, data, ctx)
 
     base_after, adapters_after = frozen_base(model), float_state(model)
     assert result.steps > 0 and np.isfinite(result.loss)
@@ -179,7 +190,7 @@ def test_the_lm_returns_logits_in_the_layout_cross_entropy_takes_for_token_targe
 def test_an_untrained_lm_is_about_as_perplexed_as_a_uniform_guess_over_bytes(adapted_job):
     model = build_model(adapted_job)
 
-    loss, accuracy = evaluate(model, load_data(adapted_job, "test"))
+    loss, accuracy = evaluate(adapted_job, model, load_data(adapted_job, "test"))
 
     assert 100 < lm.perplexity(loss) < 1000
     assert 0 <= accuracy < 0.2
@@ -189,10 +200,10 @@ def test_evaluation_in_slices_gives_the_loss_of_one_pass(adapted_job, monkeypatc
     model = build_model(adapted_job)
     randomise_adapters(model)
     data = load_data(adapted_job, "test")
-    whole = evaluate(model, data)
+    whole = evaluate(adapted_job, model, data)
 
-    monkeypatch.setattr(learning, "EVAL_TARGETS", 3 * DATA_KWARGS["seq_len"])
-    sliced = evaluate(model, data)
+    monkeypatch.setattr(classifier, "EVAL_TARGETS", 3 * DATA_KWARGS["seq_len"])
+    sliced = evaluate(adapted_job, model, data)
 
     assert sliced[0] == pytest.approx(whole[0], rel=1e-5)
     assert sliced[1] == pytest.approx(whole[1], abs=1e-9)
@@ -394,19 +405,11 @@ def test_fedkube_export_writes_the_merged_model_and_refuses_a_full_model_job(
 # -- helpers -------------------------------------------------------------------------
 
 
-def load_context(job: FederatedJob, role: learning.Role) -> learning.DataContext:
-    return learning.DataContext(
-        role=role,
-        client=None,
-        partition_scheme=job.spec.data.partition.scheme.value,
-        alpha=job.spec.data.partition.alpha,
-        test_fraction=job.spec.data.test_fraction,
-        seed=job.spec.seed,
-        num_tenants=len(job.spec.tenants),
-    )
+def load_context(job: FederatedJob, role: Role) -> DataContext:
+    return data_context(job, role, None)
 
 
-def windows_of(data: learning.ArrayData) -> set[bytes]:
+def windows_of(data: ArrayData) -> set[bytes]:
     """Each (x, y) row as the window of seq_len + 1 tokens it came from."""
     rows = np.concatenate([data.x, data.y[:, -1:]], axis=1)
     return {row.tobytes() for row in rows}
