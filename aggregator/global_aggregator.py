@@ -40,7 +40,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import codec, compression, faults, privacy
+from fedkube import codec, compression, faults, headline, privacy
 from fedkube.aggregator import checkpoint
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.fedavg import (
@@ -645,6 +645,8 @@ class GlobalAggregator:
             self.metrics.model_loss.labels(self.name).set(loss)
         if accuracy is not None:
             self.metrics.model_accuracy.labels(self.name).set(accuracy)
+        for metric, score in evaluated.items():
+            self.metrics.eval_metric.labels(self.name, "central", "", metric).set(score)
         counters = await self.store.counters(number)
         by_region: dict[str, dict[str, int]] = {}
         missing: list[str] = []
@@ -703,11 +705,13 @@ class GlobalAggregator:
         self.partials = {}
         self.metrics.round_duration.labels(self.name).observe(record["duration_s"])
         self.metrics.rounds_completed.labels(self.name).inc()
+        evaluation = self.spec.evaluation
         log.info(
-            "round closed: %d/%d reported, accuracy %s",
+            "round closed: %d/%d reported, %s %s",
             reported,
             len(selected),
-            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            evaluation.metric,
+            headline.show(headline.value(record, evaluation), evaluation),
             extra=fields(job=self.name, round=number),
         )
 

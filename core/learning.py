@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -122,6 +123,7 @@ def load_data(
     client: Client | None = None,
     binding: DataBinding | None = None,
     task: Task | None = None,
+    scratch: Path | None = None,
 ) -> Any:
     """This client's (or the global tier's) data for one role.
 
@@ -143,7 +145,9 @@ def load_data(
             entrypoint, kwargs = binding.entrypoint, {}
         kwargs.update(binding.kwargs)
     if task.has("data") and (binding is None or binding.entrypoint is None):
-        context = TaskContext(job, role, seed=spec.seed, client=client, data_kwargs=kwargs)
+        context = TaskContext(
+            job, role, seed=spec.seed, client=client, data_kwargs=kwargs, scratch=scratch
+        )
         data = task.call("data", context)
         where = f"spec.task {task.reference!r}: data()"
     elif entrypoint is not None:

@@ -149,6 +149,13 @@ class Metrics:
             ["job"],
             registry=r,
         )
+        self.eval_metric = Gauge(
+            "fedkube_eval_metric",
+            "The task's evaluation metrics of the global model (scope central: the global "
+            "tier's held-out split; tenant empty there). At most 16 names per job.",
+            ["job", "scope", "tenant", "metric"],
+            registry=r,
+        )
         self.dp_epsilon = Gauge(
             "fedkube_dp_epsilon",
             "Differential privacy spent so far: epsilon at the job's delta "

@@ -43,6 +43,10 @@ MAX_REPLICAS = 100_000
 # could subtract its own update from the sum and learn the other's.
 MIN_SECURE_REGION = 3
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+# A Client API script: a module, or a .py file (in the image, on a pod).
+SCRIPT = r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[A-Za-z0-9_./-]+\.py)$"
+# A metric's name: a Prometheus label value and a column, bounded and plain (fedkube.task).
+METRIC_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 # A task may also be a bare module whose functions are the task.
 TASK_ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
@@ -82,9 +86,10 @@ class Partition(_Model):
 
 
 class TaskSpec(_Model):
-    """The user's task (fedkube.task): model, data, training loop, evaluation."""
+    """The user's code: a task (fedkube.task), or a script of the Client API (fedkube.client)."""
 
-    entrypoint: str = Field(
+    entrypoint: str | None = Field(
+        default=None,
         pattern=TASK_ENTRYPOINT,
         description="`module.path:Class` (built with kwargs), `module.path:object` or "
         "`module.path` whose train(), and optionally model(), data() and evaluate(), "
@@ -92,6 +97,18 @@ class TaskSpec(_Model):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for the task's class"
+    )
+    script: str | None = Field(
+        default=None,
+        pattern=SCRIPT,
+        max_length=512,
+        description="a training script of the Client API (fedkube.client) that keeps its own "
+        "main(): a module run as __main__, or a .py file; the worker runs it in a thread",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="the script's command-line arguments (sys.argv[1:])",
     )
 
 
@@ -479,6 +496,15 @@ class Evaluation(_Model):
     every_rounds: int = Field(
         default=1, ge=1, description="evaluate the global model every N rounds (and after the last)"
     )
+    metric: str = Field(
+        default="accuracy",
+        pattern=METRIC_NAME,
+        description="the headline metric, one the task's evaluate() returns: it drives the "
+        "progress line, the summary's best round, the plot, the status and `kubectl get`",
+    )
+    goal: Literal["maximize", "minimize"] = Field(
+        default="maximize", description="whether a higher or a lower metric is better"
+    )
 
 
 class Transport(_Model):
@@ -692,6 +718,7 @@ class JobSpec(_Model):
         """
         named = [
             ("spec.task.entrypoint", self.task.entrypoint if self.task else None),
+            ("spec.task.script", self.task.script if self.task else None),
             ("spec.model.entrypoint", self.model.entrypoint if self.model else None),
             ("spec.data.entrypoint", self.data.entrypoint),
         ]
@@ -825,6 +852,7 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(
             ("spec.data.entrypoint", "required unless spec.task names a task that loads the data")
         )
+    problems += _task_problems(spec)
     region_names = [region.name for region in spec.regions]
     for index, name in enumerate(region_names):
         if region_names.index(name) != index:
@@ -875,6 +903,29 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 f"{minimum} exceeds the {total} clients that the tenants' replicas provide",
             )
         )
+    return problems
+
+
+def _task_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    task = spec.task
+    if task is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    if (task.entrypoint is None) == (task.script is None):
+        problems.append(("spec.task", "set exactly one of entrypoint and script"))
+    if task.script is not None:
+        if spec.model is None:
+            problems.append(
+                ("spec.model", "required with spec.task.script: the global tier builds the model")
+            )
+        if spec.simulation is not None:
+            problems.append(
+                ("spec.task.script", "a script hosts one client: spec.simulation cannot be set")
+            )
+        if task.kwargs:
+            problems.append(("spec.task.kwargs", "a script takes args, not kwargs"))
+    elif task.args:
+        problems.append(("spec.task.args", "only a script takes args"))
     return problems
 
 

@@ -44,6 +44,7 @@ import torch
 
 from fedkube.entrypoints import import_target
 from fedkube.errors import EntrypointError, FedkubeError
+from fedkube.spec import METRIC_NAME as METRIC_PATTERN
 from fedkube.spec import Client, FederatedJob, Training
 
 if TYPE_CHECKING:
@@ -52,12 +53,12 @@ if TYPE_CHECKING:
 Role = Literal["train", "validation", "test", "pooled"]
 
 # A metric's name becomes a Prometheus label value and a column: bounded and plain.
-METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+METRIC_NAME = re.compile(METRIC_PATTERN)
 # Metric names one result may carry: a tenant cannot blow up the series count.
 MAX_METRICS = 16
 BUILTIN = "fedkube.classifier:Classifier"
 REQUIRED = ("train",)
-OPTIONAL = ("model", "data", "evaluate")
+OPTIONAL = ("model", "data", "evaluate", "close")
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,11 @@ class Task:
             first = traceback.format_exception_only(type(exc), exc)[-1].strip()
             raise TaskFailed(self.reference, step, first, traceback.format_exc()) from exc
 
+    def close(self) -> None:
+        """The job is over: a task that holds something (a script's thread) lets it go."""
+        if self.has("close"):
+            self.call("close")
+
     def train(self, model: nn.Module, data: Any, ctx: TaskContext) -> Result:
         return check_result(self.call("train", model, data, ctx), self.reference, "train")
 
@@ -181,11 +187,17 @@ class Task:
 
 
 def load_task(job: FederatedJob) -> Task:
-    """The job's ``spec.task``, or the built-in classifier."""
-    if job.spec.task is None:
+    """The job's ``spec.task`` (a task, or a Client API script), or the built-in classifier."""
+    spec = job.spec.task
+    if spec is None:
         return Task(BUILTIN, import_target(BUILTIN), {})
-    reference = job.spec.task.entrypoint
-    return Task(reference, import_target(reference), job.spec.task.kwargs)
+    if spec.script is not None:
+        from fedkube.client import ScriptTask
+
+        script = ScriptTask(spec.script, spec.args, job.spec.data.entrypoint)
+        return Task(spec.script, script, {})
+    assert spec.entrypoint is not None  # the spec requires one of them
+    return Task(spec.entrypoint, import_target(spec.entrypoint), spec.kwargs)
 
 
 def check_result(value: Any, task: str, step: str) -> Result:

@@ -46,6 +46,24 @@ LIST_MAP_FIELDS = {"regions", "tenants"}
 
 SPEC_RULES: list[dict[str, str]] = [
     {
+        "rule": "!has(self.task) || has(self.task.entrypoint) != has(self.task.script)",
+        "message": "set exactly one of spec.task.entrypoint and spec.task.script",
+        "fieldPath": ".task",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": "!has(self.task) || !has(self.task.script) || has(self.model)",
+        "message": "spec.model is required with spec.task.script: the global tier builds the model",
+        "fieldPath": ".model",
+        "reason": "FieldValueRequired",
+    },
+    {
+        "rule": "!has(self.task) || !has(self.task.script) || !has(self.simulation)",
+        "message": "a script hosts one client: spec.simulation cannot be set",
+        "fieldPath": ".task.script",
+        "reason": "FieldValueInvalid",
+    },
+    {
         "rule": "has(self.task) || has(self.model)",
         "message": "spec.model is required unless spec.task names a task that builds the model",
         "fieldPath": ".model",
@@ -135,7 +153,7 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Participation", "type": "string", "jsonPath": ".status.participation"},
-    {"name": "Accuracy", "type": "number", "jsonPath": ".status.lastAccuracy"},
+    {"name": "Metric", "type": "string", "jsonPath": ".status.metric"},
     {"name": "Epsilon", "type": "number", "jsonPath": ".status.epsilon"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Strategy", "type": "string", "jsonPath": ".status.strategy", "priority": 1},

@@ -326,6 +326,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 restarts=outcome.restarts,
             ),
             refused=refused_tenants(outcome.refusals),
+            evaluation=job.spec.evaluation,
         )
         after = next_status(before, seen)
         memo.metrics.job_phase(body["metadata"]["uid"], after.phase.value)

@@ -16,6 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from fedkube import headline
+from fedkube.spec import Evaluation
+
 
 class Phase(str, Enum):
     pending = "Pending"
@@ -68,6 +71,13 @@ class JobStatus(_Model):
     )
     last_loss: float | None = Field(default=None, description="global model, last evaluation")
     last_accuracy: float | None = Field(default=None, description="global model, last evaluation")
+    last_metrics: dict[str, float] | None = Field(
+        default=None, description="the task's metrics of the global model, last evaluation"
+    )
+    metric: str | None = Field(
+        default=None,
+        description="spec.evaluation.metric and its last value, for the printer column",
+    )
     epsilon: float | None = Field(
         default=None,
         description="differential privacy spent so far (epsilon at spec.privacy.dp.delta)",
@@ -135,6 +145,7 @@ class Observation:
     pods: PodFacts
     # tenant -> why this site's own policy refuses it (site mode)
     refused: dict[str, str] = field(default_factory=dict)
+    evaluation: Evaluation = field(default_factory=Evaluation)  # the job's headline metric
 
 
 def refused_status(previous: JobStatus, message: str, now: datetime) -> JobStatus:
@@ -207,7 +218,9 @@ def set_condition(
     return [updated, *others]
 
 
-def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str, Any]:
+def _round_fields(
+    status: JobStatus, facts: RoundFacts, rounds: int, evaluation: Evaluation
+) -> dict[str, Any]:
     record = facts.last_record or {}
     selected = int(record.get("selected", 0) or 0)
     reported = int(record.get("reported", 0) or 0)
@@ -221,6 +234,12 @@ def _round_fields(status: JobStatus, facts: RoundFacts, rounds: int) -> dict[str
         fields["last_loss"] = round(float(record["loss"]), 6)
     if record.get("accuracy") is not None:
         fields["last_accuracy"] = round(float(record["accuracy"]), 6)
+    metrics = record.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        fields["last_metrics"] = {k: round(float(v), 6) for k, v in sorted(metrics.items())}
+    value = headline.value(record, evaluation)
+    if value is not None:
+        fields["metric"] = f"{evaluation.metric} {headline.show(value, evaluation)}"
     if record.get("epsilon") is not None:
         fields["epsilon"] = round(float(record["epsilon"]), 4)
     if record.get("strategy"):
@@ -246,7 +265,7 @@ def next_status(previous: JobStatus, seen: Observation) -> JobStatus:
             "rounds": seen.rounds,
             "clients": seen.clients,
             "observed_generation": seen.generation,
-            **_round_fields(previous, facts, seen.rounds),
+            **_round_fields(previous, facts, seen.rounds, seen.evaluation),
         }
     )
     conditions = status.conditions

@@ -232,7 +232,12 @@ class Worker:
     def _data(self, seat: Seat) -> ArrayData:
         if seat.data is None:
             seat.data = load_data(
-                self.job, "train", seat.client, self.config.data_binding, self.task
+                self.job,
+                "train",
+                seat.client,
+                self.config.data_binding,
+                self.task,
+                scratch=seat.state.scratch(),
             )
         return seat.data
 
@@ -246,6 +251,12 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> str:
         """Serve rounds until the job ends (returns its status) or ``stop`` is set."""
+        try:
+            return await self._serve(stop)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.task.close)
+
+    async def _serve(self, stop: asyncio.Event) -> str:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as http:
             delay = RETRY_MIN_S

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedkube.spec import FederatedJob
+from fedkube import headline
+from fedkube.spec import Evaluation, FederatedJob
 
 if TYPE_CHECKING:
     from fedkube.local.runner import RunResult
@@ -26,10 +27,6 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} GB"
-
-
-def _pct(value: float | None) -> str:
-    return "   n/a" if value is None else f"{100 * value:5.2f}%"
 
 
 class ProgressPrinter:
@@ -55,6 +52,7 @@ class ProgressPrinter:
         if not self.enabled:
             return
         loss = record.get("loss")
+        evaluation = self.job.spec.evaluation
         # A language model (LoRA) is read by its perplexity, e^loss.
         perplexity = (
             f"ppl {math.exp(min(loss, 700.0)):.2f}  "
@@ -67,7 +65,8 @@ class ProgressPrinter:
             f"({100 * record['participation']:.0f}%)  "
             f"loss {'n/a' if loss is None else f'{loss:.4f}'}  "
             f"{perplexity}"
-            f"acc {_pct(record.get('accuracy'))}  "
+            f"{headline.label(evaluation)} "
+            f"{headline.show(headline.value(record, evaluation), evaluation)}  "
             f"{_epsilon(record)}"
             f"up {human_bytes(record.get('bytes_up', 0))}  "
             f"down {human_bytes(record.get('bytes_down', 0))}  "
@@ -113,21 +112,36 @@ def write_history(history: list[dict[str, Any]], out: Path, fmt: str) -> Path:
     return path
 
 
-def plot(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot(
+    history: list[dict[str, Any]], path: Path, title: str, evaluation: Evaluation | None = None
+) -> Path:
+    """The headline metric (left) and the held-out loss (right) per evaluated round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    evaluated = [r for r in history if r.get("accuracy") is not None]
-    rounds = [r["round"] for r in evaluated]
+    evaluation = evaluation or Evaluation()
+    points = headline.evaluated(history, evaluation)
+    scale = 100.0 if evaluation.metric in headline.PERCENT else 1.0
+    losses = [r for r in history if r.get("loss") is not None]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    acc_ax.plot(rounds, [100 * r["accuracy"] for r in evaluated], marker="o", color="tab:blue")
-    acc_ax.set(title="held-out accuracy", xlabel="round", ylabel="accuracy (%)")
+    acc_ax.plot(
+        [n for n, _ in points], [scale * v for _, v in points], marker="o", color="tab:blue"
+    )
+    unit = " (%)" if scale == 100.0 else ""
+    better = "higher" if evaluation.goal == "maximize" else "lower"
+    acc_ax.set(
+        title=f"held-out {evaluation.metric} ({better} is better)",
+        xlabel="round",
+        ylabel=f"{evaluation.metric}{unit}",
+    )
     acc_ax.grid(alpha=0.3)
-    loss_ax.plot(rounds, [r["loss"] for r in evaluated], marker="o", color="tab:red")
-    loss_ax.set(title="held-out loss", xlabel="round", ylabel="cross-entropy")
+    loss_ax.plot(
+        [r["round"] for r in losses], [r["loss"] for r in losses], marker="o", color="tab:red"
+    )
+    loss_ax.set(title="held-out loss", xlabel="round", ylabel="loss")
     loss_ax.grid(alpha=0.3)
     for axis in (acc_ax, loss_ax):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -146,17 +160,20 @@ def summary(job: FederatedJob, result: RunResult) -> str:
     ]
     if history:
         last = history[-1]
-        evaluated = [r for r in history if r.get("accuracy") is not None]
-        best = max(evaluated, key=lambda r: r["accuracy"]) if evaluated else None
+        evaluation = job.spec.evaluation
+        points = headline.evaluated(history, evaluation)
+        best = headline.best(history, evaluation)
+        losses = [r["loss"] for r in history if r.get("loss") is not None]
+        name = evaluation.metric
         reported = sum(r["reported"] for r in history)
         selected = sum(r["selected"] for r in history)
         rows = [
             ("rounds closed", f"{last['round']} of {job.spec.rounds}"),
-            ("final accuracy", _pct(evaluated[-1]["accuracy"]) if evaluated else "n/a"),
-            ("final loss", f"{evaluated[-1]['loss']:.4f}" if evaluated else "n/a"),
+            (f"final {name}", headline.show(points[-1][1] if points else None, evaluation)),
+            ("final loss", f"{losses[-1]:.4f}" if losses else "n/a"),
             (
-                "best accuracy",
-                f"{_pct(best['accuracy'])} (round {best['round']})" if best else "n/a",
+                f"best {name}",
+                f"{headline.show(best[1], evaluation)} (round {best[0]})" if best else "n/a",
             ),
             (
                 "participation",

@@ -22,7 +22,7 @@ Run directory layout (``runs/<job>`` by default)::
     ports/         ports the services bound
     pids/          each service's process id (processes only; the chaos tests use them)
     history.jsonl  one record per round (or history.csv)
-    plot.png       accuracy and loss per round
+    plot.png       the headline metric (spec.evaluation.metric) and loss per round
 """
 
 from __future__ import annotations
@@ -600,7 +600,9 @@ def run_job(options: RunOptions, launcher: Launcher | None = None) -> RunResult:
     )
     if history:
         result.history_path = report.write_history(history, run.out, options.history_format)
-        result.plot_path = report.plot(history, run.out / "plot.png", run.job.name)
+        result.plot_path = report.plot(
+            history, run.out / "plot.png", run.job.name, run.job.spec.evaluation
+        )
     summary = report.summary(run.job, result)
     (run.out / "summary.txt").write_text(summary + "\n")
     if not options.quiet:

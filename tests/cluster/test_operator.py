@@ -89,7 +89,7 @@ def test_applying_a_job_creates_every_child_with_gpu_limits_on_kwok_gpu_nodes(
         "PHASE",
         "ROUND",
         "PARTICIPATION",
-        "ACCURACY",
+        "METRIC",
         "EPSILON",
         "AGE",
     ]

@@ -88,6 +88,7 @@ def test_the_job_overview_covers_what_the_design_promises():
         "fedkube_updates_rejected_total",
         "fedkube_model_loss",
         "fedkube_model_accuracy",
+        "fedkube_eval_metric",
         "fedkube_aggregation_seconds_bucket",
         "fedkube_dp_epsilon",
     ]:

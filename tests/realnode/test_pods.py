@@ -3,7 +3,8 @@
 What a user does, and nothing else: ``helm install`` the chart (the operator runs in a pod
 from the slim image, with leader election, logging in with its ServiceAccount; the bundled
 Redis in a pod), ``kubectl apply`` the digits FederatedJob, and the operator's worker,
-combiner and aggregator pods train it to ``Succeeded`` in containers (tests/node.py).
+combiner and aggregator pods train it to ``Succeeded`` in containers (tests/node.py), the
+workers with a training script of the Client API (``spec.task.script``).
 Prometheus finds the operator through the chart's scrape annotations and scrapes it.
 ``kubectl delete`` leaves no pod, Secret or Redis key. A combiner pod deleted mid-round is
 replaced by its Deployment and the round loses no update. A site namespace with its own
@@ -53,6 +54,20 @@ def digits_job(name: str, rounds: int, epochs: int = 3) -> dict[str, Any]:
     spec["participation"].update({"minFraction": 1.0, "roundTimeoutSeconds": 120})
     for tenant in spec["tenants"]:
         tenant["resources"] = {"cpu": "100m", "memory": "1Gi"}
+    return document
+
+
+def digits_script_job(name: str, rounds: int) -> dict[str, Any]:
+    """The digits job, trained by the Client API's example script in every worker pod.
+
+    Each pod's script first writes its site's partition as PNG files into its own
+    scratch folder (``--prepare``), then reads them with its own DataLoader.
+    """
+    document = digits_job(name, rounds)
+    document["spec"]["task"] = {
+        "script": "fedkube.examples.digits_script",
+        "args": ["--prepare", "--epochs", "3", "--hidden", "128"],
+    }
     return document
 
 
@@ -151,9 +166,11 @@ def test_the_chart_runs_its_operator_in_a_pod_that_prometheus_scrapes(
     assert lease_holder(central, CENTRAL) == operator["metadata"]["name"]
 
 
-def test_a_digits_job_trains_in_real_pods_and_its_deletion_leaves_nothing(central: NodeCluster):
+def test_a_client_api_script_trains_in_real_pods_and_the_jobs_deletion_leaves_nothing(
+    central: NodeCluster,
+):
     cp = central.cp
-    document = digits_job("digits", rounds=3)
+    document = digits_script_job("digits", rounds=3)
     cp.kubectl("apply", "-n", JOBS, "-f", "-", input=yaml.safe_dump(document))
     final = wait_for(
         lambda: finished(central, JOBS, "digits"),
@@ -183,8 +200,9 @@ def test_a_digits_job_trains_in_real_pods_and_its_deletion_leaves_nothing(centra
         if entry.get("tenant") == "hospital-a"
     }
     assert {1, 2, 3} <= rounds, log[-3000:]
+    assert "starting the training script fedkube.examples.digits_script" in log, log[-3000:]
     listed = cp.kubectl("get", "fedjob", "digits", "-n", JOBS).stdout
-    assert "Succeeded" in listed, listed
+    assert "Succeeded" in listed and "accuracy " in listed, listed  # the METRIC column
 
     redis = redis_of(central)
     assert redis.llen(job_prefix("digits") + "history") == 3

@@ -14,6 +14,7 @@ from fedkube.operator.status import (
     RoundFacts,
     next_status,
 )
+from fedkube.spec import Evaluation
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -148,3 +149,13 @@ def test_an_unreachable_round_state_is_shown_and_cleared_when_redis_answers_agai
     assert last_condition(after) == "Running"
     unavailable = next(c for c in after.conditions if c.type.value == "RoundStateUnavailable")
     assert unavailable.status == "False" and unavailable.reason == "RedisReachable"
+
+
+def test_the_status_shows_the_tasks_metrics_and_the_headline_for_the_printer_column():
+    record = {"round": 2, "selected": 4, "reported": 4, "metrics": {"mae": 0.4321, "rmse": 0.6}}
+    facts = RoundFacts(job_status="running", current_round=3, closed_rounds=2, last_record=record)
+    evaluation = Evaluation(metric="mae", goal="minimize")
+    status = next_status(JobStatus(), observe(rounds_facts=facts, evaluation=evaluation))
+    assert status.last_metrics == {"mae": 0.4321, "rmse": 0.6}
+    assert status.metric == "mae 0.4321"
+    assert status.last_accuracy is None

@@ -33,3 +33,10 @@ def test_a_lora_jobs_line_adds_the_perplexity(capsys):
     job = parse_job(small_job_dict(training={"peft": {"rank": 2}}))
     ProgressPrinter(job).round(RECORD)
     assert f"loss 4.2000  ppl {math.exp(4.2):.2f}  acc 25.00%" in capsys.readouterr().out
+
+
+def test_a_job_judged_by_another_metric_shows_that_metric(capsys):
+    job = parse_job(small_job_dict(evaluation={"metric": "mae", "goal": "minimize"}))
+    ProgressPrinter(job).round({**RECORD, "metrics": {"mae": 12.3456, "loss": 4.2}})
+    line = capsys.readouterr().out
+    assert "loss 4.2000  mae 12.35  " in line and "acc" not in line

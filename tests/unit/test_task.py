@@ -11,6 +11,8 @@ import torch
 
 from fedkube.errors import EntrypointError, SpecError
 from fedkube.learning import build_model, load_data
+from fedkube.operator.config import DEFAULT_IMAGE
+from fedkube.policy import check, check_central, parse_policy
 from fedkube.spec import parse_job
 from fedkube.task import MAX_METRICS, Result, Task, TaskContext, TaskFailed, check_result
 from tests.support import small_job_dict
@@ -132,3 +134,61 @@ def test_a_task_without_model_needs_spec_model_and_says_so():
 
     with pytest.raises(EntrypointError, match="spec.model: required, because task"):
         build_model(job)
+
+
+@pytest.mark.parametrize(
+    ("task", "spec", "field", "problem"),
+    [
+        ({}, {}, "spec.task", "set exactly one of entrypoint and script"),
+        (
+            {"entrypoint": "m:T", "script": "train.py"},
+            {},
+            "spec.task",
+            "set exactly one of entrypoint and script",
+        ),
+        ({"script": "train.py"}, {"model": None}, "spec.model", "required with spec.task.script"),
+        (
+            {"script": "train.py"},
+            {"simulation": {"clientsPerWorker": 4}},
+            "spec.task.script",
+            "a script hosts one client",
+        ),
+        ({"script": "train.py", "kwargs": {"a": 1}}, {}, "spec.task.kwargs", "takes args"),
+        ({"entrypoint": "m:T", "args": ["--x"]}, {}, "spec.task.args", "only a script"),
+        ({"script": "../x; rm -rf /"}, {}, "spec.task.script", "pattern"),
+    ],
+)
+def test_a_task_is_either_an_entrypoint_or_a_script_with_the_model_it_needs(
+    task, spec, field, problem
+):
+    document = small_job_dict(task=task, **spec)
+    if spec.get("model", "keep") is None:
+        del document["spec"]["model"]
+
+    with pytest.raises(SpecError) as caught:
+        parse_job(document)
+
+    assert any(path == field and problem in why for path, why in caught.value.problems), (
+        caught.value.problems
+    )
+
+
+@pytest.mark.parametrize(
+    ("task", "field"),
+    [
+        ({"entrypoint": "hospital.xray:Task"}, "spec.task.entrypoint"),
+        ({"script": "hospital.train"}, "spec.task.script"),
+    ],
+)
+def test_a_sites_policy_checks_the_users_code_as_it_checks_the_model(task, field):
+    # prepare: a site that admits the bundled examples only
+    job = parse_job(small_job_dict(task=task))
+    policy = parse_policy({"entrypoints": ["fedkube.examples."]})
+    # execute
+    refusals = check(job, policy, None, DEFAULT_IMAGE)
+    central = check_central(job, ("fedkube.examples.", "hospital."))
+    # assert: refused at the site for every tenant, naming the field; admitted centrally
+    assert {r.field for r in refusals} == {field}
+    assert len(refusals) == len(job.spec.tenants)
+    assert "is not allowed at site" in refusals[0].message
+    assert central == []

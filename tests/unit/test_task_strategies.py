@@ -33,13 +33,16 @@ MU = 0.5
 TOLERANCE = 1e-5
 
 
-def job_of(strategy: str, user_loop: bool) -> FederatedJob:
+def job_of(strategy: str, user_loop: bool, script: bool = False) -> FederatedJob:
     spec: dict[str, Any] = {
         "strategy": {"name": strategy, "proximalMu": MU},
         "training": TRAINING,
     }
     document = small_job_dict(**spec)
-    if user_loop:
+    if script:
+        document["spec"]["task"] = {"script": "tests.digits_script_loop"}
+        document["spec"]["model"]["kwargs"] = {"hidden": 16}
+    elif user_loop:
         document["spec"]["task"] = USER_TASK
         del document["spec"]["model"]
         del document["spec"]["data"]["entrypoint"]
@@ -69,7 +72,10 @@ def one_update(job: FederatedJob, state_dir: Path) -> tuple[LocalUpdate, dict[st
         }
         payload = scaffold.downlink(weights, control)
     seat = worker.seats[client.id]
-    return worker.compute_update(seat, worker._data(seat), payload, 1), payload
+    try:
+        return worker.compute_update(seat, worker._data(seat), payload, 1), payload
+    finally:
+        worker.task.close()
 
 
 def hand_written(job: FederatedJob, payload: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,3 +140,19 @@ def test_without_the_strategy_the_hand_written_reference_differs(tmp_path):
     # assert: μ = 0.5 moves the weights well beyond the tolerance (the check can fail)
     gaps = [np.abs(payload[n] + plain.delta[n] - reference[n]).max() for n in reference]
     assert max(gaps) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "scaffold"])
+def test_a_client_api_script_gets_the_strategy_and_trains_the_same_update_as_the_task(
+    strategy, tmp_path
+):
+    # prepare: the task's loop, and the same loop as a script that keeps its own main
+    task_job, script_job = job_of(strategy, True), job_of(strategy, False, script=True)
+    # execute
+    task, payload = one_update(task_job, tmp_path / "task")
+    script, _payload = one_update(script_job, tmp_path / "script")
+    # assert
+    assert script.steps == task.steps > 0
+    assert script.delta.keys() == task.delta.keys()
+    for name in task.delta:
+        np.testing.assert_allclose(script.delta[name], task.delta[name], atol=TOLERANCE, rtol=0)

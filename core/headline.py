@@ -1,0 +1,58 @@
+"""The job's headline metric: ``spec.evaluation.metric``, better up or down (``goal``).
+
+Pure functions over history records, shared by everything that shows one
+number for a model (the progress line, the run summary, the plot, the
+operator's status and printer column), so that they all agree on which
+round was best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedkube.spec import Evaluation
+
+# Shown as a percentage, as the built-in classifier's accuracy always was.
+PERCENT = frozenset({"accuracy"})
+
+
+def value(record: Mapping[str, Any], evaluation: Evaluation) -> float | None:
+    """The headline metric of one history record (None: not evaluated that round)."""
+    metrics = record.get("metrics")
+    if isinstance(metrics, Mapping) and metrics.get(evaluation.metric) is not None:
+        return float(metrics[evaluation.metric])
+    # Records written before tasks had metrics of their own: loss and accuracy only.
+    legacy = record.get(evaluation.metric)
+    return float(legacy) if isinstance(legacy, int | float) else None
+
+
+def evaluated(
+    history: Sequence[Mapping[str, Any]], evaluation: Evaluation
+) -> list[tuple[int, float]]:
+    """(round, headline) of every record that has one, in order."""
+    found = [(int(r["round"]), value(r, evaluation)) for r in history]
+    return [(number, v) for number, v in found if v is not None]
+
+
+def best(history: Sequence[Mapping[str, Any]], evaluation: Evaluation) -> tuple[int, float] | None:
+    """(round, headline) of the best evaluated round; the earliest among equals."""
+    points = evaluated(history, evaluation)
+    if not points:
+        return None
+    sign = 1.0 if evaluation.goal == "maximize" else -1.0
+    return max(points, key=lambda point: (sign * point[1], -point[0]))
+
+
+def show(number: float | None, evaluation: Evaluation) -> str:
+    """``97.50%`` for accuracy, else four significant digits; ``n/a`` when missing."""
+    if number is None:
+        return "n/a"
+    if evaluation.metric in PERCENT:
+        return f"{100 * number:5.2f}%"
+    return f"{number:.4g}"
+
+
+def label(evaluation: Evaluation) -> str:
+    """The metric's short name in the progress line (``acc`` for accuracy, as always)."""
+    return "acc" if evaluation.metric == "accuracy" else evaluation.metric
