@@ -80,16 +80,8 @@ def centralised_accuracy(job: FederatedJob, epochs: int) -> float:
 
 def tenant_alone_accuracy(job: FederatedJob, tenant_index: int, epochs: int) -> float:
     """A tenant's whole data (all of its replicas' shares) and nobody else's."""
-    tenant = job.spec.tenants[tenant_index]
-    whole = Client(
-        id=f"{tenant.name}-alone",
-        tenant=tenant.name,
-        region=tenant.region,
-        replica=0,
-        replicas=1,
-        tenant_index=tenant_index,
-        num_tenants=len(job.spec.tenants),
-    )
+    name = job.spec.tenants[tenant_index].name
+    whole = Client.whole_tenant(job.spec, tenant_index, id=f"{name}-alone")
     return _baseline_accuracy(job, "train", whole, epochs)
 
 

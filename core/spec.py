@@ -781,6 +781,20 @@ class Client:
     tenant_index: int
     num_tenants: int
 
+    @classmethod
+    def whole_tenant(cls, spec: JobSpec, index: int, id: str | None = None) -> Client:
+        """Tenant ``index`` as one client holding all of its data (every replica's share)."""
+        tenant = spec.tenants[index]
+        return cls(
+            id=id or tenant.name,
+            tenant=tenant.name,
+            region=tenant.region,
+            replica=0,
+            replicas=1,
+            tenant_index=index,
+            num_tenants=len(spec.tenants),
+        )
+
 
 def list_clients(spec: JobSpec) -> list[Client]:
     """Every client of the job, in a stable order (tenant order, then replica)."""

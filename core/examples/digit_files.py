@@ -26,15 +26,7 @@ def write_images(job: FederatedJob, out: Path) -> dict[str, int]:
     """Every tenant's partition and the test split as PNG files; files written per folder."""
     written: dict[str, int] = {}
     for index, tenant in enumerate(job.spec.tenants):
-        whole = Client(
-            id=tenant.name,
-            tenant=tenant.name,
-            region=tenant.region,
-            replica=0,
-            replicas=1,
-            tenant_index=index,
-            num_tenants=len(job.spec.tenants),
-        )
+        whole = Client.whole_tenant(job.spec, index)
         written[tenant.name] = write_site(job, whole, out / tenant.name)
     written["test"] = _write(digits.make_data(data_context(job, "test", None)), out / "test")
     return written

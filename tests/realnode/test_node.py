@@ -56,9 +56,19 @@ SERVER = (
     "        self.wfile.write(b'served by ' + os.environ['HOSTNAME'].encode())\n"
     "http.server.HTTPServer(('', 8080), H).serve_forever()\n"
 )
+# Until kube-proxy has programmed the Service (a busy node takes seconds), a connection
+# is refused: the client retries, as any client of a new Service must.
 CLIENT = (
-    "import urllib.request, os\n"
-    "web = urllib.request.urlopen('http://web.default.svc.cluster.local', timeout=10)\n"
+    "import urllib.request, os, time\n"
+    "deadline = time.monotonic() + 90\n"
+    "while True:\n"
+    "    try:\n"
+    "        web = urllib.request.urlopen('http://web.default.svc.cluster.local', timeout=10)\n"
+    "        break\n"
+    "    except OSError:\n"
+    "        if time.monotonic() > deadline:\n"
+    "            raise\n"
+    "        time.sleep(1)\n"
     "print(web.read().decode())\n"
     "print('uid', os.getuid())\n"
     "open('/etc/x', 'w')\n"
@@ -76,7 +86,11 @@ def test_a_node_runs_a_pod_behind_a_service_and_its_stop_restores_the_host(tmp_p
     # proof that a stop leaves nothing in the way of the next.
     with start_node_cluster(tmp_path / "node", images=("pause:3.10", SLIM)) as c:
         cp = c.cp
-        cp.kubectl("apply", "-f", "-", input=json.dumps(pod("web", [SERVER])))
+        # Ready once it listens, not once its container started.
+        listening = {"tcpSocket": {"port": 8080}, "periodSeconds": 1}
+        cp.kubectl(
+            "apply", "-f", "-", input=json.dumps(pod("web", [SERVER], readinessProbe=listening))
+        )
         cp.kubectl(
             "apply",
             "-f",
@@ -96,7 +110,7 @@ def test_a_node_runs_a_pod_behind_a_service_and_its_stop_restores_the_host(tmp_p
         cp.kubectl("wait", "--for=condition=Ready", "pod/web", "--timeout=120s")
         cp.kubectl("apply", "-f", "-", input=json.dumps(pod("client", [CLIENT])))
 
-        wait_for(lambda: finished_phase(cp, "client"), 120, "the client pod to finish")
+        wait_for(lambda: finished_phase(cp, "client"), 180, "the client pod to finish")
         log = cp.kubectl("logs", "client").stdout
         # A Service name resolved by CoreDNS, its port mapped by kube-proxy, the image's
         # user (not root), and the root filesystem read-only as the pod asked.
