@@ -165,7 +165,7 @@ class Seat:
     state: ClientState
     outgoing: _Outgoing | None = None
     # Loaded to train; kept between rounds only by a worker with one client.
-    data: ArrayData | None = None
+    data: Any = None  # whatever the task's data() (or spec.data) gave
     # Under secure aggregation: this round's keys, seed and received shares.
     secure: secagg.ClientSession | None = None
     failed_round: int | None = None  # the round whose task failed (not run again)
@@ -229,7 +229,7 @@ class Worker:
         if not self.keep_data:
             seat.data = None
 
-    def _data(self, seat: Seat) -> ArrayData:
+    def _data(self, seat: Seat) -> Any:
         if seat.data is None:
             seat.data = load_data(
                 self.job,
