@@ -46,9 +46,8 @@ from torch import nn
 
 from fedkube import strategy_hooks
 from fedkube.classifier import Classifier
-from fedkube.entrypoints import resolve
 from fedkube.errors import FedkubeError
-from fedkube.learning import data_context, float_state, load_float_state
+from fedkube.learning import call_factory, float_state, load_float_state
 from fedkube.task import Result, TaskContext
 
 log = logging.getLogger("fedkube.client")
@@ -204,8 +203,7 @@ class ScriptTask:
             return f"read by {self.script}"
         if self.central_data is None:
             raise FedkubeError(f"a script job has no {ctx.role} data without spec.data")
-        factory = resolve(self.central_data)
-        return factory(data_context(ctx.job, ctx.role, ctx.client), **ctx.data_kwargs)
+        return call_factory(self.central_data, ctx.job, ctx.role, ctx.client, ctx.data_kwargs)
 
     def evaluate(self, model: nn.Module, data: Any, ctx: TaskContext) -> Result:
         """The global model on ``spec.data``'s held-out split, as the built-in classifier does."""

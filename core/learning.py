@@ -151,7 +151,7 @@ def load_data(
         data = task.call("data", context)
         where = f"spec.task {task.reference!r}: data()"
     elif entrypoint is not None:
-        data = resolve(entrypoint)(data_context(job, role, client), **kwargs)
+        data = call_factory(entrypoint, job, role, client, kwargs)
         where = entrypoint
     else:
         raise EntrypointError(
@@ -160,6 +160,17 @@ def load_data(
     if data is None:
         raise TypeError(f"{where} returned None for role {role!r}")
     return data
+
+
+def call_factory(
+    entrypoint: str,
+    job: FederatedJob,
+    role: Role,
+    client: Client | None,
+    kwargs: Mapping[str, Any],
+) -> Any:
+    """A ``spec.data``-style factory's data: ``entrypoint(DataContext, **kwargs)``."""
+    return resolve(entrypoint)(data_context(job, role, client), **kwargs)
 
 
 def data_context(job: FederatedJob, role: Role, client: Client | None) -> DataContext:
