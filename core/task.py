@@ -36,7 +36,7 @@ import numbers
 import re
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,9 +117,6 @@ class TaskContext:
     def training(self) -> Training:
         """The job's ``spec.training`` (a baseline may override the epochs)."""
         return self.training_override or self.job.spec.training
-
-    def with_round(self, number: int, seed: int) -> TaskContext:
-        return replace(self, round=number, seed=seed)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer ``spec.training`` names, over the model's trainable parameters.
