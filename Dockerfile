@@ -22,40 +22,50 @@
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
 # ---- build stages -----------------------------------------------------------------------
+# The requirement lists, derived from pyproject.toml. The stages below copy only these
+# lists: an edit to pyproject.toml that leaves the dependencies alone (a pytest option, a
+# version bump) leaves the lists, and so the 6.7 GB dependency layer, as they were.
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /src/pyproject.toml
+COPY scripts/image-requirements.py /src/scripts/image-requirements.py
+RUN mkdir /requirements \
+ && for image in build full slim; do \
+      python3 /src/scripts/image-requirements.py "$image" > "/requirements/$image.txt" || exit 1; \
+    done
+
 # pip and fedkube's build backend, in a virtualenv of their own that no image keeps.
 FROM ${BASE_IMAGE} AS tools
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_WARN_SCRIPT_LOCATION=1
-COPY pyproject.toml /src/pyproject.toml
+COPY --from=requirements /requirements/build.txt /requirements/build.txt
 RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && python3 -m venv /opt/pip \
- && /opt/pip/bin/pip install --quiet $(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("/src/pyproject.toml", "rb"))["build-system"]["requires"]))')
-COPY scripts/image-requirements.py /src/scripts/image-requirements.py
-RUN python3 /src/scripts/image-requirements.py full > /src/requirements-full.txt \
- && python3 /src/scripts/image-requirements.py slim > /src/requirements-slim.txt
+ && /opt/pip/bin/pip install --quiet -r /requirements/build.txt
 
 # One virtualenv per image. Where TLS to the package index goes through a proxy with its own
 # certificate authority, pass its bundle as the build secret `ca-bundle` (build-images.sh
 # passes pip's). compileall skips test folders and the files written for a newer
 # Python than the image's (torch ships py312-only syntax under torch/testing/_internal).
 FROM tools AS deps-full
+COPY --from=requirements /requirements/full.txt /requirements/full.txt
 RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && python3 -m venv --without-pip /opt/fedkube \
  && /opt/pip/bin/pip --python /opt/fedkube/bin/python install --no-compile \
-      -r /src/requirements-full.txt \
+      -r /requirements/full.txt \
  && /opt/fedkube/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
       -x '/(tests?|testing/_internal)/|/py3[0-9]+_' /opt/fedkube/lib
 
 FROM tools AS deps-slim
+COPY --from=requirements /requirements/slim.txt /requirements/slim.txt
 RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
     --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
  && python3 -m venv --without-pip /opt/fedkube \
  && /opt/pip/bin/pip --python /opt/fedkube/bin/python install --no-compile \
-      -r /src/requirements-slim.txt \
+      -r /requirements/slim.txt \
  && /opt/fedkube/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
       -x '/tests?/' /opt/fedkube/lib
 
@@ -63,7 +73,7 @@ RUN --mount=type=cache,id=fedkube-pip,target=/root/.cache/pip \
 # dist-info, the `fedkube` script). Its dependencies are the images' business (--no-deps),
 # so both images take the same stage; it is built offline, with the tools stage's backend.
 FROM deps-slim AS app
-COPY README.md /src/README.md
+COPY pyproject.toml README.md /src/
 COPY core /src/core
 COPY aggregator /src/aggregator
 COPY workers /src/workers

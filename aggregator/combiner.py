@@ -64,12 +64,14 @@ from redis.exceptions import RedisError
 from fedkube import codec, compression, faults, privacy, secagg, signing
 from fedkube.aggregator.bodies import BufferPool, read_body
 from fedkube.aggregator.secure_region import Claim, SecureRegion
+from fedkube.aggregator.site_reports import SiteReports
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
 from fedkube.aggregator.strategies.fedavg import WeightedSum
 from fedkube.aggregator.update_buffer import UpdateBuffer
 from fedkube.aggregator.validation import (
     Template,
     check_bound,
+    check_client,
     check_structure,
     check_update,
     l2_norm,
@@ -82,6 +84,7 @@ from fedkube.errors import (
     SigningKeyError,
     UpdateRejected,
 )
+from fedkube.failures import check_failure
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
 from fedkube.protocol import (
@@ -140,6 +143,7 @@ class _Round:
     info: RoundInfo
     selected: set[str]  # this region's selected clients
     folded: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)  # their task failed the round (they said so)
     # Reported to an earlier incarnation of this combiner (Redis says so) but
     # not in this one's sum: their workers are asked to send them again.
     owed: set[str] = field(default_factory=set)
@@ -197,6 +201,9 @@ class Combiner:
         self.dp = config.job.spec.privacy.dp
         self.secure = config.job.spec.privacy.secure_aggregation
         self.current: _Round | None = None
+        self.evaluations = SiteReports(
+            self.store, self.name, self.region, self.clients, self.metrics
+        )
         self.job_status: str | None = None
         self.models: dict[int, bytes] = {}
         self.template: Template | None = None
@@ -226,6 +233,8 @@ class Combiner:
         app.router.add_get("/v1/model/{version}", self.handle_model)
         app.router.add_post("/v1/update", self.handle_update)
         app.router.add_post("/v1/refusal", self.handle_refusal)
+        app.router.add_post("/v1/evaluation", self.handle_evaluation)
+        app.router.add_post("/v1/failure", self.handle_failure)
         app.router.add_post("/v1/secagg/{step}", self.handle_secagg)
         app.router.add_get("/metrics", self.metrics.handle)
         app.router.add_get("/healthz", self.handle_health)
@@ -343,6 +352,13 @@ class Combiner:
             await self._begin_round(info)
         elif info is not None and self.current is not None:
             self.current.info = info
+        evaluation = self.evaluations.current
+        version = await self.evaluations.sync()
+        if version is not None:
+            self._background(self._prefetch(version))
+        if self.evaluations.current is not evaluation:
+            async with self._changed:
+                self._changed.notify_all()
         if self.job_status in ("succeeded", "failed"):
             async with self._changed:
                 self._changed.notify_all()
@@ -497,8 +513,9 @@ class Combiner:
         One request (and one Redis write to register them all) for every
         client a worker hosts: a worker of a thousand virtual clients polls
         as cheaply as a worker of one. The answer lists a task per client
-        that has one (``train`` or ``resend``), the round the combiner is
-        at, or ``done`` with the job's status.
+        that has one (``train`` or ``resend``; ``evaluate`` while an
+        evaluation at the sites is open, see :mod:`fedkube.evaluation`), the
+        round the combiner is at, or ``done`` with the job's status.
         """
         try:
             tenant = self._authenticate(request)
@@ -527,14 +544,7 @@ class Combiner:
                 Reason.malformed.value, "clients must be a non-empty list of client ids"
             )
         for client in clients:
-            known = self.clients.get(client)
-            if known is None or known.tenant != tenant:
-                raise UpdateRejected(
-                    Reason.unknown_tenant.value,
-                    f"client {client!r} is not a client of tenant {tenant!r} in region "
-                    f"{self.region}",
-                    403,
-                )
+            check_client(self.clients, client, tenant, self.region)
         after, wait_s = document.get("after", 0), document.get("wait", 20)
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise UpdateRejected(Reason.malformed.value, "after must be a round number (>= 0)")
@@ -566,6 +576,9 @@ class Combiner:
         """What ``clients`` should do now, or None while none of them has anything to do."""
         if self.job_status in ("succeeded", "failed"):
             return {"status": "done", "job_status": self.job_status}
+        evaluate = self.evaluations.tasks_for(clients)
+        if evaluate:
+            return {"status": "tasks", "round": evaluate[0]["round"], "tasks": evaluate}
         current = self.current
         if current is None or current.flushed:
             return None
@@ -664,6 +677,85 @@ class Combiner:
             extra=fields(job=self.name, region=self.region, tenant=tenant),
         )
         return web.json_response({"recorded": True, "tenant": tenant})
+
+    async def handle_evaluation(self, request: web.Request) -> web.Response:
+        """A client's evaluation of the model it was asked to evaluate (JSON, checked)."""
+        tenant = "unknown"
+        try:
+            tenant = self._authenticate(request)
+            try:
+                document = await request.json()
+            except ValueError:
+                raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+            result = await self.evaluations.receive(tenant, document)
+        except UpdateRejected as exc:
+            if exc.reason != Reason.duplicate.value:
+                log.warning(
+                    "evaluation report rejected: %s",
+                    exc.detail,
+                    extra=fields(job=self.name, region=self.region, tenant=tenant),
+                )
+            return json_error(exc.status, exc.reason, exc.detail)
+        async with self._changed:
+            self._changed.notify_all()
+        return web.json_response(result)
+
+    async def handle_failure(self, request: web.Request) -> web.Response:
+        """A client's task failed this round (``fedkube.failures``): recorded, not waited for.
+
+        Once every selected client of the region has sent its update or said
+        that its task failed, the region's partial goes up without waiting for
+        the deadline. Under secure aggregation the protocol's own deadlines
+        decide; the failure is still recorded for the round's record.
+        """
+        tenant = "unknown"
+        try:
+            tenant = self._authenticate(request)
+            try:
+                report = check_failure(await request.json())
+            except ValueError:
+                raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+            check_client(self.clients, report.client, tenant, self.region)
+            current = self.current
+            if current is None or report.round != current.info.round:
+                raise UpdateRejected(
+                    Reason.wrong_round.value, f"round {report.round} is not open", 409
+                )
+            if report.client not in current.selected or report.client in current.folded:
+                raise UpdateRejected(
+                    Reason.not_selected.value,
+                    f"{report.client} has no update owed in round {report.round}",
+                    409,
+                )
+            try:
+                await self.store.record_task_failure(report.round, report.client, report.message)
+            except RedisError as exc:
+                raise UpdateRejected(
+                    Reason.unavailable.value, f"round state unavailable: {exc}", 503
+                ) from None
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
+        log.warning(
+            "the client's task failed the round: %s",
+            report.message,
+            extra=fields(
+                job=self.name,
+                round=report.round,
+                region=self.region,
+                tenant=tenant,
+                client=report.client,
+            ),
+        )
+        async with self._lock:
+            current.failed.add(report.client)
+            complete = (
+                self.secure is None
+                and current.info.state == RoundState.collecting
+                and current.folded | current.failed >= current.selected
+            )
+        if complete:
+            self._schedule_flush(current)
+        return web.json_response({"recorded": True})
 
     async def _accept_update(self, request: web.Request, tenant: str) -> dict[str, object]:
         client = request.headers.get(H_CLIENT, "")
@@ -813,7 +905,7 @@ class Combiner:
             current.folded.add(client)
             recovered = client in current.owed
             current.owed.discard(client)
-            complete = current.folded >= current.selected
+            complete = current.folded | current.failed >= current.selected
         if recovered:
             self.metrics.updates_recovered.labels(self.name, self.region, tenant).inc()
         self.metrics.aggregation_seconds.labels(self.name, TIER, self.region).observe(

@@ -40,8 +40,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import codec, compression, faults, headline, privacy
+from fedkube import codec, compression, evaluation, faults, headline, privacy
 from fedkube.aggregator import checkpoint
+from fedkube.aggregator.site_evaluation import evaluate_at_sites
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.fedavg import (
     Partial,
@@ -51,6 +52,7 @@ from fedkube.aggregator.strategies.fedavg import (
 )
 from fedkube.aggregator.validation import Template, check_finite, check_structure, template_of
 from fedkube.errors import CodecError, QuorumNotReached, UpdateRejected
+from fedkube.failures import describe as describe_failures
 from fedkube.learning import build_model, float_state, load_data, load_float_state
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
@@ -70,7 +72,7 @@ from fedkube.protocol import (
 )
 from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
 from fedkube.spec import DpMode, FederatedJob, quorum
-from fedkube.task import TaskContext, TaskFailed, load_task
+from fedkube.task import MAX_METRICS, TaskContext, TaskFailed, load_task
 from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
 
 log = logging.getLogger("fedkube.global")
@@ -129,6 +131,7 @@ class GlobalAggregator:
         self._arrived = asyncio.Event()
         self._lease = secrets.token_hex(8)
         self._test_data: Any = None
+        self._site_metric_names: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._continue: RoundInfo | None = None
         self.stopping = asyncio.Event()
@@ -197,6 +200,10 @@ class GlobalAggregator:
             await self.store.start_job(self.spec.rounds)
             return
         saved = checkpoint.load_latest(directory, self.name)
+        interrupted = await self.store.evaluation()
+        if interrupted is not None and interrupted.open:
+            # The round it belonged to closes without it (its checkpoint is the record).
+            await self.store.close_evaluation(interrupted.round, self.spec.state.key_ttl_seconds)
         closed_in_redis, _ = await self.store.last_record()
         if (saved.round if saved is not None else 0) < closed_in_redis:
             # Redis is ahead of the model: the checkpoints were lost (an emptyDir
@@ -498,7 +505,7 @@ class GlobalAggregator:
         while True:
             self._check_stopping()
             if expected <= self.partials.keys():
-                return list(self.partials.values())
+                return await self._every_region_in(info, len(selected))
             now = time.time()
             current = await self.store.round_info(number)
             assert current is not None
@@ -560,6 +567,28 @@ class GlobalAggregator:
             arrival.cancel()
             self._arrived.clear()
 
+    async def _every_region_in(self, info: RoundInfo, selected: int) -> list[Partial]:
+        """The round's partials, now that every region sent one; nobody else can report.
+
+        A region sends its partial early once each of its clients reported or
+        said that its task failed (fedkube.failures): if that leaves the round
+        short of its quorum, waiting longer cannot help, and the job fails
+        naming the tenants whose task failed and how.
+        """
+        got = sum(p.count for p in self.partials.values())
+        if got >= info.quorum and got > 0:
+            return list(self.partials.values())
+        failures = await self.store.task_failures(info.round)
+        raise QuorumNotReached(
+            f"round {info.round}: {got} of {selected} selected clients reported, quorum is "
+            f"{info.quorum}{self._failures_text(failures)}"
+        )
+
+    def _failures_text(self, failures: Mapping[str, str]) -> str:
+        if not failures:
+            return ""
+        return "; the task failed at " + describe_failures(failures, self.tenant_of)
+
     async def _without_failed_regions(
         self, info: RoundInfo, expected: set[str], selected: int
     ) -> list[Partial] | None:
@@ -592,6 +621,7 @@ class GlobalAggregator:
         """Extend the deadline or fail the job; ``causes`` name regions that cannot report."""
         policy = self.spec.participation
         regions = "".join(f"; {cause}" for cause in causes)
+        regions += self._failures_text(await self.store.task_failures(info.round))
         if policy.on_quorum_missed == "extend" and info.extensions < policy.max_extensions:
             await self.store.extend(info.round, policy.round_timeout_seconds)
             log.warning(
@@ -638,7 +668,7 @@ class GlobalAggregator:
         )
         evaluated: Mapping[str, float] = {}
         due = number % self.spec.evaluation.every_rounds == 0 or number == self.spec.rounds
-        if due and self.task.has("evaluate"):
+        if due and self.spec.evaluation.central and self.task.has("evaluate"):
             evaluated = await loop.run_in_executor(None, self._evaluate, number)
         loss, accuracy = evaluated.get("loss"), evaluated.get("accuracy")
         if loss is not None:
@@ -680,6 +710,8 @@ class GlobalAggregator:
             # Regions with selected clients whose combiner sent no partial.
             "missing_regions": missing,
             "extensions": (await self.store.round_info(number) or info).extensions,
+            # Clients whose task failed the round, with the failure's first line.
+            "task_failures": await self.store.task_failures(number),
             "strategy": self.spec.strategy.name,
             "robust": self.spec.strategy.robust.rule,
             "server_state": summary,
@@ -700,20 +732,59 @@ class GlobalAggregator:
         self.round_no = number
         self.version = number + 1
         self._publish_model()
+        if evaluation.due(self.job, number):
+            record["sites"] = await self._evaluate_at_sites(number)
         await self.store.close_round(number, record, self.spec.state.key_ttl_seconds)
         checkpoint.drop_partials(self.config.checkpoint_dir, number)
         self.partials = {}
         self.metrics.round_duration.labels(self.name).observe(record["duration_s"])
         self.metrics.rounds_completed.labels(self.name).inc()
-        evaluation = self.spec.evaluation
+        settings = self.spec.evaluation
         log.info(
             "round closed: %d/%d reported, %s %s",
             reported,
             len(selected),
-            evaluation.metric,
-            headline.show(headline.value(record, evaluation), evaluation),
+            settings.metric,
+            headline.show(headline.value(record, settings), settings),
             extra=fields(job=self.name, round=number),
         )
+
+    async def _evaluate_at_sites(self, number: int) -> dict[str, Any]:
+        """The new model (``self.version``) evaluated by the clients, summed per tenant.
+
+        After the last round (cross-site) or with ``sites: all``: every client
+        that polls and whose site did not refuse the job. Otherwise the
+        round's reporters: they are alive, and hold the model already.
+        """
+        if evaluation.everyone(self.job, number):
+            refused = await self.store.refused_tenants()
+            ttl = self.spec.participation.registration_ttl_seconds
+            alive = await self.store.registered_clients(ttl, [c.id for c in self.clients])
+            clients = sorted(c for c in alive if self.tenant_of[c] not in refused)
+        else:
+            clients = sorted(await self.store.reported(number))
+        summary = await evaluate_at_sites(
+            self.store, self.job, number, self.version, clients, self.stopping
+        )
+        self._site_gauges(summary)
+        return summary
+
+    def _site_gauges(self, summary: dict[str, Any]) -> None:
+        """``fedkube_eval_metric{scope="site"}``: overall (tenant empty) and per tenant.
+
+        At most :data:`fedkube.task.MAX_METRICS` names reach Prometheus over
+        the job's life, whatever the tenants report.
+        """
+        scopes = [("", summary["metrics"])] + [
+            (tenant, entry["metrics"]) for tenant, entry in summary["tenants"].items()
+        ]
+        for tenant, metrics in scopes:
+            for name, score in metrics.items():
+                if name not in self._site_metric_names:
+                    if len(self._site_metric_names) >= MAX_METRICS:
+                        continue
+                    self._site_metric_names.add(name)
+                self.metrics.eval_metric.labels(self.name, "site", tenant, name).set(score)
 
     async def _privatise(
         self, selected: int, aggregate: RoundAggregate

@@ -1,4 +1,4 @@
-"""Checks on a decoded update or partial, before it may touch a sum.
+"""Checks on a decoded update or partial, before it may touch a sum; and on who sent it.
 
 Pure functions over arrays: each failure raises
 :class:`~fedkube.errors.UpdateRejected` with the ``reason`` label used in
@@ -15,8 +15,21 @@ import numpy as np
 from fedkube.compression import Part
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
+from fedkube.spec import Client
 
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def check_client(clients: Mapping[str, Client], client: str, tenant: str, region: str) -> Client:
+    """The client a message names, which must be the sending tenant's and in ``region``."""
+    known = clients.get(client)
+    if known is None or known.tenant != tenant:
+        raise UpdateRejected(
+            Reason.unknown_tenant.value,
+            f"client {client!r} is not a client of tenant {tenant!r} in region {region}",
+            403,
+        )
+    return known
 
 
 def template_of(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

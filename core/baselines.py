@@ -3,13 +3,14 @@
 Runs the federated job with the embedded runtime, then trains the same model
 (same initialisation, optimiser and total number of local epochs: rounds x
 epochs) centrally on the pooled training data, and on each tenant's data
-alone, and evaluates all of them on the same held-out split.
+alone, and evaluates all of them on the same held-out split, by the job's
+headline metric (``spec.evaluation.metric``, higher or lower is better).
 
 With ``--strategies a,b,c`` (and ``--seeds N``) it runs the same job once per
 strategy and seed, changing only ``spec.strategy.name`` (and ``spec.seed``),
 so the strategies see the same split, initialisation and budget; the
 baselines depend on neither the strategy nor anything but the seed, so they
-are trained once per seed. :func:`strategy_rows` and :func:`accuracy_curves`
+are trained once per seed. :func:`strategy_rows` and :func:`metric_curves`
 turn the runs into the table and the plot without running anything, which
 keeps the arithmetic testable on its own.
 """
@@ -17,101 +18,142 @@ keeps the arithmetic testable on its own.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedkube import headline
 from fedkube.errors import SpecError
 from fedkube.learning import build_model, load_data
 from fedkube.local.report import human_bytes
 from fedkube.local.runner import RunOptions, run_job
-from fedkube.spec import Client, FederatedJob, WireCompression, dump_job, load_job, parse_job
+from fedkube.spec import (
+    Client,
+    Evaluation,
+    FederatedJob,
+    WireCompression,
+    dump_job,
+    load_job,
+    parse_job,
+)
 from fedkube.task import Role, TaskContext, load_task
+
+DEFAULT = Evaluation()  # accuracy, higher is better: what a job says when it names nothing
+
+
+def _metric_of(job: FederatedJob, metrics: Mapping[str, float]) -> float:
+    """The headline metric of one evaluation; a clear error when the task does not return it."""
+    name = job.spec.evaluation.metric
+    if name not in metrics:
+        raise SpecError(
+            [
+                (
+                    "spec.evaluation.metric",
+                    f"{name!r} is not among the metrics the task's evaluate() returns "
+                    f"({', '.join(sorted(metrics)) or 'none'})",
+                )
+            ]
+        )
+    return float(metrics[name])
+
+
+def _score(value: float | None, evaluation: Evaluation, signed: bool = False) -> str:
+    """A metric as the tables show it: accuracy in percent (one decimal), else 3 decimals."""
+    if value is None:
+        return "n/a"
+    scaled = headline.scale(evaluation) * value
+    places = 1 if headline.scale(evaluation) == 100.0 else 3
+    return f"{scaled:+.{places}f}" if signed else f"{scaled:.{places}f}"
+
+
+def _unit(evaluation: Evaluation) -> str:
+    return f"{evaluation.metric} in %" if headline.scale(evaluation) == 100.0 else evaluation.metric
 
 
 @dataclass
 class CompareReport:
     job: str
     federated_status: str
-    federated_accuracy: float | None
-    central_accuracy: float
-    tenant_accuracy: dict[str, float] = field(default_factory=dict)
+    federated: float | None
+    central: float
+    tenants: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     strategy: str = "fedavg"
+    evaluation: Evaluation = field(default_factory=Evaluation)
 
     def table(self) -> str:
-        fed = self.federated_accuracy
-        best_name = max(self.tenant_accuracy, key=self.tenant_accuracy.__getitem__)
-        best = self.tenant_accuracy[best_name]
+        fed, settings = self.federated, self.evaluation
+        up = headline.sign(settings)
+        best_name = max(self.tenants, key=lambda name: up * self.tenants[name])
+        best = self.tenants[best_name]
         rows = [
             (f"federated ({self.strategy})", fed),
-            ("centralised, pooled data", self.central_accuracy),
+            ("centralised, pooled data", self.central),
             (f"best tenant alone ({best_name})", best),
         ]
         lines = [
-            f"fedkube compare {self.job}: held-out accuracy, {self.epochs} local epochs "
+            f"fedkube compare {self.job}: held-out {_unit(settings)}, {self.epochs} local epochs "
             "of training for every model",
             "",
         ]
-        lines += [
-            f"  {name:<40} {'n/a' if acc is None else f'{100 * acc:6.2f}%'}" for name, acc in rows
-        ]
+        lines += [f"  {name:<40} {_score(value, settings):>7}" for name, value in rows]
         lines.append("")
         lines += [
-            f"    {name:<38} {100 * acc:6.2f}%"
-            for name, acc in sorted(self.tenant_accuracy.items())
+            f"    {name:<38} {_score(value, settings):>7}"
+            for name, value in sorted(self.tenants.items())
         ]
         if fed is not None:
-            gap = 100 * (self.central_accuracy - fed)
+            gap = up * (self.central - fed)
             lines += [
                 "",
-                f"  gap to centralised: {gap:+.2f} points; federated beats every "
-                f"tenant alone: {'yes' if fed > best else 'no'}",
+                f"  gap to centralised: {_score(gap, settings, signed=True)}; federated beats "
+                f"every tenant alone: {'yes' if headline.better(fed, best, settings) else 'no'}",
             ]
         return "\n".join(lines)
 
 
-def centralised_accuracy(job: FederatedJob, epochs: int) -> float:
-    return _baseline_accuracy(job, "pooled", None, epochs)
+def centralised_score(job: FederatedJob, epochs: int) -> float:
+    return _baseline_score(job, "pooled", None, epochs)
 
 
-def tenant_alone_accuracy(job: FederatedJob, tenant_index: int, epochs: int) -> float:
+def tenant_alone_score(job: FederatedJob, tenant_index: int, epochs: int) -> float:
     """A tenant's whole data (all of its replicas' shares) and nobody else's."""
     name = job.spec.tenants[tenant_index].name
     whole = Client.whole_tenant(job.spec, tenant_index, id=f"{name}-alone")
-    return _baseline_accuracy(job, "train", whole, epochs)
+    return _baseline_score(job, "train", whole, epochs)
 
 
-def _baseline_accuracy(job: FederatedJob, role: Role, client: Client | None, epochs: int) -> float:
-    """One model trained by the job's task on one data set for ``epochs``, then evaluated."""
+def _baseline_score(job: FederatedJob, role: Role, client: Client | None, epochs: int) -> float:
+    """One model trained by the job's task on one data set for ``epochs``; its headline
+    metric on the held-out split (role ``test``)."""
     task = load_task(job)
     model = build_model(job, task)
     training = job.spec.training.model_copy(update={"epochs": epochs})
     ctx = TaskContext(job, role, seed=job.spec.seed, client=client, training_override=training)
     task.train(model, load_data(job, role, client, task=task), ctx)
     test = TaskContext(job, "test", seed=job.spec.seed)
-    metrics = task.evaluate(model, load_data(job, "test", task=task), test).metrics
-    return metrics["accuracy"]
+    return _metric_of(job, task.evaluate(model, load_data(job, "test", task=task), test).metrics)
 
 
 def compare(job_path: Path, out_dir: Path | None = None, quiet: bool = False) -> CompareReport:
     job = load_job(job_path)
     result = run_job(RunOptions(job_path=job_path, out_dir=out_dir, quiet=quiet))
-    evaluated = [r for r in result.history if r.get("accuracy") is not None]
+    evaluated = headline.evaluated(result.history, job.spec.evaluation)
     epochs = job.spec.rounds * job.spec.training.epochs
     return CompareReport(
         job=job.name,
         federated_status=result.status,
-        federated_accuracy=evaluated[-1]["accuracy"] if evaluated else None,
-        central_accuracy=centralised_accuracy(job, epochs),
-        tenant_accuracy={
-            t.name: tenant_alone_accuracy(job, i, epochs) for i, t in enumerate(job.spec.tenants)
+        federated=evaluated[-1][1] if evaluated else None,
+        central=centralised_score(job, epochs),
+        tenants={
+            t.name: tenant_alone_score(job, i, epochs) for i, t in enumerate(job.spec.tenants)
         },
         epochs=epochs,
         strategy=job.spec.strategy.name,
+        evaluation=job.spec.evaluation,
     )
 
 
@@ -131,15 +173,15 @@ class StrategyRun:
 
 @dataclass(frozen=True)
 class SeedBaselines:
-    """The strategy-independent baselines of one seed."""
+    """The strategy-independent baselines of one seed (the job's headline metric)."""
 
     seed: int
-    central_accuracy: float
-    tenant_accuracy: dict[str, float]
+    central: float
+    tenants: dict[str, float]
 
-    @property
-    def best_alone(self) -> float:
-        return max(self.tenant_accuracy.values())
+    def best_alone(self, evaluation: Evaluation) -> float:
+        up = headline.sign(evaluation)
+        return up * max(up * value for value in self.tenants.values())
 
 
 @dataclass(frozen=True)
@@ -171,8 +213,9 @@ class StrategyRow:
 
     ``final``/``best``/``gap`` are over the runs that evaluated at least once
     (``None`` when none did). ``rounds_to_target`` holds, per run, the first
-    round whose held-out accuracy reached the target, ``None`` when it never
-    did. ``gap`` is the centralised accuracy minus the final accuracy, per seed.
+    round whose headline metric reached the target, ``None`` when it never
+    did. ``gap`` is how far the final metric is behind the centralised one,
+    per seed (positive: worse than centralised, whichever the goal).
     """
 
     strategy: str
@@ -188,7 +231,7 @@ class StrategyRow:
 
 @dataclass(frozen=True)
 class Curve:
-    """Held-out accuracy per round over seeds: mean and the min–max band."""
+    """The headline metric per round over seeds: mean and the min–max band."""
 
     rounds: list[int]
     mean: list[float]
@@ -196,13 +239,12 @@ class Curve:
     high: list[float]
 
 
-def _evaluated(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in history if r.get("accuracy") is not None]
-
-
-def rounds_to_target(history: Sequence[dict[str, Any]], target: float) -> int | None:
-    """The first round whose held-out accuracy is at least ``target``."""
-    return next((int(r["round"]) for r in _evaluated(history) if r["accuracy"] >= target), None)
+def rounds_to_target(
+    history: Sequence[dict[str, Any]], target: float, evaluation: Evaluation = DEFAULT
+) -> int | None:
+    """The first round whose headline metric is at least as good as ``target``."""
+    points = headline.evaluated(history, evaluation)
+    return next((n for n, v in points if headline.reaches(v, target, evaluation)), None)
 
 
 def bytes_moved(history: Sequence[dict[str, Any]]) -> int:
@@ -210,29 +252,37 @@ def bytes_moved(history: Sequence[dict[str, Any]]) -> int:
     return sum(int(r.get("bytes_up", 0)) + int(r.get("bytes_down", 0)) for r in history)
 
 
-def default_target(baselines: Sequence[SeedBaselines], share: float = 0.9) -> float:
-    """``share`` of the mean centralised accuracy: "how fast to nearly centralised"."""
-    return share * statistics.fmean(b.central_accuracy for b in baselines)
+def default_target(
+    baselines: Sequence[SeedBaselines], evaluation: Evaluation = DEFAULT, share: float = 0.9
+) -> float:
+    """Nearly centralised: ``share`` of the mean centralised metric when higher is better,
+    the mean divided by ``share`` when lower is (an error within 11 % of centralised)."""
+    central = statistics.fmean(b.central for b in baselines)
+    return share * central if evaluation.goal == "maximize" else central / share
 
 
 def strategy_rows(
-    runs: Sequence[StrategyRun], baselines: Sequence[SeedBaselines], target: float
+    runs: Sequence[StrategyRun],
+    baselines: Sequence[SeedBaselines],
+    target: float,
+    evaluation: Evaluation = DEFAULT,
 ) -> list[StrategyRow]:
     """The table's strategy rows, in the order the strategies first appear in ``runs``."""
-    central = {b.seed: b.central_accuracy for b in baselines}
+    central = {b.seed: b.central for b in baselines}
+    up = headline.sign(evaluation)
     order = list(dict.fromkeys(run.strategy for run in runs))
     rows = []
     for name in order:
         mine = [run for run in runs if run.strategy == name]
         finals, bests, gaps = [], [], []
         for run in mine:
-            evaluated = _evaluated(run.history)
-            if not evaluated:
+            points = headline.evaluated(run.history, evaluation)
+            if not points:
                 continue
-            finals.append(float(evaluated[-1]["accuracy"]))
-            bests.append(max(float(r["accuracy"]) for r in evaluated))
+            finals.append(points[-1][1])
+            bests.append(up * max(up * value for _, value in points))
             if run.seed in central:
-                gaps.append(central[run.seed] - finals[-1])
+                gaps.append(up * (central[run.seed] - finals[-1]))
         rows.append(
             StrategyRow(
                 strategy=name,
@@ -241,7 +291,9 @@ def strategy_rows(
                 final=Spread.of(finals) if finals else None,
                 best=Spread.of(bests) if bests else None,
                 gap=Spread.of(gaps) if gaps else None,
-                rounds_to_target=[rounds_to_target(run.history, target) for run in mine],
+                rounds_to_target=[
+                    rounds_to_target(run.history, target, evaluation) for run in mine
+                ],
                 bytes_moved=Spread.of([float(bytes_moved(run.history)) for run in mine]),
                 bytes_up=Spread.of(
                     [float(sum(int(r.get("bytes_up", 0)) for r in run.history)) for run in mine]
@@ -251,8 +303,10 @@ def strategy_rows(
     return rows
 
 
-def accuracy_curves(runs: Sequence[StrategyRun]) -> dict[str, Curve]:
-    """Per strategy, accuracy per evaluated round: mean, min and max over its seeds.
+def metric_curves(
+    runs: Sequence[StrategyRun], evaluation: Evaluation = DEFAULT
+) -> dict[str, Curve]:
+    """Per strategy, the headline metric per evaluated round: mean, min and max over seeds.
 
     A round counts the seeds that evaluated it, so a run that stopped early
     shortens nobody else's curve.
@@ -262,8 +316,8 @@ def accuracy_curves(runs: Sequence[StrategyRun]) -> dict[str, Curve]:
         by_round: dict[int, list[float]] = {}
         for run in runs:
             if run.strategy == name:
-                for record in _evaluated(run.history):
-                    by_round.setdefault(int(record["round"]), []).append(float(record["accuracy"]))
+                for number, value in headline.evaluated(run.history, evaluation):
+                    by_round.setdefault(number, []).append(value)
         rounds = sorted(by_round)
         curves[name] = Curve(
             rounds=rounds,
@@ -274,11 +328,11 @@ def accuracy_curves(runs: Sequence[StrategyRun]) -> dict[str, Curve]:
     return curves
 
 
-def _pct(spread: Spread | None, signed: bool = False) -> str:
+def _spread(spread: Spread | None, evaluation: Evaluation, signed: bool = False) -> str:
     if spread is None:
         return "n/a"
-    mean = f"{100 * spread.mean:+.1f}" if signed else f"{100 * spread.mean:.1f}"
-    return mean if spread.count == 1 else f"{mean} ± {100 * spread.std:.1f}"
+    mean = _score(spread.mean, evaluation, signed)
+    return mean if spread.count == 1 else f"{mean} ± {_score(spread.std, evaluation)}"
 
 
 def _rounds(values: Sequence[int | None]) -> str:
@@ -307,18 +361,23 @@ class StrategyComparison:
     target_is_default: bool = True
     plot_path: Path | None = None
     axis: str = "strategy"  # or "compression" or "dp": what the rows vary
+    evaluation: Evaluation = field(default_factory=Evaluation)  # the headline metric
 
     @property
     def all_succeeded(self) -> bool:
         return all(run.status == "succeeded" for run in self.runs)
 
     def rows(self) -> list[StrategyRow]:
-        return strategy_rows(self.runs, self.baselines, self.target)
+        return strategy_rows(self.runs, self.baselines, self.target, self.evaluation)
 
     def table(self) -> str:
+        settings = self.evaluation
         rows = self.rows()
-        target = f"{100 * self.target:.1f}%"
-        why = " (90% of centralised)" if self.target_is_default else ""
+        unit = "%" if headline.scale(settings) == 100.0 else ""
+        target = _score(self.target, settings) + unit
+        why = ""
+        if self.target_is_default:
+            why = " (90% of centralised)" if settings.goal == "maximize" else " (centralised / 0.9)"
         header = [
             self.axis,
             "final",
@@ -331,22 +390,34 @@ class StrategyComparison:
         body = [
             [
                 row.strategy + (f" ({row.failed}/{row.runs} failed)" if row.failed else ""),
-                _pct(row.final),
-                _pct(row.best),
+                _spread(row.final, settings),
+                _spread(row.best, settings),
                 _rounds(row.rounds_to_target),
                 human_bytes(row.bytes_up.mean),
                 human_bytes(row.bytes_moved.mean),
-                _pct(row.gap, signed=True),
+                _spread(row.gap, settings, signed=True),
             ]
             for row in rows
         ]
-        central = Spread.of([b.central_accuracy for b in self.baselines])
-        alone = Spread.of([b.best_alone for b in self.baselines])
-        body.append(["centralised, pooled data", _pct(central), "", "", "", "", ""])
-        alone_gap = Spread.of([b.central_accuracy - b.best_alone for b in self.baselines])
+        up = headline.sign(settings)
+        central = Spread.of([b.central for b in self.baselines])
+        alone = Spread.of([b.best_alone(settings) for b in self.baselines])
+        body.append(["centralised, pooled data", _spread(central, settings), "", "", "", "", ""])
+        alone_gap = Spread.of([up * (b.central - b.best_alone(settings)) for b in self.baselines])
         body.append(
-            ["best tenant alone", _pct(alone), "", "", "", "", _pct(alone_gap, signed=True)]
+            [
+                "best tenant alone",
+                _spread(alone, settings),
+                "",
+                "",
+                "",
+                "",
+                _spread(alone_gap, settings, signed=True),
+            ]
         )
+        for tenant in self.baselines[0].tenants:
+            single = Spread.of([b.tenants[tenant] for b in self.baselines])
+            body.append([f"  {tenant} alone", _spread(single, settings), "", "", "", "", ""])
         widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
         def render(cells: list[str]) -> str:
@@ -355,57 +426,78 @@ class StrategyComparison:
             return "  " + "   ".join([first, *rest]).rstrip()
 
         seeds = ", ".join(str(seed) for seed in self.seeds)
+        direction = "higher" if settings.goal == "maximize" else "lower"
         lines = [
             f"fedkube compare {self.job}: {len(rows)} {PLURAL[self.axis]} x "
             f"{len(self.seeds)} seeds "
             f"({seeds}), {self.rounds} rounds x {self.epochs_per_round} local epochs",
-            f"held-out accuracy in %, mean ± sample standard deviation over seeds; "
-            f"target {target}{why}",
-            "gap: centralised minus final accuracy, in points; rounds to target: mean over "
-            "the seeds that reached it",
+            f"held-out {_unit(settings)} ({direction} is better), mean ± sample standard "
+            f"deviation over seeds; target {target}{why}",
+            "gap: how far the final metric is behind centralised (positive: worse); rounds to "
+            "target: mean over the seeds that reached it",
             "",
             render(header),
             *[render(line) for line in body],
         ]
         finals = {row.strategy: row.final.mean for row in rows if row.final is not None}
         if finals:
-            best = max(finals, key=finals.__getitem__)
+            best = max(finals, key=lambda name: up * finals[name])
+            beats = all(
+                headline.better(finals[best], value, settings)
+                for value in (alone.mean, *self._tenant_means().values())
+            )
             lines += [
                 "",
-                f"  best {self.axis}: {best}; it beats the best tenant alone: "
-                f"{'yes' if finals[best] > alone.mean else 'no'}",
+                f"  best {self.axis}: {best}; it beats every tenant alone: "
+                f"{'yes' if beats else 'no'}",
             ]
         if self.plot_path is not None:
             lines.append(f"  plot: {self.plot_path}")
         return "\n".join(lines)
 
+    def _tenant_means(self) -> dict[str, float]:
+        return {
+            tenant: statistics.fmean(b.tenants[tenant] for b in self.baselines)
+            for tenant in self.baselines[0].tenants
+        }
+
 
 def plot_curves(
-    curves: dict[str, Curve], path: Path, title: str, baselines: Sequence[SeedBaselines] = ()
+    curves: dict[str, Curve],
+    path: Path,
+    title: str,
+    baselines: Sequence[SeedBaselines] = (),
+    evaluation: Evaluation = DEFAULT,
 ) -> Path:
-    """One accuracy-per-round line per strategy, with its min–max band over seeds."""
+    """One headline-metric-per-round line per strategy, with its min–max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    scale = headline.scale(evaluation)
     fig, axis = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
-        (line,) = axis.plot(curve.rounds, [100 * a for a in curve.mean], marker="o", label=name)
+        (line,) = axis.plot(curve.rounds, [scale * a for a in curve.mean], marker="o", label=name)
         axis.fill_between(
             curve.rounds,
-            [100 * a for a in curve.low],
-            [100 * a for a in curve.high],
+            [scale * a for a in curve.low],
+            [scale * a for a in curve.high],
             color=line.get_color(),
             alpha=0.2,
         )
     if baselines:
-        central = statistics.fmean(b.central_accuracy for b in baselines)
-        alone = statistics.fmean(b.best_alone for b in baselines)
-        axis.axhline(100 * central, color="black", linestyle="--", label="centralised")
-        axis.axhline(100 * alone, color="grey", linestyle=":", label="best tenant alone")
-    axis.set(title="held-out accuracy", xlabel="round", ylabel="accuracy (%)")
+        central = statistics.fmean(b.central for b in baselines)
+        alone = statistics.fmean(b.best_alone(evaluation) for b in baselines)
+        axis.axhline(scale * central, color="black", linestyle="--", label="centralised")
+        axis.axhline(scale * alone, color="grey", linestyle=":", label="best tenant alone")
+    better = "higher" if evaluation.goal == "maximize" else "lower"
+    axis.set(
+        title=f"held-out {evaluation.metric} ({better} is better)",
+        xlabel="round",
+        ylabel=evaluation.metric + (" (%)" if scale == 100.0 else ""),
+    )
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
     axis.legend()
@@ -492,13 +584,13 @@ def variant(job: FederatedJob, label: str, seed: int, axis: str = "strategy") ->
 
 
 def seed_baselines(job: FederatedJob) -> SeedBaselines:
-    """Centralised and every-tenant-alone accuracy, for the job's own seed."""
+    """Centralised and every-tenant-alone headline metric, for the job's own seed."""
     epochs = job.spec.rounds * job.spec.training.epochs
     return SeedBaselines(
         seed=job.spec.seed,
-        central_accuracy=centralised_accuracy(job, epochs),
-        tenant_accuracy={
-            t.name: tenant_alone_accuracy(job, i, epochs) for i, t in enumerate(job.spec.tenants)
+        central=centralised_score(job, epochs),
+        tenants={
+            t.name: tenant_alone_score(job, i, epochs) for i, t in enumerate(job.spec.tenants)
         },
     )
 
@@ -520,7 +612,7 @@ def compare_strategies(
     ``none`` (see :func:`dp_setting`). Seeds are ``spec.seed``, ``spec.seed + 1``,
     ... Each run gets its own directory ``<out>/seed-<seed>/<variant>/``
     holding its manifest (``manifest.yaml``) and the usual run outputs.
-    ``target`` defaults to 90% of the mean centralised accuracy.
+    ``target`` defaults to nearly the mean centralised metric (:func:`default_target`).
     """
     if not strategies:
         raise ValueError("compare_strategies needs at least one strategy")
@@ -551,19 +643,21 @@ def compare_strategies(
         if not quiet:
             print(f"fedkube compare: baselines, seed {seed}", flush=True)
         baselines.append(seed_baselines(parse_job(plan[seed, strategies[0]])))
+    evaluation = job.spec.evaluation
     comparison = StrategyComparison(
         axis=axis,
+        evaluation=evaluation,
         job=job.name,
         seeds=seed_list,
         rounds=job.spec.rounds,
         epochs_per_round=job.spec.training.epochs,
         runs=runs,
         baselines=baselines,
-        target=default_target(baselines) if target is None else target,
+        target=default_target(baselines, evaluation) if target is None else target,
         target_is_default=target is None,
     )
     comparison.plot_path = plot_curves(
-        accuracy_curves(runs), out / "compare.png", job.name, baselines
+        metric_curves(runs, evaluation), out / "compare.png", job.name, baselines, evaluation
     )
     (out / "compare.txt").write_text(comparison.table() + "\n")
     return comparison

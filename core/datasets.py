@@ -2,7 +2,8 @@
 
 ``load_npz`` is what a tenant points ``tenants[].data.kwargs.path`` at: an
 ``.npz`` file on the tenant's own storage with arrays ``x`` (features) and
-``y`` (integer labels). The global tier reads its held-out set from
+``y`` (integer labels), and at ``validationPath`` the tenant's own held-out
+file (evaluation at the sites). The global tier reads its held-out set from
 ``spec.data.kwargs.testPath``. Nothing here downloads anything.
 """
 
@@ -19,9 +20,15 @@ def load_npz(
     context: DataContext,
     path: str | None = None,
     testPath: str | None = None,  # noqa: N803
-    pooledPath: str | None = None,
-) -> ArrayData:  # noqa: N803
-    chosen = {"train": path, "test": testPath, "pooled": pooledPath}[context.role]
+    pooledPath: str | None = None,  # noqa: N803
+    validationPath: str | None = None,  # noqa: N803
+) -> ArrayData:
+    chosen = {
+        "train": path,
+        "validation": validationPath,
+        "test": testPath,
+        "pooled": pooledPath,
+    }[context.role]
     if not chosen:
         raise ValueError(f"load_npz: no file given for role {context.role!r}")
     return read_npz(chosen)

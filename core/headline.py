@@ -18,10 +18,19 @@ PERCENT = frozenset({"accuracy"})
 
 
 def value(record: Mapping[str, Any], evaluation: Evaluation) -> float | None:
-    """The headline metric of one history record (None: not evaluated that round)."""
+    """The headline metric of one history record (None: not evaluated that round).
+
+    The central evaluation's where the global tier has held-out data; else
+    the sites' example-weighted mean over every client that evaluated.
+    """
     metrics = record.get("metrics")
     if isinstance(metrics, Mapping) and metrics.get(evaluation.metric) is not None:
         return float(metrics[evaluation.metric])
+    sites = record.get("sites")
+    if isinstance(sites, Mapping):
+        at_sites = sites.get("metrics")
+        if isinstance(at_sites, Mapping) and at_sites.get(evaluation.metric) is not None:
+            return float(at_sites[evaluation.metric])
     # Records written before tasks had metrics of their own: loss and accuracy only.
     legacy = record.get(evaluation.metric)
     return float(legacy) if isinstance(legacy, int | float) else None
@@ -40,8 +49,28 @@ def best(history: Sequence[Mapping[str, Any]], evaluation: Evaluation) -> tuple[
     points = evaluated(history, evaluation)
     if not points:
         return None
-    sign = 1.0 if evaluation.goal == "maximize" else -1.0
-    return max(points, key=lambda point: (sign * point[1], -point[0]))
+    up = sign(evaluation)
+    return max(points, key=lambda point: (up * point[1], -point[0]))
+
+
+def sign(evaluation: Evaluation) -> float:
+    """+1 when higher is better, -1 when lower is: ``sign * value`` always grows with quality."""
+    return 1.0 if evaluation.goal == "maximize" else -1.0
+
+
+def better(a: float, b: float, evaluation: Evaluation) -> bool:
+    """Whether ``a`` is strictly better than ``b``."""
+    return sign(evaluation) * (a - b) > 0
+
+
+def reaches(value: float, target: float, evaluation: Evaluation) -> bool:
+    """Whether ``value`` is at least as good as ``target``."""
+    return sign(evaluation) * (value - target) >= 0
+
+
+def scale(evaluation: Evaluation) -> float:
+    """100 for a metric shown in percent (accuracy), else 1."""
+    return 100.0 if evaluation.metric in PERCENT else 1.0
 
 
 def show(number: float | None, evaluation: Evaluation) -> str:

@@ -151,8 +151,10 @@ class Metrics:
         )
         self.eval_metric = Gauge(
             "fedkube_eval_metric",
-            "The task's evaluation metrics of the global model (scope central: the global "
-            "tier's held-out split; tenant empty there). At most 16 names per job.",
+            "The task's evaluation metrics of the global model. Scope central: the global "
+            "tier's held-out split (tenant empty). Scope site: the clients' own validation "
+            "data, example-weighted, per tenant and overall (tenant empty). At most 16 names "
+            "per job.",
             ["job", "scope", "tenant", "metric"],
             registry=r,
         )
@@ -174,6 +176,13 @@ class Metrics:
             "fedkube_worker_rounds_total",
             "Rounds in which the worker sent an update.",
             ["job", "region", "tenant"],
+            registry=r,
+        )
+        self.evaluation_reports = Counter(
+            "fedkube_evaluation_reports_total",
+            "Clients' evaluation reports at their combiner, by outcome: evaluated, failed "
+            "(the task could not evaluate) or rejected (a malformed or unexpected report).",
+            ["job", "region", "tenant", "outcome"],
             registry=r,
         )
         self.task_failures = Counter(

@@ -26,7 +26,14 @@ from typing import Any
 
 import yaml
 from kubernetes.utils import parse_quantity
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from fedkube.errors import PolicyError
@@ -39,7 +46,10 @@ DEFAULT_ENTRYPOINTS: tuple[str, ...] = ("fedkube.examples.", "fedkube.datasets:"
 # ":" (every callable of that module). A prefix without the separator would
 # let ``fedkube.examples`` match ``fedkube.examples_evil``.
 _MODULE = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-ENTRYPOINT_RULE = rf"^({_MODULE}[.:]|{ENTRYPOINT[1:-1]})$"
+# Or a Client API script's .py file in the image, exactly (a script that is a module is
+# admitted by its package's prefix, `hospital.` for `hospital.train`).
+SCRIPT_FILE = r"[A-Za-z0-9_./-]+\.py"
+ENTRYPOINT_RULE = rf"^({_MODULE}[.:]|{ENTRYPOINT[1:-1]}|{SCRIPT_FILE})$"
 LOCAL_SITE = "local"
 
 
@@ -49,16 +59,47 @@ class _Model(BaseModel):
     )
 
 
+class DataVolume(_Model):
+    """Storage of the site's own, mounted into its tenant's worker pods (read-only by default).
+
+    Only a site's policy names one: the central manifest can neither see nor
+    choose what a site mounts. Exactly one of ``claim`` (a PersistentVolumeClaim
+    in the job's namespace) and ``hostPath`` (a directory on the node).
+    """
+
+    claim: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", description="a PVC"
+    )
+    host_path: str | None = Field(
+        default=None, pattern=r"^/", max_length=4096, description="a node directory"
+    )
+    mount_path: str = Field(
+        default="/data", pattern=r"^/", max_length=4096, description="where the workers see it"
+    )
+    read_only: bool = Field(default=True, description="the workers only read their data")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataVolume:
+        if (self.claim is None) == (self.host_path is None):
+            raise ValueError("give exactly one of claim and hostPath")
+        if self.mount_path.startswith(("/etc/fedkube", "/tmp")):
+            raise ValueError(f"mountPath {self.mount_path} is taken by fedkube's own files")
+        return self
+
+
 class DataBinding(_Model):
     """A tenant's data as the site binds it: overrides the central manifest's.
 
     With ``entrypoint``, the site's own loader replaces the manifest's and
     only these kwargs are passed; without it, these kwargs are merged over
     the manifest's (``spec.data.kwargs``, then ``tenants[].data.kwargs``).
+    ``volume`` mounts the site's storage into the tenant's worker pods, where
+    the kwargs' paths point.
     """
 
     entrypoint: str | None = Field(default=None, pattern=ENTRYPOINT)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    volume: DataVolume | None = None
 
 
 class SitePolicy(_Model):
@@ -90,7 +131,8 @@ class SitePolicy(_Model):
         bad = [item for item in value if not re.match(ENTRYPOINT_RULE, item)]
         if bad:
             raise ValueError(
-                f"{bad} are neither module:callable nor a module prefix ending with '.' or ':'"
+                f"{bad} are neither module:callable, a module prefix ending with '.' or ':', "
+                "nor a script's .py file"
             )
         return value
 

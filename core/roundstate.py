@@ -13,10 +13,19 @@ hash tag, so every key of one job lives in one slot and MULTI works)::
     fedkube:{job}:round:<r>:reported  hash  client id -> weight (HSETNX: a duplicate is a no-op)
     fedkube:{job}:round:<r>:counters  hash  bytes_up, bytes_down, duplicates, late
     fedkube:{job}:round:<r>:partials  hash  region -> updates in the partial the global tier holds
+    fedkube:{job}:round:<r>:task_failures  hash  client id -> its task's failure (first line)
     fedkube:{job}:clients             hash  client id -> time it last polled (registration)
     fedkube:{job}:history             list  one JSON document per closed round
+    fedkube:{job}:evaluation          hash  the open (or last) evaluation at the sites: round,
+                                            version, deadline, final, state (open or closed)
+    fedkube:{job}:evaluation:<r>:expected  set   clients asked to evaluate the model after round r
+    fedkube:{job}:evaluation:<r>:done      set   clients that reported (a duplicate is a no-op)
+    fedkube:{job}:evaluation:<r>:sums      hash  <tenant>|examples, <tenant>|clients,
+                                                 <tenant>|w|<metric> (Σ n·m), <tenant>|n|<metric>
+    fedkube:{job}:evaluation:<r>:failed    hash  client id -> why its task could not evaluate
     fedkube:{job}:lease:<role>        str   leader lease token (SET NX PX), e.g. lease:global
-    fedkube:{job}:events              pub/sub: round_opened, round_flush, round_closed, job_finished
+    fedkube:{job}:events              pub/sub: round_opened, round_flush, round_closed,
+                                      evaluation_opened, evaluation_closed, job_finished
 
 A closed round's keys expire after ``spec.state.keyTtlSeconds``; when the job
 ends every key of the job gets that TTL, so a finished job leaves nothing.
@@ -28,7 +37,7 @@ import json
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -130,6 +139,47 @@ if current == ARGV[1] then
 end
 return 0
 """
+
+# One client's evaluation report, folded into its tenant's sums once: the
+# set of reporters and the sums change together or not at all.
+_RECORD_EVALUATION = """
+if redis.call('sadd', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[4] ~= '' then
+  redis.call('hset', KEYS[3], ARGV[1], ARGV[4])
+  return 1
+end
+local tenant = ARGV[2]
+redis.call('hincrby', KEYS[2], tenant .. '|examples', ARGV[3])
+redis.call('hincrby', KEYS[2], tenant .. '|clients', 1)
+for i = 5, #ARGV, 2 do
+  redis.call('hincrbyfloat', KEYS[2], tenant .. '|w|' .. ARGV[i], ARGV[i + 1])
+  redis.call('hincrby', KEYS[2], tenant .. '|n|' .. ARGV[i], ARGV[3])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class EvaluationInfo:
+    """An evaluation at the sites: of model ``version``, the one after round ``round``."""
+
+    round: int
+    version: int
+    deadline: float
+    final: bool
+    open: bool
+
+    @classmethod
+    def from_hash(cls, data: Mapping[str, str]) -> EvaluationInfo:
+        return cls(
+            round=int(data["round"]),
+            version=int(data["version"]),
+            deadline=float(data["deadline"]),
+            final=data.get("final") == "1",
+            open=data.get("state") == "open",
+        )
 
 
 class RoundStore:
@@ -241,6 +291,7 @@ class RoundStore:
                 self.key("round", number, "reported"),
                 self.key("round", number, "counters"),
                 self.key("round", number, "partials"),
+                self.key("round", number, "task_failures"),
             )
             pipe.hset(
                 self.key("round", number),
@@ -323,6 +374,16 @@ class RoundStore:
         data = await self.redis.hgetall(self.key("round", number, "partials"))
         return {region: int(count) for region, count in data.items()}
 
+    async def record_task_failure(self, number: int, client: str, message: str) -> bool:
+        """``client``'s task failed round ``number``; False if that was known already."""
+        return bool(
+            await self.redis.hsetnx(self.key("round", number, "task_failures"), client, message)
+        )
+
+    async def task_failures(self, number: int) -> dict[str, str]:
+        """Client -> why its task failed round ``number``."""
+        return dict(await self.redis.hgetall(self.key("round", number, "task_failures")))
+
     async def record_region_failure(self, number: int, region: str, message: str) -> None:
         """``region`` cannot send a partial for round ``number`` (its secure aggregation failed)."""
         await self.redis.hset(self.key("round", number, "failed"), region, message)
@@ -357,7 +418,15 @@ class RoundStore:
                 },
             )
             pipe.rpush(self.key("history"), json.dumps(record, sort_keys=True))
-            for suffix in ("", ":selected", ":reported", ":counters", ":partials", ":failed"):
+            for suffix in (
+                "",
+                ":selected",
+                ":reported",
+                ":counters",
+                ":partials",
+                ":failed",
+                ":task_failures",
+            ):
                 pipe.expire(self.key("round", number) + suffix, ttl_seconds)
             await pipe.execute()
         await self.publish({"type": "round_closed", "round": number})
@@ -384,6 +453,77 @@ class RoundStore:
             if kept:
                 pipe.rpush(self.key("history"), *[json.dumps(r, sort_keys=True) for r in kept])
             await pipe.execute()
+
+    # -- evaluation at the sites (fedkube.evaluation) ----------------------
+    async def open_evaluation(
+        self, number: int, version: int, clients: Sequence[str], timeout_s: float, final: bool
+    ) -> EvaluationInfo:
+        """Ask ``clients`` to evaluate model ``version`` (the one after round ``number``)."""
+        info = EvaluationInfo(number, version, time.time() + timeout_s, final, True)
+        keys = [self.key("evaluation", number, part) for part in ("expected", "done", "sums")]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*keys, self.key("evaluation", number, "failed"))
+            if clients:
+                pipe.sadd(keys[0], *clients)
+            pipe.hset(
+                self.key("evaluation"),
+                mapping={
+                    "round": number,
+                    "version": version,
+                    "deadline": info.deadline,
+                    "final": int(final),
+                    "state": "open",
+                },
+            )
+            await pipe.execute()
+        await self.publish({"type": "evaluation_opened", "round": number, "version": version})
+        return info
+
+    async def evaluation(self) -> EvaluationInfo | None:
+        """The open evaluation, or the last one (closed); None before the first."""
+        data = await self.redis.hgetall(self.key("evaluation"))
+        return EvaluationInfo.from_hash(data) if data else None
+
+    async def evaluation_expected(self, number: int) -> set[str]:
+        return set(await self.redis.smembers(self.key("evaluation", number, "expected")))
+
+    async def evaluation_done(self, number: int) -> set[str]:
+        return set(await self.redis.smembers(self.key("evaluation", number, "done")))
+
+    async def evaluation_done_count(self, number: int) -> int:
+        return int(await self.redis.scard(self.key("evaluation", number, "done")))
+
+    async def record_evaluation(
+        self,
+        number: int,
+        client: str,
+        tenant: str,
+        examples: int,
+        metrics: Mapping[str, float],
+        error: str | None = None,
+    ) -> bool:
+        """Fold one client's report into its tenant's sums; False if it had reported."""
+        pairs = [str(v) for name, value in metrics.items() for v in (name, examples * value)]
+        keys = [self.key("evaluation", number, p) for p in ("done", "sums", "failed")]
+        args = [client, tenant, examples, error or "", *pairs]
+        return bool(await self.redis.eval(_RECORD_EVALUATION, 3, *keys, *args))
+
+    async def evaluation_results(self, number: int) -> tuple[dict[str, str], dict[str, str]]:
+        """The raw per-tenant sums and the failures of evaluation ``number``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("evaluation", number, "sums"))
+            pipe.hgetall(self.key("evaluation", number, "failed"))
+            sums, failed = await pipe.execute()
+        return dict(sums), dict(failed)
+
+    async def close_evaluation(self, number: int, ttl_seconds: int) -> None:
+        """No more reports for evaluation ``number``; its keys expire."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key("evaluation"), "state", "closed")
+            for part in ("expected", "done", "sums", "failed"):
+                pipe.expire(self.key("evaluation", number, part), ttl_seconds)
+            await pipe.execute()
+        await self.publish({"type": "evaluation_closed", "round": number})
 
     # -- client registration -----------------------------------------------
     async def register_clients(self, clients: Sequence[str]) -> None:

@@ -505,6 +505,28 @@ class Evaluation(_Model):
     goal: Literal["maximize", "minimize"] = Field(
         default="maximize", description="whether a higher or a lower metric is better"
     )
+    central: bool = Field(
+        default=True,
+        description="evaluate at the global aggregator on the held-out split (role test); "
+        "off when the central side holds no data",
+    )
+    sites: Literal["none", "selected", "all"] = Field(
+        default="none",
+        description="which clients evaluate the new global model on their own validation "
+        "data (role validation) every everyRounds: the round's selected clients, all, or none; "
+        "their metrics are averaged by examples, per tenant and overall",
+    )
+    cross_site: bool = Field(
+        default=True,
+        description="with sites: after the last round every client evaluates the final model "
+        "(cross-site validation)",
+    )
+    site_timeout_seconds: float = Field(
+        default=120,
+        gt=0,
+        le=86400,
+        description="how long an evaluation at the sites waits for its clients' reports",
+    )
 
 
 class Transport(_Model):

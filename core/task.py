@@ -35,7 +35,7 @@ import math
 import numbers
 import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -159,13 +159,7 @@ class Task:
 
     def call(self, step: str, *args: Any) -> Any:
         """``target.step(*args)``: an exception from the user's code becomes :class:`TaskFailed`."""
-        try:
-            return getattr(self.target, step)(*args)
-        except TaskFailed:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the user's code: reported whole, never hidden
-            first = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            raise TaskFailed(self.reference, step, first, traceback.format_exc()) from exc
+        return guarded(self.reference, step, getattr(self.target, step), *args)
 
     def close(self) -> None:
         """The job is over: a task that holds something (a script's thread) lets it go."""
@@ -181,6 +175,18 @@ class Task:
         with torch.no_grad():
             value = self.call("evaluate", model, data, ctx)
         return check_result(value, self.reference, "evaluate")
+
+
+def guarded(reference: str, step: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, the user's code: any exception it raises becomes :class:`TaskFailed`
+    (first line and traceback kept), so that it costs one client's round, not the worker."""
+    try:
+        return function(*args)
+    except TaskFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code: reported whole, never hidden
+        first = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise TaskFailed(reference, step, first, traceback.format_exc()) from exc
 
 
 def load_task(job: FederatedJob) -> Task:

@@ -28,7 +28,7 @@ import yaml
 from fedkube import signing
 from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
-from fedkube.policy import DataBinding, data_binding_document
+from fedkube.policy import DataBinding, DataVolume, data_binding_document
 from fedkube.roundstate import REDIS_PASSWORD_ENV
 from fedkube.spec import API_VERSION, KIND, FederatedJob, Tenant, WorkerGroup, dump_job
 from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
@@ -36,6 +36,7 @@ from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
 CONFIG_DIR = "/etc/fedkube/config"
 DATA_BINDING_DIR = "/etc/fedkube/data-binding"
 DATA_BINDING_KEY = "binding.json"
+SITE_DATA_VOLUME = "site-data"  # a site's own storage, from its policy
 ANNOTATION_DATA_BINDING = "fedkube.io/data-binding-hash"
 TOKENS_DIR = "/etc/fedkube/tokens"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
@@ -399,6 +400,17 @@ def worker_resources(tenant: Tenant, gpu_resource: str) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
+def site_data_volume(volume: DataVolume) -> dict[str, Any]:
+    """The pod volume of a site's own storage (its policy's ``dataBindings[].volume``)."""
+    if volume.claim is not None:
+        source = {
+            "persistentVolumeClaim": {"claimName": volume.claim, "readOnly": volume.read_only}
+        }
+    else:
+        source = {"hostPath": {"path": volume.host_path, "type": "Directory"}}
+    return {"name": SITE_DATA_VOLUME, **source}
+
+
 def build_worker_pod(target: Target, tenant: Tenant, group: WorkerGroup) -> dict[str, Any]:
     """One worker of a tenant: a bare Pod with a fixed name, like Kubeflow's.
 
@@ -445,6 +457,16 @@ def build_worker_pod(target: Target, tenant: Tenant, group: WorkerGroup) -> dict
             {"name": "data-binding", "mountPath": DATA_BINDING_DIR, "readOnly": True},
         ]
         args += ["--data-binding", f"{DATA_BINDING_DIR}/{DATA_BINDING_KEY}"]
+        if binding.volume is not None:
+            volumes = [*volumes, site_data_volume(binding.volume)]
+            mounts = [
+                *mounts,
+                {
+                    "name": SITE_DATA_VOLUME,
+                    "mountPath": binding.volume.mount_path,
+                    "readOnly": binding.volume.read_only,
+                },
+            ]
         # A changed binding changes the pod's hash, so its workers are replaced.
         annotations[ANNOTATION_DATA_BINDING] = hashlib.sha256(
             data_binding_text(binding).encode()

@@ -222,15 +222,19 @@ def _events(body: kopf.Body, before: JobStatus, after: JobStatus) -> None:
     closed_before = int(before.progress.split("/")[0] or 0) if before.progress else 0
     closed_after = int(after.progress.split("/")[0] or 0) if after.progress else 0
     if closed_after > closed_before:
-        accuracy = (
-            f", accuracy {after.last_accuracy:.4f}" if after.last_accuracy is not None else ""
-        )
+        metric = f", {after.metric}" if after.metric else ""
         kopf.info(
             body,
             reason="RoundClosed",
             message=f"round {closed_after}/{after.rounds} closed: "
-            f"{after.participation} clients reported{accuracy}",
+            f"{after.participation} clients reported{metric}",
         )
+        for client, failure in (after.task_failures or {}).items():
+            kopf.warn(
+                body,
+                reason="TaskFailed",
+                message=f"round {closed_after}: client {client}: {failure}",
+            )
     if after.phase != before.phase:
         emit = kopf.warn if after.phase.value == "Failed" else kopf.info
         emit(body, reason=after.phase.value, message=after.message)

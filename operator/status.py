@@ -74,6 +74,19 @@ class JobStatus(_Model):
     last_metrics: dict[str, float] | None = Field(
         default=None, description="the task's metrics of the global model, last evaluation"
     )
+    task_failures: dict[str, str] | None = Field(
+        default=None,
+        description="clients whose task failed the last closed round, with the failure's "
+        "first line (also a TaskFailed Event)",
+    )
+    site_metrics: dict[str, float] | None = Field(
+        default=None,
+        description="the sites' evaluation of the last model they evaluated: the task's "
+        "metrics on the clients' own validation data, example-weighted over all of them",
+    )
+    tenant_metrics: dict[str, dict[str, float]] | None = Field(
+        default=None, description="the same, per tenant"
+    )
     metric: str | None = Field(
         default=None,
         description="spec.evaluation.metric and its last value, for the printer column",
@@ -236,7 +249,17 @@ def _round_fields(
         fields["last_accuracy"] = round(float(record["accuracy"]), 6)
     metrics = record.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        fields["last_metrics"] = {k: round(float(v), 6) for k, v in sorted(metrics.items())}
+        fields["last_metrics"] = _rounded(metrics)
+    failures = record.get("task_failures")
+    if isinstance(failures, dict):
+        fields["task_failures"] = {str(c): str(m) for c, m in sorted(failures.items())} or None
+    sites = record.get("sites")
+    if isinstance(sites, dict) and sites.get("metrics"):
+        fields["site_metrics"] = _rounded(sites["metrics"])
+        fields["tenant_metrics"] = {
+            str(tenant): _rounded(entry.get("metrics", {}))
+            for tenant, entry in sorted(sites.get("tenants", {}).items())
+        }
     value = headline.value(record, evaluation)
     if value is not None:
         fields["metric"] = f"{evaluation.metric} {headline.show(value, evaluation)}"
@@ -376,3 +399,7 @@ def next_status(previous: JobStatus, seen: Observation) -> JobStatus:
         update["completion_time"] = rfc3339(now)
     update.update(phase=phase, message=message, conditions=conditions)
     return status.model_copy(update=update)
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, float]:
+    return {str(k): round(float(v), 6) for k, v in sorted(metrics.items())}

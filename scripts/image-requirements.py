@@ -2,6 +2,7 @@
 
     python3 scripts/image-requirements.py full   # every declared dependency
     python3 scripts/image-requirements.py slim   # less [tool.fedkube.image] training-only
+    python3 scripts/image-requirements.py build  # the build backend ([build-system] requires)
 
 The declared dependencies stay the one list: `pip install fedkube` gets all of them, and the
 slim image (operator, combiners) is that list less the training stack. Standard library
@@ -28,13 +29,15 @@ def requirement_name(requirement: str) -> str:
 
 
 def requirements(image: str, pyproject: Path = PYPROJECT) -> list[str]:
-    """The requirement lines for ``image`` (``full`` or ``slim``)."""
+    """The requirement lines for ``image`` (``full`` or ``slim``), or ``build``'s."""
     data = tomllib.loads(pyproject.read_text())
+    if image == "build":
+        return list(data["build-system"]["requires"])
     declared: list[str] = data["project"]["dependencies"]
     if image == "full":
         return declared
     if image != "slim":
-        raise ValueError(f"unknown image {image!r}: full or slim")
+        raise ValueError(f"unknown image {image!r}: full, slim or build")
     left_out = {requirement_name(r) for r in data["tool"]["fedkube"]["image"]["training-only"]}
     unknown = left_out - {requirement_name(r) for r in declared}
     if unknown:
@@ -44,7 +47,7 @@ def requirements(image: str, pyproject: Path = PYPROJECT) -> list[str]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: image-requirements.py full|slim")
+        sys.exit("usage: image-requirements.py full|slim|build")
     try:
         print("\n".join(requirements(sys.argv[1])))
     except ValueError as error:

@@ -19,3 +19,24 @@ class ScannerOffline(DigitsTask):
         if ctx.tenant == FAILING_TENANT and ctx.round == FAILING_ROUND:
             raise RuntimeError(f"scanner of {ctx.tenant} is offline")
         return super().train(model, data, ctx)
+
+
+class ScannersOffline(DigitsTask):
+    """The digits task, whose loop raises at every tenant but ``a`` in one round."""
+
+    def train(self, model: nn.Module, data: TensorDataset, ctx: TaskContext) -> Result:
+        if ctx.tenant != "a" and ctx.round == FAILING_ROUND:
+            raise RuntimeError(f"scanner of {ctx.tenant} is offline")
+        return super().train(model, data, ctx)
+
+
+BLIND_TENANT = "c"
+
+
+class BlindSite(DigitsTask):
+    """The digits task, whose evaluate() raises at one tenant: its validation scans are gone."""
+
+    def evaluate(self, model: nn.Module, data: TensorDataset, ctx: TaskContext) -> Result:
+        if ctx.tenant == BLIND_TENANT:
+            raise FileNotFoundError(f"/data/{ctx.tenant}/validation: no such directory")
+        return super().evaluate(model, data, ctx)

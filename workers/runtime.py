@@ -57,6 +57,8 @@ from prometheus_client import start_http_server
 from fedkube import codec, compression, faults, privacy, secagg, signing
 from fedkube.aggregator.strategies import REGISTRY, norm_bound, scaffold
 from fedkube.errors import CodecError, FedkubeError, SecureAggregationFailed
+from fedkube.evaluation import Report
+from fedkube.failures import STEPS, FailureReport
 from fedkube.learning import (
     ArrayData,
     build_model,
@@ -84,6 +86,7 @@ from fedkube.spec import Client, DpMode, FederatedJob
 from fedkube.task import BUILTIN, TaskContext, TaskFailed, load_task
 from fedkube.web import upload
 from fedkube.workers.client_state import ClientState
+from fedkube.workers.evaluation import evaluate_model, failed_report, validation_data
 
 log = logging.getLogger("fedkube.worker")
 
@@ -166,6 +169,7 @@ class Seat:
     outgoing: _Outgoing | None = None
     # Loaded to train; kept between rounds only by a worker with one client.
     data: Any = None  # whatever the task's data() (or spec.data) gave
+    validation: Any = None  # its role validation, loaded when first asked to evaluate
     # Under secure aggregation: this round's keys, seed and received shares.
     secure: secagg.ClientSession | None = None
     failed_round: int | None = None  # the round whose task failed (not run again)
@@ -201,6 +205,8 @@ class Worker:
         self.strategy = REGISTRY[config.job.spec.strategy.name]
         # (round, version, tensors): the model the round's clients train on.
         self._round_model: tuple[int, int, dict[str, np.ndarray]] | None = None
+        # (client, round) of every evaluation reported: not done twice.
+        self._evaluated: set[tuple[str, int]] = set()
         self._noise_multiplier: float | None = None  # local DP: solved once, when first needed
         self.secure = config.job.spec.privacy.secure_aggregation
         self._warm_up()
@@ -284,6 +290,12 @@ class Worker:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # The combiner hands the step out again until it has the answer.
                     log.warning("a secure aggregation step failed in transit (%s)", exc)
+                evaluations = [t for t in answer.get("tasks", []) if t["status"] == "evaluate"]
+                if evaluations:
+                    if not await self._evaluate(http, evaluations):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX_S)
+                    continue
                 tasks = [t for t in answer.get("tasks", []) if t["status"] in ("train", "resend")]
                 if not tasks:
                     continue
@@ -370,6 +382,7 @@ class Worker:
                         outgoing = seat.outgoing = await self._train(seat, tensors, number)
                     except TaskFailed as exc:
                         self._task_failed(seat, number, exc)
+                        await self._report_failure(http, seat, number, exc)
                         continue
                     if self.secure is not None:
                         sends.append(asyncio.create_task(self._advertise(http, seat, outgoing)))
@@ -404,6 +417,96 @@ class Worker:
             exc.details.rstrip(),
             extra=self._f(number, seat.client.id),
         )
+
+    async def _report_failure(
+        self, http: aiohttp.ClientSession, seat: Seat, number: int, exc: TaskFailed
+    ) -> None:
+        """Tell the combiner (fedkube.failures): the round closes without waiting for us."""
+        step = exc.step if exc.step in STEPS else "train"
+        report = FailureReport(seat.client.id, number, step, str(exc))
+        where = self._f(number, seat.client.id)
+        try:
+            url = f"{self.config.combiner_url}/v1/failure"
+            async with http.post(url, json=report.document()) as response:
+                if response.status >= 400:
+                    detail = await response.text()
+                    log.warning(
+                        "failure report refused (%d): %s", response.status, detail, extra=where
+                    )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            # The round then waits for its deadline, as for a client that dropped.
+            log.warning("could not report the failure (%s)", error, extra=where)
+
+    # -- evaluation at the sites (fedkube.evaluation) ----------------------------
+    async def _evaluate(self, http: aiohttp.ClientSession, tasks: list[dict[str, Any]]) -> bool:
+        """Evaluate the model each task names on its client's validation data and report.
+
+        False when nothing was reported (the reports failed in transit, or
+        were answered before): the caller backs off before it polls again.
+        """
+        reported = False
+        for task in tasks:
+            seat = self.seats.get(str(task.get("client", "")))
+            number, version = int(task["round"]), int(task["version"])
+            if seat is None or (seat.client.id, number) in self._evaluated:
+                continue
+            try:
+                tensors = await self._model_for(http, number, version)
+                loop = asyncio.get_running_loop()
+                report = await loop.run_in_executor(
+                    None, self._evaluate_seat, seat, tensors, number, version
+                )
+                async with http.post(
+                    f"{self.config.combiner_url}/v1/evaluation", json=report.document()
+                ) as response:
+                    answer = await response.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError, CodecError) as exc:
+                log.warning(
+                    "evaluation failed in transit (%s)", exc, extra=self._f(number, seat.client.id)
+                )
+                continue
+            if response.status == 503:
+                continue  # the combiner could not record it: asked again
+            # Recorded, or refused for good (said in the combiner's log and here).
+            self._evaluated.add((seat.client.id, number))
+            reported = True
+            if response.status >= 400 and response.status != 409:
+                log.warning(
+                    "evaluation report refused (%d): %s",
+                    response.status,
+                    answer,
+                    extra=self._f(number, seat.client.id),
+                )
+        return reported
+
+    def _evaluate_seat(
+        self, seat: Seat, tensors: dict[str, np.ndarray], number: int, version: int
+    ) -> Report:
+        """One client's report on model ``version`` (in the executor)."""
+        client = seat.client
+        ctx = TaskContext(
+            self.job,
+            "validation",
+            round=number,
+            seed=self._seed(client, number),
+            device=self.device,
+            client=client,
+            scratch=seat.state.scratch(),
+        )
+        try:
+            if seat.validation is None:
+                seat.validation = validation_data(
+                    self.job, self.task, client, self.config.data_binding, seat.state.scratch()
+                )
+            return evaluate_model(
+                self.job, self.task, self.model, seat.validation, tensors, ctx, version
+            )
+        except TaskFailed as exc:
+            self.metrics.task_failures.labels(*self._labels(), exc.step).inc()
+            return failed_report(exc, client, number, version, self.job)
+        finally:
+            if not self.keep_data:
+                seat.validation = None
 
     # -- secure aggregation (the client side of fedkube.secagg) -----------------
     async def _advertise(

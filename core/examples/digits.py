@@ -3,7 +3,8 @@
 ``make_data`` splits a stratified held-out test set off first (the global
 tier's evaluation set), then partitions the training part across tenants
 (IID or Dirichlet label skew) and a tenant's part across its replicas. A
-worker keeps only its own indices.
+worker keeps only its own indices. Role ``validation`` partitions the
+held-out set the same way: each client's own validation share.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ def make_data(context: DataContext) -> ArrayData:
         return ArrayData(x_train, y_train)
     client = context.client
     if client is None:
-        raise ValueError("role 'train' needs a client")
+        raise ValueError(f"role {context.role!r} needs a client")
+    if context.role == "validation":
+        # The client's share of the held-out set, drawn with the same skew as its
+        # training share: a site validates on data like its own.
+        x_train, y_train = x_test, y_test
     if context.partition_scheme == "dirichlet":
         parts = partition.dirichlet(y_train, client.num_tenants, context.alpha, context.seed)
     else:

@@ -28,7 +28,8 @@ The splits. A held-out ``testFraction`` of *every tenant's* (shifted) samples
 forms role ``test``, so the global tier measures the federation's model on
 everyone's data; role ``pooled`` is the union of all tenants' training parts
 (the centralised baseline); role ``train`` is one tenant's training part,
-divided across its replicas. Everything is a pure function of the job's seed
+divided across its replicas, and role ``validation`` its held-out part, divided
+the same way (evaluation at the sites). Everything is a pure function of the job's seed
 (and the file), so every process computes the same split and keeps only its
 own part.
 """
@@ -197,8 +198,9 @@ def make_data(
     if context.role == "pooled":
         return _concat([part.train for part in parts])
     if client is None:
-        raise ValueError("role 'train' needs a client")
-    own = parts[client.tenant_index].train
+        raise ValueError(f"role {context.role!r} needs a client")
+    tenant = parts[client.tenant_index]
+    own = tenant.test if context.role == "validation" else tenant.train
     mine = partition.split_replicas(np.arange(len(own)), client.replicas, client.replica)
     return ArrayData(own.x[mine], own.y[mine])
 

@@ -124,7 +124,7 @@ def plot(
 
     evaluation = evaluation or Evaluation()
     points = headline.evaluated(history, evaluation)
-    scale = 100.0 if evaluation.metric in headline.PERCENT else 1.0
+    scale = headline.scale(evaluation)
     losses = [r for r in history if r.get("loss") is not None]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     acc_ax.plot(

@@ -6,6 +6,7 @@ and asserts on the objects Helm would send to the API server.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.crd import build_crd
-from fedkube.policy import DEFAULT_ENTRYPOINTS, SitePolicy, parse_policy
+from fedkube.policy import DEFAULT_ENTRYPOINTS, ENTRYPOINT_RULE, SitePolicy, parse_policy
 from tests.controlplane import DEFAULT_BIN_DIR
 from tests.support import ROOT
 
@@ -96,6 +97,13 @@ def test_the_charts_crd_is_the_one_the_spec_model_generates():
     objects = render(crds=True)
     assert objects[("CustomResourceDefinition", "federatedjobs.fedkube.io")] == build_crd()
     assert (CHART / "crds").resolve() == (ROOT / "crds").resolve()
+
+
+def test_the_values_schema_checks_entrypoints_with_the_operators_own_rule():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    central = schema["properties"]["operator"]["properties"]["allowEntrypoints"]
+    site = schema["properties"]["site"]["properties"]["policy"]["properties"]["entrypoints"]
+    assert central["items"]["pattern"] == site["items"]["pattern"] == ENTRYPOINT_RULE
 
 
 def test_a_central_install_has_the_operator_rbac_and_a_bundled_redis():

@@ -39,6 +39,25 @@ async def test_the_same_report_twice_is_harmless_and_detected(store):
     assert await store.reported(1) == {"a-0": 10.0}
 
 
+async def test_an_evaluation_report_is_folded_into_its_tenants_sums_once(store):
+    # prepare
+    info = await store.open_evaluation(2, 3, ["a-0", "a-1", "b-0"], timeout_s=30, final=False)
+    # execute
+    first = await store.record_evaluation(2, "a-0", "a", 100, {"auroc": 0.9})
+    again = await store.record_evaluation(2, "a-0", "a", 100, {"auroc": 0.1})
+    await store.record_evaluation(2, "a-1", "a", 300, {"auroc": 0.5})
+    await store.record_evaluation(2, "b-0", "b", 0, {}, error="evaluate: OSError: gone")
+    # assert
+    assert (first, again) == (True, False)
+    assert (await store.evaluation()) == info and info.open
+    assert await store.evaluation_done(2) == {"a-0", "a-1", "b-0"}
+    sums, failed = await store.evaluation_results(2)
+    assert sums == {"a|examples": "400", "a|clients": "2", "a|w|auroc": "240", "a|n|auroc": "400"}
+    assert failed == {"b-0": "evaluate: OSError: gone"}
+    await store.close_evaluation(2, ttl_seconds=60)
+    assert not (await store.evaluation()).open
+
+
 async def test_illegal_transitions_are_refused_before_touching_redis(store):
     await store.open_round(1, ["a-0"], quorum=1, timeout_s=30, version=1)
     with pytest.raises(ValueError, match="illegal"):

@@ -71,14 +71,17 @@ def observed_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedJ
     rejected-updates panel has a rate to show in a run without faults.
     """
     workdir = tmp_path_factory.mktemp("observed")
-    # fedavgm: a strategy with server state, and differential privacy (its noise
-    # negligible here), so that their panels have a series to show.
+    # fedavgm: a strategy with server state, differential privacy (its noise
+    # negligible here) and evaluation at the sites, so that their panels have a
+    # series to show.
     run = start_run(
         workdir,
         "observed",
         rounds=5000,
         strategy={"name": "fedavgm"},
         privacy={"dp": {"clipNorm": 100.0, "noiseMultiplier": 0.01}},
+        # Every site evaluates every model too: the per-metric panel's per-tenant lines.
+        evaluation={"sites": "all"},
     )
     try:
         targets = wait_service_targets(run)
@@ -134,6 +137,8 @@ def test_every_job_overview_panel_returns_data_for_a_running_job(observed_job):
         ("fedavgm", "momentum_norm")
     }
     assert list(series_of("Privacy spent (ε)").values())[0] > 0
+    # The headline metric: central, the sites overall, and each tenant's own validation data.
+    assert set(series_of("$metric")) == {"central", "site", "site,a", "site,b", "site,c", "site,d"}
 
 
 def test_every_alert_rule_loads_and_evaluates_without_error(observed_job):

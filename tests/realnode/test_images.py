@@ -110,7 +110,7 @@ def test_the_full_image_trains_a_round_of_digits_with_precompiled_modules():
 
 
 def test_a_code_change_rebuilds_only_fedkubes_own_layer(tmp_path: Path):
-    # prepare: the build context with one source file changed
+    # prepare: the build context with one source file added
     context = tmp_path / "context"
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, context / name if context.exists() else _mk(context) / name)
@@ -122,6 +122,9 @@ def test_a_code_change_rebuilds_only_fedkubes_own_layer(tmp_path: Path):
     shutil.copy(ROOT / "scripts" / "image-requirements.py", context / "scripts")
     with (context / "core" / "about_build.py").open("w") as extra:
         extra.write('"""A module that only this test adds."""\n')
+    # and pyproject.toml changed where the dependencies are not (a pytest option)
+    with (context / "pyproject.toml").open("a") as pyproject:
+        pyproject.write("\n# a comment that only this test adds\n")
     tag = "localhost/fedkube-slim:layer-test"
     # execute
     done = podman(

@@ -4,7 +4,8 @@ What a user does, and nothing else: ``helm install`` the chart (the operator run
 from the slim image, with leader election, logging in with its ServiceAccount; the bundled
 Redis in a pod), ``kubectl apply`` the digits FederatedJob, and the operator's worker,
 combiner and aggregator pods train it to ``Succeeded`` in containers (tests/node.py), the
-workers with a training script of the Client API (``spec.task.script``).
+workers with a training script of the Client API (``spec.task.script``) that exists only
+in the user's own image, built ``FROM`` fedkube's and named in ``spec.image``.
 Prometheus finds the operator through the chart's scrape annotations and scrapes it.
 ``kubectl delete`` leaves no pod, Secret or Redis key. A combiner pod deleted mid-round is
 replaced by its Deployment and the round loses no update. A site namespace with its own
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import yaml
 from redis import Redis
 
 from fedkube.roundstate import job_prefix
-from tests.node import VERSION, NodeCluster
+from tests.node import CONTAINERS_CONF, VERSION, NodeCluster, run
 from tests.prometheus import start_prometheus
 from tests.support import ROOT, wait_for
 
@@ -40,7 +42,16 @@ VALUES = [
     str(ROOT / "charts" / "values-local-node.yaml"),
     "--set",
     "operator.statusInterval=1",
+    # The hospital's own code (its image's package) is admitted beside fedkube's examples.
+    "--set",
+    "operator.allowEntrypoints={fedkube.examples.,fedkube.datasets:,hospital.}",
 ]
+# A user's image: fedkube's, plus a package of the hospital's own with its training script.
+USER_IMAGE = "hospital-train:1"
+USER_CONTAINERFILE = f"""FROM localhost/fedkube:{VERSION}
+COPY hospital /opt/hospital/hospital
+ENV PYTHONPATH=/opt/hospital
+"""
 POD_TIMEOUT_S = 300  # a pod's first start imports torch on a busy 2-core machine
 
 
@@ -58,17 +69,37 @@ def digits_job(name: str, rounds: int, epochs: int = 3) -> dict[str, Any]:
 
 
 def digits_script_job(name: str, rounds: int) -> dict[str, Any]:
-    """The digits job, trained by the Client API's example script in every worker pod.
+    """The digits job, trained by the hospital's Client API script in every worker pod.
 
-    Each pod's script first writes its site's partition as PNG files into its own
-    scratch folder (``--prepare``), then reads them with its own DataLoader.
+    The script (``hospital.train``, the Client API example as a site would keep it in
+    its own package) is in the user's image only. Each pod's script first writes its
+    site's partition as PNG files into its own scratch folder (``--prepare``), then
+    reads them with its own DataLoader.
     """
     document = digits_job(name, rounds)
+    document["spec"]["image"] = USER_IMAGE
     document["spec"]["task"] = {
-        "script": "fedkube.examples.digits_script",
+        "script": "hospital.train",
         "args": ["--prepare", "--epochs", "3", "--hidden", "128"],
     }
     return document
+
+
+def build_user_image(cluster: NodeCluster, context: Path) -> None:
+    """The hospital's image, built FROM fedkube's as the README says, and loaded on the node."""
+    package = context / "hospital"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('"""A hospital\'s own training code."""\n')
+    script = (ROOT / "core" / "examples" / "digits_script.py").read_text()
+    (package / "train.py").write_text(script)
+    (context / "Containerfile").write_text(USER_CONTAINERFILE)
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    run(
+        "podman", "build", "--quiet", "--pull=never", "--network=none",
+        "-t", f"localhost/{USER_IMAGE}", "-f", str(context / "Containerfile"), str(context),
+        env=env,
+    )  # fmt: skip
+    cluster.load_images([USER_IMAGE])
 
 
 def kubectl_json(cluster: NodeCluster, *args: str) -> Any:
@@ -166,10 +197,11 @@ def test_the_chart_runs_its_operator_in_a_pod_that_prometheus_scrapes(
     assert lease_holder(central, CENTRAL) == operator["metadata"]["name"]
 
 
-def test_a_client_api_script_trains_in_real_pods_and_the_jobs_deletion_leaves_nothing(
-    central: NodeCluster,
+def test_a_client_api_script_from_the_users_image_trains_in_real_pods_and_deletion_cleans(
+    central: NodeCluster, tmp_path: Path
 ):
     cp = central.cp
+    build_user_image(central, tmp_path / "image")
     document = digits_script_job("digits", rounds=3)
     cp.kubectl("apply", "-n", JOBS, "-f", "-", input=yaml.safe_dump(document))
     final = wait_for(
@@ -182,14 +214,14 @@ def test_a_client_api_script_trains_in_real_pods_and_the_jobs_deletion_leaves_no
     assert final["participation"] == "6/6"
     assert final["lastAccuracy"] > 0.8, final
     # The pods ran the images the operator chose: workers and the global aggregator the
-    # full one, combiners the slim one.
+    # user's (spec.image), combiners the slim one, which runs none of the job's code.
     images = {
         p["metadata"]["labels"]["fedkube.io/role"]: p["spec"]["containers"][0]["image"]
         for p in pods(central, JOBS, "fedkube.io/job=digits")
     }
     assert images == {
-        "worker": f"fedkube:{VERSION}",
-        "aggregator": f"fedkube:{VERSION}",
+        "worker": USER_IMAGE,
+        "aggregator": USER_IMAGE,
         "combiner": f"fedkube-slim:{VERSION}",
     }, images
     # kubectl logs of a worker: its rounds, as structured lines.
@@ -200,7 +232,7 @@ def test_a_client_api_script_trains_in_real_pods_and_the_jobs_deletion_leaves_no
         if entry.get("tenant") == "hospital-a"
     }
     assert {1, 2, 3} <= rounds, log[-3000:]
-    assert "starting the training script fedkube.examples.digits_script" in log, log[-3000:]
+    assert "starting the training script hospital.train" in log, log[-3000:]
     listed = cp.kubectl("get", "fedjob", "digits", "-n", JOBS).stdout
     assert "Succeeded" in listed and "accuracy " in listed, listed  # the METRIC column
 

@@ -13,16 +13,16 @@ from fedkube.baselines import (
     Spread,
     StrategyComparison,
     StrategyRun,
-    accuracy_curves,
     bytes_moved,
     default_target,
+    metric_curves,
     plot_curves,
     rounds_to_target,
     strategy_rows,
     variant,
 )
 from fedkube.errors import SpecError
-from fedkube.spec import dump_job, parse_job
+from fedkube.spec import Evaluation, dump_job, parse_job
 from tests.support import small_job_dict
 
 
@@ -107,7 +107,7 @@ def test_a_failed_run_is_counted_and_a_run_without_evaluations_adds_no_accuracy(
 
 def test_curves_average_each_round_over_seeds_with_a_min_max_band():
     runs = [*RUNS, StrategyRun("scaffold", 9, "failed", history([0.3]))]
-    curves = accuracy_curves(runs)
+    curves = metric_curves(runs)
     fedavg, scaffold = curves["fedavg"], curves["scaffold"]
     assert fedavg.rounds == [1, 2, 3]
     assert fedavg.mean == pytest.approx([0.25, 0.55, 0.5])
@@ -151,7 +151,7 @@ def test_the_table_has_one_row_per_strategy_and_the_baselines():
     alone = next(line for line in lines if "best tenant alone" in line)
     # best alone per seed: 0.35 and 0.25; gap per seed 0.55 and 0.55
     assert re.search(r"30\.0 ± 7\.1\s+\+55\.0 ± 0\.0", alone)
-    assert "best strategy: scaffold; it beats the best tenant alone: yes" in table
+    assert "best strategy: scaffold; it beats every tenant alone: yes" in table
 
 
 def test_a_target_never_reached_shows_a_dash_and_one_seed_shows_no_spread():
@@ -173,7 +173,7 @@ def test_a_failed_run_is_flagged_in_its_row():
 
 
 def test_the_plot_is_a_png(tmp_path: Path):
-    path = plot_curves(accuracy_curves(RUNS), tmp_path / "compare.png", "synthetic", BASELINES)
+    path = plot_curves(metric_curves(RUNS), tmp_path / "compare.png", "synthetic", BASELINES)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -195,3 +195,36 @@ def test_a_variant_replaces_only_the_strategy_name_and_the_seed():
 def test_an_unknown_strategy_is_refused_before_anything_runs():
     with pytest.raises(SpecError, match="spec.strategy.name"):
         variant(parse_job(small_job_dict()), "fedmagic", 1)
+
+
+def test_a_metric_where_lower_is_better_turns_best_target_gap_and_baselines_around():
+    # prepare: mean absolute error; centralised 0.40 and 0.50, the tenants alone worse
+    mae = Evaluation(metric="mae", goal="minimize")
+    runs = [
+        StrategyRun("fedavg", 7, "succeeded", history_of("mae", [0.9, 0.5, 0.6])),
+        StrategyRun("fedavg", 8, "succeeded", history_of("mae", [0.8, 0.7, 0.55])),
+    ]
+    baselines = [
+        SeedBaselines(7, 0.40, {"a": 0.8, "b": 0.7}),
+        SeedBaselines(8, 0.50, {"a": 0.9, "b": 1.2}),
+    ]
+    # execute
+    target = default_target(baselines, mae)
+    (row,) = strategy_rows(runs, baselines, target=0.6, evaluation=mae)
+    table = comparison(
+        runs=runs, baselines=baselines, target=target, evaluation=mae, target_is_default=True
+    ).table()
+    # assert: best is the lowest, the gap is final minus centralised, the target is above it
+    assert target == pytest.approx(0.45 / 0.9)
+    assert row.best is not None and row.best.mean == pytest.approx((0.5 + 0.55) / 2)
+    assert row.final is not None and row.final.mean == pytest.approx((0.6 + 0.55) / 2)
+    assert row.gap is not None and row.gap.mean == pytest.approx((0.2 + 0.05) / 2)
+    assert row.rounds_to_target == [2, 3]
+    assert [b.best_alone(mae) for b in baselines] == [0.7, 0.9]
+    assert "held-out mae (lower is better)" in table and "target 0.500 (centralised / 0.9)" in table
+    assert re.search(r"fedavg\s+0\.575 ± 0\.035\s+0\.525 ± 0\.035", table)
+    assert "best strategy: fedavg; it beats every tenant alone: yes" in table
+
+
+def history_of(metric: str, values: list[float]) -> list[dict]:
+    return [{"round": i + 1, "metrics": {metric: v}} for i, v in enumerate(values)]

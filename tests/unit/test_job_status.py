@@ -159,3 +159,28 @@ def test_the_status_shows_the_tasks_metrics_and_the_headline_for_the_printer_col
     assert status.last_metrics == {"mae": 0.4321, "rmse": 0.6}
     assert status.metric == "mae 0.4321"
     assert status.last_accuracy is None
+
+
+def test_without_central_data_the_status_shows_the_sites_evaluation_per_tenant():
+    sites = {
+        "metrics": {"auroc": 0.81234567},
+        "tenants": {"b": {"metrics": {"auroc": 0.7}}, "a": {"metrics": {"auroc": 0.9}}},
+    }
+    record = {"round": 2, "selected": 4, "reported": 4, "metrics": {}, "sites": sites}
+    facts = RoundFacts(job_status="running", current_round=3, closed_rounds=2, last_record=record)
+    evaluation = Evaluation(metric="auroc", central=False, sites="all")
+    status = next_status(JobStatus(), observe(rounds_facts=facts, evaluation=evaluation))
+    assert status.site_metrics == {"auroc": 0.812346}
+    assert status.tenant_metrics == {"a": {"auroc": 0.9}, "b": {"auroc": 0.7}}
+    assert status.metric == "auroc 0.8123" and status.last_metrics is None
+
+
+def test_a_round_with_failed_tasks_names_each_client_and_the_next_round_clears_them():
+    failure = "task x:Task: train: RuntimeError: scanner of b is offline"
+    record = {"round": 2, "selected": 4, "reported": 3, "task_failures": {"b-0": failure}}
+    facts = RoundFacts(job_status="running", current_round=3, closed_rounds=2, last_record=record)
+    failed = next_status(JobStatus(), observe(rounds_facts=facts))
+    assert failed.task_failures == {"b-0": failure}
+    clean = {"round": 3, "selected": 4, "reported": 4, "task_failures": {}}
+    facts = RoundFacts(job_status="running", current_round=4, closed_rounds=3, last_record=clean)
+    assert next_status(failed, observe(rounds_facts=facts)).task_failures is None

@@ -101,6 +101,19 @@ def test_entrypoints_match_exactly_or_by_module_prefix(reference, allowed, expec
     assert entrypoint_allowed(reference, allowed) is expected
 
 
+def test_a_sites_policy_can_admit_a_client_api_script_by_its_file():
+    # prepare: a job whose workers run the site's script from a file in its image
+    document = site_job()
+    document["spec"]["task"] = {"script": "/opt/hospital/train.py"}
+    admitting = {"entrypoints": ["fedkube.examples.", "/opt/hospital/train.py"]}
+    # execute / assert: listed, it runs; not listed, it is refused naming the field
+    assert refusals_of(document, admitting) == []
+    refused = refusals_of(document, {})
+    assert refused and refused[0].field == "spec.task.script", refused
+    with pytest.raises(PolicyError, match="nor a script's .py file"):
+        parse_policy({"entrypoints": ["rm -rf /"]})
+
+
 def test_the_model_entrypoint_is_checked_at_the_site_too():
     document = site_job()
     document["spec"]["model"]["entrypoint"] = "evil:make_model"
@@ -309,3 +322,43 @@ def test_validate_with_a_policy_reports_the_refusals_offline(tmp_path: Path):
     policy.write_text("maxGpus: lots\n")
     result = fedkube_cli("validate", str(job), "--policy", str(policy), timeout=60)
     assert result.returncode == 2 and "maxGpus" in result.stderr
+
+
+def test_a_sites_own_storage_is_mounted_read_only_into_its_tenants_workers_only():
+    # prepare: site c's scans on a PVC of its own, seen by its workers under /scans
+    job = parse_job(site_job())
+    binding = {
+        "kwargs": {"path": "/scans/xray"},
+        "volume": {"claim": "pacs-export", "mountPath": "/scans"},
+    }
+    policy = parse_policy({"dataBindings": {"c": binding}})
+    config = OperatorConfig(
+        site=SITE, central_address="http://{job}-combiner-{region}.central:8080", policy=policy
+    )
+    # execute
+    children = build_children(Target(job=job, namespace="site", uid="u", config=config))
+    # assert
+    (pod,) = [c for c in children if c["kind"] == "Pod"]
+    assert {
+        "name": "site-data",
+        "persistentVolumeClaim": {"claimName": "pacs-export", "readOnly": True},
+    } in pod["spec"]["volumes"]
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "site-data", "mountPath": "/scans", "readOnly": True} in mounts
+    config_map = next(c for c in children if c["kind"] == "ConfigMap")
+    assert "pacs-export" not in json.dumps(config_map)
+
+
+@pytest.mark.parametrize(
+    ("volume", "problem"),
+    [
+        ({}, "give exactly one of claim and hostPath"),
+        ({"claim": "a", "hostPath": "/b"}, "give exactly one of claim and hostPath"),
+        ({"hostPath": "relative"}, "String should match pattern '^/'"),
+        ({"claim": "a", "mountPath": "/etc/fedkube/x"}, "is taken by fedkube's own files"),
+    ],
+)
+def test_a_bad_data_volume_is_refused_naming_the_field(volume, problem):
+    with pytest.raises(PolicyError) as refused:
+        parse_policy({"dataBindings": {"c": {"volume": volume}}})
+    assert problem in str(refused.value) and "dataBindings.c.volume" in str(refused.value)
