@@ -451,7 +451,8 @@ class Worker:
             if seat is None or (seat.client.id, number) in self._evaluated:
                 continue
             try:
-                tensors = await self._model_for(http, number, version)
+                # Model ``version`` is the one round ``version`` trains on: kept for it.
+                tensors = await self._model_for(http, version, version)
                 loop = asyncio.get_running_loop()
                 report = await loop.run_in_executor(
                     None, self._evaluate_seat, seat, tensors, number, version
