@@ -71,8 +71,8 @@ from fedkube.protocol import (
     parse_int,
 )
 from fedkube.roundstate import SOCKET_TIMEOUT_S, RoundInfo, RoundStore, select_clients
-from fedkube.spec import DpMode, FederatedJob, quorum
-from fedkube.task import MAX_METRICS, TaskContext, TaskFailed, load_task
+from fedkube.spec import MAX_METRICS, DpMode, FederatedJob, quorum
+from fedkube.task import TaskContext, TaskFailed, load_task
 from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
 
 log = logging.getLogger("fedkube.global")

@@ -16,25 +16,26 @@ A client whose task failed to evaluate reports the failure's first line
 instead: the evaluation goes on with the others, and the record says who
 failed and why.
 
-Pure functions: no I/O, no torch.
+Pure functions: no I/O, and no torch: the combiners' slim image imports this.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
-from fedkube.spec import FederatedJob
-from fedkube.task import MAX_METRICS, METRIC_NAME
+from fedkube.spec import MAX_METRICS, METRIC_NAME, FederatedJob
 
 # A failure's reason as a report carries it (its first line): longer is cut.
 MAX_ERROR_CHARS = 500
 MAX_EXAMPLES = 10**12
+NAME = re.compile(METRIC_NAME)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def check_report(document: Any) -> Report:
         raise _refuse(f"metrics: {len(metrics)} names; at most {MAX_METRICS}")
     checked: dict[str, float] = {}
     for name, value in metrics.items():
-        if not isinstance(name, str) or not METRIC_NAME.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise _refuse(f"metrics: name {name!r} is not [a-z][a-z0-9_]*")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _refuse(f"metrics.{name}: expected a number, got {type(value).__name__}")

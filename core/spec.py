@@ -47,6 +47,8 @@ ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za
 SCRIPT = r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[A-Za-z0-9_./-]+\.py)$"
 # A metric's name: a Prometheus label value and a column, bounded and plain (fedkube.task).
 METRIC_NAME = r"^[a-z][a-z0-9_]{0,62}$"
+# Metric names one result may carry: a tenant cannot blow up the series count.
+MAX_METRICS = 16
 # A task may also be a bare module whose functions are the task.
 TASK_ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"

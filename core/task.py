@@ -44,8 +44,8 @@ import torch
 
 from fedkube.entrypoints import import_target
 from fedkube.errors import EntrypointError, FedkubeError
+from fedkube.spec import MAX_METRICS, Client, FederatedJob, Training
 from fedkube.spec import METRIC_NAME as METRIC_PATTERN
-from fedkube.spec import Client, FederatedJob, Training
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,8 +54,6 @@ Role = Literal["train", "validation", "test", "pooled"]
 
 # A metric's name becomes a Prometheus label value and a column: bounded and plain.
 METRIC_NAME = re.compile(METRIC_PATTERN)
-# Metric names one result may carry: a tenant cannot blow up the series count.
-MAX_METRICS = 16
 BUILTIN = "fedkube.classifier:Classifier"
 REQUIRED = ("train",)
 OPTIONAL = ("model", "data", "evaluate", "close")

@@ -26,3 +26,22 @@ def test_services_import_under_one_package_name():
     import fedkube.workers.runtime
 
     assert fedkube.workers.runtime.Worker and fedkube.aggregator.combiner.Combiner
+
+
+def test_the_slim_images_commands_import_without_the_training_stack():
+    # The operator and the combiners run from the slim image, which has none of
+    # [tool.fedkube.image] training-only: importing any of those packages must fail
+    # here as it would there (the real-node tier runs the image itself).
+    import tomllib
+
+    left_out = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["fedkube"]["image"]
+    modules = {"scikit-learn": "sklearn", "dp-accounting": "dp_accounting"}
+    blocked = [modules.get(name, name) for name in left_out["training-only"]]
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        "import fedkube.aggregator.combiner, fedkube.operator.main, fedkube.cli\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
