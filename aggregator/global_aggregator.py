@@ -754,7 +754,8 @@ class GlobalAggregator:
 
         After the last round (cross-site) or with ``sites: all``: every client
         that polls and whose site did not refuse the job. Otherwise the
-        round's reporters: they are alive, and hold the model already.
+        round's reporters: they are alive, and the model is the one they
+        train on next.
         """
         if evaluation.everyone(self.job, number):
             refused = await self.store.refused_tenants()
