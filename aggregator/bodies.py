@@ -10,12 +10,22 @@ the buffer goes back to the pool once the update is folded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
 
 _ALIGN = 64 * 1024
+
+
+async def json_body(request: web.Request) -> Any:
+    """A small JSON request's document; :class:`UpdateRejected` (malformed) if it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
 
 
 class BufferPool:

@@ -62,7 +62,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from fedkube import codec, compression, faults, privacy, secagg, signing
-from fedkube.aggregator.bodies import BufferPool, read_body
+from fedkube.aggregator.bodies import BufferPool, json_body, read_body
 from fedkube.aggregator.secure_region import Claim, SecureRegion
 from fedkube.aggregator.site_reports import SiteReports
 from fedkube.aggregator.strategies import REGISTRY, ROBUST_RULES, norm_bound
@@ -528,10 +528,7 @@ class Combiner:
         self, request: web.Request, tenant: str
     ) -> tuple[list[str], int, float]:
         """The checked body of a ``/v1/tasks`` poll: every client must be the tenant's, here."""
-        try:
-            document = await request.json()
-        except ValueError:
-            raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+        document = await json_body(request)
         if not isinstance(document, dict):
             raise UpdateRejected(Reason.malformed.value, 'expected {"clients": [...], ...}')
         clients = document.get("clients")
@@ -683,11 +680,7 @@ class Combiner:
         tenant = "unknown"
         try:
             tenant = self._authenticate(request)
-            try:
-                document = await request.json()
-            except ValueError:
-                raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
-            result = await self.evaluations.receive(tenant, document)
+            result = await self.evaluations.receive(tenant, await json_body(request))
         except UpdateRejected as exc:
             if exc.reason != Reason.duplicate.value:
                 log.warning(
@@ -711,10 +704,7 @@ class Combiner:
         tenant = "unknown"
         try:
             tenant = self._authenticate(request)
-            try:
-                report = check_failure(await request.json())
-            except ValueError:
-                raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+            report = check_failure(await json_body(request))
             check_client(self.clients, report.client, tenant, self.region)
             current = self.current
             if current is None or report.round != current.info.round:

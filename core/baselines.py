@@ -65,12 +65,12 @@ def _score(value: float | None, evaluation: Evaluation, signed: bool = False) ->
     if value is None:
         return "n/a"
     scaled = headline.scale(evaluation) * value
-    places = 1 if headline.scale(evaluation) == 100.0 else 3
+    places = 1 if headline.percent(evaluation) else 3
     return f"{scaled:+.{places}f}" if signed else f"{scaled:.{places}f}"
 
 
 def _unit(evaluation: Evaluation) -> str:
-    return f"{evaluation.metric} in %" if headline.scale(evaluation) == 100.0 else evaluation.metric
+    return f"{evaluation.metric} in %" if headline.percent(evaluation) else evaluation.metric
 
 
 @dataclass
@@ -87,7 +87,7 @@ class CompareReport:
     def table(self) -> str:
         fed, settings = self.federated, self.evaluation
         up = headline.sign(settings)
-        best_name = max(self.tenants, key=lambda name: up * self.tenants[name])
+        best_name = headline.best_name(self.tenants, settings)
         best = self.tenants[best_name]
         rows = [
             (f"federated ({self.strategy})", fed),
@@ -180,8 +180,7 @@ class SeedBaselines:
     tenants: dict[str, float]
 
     def best_alone(self, evaluation: Evaluation) -> float:
-        up = headline.sign(evaluation)
-        return up * max(up * value for value in self.tenants.values())
+        return headline.best_of(self.tenants.values(), evaluation)
 
 
 @dataclass(frozen=True)
@@ -280,7 +279,7 @@ def strategy_rows(
             if not points:
                 continue
             finals.append(points[-1][1])
-            bests.append(up * max(up * value for _, value in points))
+            bests.append(headline.best_of((value for _, value in points), evaluation))
             if run.seed in central:
                 gaps.append(up * (central[run.seed] - finals[-1]))
         rows.append(
@@ -373,7 +372,7 @@ class StrategyComparison:
     def table(self) -> str:
         settings = self.evaluation
         rows = self.rows()
-        unit = "%" if headline.scale(settings) == 100.0 else ""
+        unit = "%" if headline.percent(settings) else ""
         target = _score(self.target, settings) + unit
         why = ""
         if self.target_is_default:
@@ -441,7 +440,7 @@ class StrategyComparison:
         ]
         finals = {row.strategy: row.final.mean for row in rows if row.final is not None}
         if finals:
-            best = max(finals, key=lambda name: up * finals[name])
+            best = headline.best_name(finals, settings)
             beats = all(
                 headline.better(finals[best], value, settings)
                 for value in (alone.mean, *self._tenant_means().values())
@@ -496,7 +495,7 @@ def plot_curves(
     axis.set(
         title=f"held-out {evaluation.metric} ({better} is better)",
         xlabel="round",
-        ylabel=evaluation.metric + (" (%)" if scale == 100.0 else ""),
+        ylabel=evaluation.metric + (" (%)" if headline.percent(evaluation) else ""),
     )
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)

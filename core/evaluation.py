@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason
+from fedkube.protocol import Reason, first_line, int_field
 from fedkube.spec import MAX_METRICS, METRIC_NAME, FederatedJob
 
 # A failure's reason as a report carries it (its first line): longer is cut.
@@ -63,15 +63,6 @@ def _refuse(problem: str) -> UpdateRejected:
     return UpdateRejected(Reason.malformed.value, problem)
 
 
-def _integer(document: Mapping[str, Any], name: str, low: int, high: int) -> int:
-    value = document.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _refuse(f"{name}: expected an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _refuse(f"{name}: {value} is not in {low}..{high}")
-    return value
-
-
 def check_report(document: Any) -> Report:
     """A worker's report, checked field by field (:class:`UpdateRejected` names the field).
 
@@ -85,15 +76,14 @@ def check_report(document: Any) -> Report:
     client = document.get("client")
     if not isinstance(client, str) or not client:
         raise _refuse("client: expected a client id")
-    number = _integer(document, "round", 1, 10**9)
-    version = _integer(document, "version", 1, 10**9)
+    number = int_field(document, "round", 1, 10**9)
+    version = int_field(document, "version", 1, 10**9)
     error = document.get("error")
     if error is not None:
         if not isinstance(error, str):
             raise _refuse("error: expected the failure's first line")
-        line = (error.strip().splitlines() or ["(no message)"])[0]
-        return Report(client, number, version, error=line[:MAX_ERROR_CHARS])
-    examples = _integer(document, "examples", 1, MAX_EXAMPLES)
+        return Report(client, number, version, error=first_line(error, MAX_ERROR_CHARS))
+    examples = int_field(document, "examples", 1, MAX_EXAMPLES)
     metrics = document.get("metrics")
     if not isinstance(metrics, Mapping):
         raise _refuse("metrics: expected a map of metric names to numbers")
@@ -144,6 +134,14 @@ class TenantSums:
             self.weighted[name] = self.weighted.get(name, 0.0) + examples * value
             self.counted[name] = self.counted.get(name, 0) + examples
 
+    def absorb(self, other: TenantSums) -> None:
+        """Add ``other``'s sums to these (a tenant's into everyone's)."""
+        self.examples += other.examples
+        self.clients += other.clients
+        for name, value in other.weighted.items():
+            self.weighted[name] = self.weighted.get(name, 0.0) + value
+            self.counted[name] = self.counted.get(name, 0) + other.counted.get(name, 0)
+
     def means(self) -> dict[str, float]:
         return {
             name: self.weighted[name] / self.counted[name]
@@ -182,11 +180,7 @@ def summarise(
     """
     overall = TenantSums()
     for sums in tenants.values():
-        overall.examples += sums.examples
-        overall.clients += sums.clients
-        for name, value in sums.weighted.items():
-            overall.weighted[name] = overall.weighted.get(name, 0.0) + value
-            overall.counted[name] = overall.counted.get(name, 0) + sums.counted.get(name, 0)
+        overall.absorb(sums)
     return {
         "final": final,
         "expected": expected,

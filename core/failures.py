@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason
+from fedkube.protocol import Reason, first_line, int_field
 
 STEPS = ("model", "data", "train", "evaluate")
 MAX_MESSAGE_CHARS = 500
@@ -44,18 +44,15 @@ def check_failure(document: Any) -> FailureReport:
 
     if not isinstance(document, Mapping):
         raise refuse('expected {"client", "round", "step", "error"}')
-    client, number = document.get("client"), document.get("round")
-    step, error = document.get("step"), document.get("error")
+    client, step, error = document.get("client"), document.get("step"), document.get("error")
     if not isinstance(client, str) or not client:
         raise refuse("client: expected a client id")
-    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 10**9:
-        raise refuse("round: expected a round number")
+    number = int_field(document, "round", 1, 10**9)
     if step not in STEPS:
         raise refuse(f"step: expected one of {', '.join(STEPS)}")
     if not isinstance(error, str):
         raise refuse("error: expected the failure's first line")
-    line = (error.strip().splitlines() or ["(no message)"])[0][:MAX_MESSAGE_CHARS]
-    return FailureReport(client, number, step, line)
+    return FailureReport(client, number, step, first_line(error, MAX_MESSAGE_CHARS))
 
 
 def describe(failures: Mapping[str, str], tenant_of: Mapping[str, str]) -> str:

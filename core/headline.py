@@ -8,7 +8,7 @@ round was best.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fedkube.spec import Evaluation
@@ -23,14 +23,13 @@ def value(record: Mapping[str, Any], evaluation: Evaluation) -> float | None:
     The central evaluation's where the global tier has held-out data; else
     the sites' example-weighted mean over every client that evaluated.
     """
-    metrics = record.get("metrics")
-    if isinstance(metrics, Mapping) and metrics.get(evaluation.metric) is not None:
-        return float(metrics[evaluation.metric])
     sites = record.get("sites")
-    if isinstance(sites, Mapping):
-        at_sites = sites.get("metrics")
-        if isinstance(at_sites, Mapping) and at_sites.get(evaluation.metric) is not None:
-            return float(at_sites[evaluation.metric])
+    for metrics in (
+        record.get("metrics"),
+        sites.get("metrics") if isinstance(sites, Mapping) else None,
+    ):
+        if isinstance(metrics, Mapping) and metrics.get(evaluation.metric) is not None:
+            return float(metrics[evaluation.metric])
     # Records written before tasks had metrics of their own: loss and accuracy only.
     legacy = record.get(evaluation.metric)
     return float(legacy) if isinstance(legacy, int | float) else None
@@ -63,21 +62,38 @@ def better(a: float, b: float, evaluation: Evaluation) -> bool:
     return sign(evaluation) * (a - b) > 0
 
 
+def best_of(values: Iterable[float], evaluation: Evaluation) -> float:
+    """The best of ``values``: the highest, or the lowest when lower is better."""
+    up = sign(evaluation)
+    return up * max(up * value for value in values)
+
+
+def best_name(scores: Mapping[str, float], evaluation: Evaluation) -> str:
+    """The key of the best score (the first among equals)."""
+    up = sign(evaluation)
+    return max(scores, key=lambda name: up * scores[name])
+
+
 def reaches(value: float, target: float, evaluation: Evaluation) -> bool:
     """Whether ``value`` is at least as good as ``target``."""
     return sign(evaluation) * (value - target) >= 0
 
 
+def percent(evaluation: Evaluation) -> bool:
+    """Whether the metric is shown in percent (accuracy)."""
+    return evaluation.metric in PERCENT
+
+
 def scale(evaluation: Evaluation) -> float:
-    """100 for a metric shown in percent (accuracy), else 1."""
-    return 100.0 if evaluation.metric in PERCENT else 1.0
+    """100 for a metric shown in percent, else 1."""
+    return 100.0 if percent(evaluation) else 1.0
 
 
 def show(number: float | None, evaluation: Evaluation) -> str:
     """``97.50%`` for accuracy, else four significant digits; ``n/a`` when missing."""
     if number is None:
         return "n/a"
-    if evaluation.metric in PERCENT:
+    if percent(evaluation):
         return f"{100 * number:5.2f}%"
     return f"{number:.4g}"
 

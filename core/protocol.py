@@ -11,8 +11,10 @@ safetensors metadata (bound to the bytes). The receiver checks both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from fedkube.errors import UpdateRejected
 
@@ -156,6 +158,23 @@ def parse_steps(value: str | None, required: bool) -> int:
             Reason.bad_steps.value, f"local steps must be 1..{MAX_LOCAL_STEPS}, got {steps}"
         )
     return steps
+
+
+def int_field(document: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    """A JSON message's integer field, within ``low..high`` (not a bool, not a string)."""
+    value = document.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UpdateRejected(
+            Reason.malformed.value, f"{name}: expected an integer, got {type(value).__name__}"
+        )
+    if not low <= value <= high:
+        raise UpdateRejected(Reason.malformed.value, f"{name}: {value} is not in {low}..{high}")
+    return value
+
+
+def first_line(text: str, limit: int) -> str:
+    """What a report keeps of a failure's message: its first line, at most ``limit`` chars."""
+    return (text.strip().splitlines() or ["(no message)"])[0][:limit]
 
 
 def _missing(field: str) -> int:

@@ -130,7 +130,7 @@ def plot(
     acc_ax.plot(
         [n for n, _ in points], [scale * v for _, v in points], marker="o", color="tab:blue"
     )
-    unit = " (%)" if scale == 100.0 else ""
+    unit = " (%)" if headline.percent(evaluation) else ""
     better = "higher" if evaluation.goal == "maximize" else "lower"
     acc_ax.set(
         title=f"held-out {evaluation.metric} ({better} is better)",
