@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -45,3 +46,20 @@ def test_the_slim_images_commands_import_without_the_training_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_every_package_folder_is_listed_in_pyproject_so_an_install_carries_it():
+    # A non-editable install (the image) copies only the packages pyproject names:
+    # a sub-package added on disk and not listed there would be missing from it.
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {Path(folder): name for name, folder in tool["package-dir"].items()}
+    on_disk = set()
+    for folder, name in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder)
+            on_disk.add(".".join([name, *relative.parts]))
+    # operator/ is a namespace folder on purpose (no __init__.py, see operator/README.md).
+    on_disk |= {name for name in folders.values()}
+    assert on_disk == set(tool["packages"])
