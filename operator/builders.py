@@ -26,12 +26,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from fedkube import signing
+from fedkube.credentials import combiner_checks
 from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
 from fedkube.policy import DataBinding, DataVolume, data_binding_document
 from fedkube.roundstate import REDIS_PASSWORD_ENV
 from fedkube.spec import API_VERSION, KIND, FederatedJob, Tenant, WorkerGroup, dump_job
-from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
+from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV
 
 CONFIG_DIR = "/etc/fedkube/config"
 DATA_BINDING_DIR = "/etc/fedkube/data-binding"
@@ -210,22 +211,19 @@ def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
     A combiner never holds a token or a private key itself, so it can neither
     pose as a tenant nor sign an update for one.
     """
-    tenants = [t.name for t in target.job.spec.tenants if t.region == region]
-    digests = {name: digest(target.tenant_tokens[name]) for name in tenants}
-    public = {
-        name: signing.public_key_of(
-            target.tenant_signing_keys[name],
-            f"Secret {naming.tenant_name(target.name, name)} key {SIGNING_KEY_KEY}",
-        )
-        for name in tenants
-    }
+    checks = combiner_checks(
+        [t.name for t in target.job.spec.tenants if t.region == region],
+        target.tenant_tokens,
+        target.tenant_signing_keys,
+        lambda name: f"Secret {naming.tenant_name(target.name, name)} key {SIGNING_KEY_KEY}",
+    )
     return _secret(
         target,
         naming.combiner_name(target.name, region),
         naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
         {
-            "tokens.json": json.dumps(digests, sort_keys=True),
-            "keys.json": json.dumps(public, sort_keys=True),
+            "tokens.json": json.dumps(checks.token_digests, sort_keys=True),
+            "keys.json": json.dumps(checks.public_keys, sort_keys=True),
         },
     )
 

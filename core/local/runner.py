@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import redis
 
 from fedkube import signing
+from fedkube.credentials import combiner_checks
 from fedkube.errors import FedkubeError
 from fedkube.local import report
 from fedkube.policy import (
@@ -56,7 +57,7 @@ from fedkube.process import die_with_parent
 from fedkube.redis_server import RedisServer
 from fedkube.roundstate import job_prefix
 from fedkube.spec import FederatedJob, load_job
-from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV, digest
+from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV
 
 READY_TIMEOUT_S = 120.0
 RESTART_BACKOFF_S = (0.5, 10.0)  # first delay, cap (doubling), as a kubelet's crash back-off
@@ -227,13 +228,14 @@ def _secrets(out: Path, job: FederatedJob) -> Credentials:
     for tenant in job.spec.tenants:
         keys.setdefault(tenant.name, signing.generate_key()[0])
     _write_private(folder / "signing-keys.json", keys)
-    digests = {name: digest(token) for name, token in tokens.items() if name != "__aggregator__"}
-    (folder / "tenant-digests.json").write_text(json.dumps(digests))
-    public = {
-        tenant: signing.public_key_of(key, f"{folder / 'signing-keys.json'}: tenant {tenant!r}")
-        for tenant, key in keys.items()
-    }
-    (folder / "tenant-keys.json").write_text(json.dumps(public))
+    checks = combiner_checks(
+        [t.name for t in job.spec.tenants],
+        tokens,
+        keys,
+        lambda tenant: f"{folder / 'signing-keys.json'}: tenant {tenant!r}",
+    )
+    (folder / "tenant-digests.json").write_text(json.dumps(checks.token_digests))
+    (folder / "tenant-keys.json").write_text(json.dumps(checks.public_keys))
     return Credentials(tokens, keys)
 
 

@@ -489,18 +489,18 @@ async def test_a_model_fetch_that_failed_with_nobody_waiting_is_tried_again(redi
     combiner = await start_combiner(job, "eu", redis_server.url, first)
     port = first.port
     await first.stop()
-    waiter = asyncio.create_task(combiner.model_bytes(1))
+    waiter = asyncio.create_task(combiner.models.get(1))
     await asyncio.sleep(0)  # let it start the fetch
     waiter.cancel()
     deadline = asyncio.get_running_loop().time() + 10
-    while not combiner._fetches[1].done():  # noqa: SLF001 - the fetch nobody awaits
+    while not combiner.models.fetches[1].done():  # the fetch nobody awaits
         assert asyncio.get_running_loop().time() < deadline, "the fetch did not fail"
         await asyncio.sleep(0.01)
     second = global_aggregator(job, redis_server.url, tmp_path / "ckpt", port=port)
     await second.start()
     try:
         # execute: a worker asks for model 1 once the global tier is back
-        data = await combiner.model_bytes(1)
+        data = await combiner.models.get(1)
         # assert: fetched again, not the old connection error
         tensors, _ = codec.decode(data)
         assert set(tensors) == set(second.weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube.aggregator.update_buffer import UpdateBuffer
+from fedkube.aggregator.combiner.update_buffer import UpdateBuffer
 from fedkube.aggregator.validation import template_of
 from fedkube.errors import UpdateRejected
 from fedkube.spec import Robust
