@@ -1,0 +1,142 @@
+"""The global tier's HTTP API, handlers only: what combiners and operators ask of it.
+
+``GET /v1/model/{version}`` (the model a round trains), ``POST /v1/partial``
+(a region's sums), ``GET /v1/status``, ``/healthz`` and ``/metrics``. A
+partial is made durable (the checkpoint volume) before it is acknowledged;
+a refused one is counted, logged and answered by
+:func:`fedkube.aggregator.refusals.refuse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from fedkube.aggregator import checkpoint
+from fedkube.aggregator.global_aggregator.common import TIER, log
+from fedkube.aggregator.global_aggregator.wire import decode_partial
+from fedkube.aggregator.refusals import refuse
+from fedkube.aggregator.strategies.fedavg import Partial
+from fedkube.errors import UpdateRejected
+from fedkube.logs import fields
+from fedkube.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int
+from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
+
+if TYPE_CHECKING:
+    from fedkube.aggregator.global_aggregator.service import GlobalAggregator
+
+
+def app(agg: GlobalAggregator) -> web.Application:
+    routes = Routes(agg)
+    application = web.Application(client_max_size=agg.spec.transport.max_update_bytes * 4)
+    application.router.add_get("/v1/model/{version}", routes.model)
+    application.router.add_post("/v1/partial", routes.partial)
+    application.router.add_get("/v1/status", routes.status)
+    application.router.add_get("/metrics", agg.metrics.handle)
+    application.router.add_get("/healthz", routes.health)
+    return application
+
+
+async def serve(agg: GlobalAggregator) -> tuple[web.AppRunner, int]:
+    """Serve :func:`app` on the configured address; the runner and the port bound."""
+    return await start_site(app(agg), agg.config.host, agg.config.port)
+
+
+class Routes:
+    """The handlers, over the aggregator's state."""
+
+    def __init__(self, agg: GlobalAggregator):
+        self.agg = agg
+
+    def _authorised(self, request: web.Request) -> bool:
+        return token_matches(bearer(request), self.agg.config.aggregator_digest)
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "round": self.agg.round_no})
+
+    async def status(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        agg = self.agg
+        return web.json_response(
+            {
+                "job": agg.name,
+                "last_closed_round": agg.round_no,
+                "version": agg.version,
+                "partials": sorted(agg.partials),
+            }
+        )
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorised(request):
+            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        try:
+            version = int(request.match_info["version"])
+        except ValueError:
+            return json_error(400, Reason.malformed.value, "version must be an integer")
+        data = self.agg.model_bytes.get(version)
+        if data is None:
+            return json_error(
+                404,
+                "unknown_version",
+                f"model version {version} is not served (current {self.agg.version})",
+            )
+        region = request.query.get("region", "")
+        self.agg.metrics.bytes_down.labels(self.agg.name, TIER, region, "").inc(len(data))
+        return await send_payload(request, data)
+
+    async def partial(self, request: web.Request) -> web.Response:
+        agg = self.agg
+        region = request.headers.get(H_REGION, "")
+        label = region if region in agg.regions else "unknown"
+        try:
+            if not self._authorised(request):
+                raise UpdateRejected(Reason.unauthenticated.value, "bad or missing token", 401)
+            partial, body = await self._accept(request, region)
+        except UpdateRejected as exc:
+            return refuse(
+                exc,
+                what="partial",
+                metrics=agg.metrics,
+                log=log,
+                job=agg.name,
+                tier=TIER,
+                region=label,
+            )
+        agg.metrics.bytes_up.labels(agg.name, TIER, region, "").inc(len(body))
+        agg.metrics.updates_accepted.labels(agg.name, TIER, region, "").inc()
+        agg.arrived.set()
+        return web.json_response({"status": "accepted", "region": partial.region})
+
+    async def _accept(self, request: web.Request, region: str) -> tuple[Partial, bytes]:
+        agg = self.agg
+        if request.headers.get(H_JOB) != agg.name:
+            raise UpdateRejected(Reason.metadata_mismatch.value, "partial for another job")
+        if region not in agg.regions:
+            raise UpdateRejected(Reason.unknown_tenant.value, f"unknown region {region!r}", 403)
+        number = parse_int(request.headers.get(H_ROUND), "round")
+        open_round = agg.round_no + 1
+        if number < open_round:
+            raise UpdateRejected(Reason.late.value, f"round {number} is closed", 410)
+        if number > open_round:
+            raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
+        if region in agg.partials:
+            raise UpdateRejected(
+                Reason.duplicate.value, f"{region} already sent round {number}", 409
+            )
+        body = await request.read()
+        partial = decode_partial(body, agg.name, number, region, agg.template)
+        # Durable before acknowledged: a restarted aggregator reloads it.
+        await asyncio.get_running_loop().run_in_executor(
+            None, checkpoint.save_partial, agg.config.checkpoint_dir, number, region, body
+        )
+        agg.partials[region] = partial
+        try:
+            # A combiner restarted after this point finds its region done here.
+            await agg.store.record_partial(number, region, partial.count)
+        except RedisError as exc:  # it would send again, and hear "duplicate"
+            log.warning("partial not recorded in Redis: %s", exc, extra=fields(job=agg.name))
+        return partial, body
