@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fedkube.aggregator.strategies import scaffold
 from fedkube.evaluation import Report
 from fedkube.learning import load_data, load_float_state
 from fedkube.logs import fields
 from fedkube.policy import DataBinding
 from fedkube.spec import Client, FederatedJob
+from fedkube.strategy_client import split
 from fedkube.task import Task, TaskContext, TaskFailed, guarded
 
 log = logging.getLogger("fedkube.worker")
@@ -47,7 +47,7 @@ def evaluate_model(
 ) -> Report:
     """``task.evaluate`` of the model ``model_tensors`` hold, as a report for the combiner."""
     assert ctx.client is not None
-    weights, _control = scaffold.split(model_tensors)
+    weights, _control = split(model_tensors)
     load_float_state(model, weights)
     model.eval()
     try:

@@ -21,7 +21,9 @@ import pytest
 from fedkube.learning import ArrayData
 from fedkube.redis_server import RedisServer
 from fedkube.spec import FederatedJob, parse_job
-from fedkube.workers.runtime import LocalUpdate, Seat, Worker
+from fedkube.workers.pipeline import LocalUpdate
+from fedkube.workers.runtime import Worker
+from fedkube.workers.seat import Seat
 from tests.federation import federate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]

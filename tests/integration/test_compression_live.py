@@ -19,7 +19,7 @@ from fedkube.local.runner import RunOptions, run_job
 from fedkube.protocol import Envelope
 from fedkube.spec import WireCompression, parse_job
 from fedkube.workers.client_state import ClientState
-from fedkube.workers.runtime import RESIDUAL_STATE
+from fedkube.workers.pipeline import RESIDUAL_STATE
 from tests.integration.test_services import deltas_for, rejected, running_tier
 from tests.support import small_job_dict
 

@@ -16,7 +16,9 @@ import pytest
 from fedkube import privacy
 from fedkube.learning import ArrayData, build_model, float_state
 from fedkube.spec import DpMode, parse_job
-from fedkube.workers.runtime import LocalUpdate, Seat, Worker
+from fedkube.workers.pipeline import LocalUpdate
+from fedkube.workers.runtime import Worker
+from fedkube.workers.seat import Seat
 from tests.federation import federate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]

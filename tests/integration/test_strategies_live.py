@@ -15,7 +15,7 @@ from fedkube.aggregator.strategies import REGISTRY, scaffold
 from fedkube.learning import load_data
 from fedkube.spec import parse_job
 from fedkube.workers.client_state import ClientState
-from fedkube.workers.runtime import SCAFFOLD_STATE
+from fedkube.workers.pipeline import SCAFFOLD_STATE
 from tests.federation import federate
 from tests.support import small_job_dict
 

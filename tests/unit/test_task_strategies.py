@@ -24,7 +24,8 @@ from fedkube import signing
 from fedkube.aggregator.strategies import scaffold
 from fedkube.learning import build_model, float_state, load_data, load_float_state
 from fedkube.spec import FederatedJob, parse_job
-from fedkube.workers.runtime import LocalUpdate, Worker, WorkerConfig, round_seed
+from fedkube.workers.pipeline import LocalUpdate, round_seed
+from fedkube.workers.runtime import Worker, WorkerConfig
 from tests.support import small_job_dict, tenant_signing_key
 
 TRAINING = {"epochs": 2, "batchSize": 16, "learningRate": 0.05, "momentum": 0.9}
