@@ -1,22 +1,27 @@
-"""A client's evaluation of a global model on its own validation data (role ``validation``).
+"""Evaluation at the sites: a client's report on a global model, from its own validation data.
 
-Called by the worker in its executor when its combiner hands out an
-``evaluate`` task (:mod:`fedkube.evaluation`). Whatever goes wrong in the
-user's code (loading the validation data, ``evaluate()`` itself, a bad
-result) becomes a report that carries the failure's first line, with the
-traceback in the worker's log: one client's evaluation is lost, not the
-worker, and the job's record says who and why.
+When its combiner hands out ``evaluate`` tasks (:mod:`fedkube.evaluation`),
+the worker evaluates the model each names on the client's validation data
+(role ``validation``) in its executor and reports once per client and round
+(:class:`SiteEvaluations`). Whatever goes wrong in the user's code (loading
+the validation data, ``evaluate()`` itself, a bad result) becomes a report
+that carries the failure's first line, with the traceback in the worker's
+log: one client's evaluation is lost, not the worker, and the job's record
+says who and why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from fedkube.errors import CodecError
 from fedkube.evaluation import Report
 from fedkube.learning import load_data, load_float_state
 from fedkube.logs import fields
@@ -24,6 +29,8 @@ from fedkube.policy import DataBinding
 from fedkube.spec import Client, FederatedJob
 from fedkube.strategy_client import split
 from fedkube.task import Task, TaskContext, TaskFailed, guarded
+from fedkube.workers.link import TRANSIT_ERRORS, CombinerLink
+from fedkube.workers.seat import Identity, Seat
 
 log = logging.getLogger("fedkube.worker")
 
@@ -69,3 +76,62 @@ def failed_report(
         extra=fields(job=job.name, round=number, tenant=client.tenant, client=client.id),
     )
     return Report(client.id, number, version, error=str(exc))
+
+
+# Model ``version`` for round ``number``, downloaded once (the worker's round model).
+ModelFor = Callable[[int, int], Awaitable[dict[str, np.ndarray]]]
+# One client's report on a model (run in the executor; a failed task is a report).
+EvaluateSeat = Callable[[Seat, dict[str, np.ndarray], int, int], Report]
+
+
+class SiteEvaluations:
+    """The ``evaluate`` tasks of a combiner's polls: each client's report, sent once."""
+
+    def __init__(
+        self,
+        seats: Mapping[str, Seat],
+        link: CombinerLink,
+        identity: Identity,
+        model_for: ModelFor,
+        evaluate: EvaluateSeat,
+    ):
+        self.seats = seats
+        self.link = link
+        self.identity = identity
+        self.model_for = model_for
+        self.evaluate = evaluate
+        # (client, round) of every evaluation reported: not done twice.
+        self._evaluated: set[tuple[str, int]] = set()
+
+    async def report(self, tasks: list[dict[str, Any]]) -> bool:
+        """Evaluate the model each task names on its client's validation data and report.
+
+        False when nothing was reported (the reports failed in transit, or
+        were answered before): the caller backs off before it polls again.
+        """
+        reported = False
+        for task in tasks:
+            seat = self.seats.get(str(task.get("client", "")))
+            number, version = int(task["round"]), int(task["version"])
+            if seat is None or (seat.client.id, number) in self._evaluated:
+                continue
+            where = self.identity.log(number, seat.client.id)
+            try:
+                # Model ``version`` is the one round ``version`` trains on: kept for it.
+                tensors = await self.model_for(version, version)
+                loop = asyncio.get_running_loop()
+                report = await loop.run_in_executor(
+                    None, self.evaluate, seat, tensors, number, version
+                )
+                status, answer = await self.link.post_evaluation(report.document())
+            except (*TRANSIT_ERRORS, CodecError) as exc:
+                log.warning("evaluation failed in transit (%s)", exc, extra=where)
+                continue
+            if status == 503:
+                continue  # the combiner could not record it: asked again
+            # Recorded, or refused for good (said in the combiner's log and here).
+            self._evaluated.add((seat.client.id, number))
+            reported = True
+            if status >= 400 and status != 409:
+                log.warning("evaluation report refused (%d): %s", status, answer, extra=where)
+        return reported

@@ -3,12 +3,11 @@
 One aiohttp session with the tenant's bearer token and the job and tenant
 headers; the task long-poll (``POST /v1/tasks``), retried with backoff while
 the combiner is away (a worker may start before its combiner listens, and a
-combiner restarts: the delays stay well below its reattach window,
-``combiner.REATTACH_S``, so a restarted combiner gets its resends in time);
-the model download; and the POSTs of updates, evaluation and failure
-reports and secure aggregation's messages. The combiner's answers are read
-here into what the worker does next (taken, send again later, refused: the
-refusal logged with its reason), so the callers never see HTTP.
+combiner restarts); the model download; and the POSTs of updates,
+evaluation and failure reports and secure aggregation's messages. The
+combiner's answers are read here into what the worker does next (taken,
+send again later, refused: the refusal logged with its reason), so the
+callers never see HTTP.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ from fedkube.workers.seat import Identity
 log = logging.getLogger("fedkube.worker")
 
 # Retry delays while the combiner is away: capped well below the combiner's
-# reattach window (combiner.REATTACH_S), so a restarted combiner gets its
-# resends in time.
+# reattach window (REATTACH_S in aggregator/combiner/region.py), so a
+# restarted combiner gets its resends in time.
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
 # An unreachable combiner is said at INFO for this long, then at WARNING.

@@ -28,7 +28,8 @@ must be tried again. The parts it drives live beside it:
 * :mod:`~fedkube.workers.trainer`: the task, the model and the clients' data;
 * :mod:`~fedkube.workers.pipeline`: trained weights to signed bytes (DP,
   compression with error feedback, encoding, the tenant's signature);
-* :mod:`~fedkube.workers.secure_client`: secure aggregation's client side.
+* :mod:`~fedkube.workers.secure_client`: secure aggregation's client side;
+* :mod:`~fedkube.workers.evaluation`: the evaluation tasks (evaluation at the sites).
 
 :meth:`Worker.compute_update` and :meth:`Worker._privatise` are the two
 steps a test's worker overrides to play a faulty or hostile client.
@@ -59,7 +60,7 @@ from fedkube.policy import DataBinding
 from fedkube.spec import Client, FederatedJob
 from fedkube.task import TaskFailed
 from fedkube.workers.client_state import ClientState
-from fedkube.workers.evaluation import failed_report
+from fedkube.workers.evaluation import SiteEvaluations, failed_report
 from fedkube.workers.link import TRANSIT_ERRORS, CombinerLink, Taken
 from fedkube.workers.pipeline import (
     LocalUpdate,
@@ -137,9 +138,10 @@ class Worker:
         self.resent = 0
         # (round, version, tensors): the model the round's clients train on.
         self._round_model: tuple[int, int, dict[str, np.ndarray]] | None = None
-        # (client, round) of every evaluation reported: not done twice.
-        self._evaluated: set[tuple[str, int]] = set()
         self.privatiser = Privatiser(config.job)
+        self.evaluations = SiteEvaluations(
+            self.seats, self.link, self.identity, self._model_for, self._evaluate_seat
+        )
         self.secure: SecureClient | None = None
         if config.job.spec.privacy.secure_aggregation is not None:
             self.secure = SecureClient(
@@ -196,7 +198,7 @@ class Worker:
                 log.warning("a secure aggregation step failed in transit (%s)", exc)
         evaluations = [t for t in tasks if t["status"] == "evaluate"]
         if evaluations:
-            return await self._evaluate(evaluations)
+            return await self.evaluations.report(evaluations)
         rounds = [t for t in tasks if t["status"] in ("train", "resend")]
         if not rounds:
             return True
@@ -376,46 +378,7 @@ class Worker:
             extra=self._f(number, seat.client.id),
         )
 
-    # -- evaluation at the sites (fedkube.evaluation) ----------------------------
-    async def _evaluate(self, tasks: list[dict[str, Any]]) -> bool:
-        """Evaluate the model each task names on its client's validation data and report.
-
-        False when nothing was reported (the reports failed in transit, or
-        were answered before): the caller backs off before it polls again.
-        """
-        reported = False
-        for task in tasks:
-            seat = self.seats.get(str(task.get("client", "")))
-            number, version = int(task["round"]), int(task["version"])
-            if seat is None or (seat.client.id, number) in self._evaluated:
-                continue
-            try:
-                # Model ``version`` is the one round ``version`` trains on: kept for it.
-                tensors = await self._model_for(version, version)
-                loop = asyncio.get_running_loop()
-                report = await loop.run_in_executor(
-                    None, self._evaluate_seat, seat, tensors, number, version
-                )
-                status, answer = await self.link.post_evaluation(report.document())
-            except (*TRANSIT_ERRORS, CodecError) as exc:
-                log.warning(
-                    "evaluation failed in transit (%s)", exc, extra=self._f(number, seat.client.id)
-                )
-                continue
-            if status == 503:
-                continue  # the combiner could not record it: asked again
-            # Recorded, or refused for good (said in the combiner's log and here).
-            self._evaluated.add((seat.client.id, number))
-            reported = True
-            if status >= 400 and status != 409:
-                log.warning(
-                    "evaluation report refused (%d): %s",
-                    status,
-                    answer,
-                    extra=self._f(number, seat.client.id),
-                )
-        return reported
-
+    # -- evaluation at the sites (fedkube.workers.evaluation) ---------------------
     def _evaluate_seat(
         self, seat: Seat, tensors: dict[str, np.ndarray], number: int, version: int
     ) -> Report:
