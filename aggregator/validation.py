@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedkube.compression import Part
 from fedkube.errors import UpdateRejected
 from fedkube.protocol import Reason
 from fedkube.spec import Client
@@ -86,20 +85,6 @@ def finite_norm(tensors: Mapping[str, np.ndarray]) -> float:
             squared = float(np.dot(wide, wide))
         total += squared
     return math.sqrt(total)
-
-
-def l2_norm(tensors: Mapping[str, np.ndarray | Part]) -> float:
-    """The update's L2 norm, from dense arrays or from a compressed update's parts."""
-    return float(
-        np.sqrt(
-            sum(
-                a.squared_norm()
-                if isinstance(a, Part)
-                else float(np.dot(a.reshape(-1), a.reshape(-1)))
-                for a in tensors.values()
-            )
-        )
-    )
 
 
 def check_bound(norm: float, bound: float | None) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedkube import codec, compression
-from fedkube.aggregator.strategies.fedavg import FOLD_CHUNK, WeightedSum
+from fedkube.aggregator.strategies.sums import FOLD_CHUNK, WeightedSum
 from fedkube.protocol import Envelope
 from fedkube.spec import WireCompression
 

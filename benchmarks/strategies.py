@@ -7,7 +7,7 @@ One round of a region: ``--updates`` client updates (100) of a
   (what a combiner does per accepted update), the baseline of the ratio column.
 * ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad``: one ``server_step`` on
   the model (the global tier, once per round, on the mean delta).
-* ``normBound clip+fold``: ``norm_bound.clip`` (a scaled copy) then the fold,
+* ``normBound clip+fold``: ``norms.clip`` (a scaled copy) then the fold,
   with the bound below every update's norm so every update is scaled (worst
   case); ``normBound scale in fold`` is the copy-free form, ``clip_scale`` of the
   norm passed to ``fold(scale=w·s)``.
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedkube import norms
 from fedkube.aggregator.strategies import (
     fedadagrad,
     fedadam,
@@ -48,11 +49,10 @@ from fedkube.aggregator.strategies import (
     fedyogi,
     krum,
     median,
-    norm_bound,
     trimmed_mean,
 )
-from fedkube.aggregator.strategies.fedavg import RoundAggregate, Tensors, WeightedSum
-from fedkube.aggregator.validation import l2_norm
+from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, WeightedSum
+from fedkube.norms import l2_norm
 from fedkube.spec import Robust, Strategy
 
 MB = 1e6
@@ -102,7 +102,7 @@ def build_cases(n: int, d: int, seed: int) -> tuple[list[Case], int]:
 
         def run() -> object:
             for update, weight in zip(updates, counts, strict=True):
-                clipped, _ = norm_bound.clip(update, bound)
+                clipped, _ = norms.clip(update, bound)
                 acc.fold(clipped, float(weight))
             return acc
 
@@ -113,7 +113,7 @@ def build_cases(n: int, d: int, seed: int) -> tuple[list[Case], int]:
 
         def run() -> object:
             for update, weight in zip(updates, counts, strict=True):
-                scale = norm_bound.clip_scale(l2_norm(update), bound)
+                scale = norms.clip_scale(l2_norm(update), bound)
                 acc.fold(update, float(weight), scale=float(weight) * scale)
             return acc
 

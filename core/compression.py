@@ -50,7 +50,7 @@ BLOCK_KEY = "fedkube.int8_block"
 # A model sent as one flat int8 vector names its tensors' shapes here (JSON).
 SHAPES_KEY = "fedkube.shapes"
 FP16_MAX = float(np.finfo(np.float16).max)
-# Elements per step of a fold, as the dense fold (strategies.fedavg.FOLD_CHUNK):
+# Elements per step of a fold, as the dense fold (strategies.sums.FOLD_CHUNK):
 # the temporary stays in cache, the per-call overhead is negligible.
 CHUNK = 1 << 18
 
@@ -421,3 +421,15 @@ def shapes_of(
         raise UpdateRejected(
             Reason.malformed.value, f"a {scheme} model must say its shapes in {SHAPES_KEY}"
         ) from None
+
+
+def parse_model(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], expected: WireCompression
+) -> tuple[dict[str, Part], Shapes]:
+    """A compressed model payload (the downlink), checked: its parts and the model's shapes.
+
+    The combiner keeps the shapes (every update must match the model they
+    describe) and serves the payload as it came; a worker makes it dense.
+    """
+    shapes = shapes_of(tensors, metadata)
+    return parse(tensors, metadata, shapes, expected), shapes

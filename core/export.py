@@ -17,8 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkube import codec
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint, codec
 from fedkube.errors import ExportError, FedkubeError
 from fedkube.learning import build_model, float_state, is_adapted, load_float_state
 from fedkube.spec import FederatedJob

@@ -2,7 +2,7 @@
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
 Language Models"): every client's update is clipped to L2 norm ``S``
-(``spec.privacy.dp.clipNorm``; the worker uses ``norm_bound.clip``, the same
+(``spec.privacy.dp.clipNorm``; the worker uses ``fedkube.norms.clip``, the same
 clip as the robust rule's) and counts once in the mean, whatever its
 sample count, so that one client moves the sum by at most ``S``. Gaussian
 noise of standard deviation ``z·S`` (``z`` the noise multiplier) is added to
@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedkube.errors import UpdateRejected
+from fedkube.norms import clip
+from fedkube.protocol import Reason
 from fedkube.spec import DifferentialPrivacy, DpMode, JobSpec
 
 # A clipped update's norm may exceed S by float rounding, never by more.
@@ -49,6 +52,46 @@ def counted_weight(dp: DifferentialPrivacy | None, weight: float) -> float:
     weight would let one client move the sum past clipNorm.
     """
     return 1.0 if dp is not None else weight
+
+
+# -- the three steps, one per tier ---------------------------------------------
+def privatise_update(
+    dp: DifferentialPrivacy, delta: Mapping[str, np.ndarray], noise_multiplier: Callable[[], float]
+) -> dict[str, np.ndarray]:
+    """The worker's step: the update clipped to clipNorm and, under local DP, noised.
+
+    ``noise_multiplier`` is asked only under local DP (solving it may take an
+    accountant's search, so the worker computes it once and keeps it).
+    """
+    clipped, _scale = clip(delta, dp.clip_norm)
+    if dp.mode is not DpMode.local:
+        return clipped
+    return add_gaussian_noise(clipped, noise_multiplier() * dp.clip_norm, noise_rng())
+
+
+def check_clipped(dp: DifferentialPrivacy | None, norm: float) -> None:
+    """The combiner's step: refuse a central-DP update that its worker did not clip.
+
+    Under local DP the update carries its noise and its norm says nothing,
+    so only central DP can be checked here.
+    """
+    if dp is None or dp.mode is not DpMode.central:
+        return
+    if norm > dp.clip_norm * (1 + CLIP_TOLERANCE):
+        raise UpdateRejected(
+            Reason.over_clip_norm.value,
+            f"update L2 norm {norm:.6g} > spec.privacy.dp.clipNorm {dp.clip_norm}: "
+            "the worker must clip it",
+        )
+
+
+def central_noise_std(dp: DifferentialPrivacy, noise_multiplier: float, count: int) -> float | None:
+    """The global tier's step: the noise's std on the round's mean of ``count`` clipped
+    updates under central DP; None when no noise is added there (local DP, or nobody in
+    the mean)."""
+    if dp.mode is DpMode.central and count:
+        return noise_multiplier * dp.clip_norm / count
+    return None
 
 
 def sampling_rate(spec: JobSpec, population: int) -> float:

@@ -4,8 +4,9 @@ The protocol is Bonawitz et al. 2017 ("Practical Secure Aggregation for
 Privacy-Preserving Machine Learning") over the neighbour graph of SecAgg+
 (Bell et al. 2020), run by each regional combiner for its own clients. This
 module is its pure part, with no I/O: the client's and the server's state
-machines, the crypto and the fixed-point maths. ``aggregator/secure_round``
-drives the server side over HTTP, ``workers/secure_client`` the client side.
+machines, the crypto and the fixed-point maths. ``aggregator/combiner/secure_intake``
+drives the server side over HTTP (``secure_region`` times its steps),
+``workers/secure_client`` the client side.
 
 One round, per region (U1 ⊇ U2 ⊇ U3 are the clients still in at each step)::
 

@@ -6,18 +6,12 @@ secure aggregation, scales its masked update the way its combiner would fold
 it. Those pieces live here, in the shared core, so that the worker does not
 import the aggregator's package (services depend on the core, not on each
 other). The server side (``init_state``, ``server_step``, the folds and the
-robust rules) stays in :mod:`fedkube.aggregator.strategies`; the two agree
-by construction of their formulas, and a unit test checks that they do
-(``tests/unit/test_worker_strategy_client.py``).
-
-Also here: the L2 clip that ``spec.privacy.dp.clipNorm`` applies to every
-update before it leaves the client (the same clip as the combiner's
-``robust.normBound``).
+robust rules) stays in :mod:`fedkube.aggregator.strategies`, which takes
+these pieces from here: one definition for both sides.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -97,36 +91,3 @@ def client_control_update(
         for name in c
     }
     return new, {name: new[name] - c_i[name] for name in c}
-
-
-def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
-    """The global L2 norm of a set of dense tensors."""
-    return float(
-        np.sqrt(sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in tensors.values()))
-    )
-
-
-def clip_scale(norm: float, bound: float) -> float:
-    """``min(1, bound/norm)``: 1.0 for a zero norm, 0.0 for an infinite one; NaN is an error."""
-    if not bound > 0:
-        raise ValueError(f"bound must be > 0, got {bound}")
-    if math.isnan(norm):
-        raise ValueError("norm is NaN")
-    if norm <= bound:
-        return 1.0
-    return bound / norm
-
-
-def clip(tensors: Mapping[str, np.ndarray], bound: float) -> tuple[Tensors, float]:
-    """The update scaled to a global L2 norm ``<= bound``, and the scale applied.
-
-    Within the bound the same array objects come back (in a new dict) with
-    scale 1.0; otherwise every tensor is a new array ``scale·t``. The inputs
-    are never written.
-    """
-    scale = clip_scale(l2_norm(tensors), bound)
-    if scale == 1.0:
-        return dict(tensors), 1.0
-    factor = np.float32(scale)
-    clipped = {name: (a * factor).astype(a.dtype, copy=False) for name, a in tensors.items()}
-    return clipped, scale

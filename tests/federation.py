@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedkube import signing
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint, signing
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
 from fedkube.spec import FederatedJob

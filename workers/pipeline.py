@@ -25,8 +25,8 @@ import numpy as np
 from fedkube import codec, compression, privacy, signing
 from fedkube.learning import LocalResult
 from fedkube.protocol import M_STEPS, Envelope
-from fedkube.spec import Client, DpMode, FederatedJob, WireCompression
-from fedkube.strategy_client import CONTROL, ClientStrategy, client_control_update, clip
+from fedkube.spec import Client, FederatedJob, WireCompression
+from fedkube.strategy_client import CONTROL, ClientStrategy, client_control_update
 from fedkube.task import TaskFailed
 from fedkube.workers.client_state import ClientState
 
@@ -145,15 +145,14 @@ class Privatiser:
         dp = self.job.spec.privacy.dp
         if dp is None:
             return delta
-        delta, _scale = clip(delta, dp.clip_norm)
-        if dp.mode is DpMode.local:
-            if self._noise_multiplier is None:
-                self._noise_multiplier = privacy.noise_multiplier(
-                    self.job.spec, len(self.job.clients())
-                )
-            std = self._noise_multiplier * dp.clip_norm
-            delta = privacy.add_gaussian_noise(delta, std, privacy.noise_rng())
-        return delta
+        return privacy.privatise_update(dp, delta, self._solved_noise_multiplier)
+
+    def _solved_noise_multiplier(self) -> float:
+        if self._noise_multiplier is None:
+            self._noise_multiplier = privacy.noise_multiplier(
+                self.job.spec, len(self.job.clients())
+            )
+        return self._noise_multiplier
 
 
 # -- compression ---------------------------------------------------------------
@@ -209,8 +208,7 @@ def decode_model(payload: bytes, down: WireCompression) -> Tensors:
     tensors, meta = codec.decode(payload)
     if down.scheme == "none":
         return tensors
-    shapes = compression.shapes_of(tensors, meta)
-    return compression.dense(compression.parse(tensors, meta, shapes, down), shapes)
+    return compression.dense(*compression.parse_model(tensors, meta, down))
 
 
 # -- encode and sign -------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedkube.aggregator.combiner.update_buffer import UpdateBuffer
 from fedkube.aggregator.strategies import ROBUST_RULES
-from fedkube.aggregator.strategies.fedavg import Tensors, WeightedSum
+from fedkube.aggregator.strategies.sums import Tensors, WeightedSum
 from fedkube.aggregator.validation import Template
 from fedkube.compression import Part
 from fedkube.spec import Strategy

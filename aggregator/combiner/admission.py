@@ -20,8 +20,9 @@ import numpy as np
 from aiohttp import web
 
 from fedkube import codec, compression, privacy, signing
-from fedkube.aggregator.validation import Template, check_bound, check_update, l2_norm
+from fedkube.aggregator.validation import Template, check_bound, check_update
 from fedkube.errors import CodecError, SigningKeyError, UpdateRejected
+from fedkube.norms import l2_norm
 from fedkube.protocol import (
     H_CLIENT,
     H_CODEC,
@@ -41,7 +42,7 @@ from fedkube.protocol import (
     parse_int,
     parse_weight,
 )
-from fedkube.spec import Client, DpMode, FederatedJob
+from fedkube.spec import Client, FederatedJob
 from fedkube.web import bearer, token_matches
 
 # The folded form of an update: dense arrays, or compressed parts folded from their wire form.
@@ -191,15 +192,7 @@ class Admission:
         bound = spec.transport.norm_bound
         if spec.compression.up.scheme == "none":
             norm = check_update(tensors, template, bound)
-            dp = spec.privacy.dp
-            # Local DP updates carry their noise: only a central one can be checked.
-            if dp is not None and dp.mode is DpMode.central:
-                if norm > dp.clip_norm * (1 + privacy.CLIP_TOLERANCE):
-                    raise UpdateRejected(
-                        Reason.over_clip_norm.value,
-                        f"update L2 norm {norm:.6g} > spec.privacy.dp.clipNorm {dp.clip_norm}: "
-                        "the worker must clip it",
-                    )
+            privacy.check_clipped(spec.privacy.dp, norm)
             return dict(tensors), norm
         # Checked in its wire form and folded from it: no dense copy per update.
         shapes = {name: shape for name, (shape, _dtype) in template.items()}

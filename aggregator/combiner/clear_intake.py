@@ -17,12 +17,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from fedkube import faults, privacy
+from fedkube import faults, norms, privacy
 from fedkube.aggregator.combiner.accumulators import RegionSum, new_accumulator
 from fedkube.aggregator.combiner.admission import Admission, Sender
 from fedkube.aggregator.combiner.model_cache import ModelCache
 from fedkube.aggregator.combiner.region import Region, RegionRound, check_open, task_fields
-from fedkube.aggregator.strategies import REGISTRY, norm_bound
+from fedkube.aggregator.strategies import REGISTRY
 from fedkube.errors import UpdateRejected
 from fedkube.logs import fields
 from fedkube.protocol import M_STEPS, Reason, RoundState, parse_steps
@@ -105,7 +105,7 @@ class ClearIntake:
         clip = 1.0
         if self.strategy.robust.norm_bound is not None:
             # Applied as a factor inside the fold (or the buffer's copy): no clipped copy.
-            clip = norm_bound.clip_scale(norm, self.strategy.robust.norm_bound)
+            clip = norms.clip_scale(norm, self.strategy.robust.norm_bound)
             if clip < 1.0:
                 metrics.updates_clipped.labels(name, here, tenant).inc()
         started = time.perf_counter()

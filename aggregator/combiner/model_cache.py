@@ -95,8 +95,7 @@ class ModelCache:
         if self.down.scheme == "none":
             self.template = template_of(tensors)
         else:  # served as it came; updates must match the model it decodes to
-            shapes = compression.shapes_of(tensors, meta)
-            compression.parse(tensors, meta, shapes, self.down)
+            _parts, shapes = compression.parse_model(tensors, meta, self.down)
             self.template = {name: (shape, np.dtype(np.float32)) for name, shape in shapes.items()}
         self.models[version] = data
         path = self.path(version)

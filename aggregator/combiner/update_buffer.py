@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedkube.aggregator.strategies import RobustRule
-from fedkube.aggregator.strategies.fedavg import Tensors
+from fedkube.aggregator.strategies.sums import Tensors
 from fedkube.aggregator.validation import Template
 from fedkube.compression import Part
 from fedkube.errors import UpdateRejected

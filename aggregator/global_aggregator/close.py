@@ -3,7 +3,7 @@
 A round closes in this order (the loop in :mod:`.rounds` makes the calls
 and does the I/O between them): reduce the regions' partials to the round's
 mean delta; central DP's Gaussian noise on it, once for the whole hierarchy
-(:func:`noise_std`, :func:`privacy_record`); the strategy's server step;
+(:func:`fedkube.privacy.central_noise_std`, :func:`privacy_record`); the strategy's server step;
 the central evaluation on the held-out split (:class:`CentralEvaluation`);
 the history record (:func:`participation`, :func:`history_record`), which is
 also the checkpoint's metadata; then the clients' evaluation of the new model
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from fedkube import privacy
 from fedkube.aggregator.global_aggregator.common import log
 from fedkube.aggregator.strategies import StrategyInfo
-from fedkube.aggregator.strategies.fedavg import Partial, RoundAggregate, Tensors
+from fedkube.aggregator.strategies.sums import Partial, RoundAggregate, Tensors
 from fedkube.learning import load_data, load_float_state
 from fedkube.logs import fields
 from fedkube.metrics import Metrics
-from fedkube.spec import MAX_METRICS, DifferentialPrivacy, DpMode, FederatedJob, JobSpec
+from fedkube.spec import MAX_METRICS, DifferentialPrivacy, FederatedJob, JobSpec
 from fedkube.task import Task, TaskContext, TaskFailed
 
 if TYPE_CHECKING:
@@ -38,14 +38,6 @@ def state_summary(strategy: StrategyInfo, server_state: Tensors) -> dict[str, fl
     }
 
 
-def noise_std(dp: DifferentialPrivacy, noise_multiplier: float, count: int) -> float | None:
-    """Central DP: the Gaussian noise's std on the round's mean of ``count`` clipped
-    updates; None when no noise is added here (local DP, or nobody in the mean)."""
-    if dp.mode is DpMode.central and count:
-        return noise_multiplier * dp.clip_norm / count
-    return None
-
-
 async def privatise(
     dp: DifferentialPrivacy, accountant: privacy.Accountant, rate: float, aggregate: RoundAggregate
 ) -> tuple[RoundAggregate, float, dict[str, float]]:
@@ -53,7 +45,7 @@ async def privatise(
     whole hierarchy; and, both modes, the privacy spent so far with this round's
     sampling ``rate``: ε and the record's entries."""
     z = accountant.noise_multiplier
-    std = noise_std(dp, z, aggregate.count)
+    std = privacy.central_noise_std(dp, z, aggregate.count)
     if std is not None:
         noised = await asyncio.get_running_loop().run_in_executor(
             None, privacy.add_gaussian_noise, aggregate.delta, std, privacy.noise_rng()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint
 from fedkube.aggregator.global_aggregator.common import POLL_INTERVAL_S, TIER, log
 from fedkube.aggregator.global_aggregator.wire import decode_partial, encode_model
 from fedkube.backoff import Backoff

@@ -19,8 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fedkube import evaluation, faults, headline, privacy
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint, evaluation, faults, headline, privacy
 from fedkube.aggregator.global_aggregator import close, decision
 from fedkube.aggregator.global_aggregator.common import POLL_INTERVAL_S, TIER, log
 from fedkube.aggregator.global_aggregator.decision import (
@@ -36,7 +35,7 @@ from fedkube.aggregator.global_aggregator.decision import (
 )
 from fedkube.aggregator.global_aggregator.persistence import publish_model
 from fedkube.aggregator.site_evaluation import evaluate_at_sites
-from fedkube.aggregator.strategies.fedavg import Partial, aggregate_partials
+from fedkube.aggregator.strategies.sums import Partial, aggregate_partials
 from fedkube.errors import QuorumNotReached
 from fedkube.logs import fields
 from fedkube.protocol import RoundState

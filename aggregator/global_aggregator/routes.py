@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint
 from fedkube.aggregator.global_aggregator.common import TIER, log
 from fedkube.aggregator.global_aggregator.wire import decode_partial
 from fedkube.aggregator.refusals import refuse
-from fedkube.aggregator.strategies.fedavg import Partial
+from fedkube.aggregator.strategies.sums import Partial
 from fedkube.errors import UpdateRejected
 from fedkube.logs import fields
 from fedkube.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int

@@ -26,7 +26,7 @@ from fedkube.aggregator.global_aggregator import persistence, rounds, routes
 from fedkube.aggregator.global_aggregator.close import CentralEvaluation, SiteGauges, state_summary
 from fedkube.aggregator.global_aggregator.common import TIER, log
 from fedkube.aggregator.strategies import REGISTRY
-from fedkube.aggregator.strategies.fedavg import Partial, Tensors
+from fedkube.aggregator.strategies.sums import Partial, Tensors
 from fedkube.aggregator.validation import Template, template_of
 from fedkube.learning import build_model, float_state
 from fedkube.lease import LEASE_TTL_MS, Lease

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedkube import codec, compression
-from fedkube.aggregator.strategies.fedavg import Partial, Tensors
+from fedkube.aggregator.strategies.sums import Partial, Tensors
 from fedkube.aggregator.validation import Template, check_finite, check_structure
 from fedkube.errors import CodecError, UpdateRejected
 from fedkube.protocol import (

@@ -40,14 +40,11 @@ from fedkube.aggregator.strategies import (
     scaffold,
     trimmed_mean,
 )
-from fedkube.aggregator.strategies.fedavg import Tensors
+from fedkube.aggregator.strategies.sums import Tensors
 from fedkube.spec import Robust
+from fedkube.strategy_client import CLIENT_STRATEGIES, ClientStrategy
 
 RobustRule = Callable[[np.ndarray, np.ndarray, Robust], np.ndarray]
-
-
-def _weight(weight: float, _local_steps: int) -> float:
-    return weight
 
 
 def _model_only(weights: Mapping[str, np.ndarray], _state: Mapping[str, np.ndarray]) -> Tensors:
@@ -56,15 +53,36 @@ def _model_only(weights: Mapping[str, np.ndarray], _state: Mapping[str, np.ndarr
 
 @dataclass(frozen=True)
 class StrategyInfo:
-    """A server strategy and the hooks the other tiers need from it."""
+    """A server strategy and the hooks the other tiers need from it.
+
+    What its clients must do (FedProx's proximal term, SCAFFOLD's variates,
+    FedNova's local steps and fold coefficient) is its
+    :class:`~fedkube.strategy_client.ClientStrategy`, shared with the worker.
+    """
 
     name: str
     module: ModuleType  # init_state, server_step, state_summary
-    fold_scale: Callable[[float, int], float] = _weight
     downlink: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Tensors] = _model_only
-    proximal: bool = False  # the worker adds FedProx's μ/2·‖w − w_g‖²
-    control_variates: bool = False  # the worker keeps SCAFFOLD's c_i
-    needs_local_steps: bool = False  # the fold divides by τ_i: updates must state it
+
+    @property
+    def client(self) -> ClientStrategy:
+        return CLIENT_STRATEGIES[self.name]
+
+    @property
+    def fold_scale(self) -> Callable[[float, int], float]:
+        return self.client.fold_scale
+
+    @property
+    def needs_local_steps(self) -> bool:
+        return self.client.needs_local_steps
+
+    @property
+    def proximal(self) -> bool:
+        return self.client.proximal
+
+    @property
+    def control_variates(self) -> bool:
+        return self.client.control_variates
 
 
 REGISTRY: dict[str, StrategyInfo] = {
@@ -75,9 +93,9 @@ REGISTRY: dict[str, StrategyInfo] = {
         StrategyInfo(fedadam.NAME, fedadam),
         StrategyInfo(fedyogi.NAME, fedyogi),
         StrategyInfo(fedadagrad.NAME, fedadagrad),
-        StrategyInfo(fedprox.NAME, fedprox, proximal=True),
-        StrategyInfo(scaffold.NAME, scaffold, downlink=scaffold.downlink, control_variates=True),
-        StrategyInfo(fednova.NAME, fednova, fold_scale=fednova.fold_scale, needs_local_steps=True),
+        StrategyInfo(fedprox.NAME, fedprox),
+        StrategyInfo(scaffold.NAME, scaffold, downlink=scaffold.downlink),
+        StrategyInfo(fednova.NAME, fednova),
     )
 }
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fedkube.aggregator.strategies.fedavg import FOLD_CHUNK
+from fedkube.aggregator.strategies.sums import FOLD_CHUNK
 
 # Values (rows × columns) per block: 1 MiB of float32, as for the fold.
 CHUNK_ELEMENTS = FOLD_CHUNK

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedkube.aggregator.strategies import adaptive
-from fedkube.aggregator.strategies.fedavg import RoundAggregate, Tensors
+from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors
 
 if TYPE_CHECKING:
     from fedkube.spec import Strategy

@@ -18,23 +18,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedkube.aggregator.strategies.fedavg import (
-    RoundAggregate,
-    Tensors,
-    apply_delta,
-    init_state,
-    state_summary,
-)
+from fedkube.aggregator.strategies.fedavg import init_state, state_summary
+from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, apply_delta
 from fedkube.spec import Strategy
+from fedkube.strategy_client import fednova_fold_scale as fold_scale
 
 NAME = "fednova"
 
 __all__ = ["NAME", "fold_scale", "init_state", "server_step", "state_summary"]
-
-
-def fold_scale(weight: float, local_steps: int) -> float:
-    """A client's coefficient in the regional sum: ``w_i/τ_i``."""
-    return weight / local_steps
 
 
 def server_step(

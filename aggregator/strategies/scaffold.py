@@ -15,6 +15,9 @@ special case). The server then applies ``x ← x + η_g·Δ̄y`` and
 ``c ← c + (|S|/N)·Δ̄c``, with ``|S|`` the clients in the round and ``N`` all
 clients of the job. The means are sample-weighted like FedAvg's (the paper
 uses plain means; with equal client sizes they agree).
+
+The client's side (the payload's ``control/`` split and option II) is in
+:mod:`fedkube.strategy_client`, which the worker imports without this package.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedkube.aggregator.strategies.fedavg import RoundAggregate, Tensors, apply_delta
-from fedkube.aggregator.validation import l2_norm
+from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, apply_delta
+from fedkube.norms import l2_norm
 from fedkube.spec import Strategy
+from fedkube.strategy_client import CONTROL, split
 
 NAME = "scaffold"
-CONTROL = "control/"
 
 
 def init_state(weights: Mapping[str, np.ndarray], params: Strategy) -> Tensors:
@@ -39,32 +42,6 @@ def init_state(weights: Mapping[str, np.ndarray], params: Strategy) -> Tensors:
 def downlink(weights: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> Tensors:
     """What travels down: the model and the server's control variate."""
     return {**weights, **state}
-
-
-def split(tensors: Mapping[str, np.ndarray]) -> tuple[Tensors, Tensors]:
-    """(model tensors, control tensors by model name) of a payload."""
-    model = {k: v for k, v in tensors.items() if not k.startswith(CONTROL)}
-    control = {k[len(CONTROL) :]: v for k, v in tensors.items() if k.startswith(CONTROL)}
-    return model, control
-
-
-def client_control_update(
-    c_i: Mapping[str, np.ndarray],
-    c: Mapping[str, np.ndarray],
-    start: Mapping[str, np.ndarray],
-    end: Mapping[str, np.ndarray],
-    steps: int,
-    learning_rate: float,
-) -> tuple[Tensors, Tensors]:
-    """Option II: ``(c_i⁺, Δc_i)`` from the round's start ``x`` and end ``y``."""
-    if steps < 1:
-        raise ValueError("SCAFFOLD needs at least one local step")
-    inverse = np.float32(1.0 / (steps * learning_rate))
-    new = {
-        name: (c_i[name] - c[name] + (start[name] - end[name]) * inverse).astype(np.float32)
-        for name in c
-    }
-    return new, {name: new[name] - c_i[name] for name in c}
 
 
 def server_step(

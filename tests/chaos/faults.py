@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint
 from fedkube.faults import FAULTS_DIR_ENV, FAULTS_ENV
 from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions
 from fedkube.roundstate import job_prefix

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint
 from fedkube.local.runner import RunOptions, run_job
 from tests.chaos.faults import Finished, chaos_run
 from tests.support import small_job_dict

@@ -17,8 +17,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from fedkube.aggregator import checkpoint
-from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube import checkpoint
+from fedkube.aggregator.strategies.fedavg import flat_fedavg
+from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.spec import parse_job
 from tests.integration.test_services import (
     Tier,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fedkube import codec, compression
-from fedkube.aggregator import checkpoint
-from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube import checkpoint, codec, compression
+from fedkube.aggregator.strategies.fedavg import flat_fedavg
+from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.local.runner import RunOptions, run_job
 from fedkube.protocol import Envelope
 from fedkube.spec import WireCompression, parse_job

@@ -22,7 +22,8 @@ import yaml
 from safetensors.numpy import load_file
 
 from fedkube import codec, secagg
-from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube.aggregator.strategies.fedavg import flat_fedavg
+from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.faults import FAULTS_DIR_ENV, FAULTS_ENV
 from fedkube.local.runner import RunOptions, run_job
 from fedkube.protocol import Envelope

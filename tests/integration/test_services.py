@@ -20,11 +20,11 @@ import aiohttp
 import numpy as np
 import pytest
 
-from fedkube import codec, signing
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint, codec, signing
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
-from fedkube.aggregator.strategies.fedavg import apply_delta, flat_fedavg
+from fedkube.aggregator.strategies.fedavg import flat_fedavg
+from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.errors import FedkubeError
 from fedkube.protocol import H_SIGNATURE, Envelope
 from fedkube.spec import FederatedJob, parse_job

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedkube import codec, compression
-from fedkube.aggregator.strategies.fedavg import WeightedSum
+from fedkube.aggregator.strategies.sums import WeightedSum
 from fedkube.errors import UpdateRejected
 from fedkube.spec import WireCompression
 

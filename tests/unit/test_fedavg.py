@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube.aggregator.strategies.fedavg import (
+from fedkube.aggregator.strategies.fedavg import flat_fedavg
+from fedkube.aggregator.strategies.sums import (
     FOLD_CHUNK,
     Partial,
     WeightedSum,
     apply_delta,
-    flat_fedavg,
     reduce_partials,
 )
 

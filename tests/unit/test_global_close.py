@@ -6,11 +6,11 @@ import numpy as np
 
 from fedkube.aggregator.global_aggregator.close import (
     history_record,
-    noise_std,
     participation,
     privacy_record,
 )
-from fedkube.aggregator.strategies.fedavg import Partial
+from fedkube.aggregator.strategies.sums import Partial
+from fedkube.privacy import central_noise_std
 from fedkube.spec import DifferentialPrivacy, DpMode
 
 REGION_OF = {"a-0": "eu", "a-1": "eu", "b-0": "us", "c-0": "asia"}
@@ -22,12 +22,14 @@ def partial(region: str, count: int, weight: float) -> Partial:
 
 def test_central_noise_scales_with_the_clip_norm_over_the_clients_in_the_mean():
     dp = DifferentialPrivacy(mode=DpMode.central, clip_norm=2.0)
-    assert noise_std(dp, noise_multiplier=1.5, count=4) == 0.75
+    assert central_noise_std(dp, noise_multiplier=1.5, count=4) == 0.75
 
 
 def test_no_central_noise_is_added_for_an_empty_mean_or_in_local_mode():
-    assert noise_std(DifferentialPrivacy(mode=DpMode.central, clip_norm=1.0), 1.0, 0) is None
-    assert noise_std(DifferentialPrivacy(mode=DpMode.local, clip_norm=1.0), 1.0, 5) is None
+    assert (
+        central_noise_std(DifferentialPrivacy(mode=DpMode.central, clip_norm=1.0), 1.0, 0) is None
+    )
+    assert central_noise_std(DifferentialPrivacy(mode=DpMode.local, clip_norm=1.0), 1.0, 5) is None
 
 
 def test_the_privacy_record_rounds_epsilon_and_the_noise_and_keeps_the_rate():

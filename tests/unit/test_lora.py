@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedkube import classifier, codec
-from fedkube.aggregator import checkpoint
+from fedkube import checkpoint, classifier, codec
 from fedkube.cli import main
 from fedkube.examples import corpus, lm
 from fedkube.export import ExportError, export_merged, merge

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube import privacy
-from fedkube.aggregator.strategies import norm_bound
+from fedkube import norms, privacy
 from fedkube.spec import DifferentialPrivacy, DpMode, parse_job
 from tests.support import small_job_dict
 
@@ -53,8 +52,8 @@ def test_the_workers_dp_clip_bounds_the_norm_and_leaves_its_input_alone():
     big = {"w": np.full((5,), 1.0, np.float32), "b": np.full((20,), 1.0, np.float32)}
     small = {"w": np.full((4,), 0.25, np.float32)}
     # execute: the clip the worker applies under spec.privacy.dp
-    clipped, scale = norm_bound.clip(big, 1.0)
-    kept, small_scale = norm_bound.clip(small, 1.0)
+    clipped, scale = norms.clip(big, 1.0)
+    kept, small_scale = norms.clip(small, 1.0)
     # assert
     assert scale == pytest.approx(1.0 / 5.0)
     total = np.sqrt(sum(float((a**2).sum()) for a in clipped.values()))

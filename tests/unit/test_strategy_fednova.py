@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedkube.aggregator.strategies import fednova
-from fedkube.aggregator.strategies.fedavg import Partial, WeightedSum, aggregate_partials
+from fedkube.aggregator.strategies.sums import Partial, WeightedSum, aggregate_partials
 from fedkube.spec import Strategy
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube.aggregator.strategies import krum, median, norm_bound, trimmed_mean
-from fedkube.aggregator.strategies.fedavg import WeightedSum
+from fedkube import norms
+from fedkube.aggregator.strategies import krum, median, trimmed_mean
+from fedkube.aggregator.strategies.sums import WeightedSum
 from fedkube.spec import Robust
 
 
@@ -357,15 +358,15 @@ def test_robust_rules_check_their_shapes(rule):
 
 
 def test_clip_scale():
-    assert norm_bound.clip_scale(10.0, 5.0) == 0.5
-    assert norm_bound.clip_scale(3.0, 5.0) == 1.0
-    assert norm_bound.clip_scale(5.0, 5.0) == 1.0
-    assert norm_bound.clip_scale(0.0, 5.0) == 1.0
-    assert norm_bound.clip_scale(float("inf"), 5.0) == 0.0
+    assert norms.clip_scale(10.0, 5.0) == 0.5
+    assert norms.clip_scale(3.0, 5.0) == 1.0
+    assert norms.clip_scale(5.0, 5.0) == 1.0
+    assert norms.clip_scale(0.0, 5.0) == 1.0
+    assert norms.clip_scale(float("inf"), 5.0) == 0.0
     with pytest.raises(ValueError, match="NaN"):
-        norm_bound.clip_scale(float("nan"), 5.0)
+        norms.clip_scale(float("nan"), 5.0)
     with pytest.raises(ValueError, match="bound"):
-        norm_bound.clip_scale(1.0, 0.0)
+        norms.clip_scale(1.0, 0.0)
 
 
 def test_clip_scales_the_whole_update_to_the_bound():
@@ -375,7 +376,7 @@ def test_clip_scales_the_whole_update_to_the_bound():
         array.setflags(write=False)
 
     # execute
-    clipped, scale = norm_bound.clip(tensors, 2.5)
+    clipped, scale = norms.clip(tensors, 2.5)
 
     # assert
     assert scale == 0.5
@@ -391,7 +392,7 @@ def test_clip_within_the_bound_returns_the_same_arrays():
     tensors = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[0.0, 4.0]], np.float32)}
 
     # execute
-    clipped, scale = norm_bound.clip(tensors, 5.0)
+    clipped, scale = norms.clip(tensors, 5.0)
 
     # assert
     assert scale == 1.0
@@ -406,7 +407,7 @@ def test_clip_scale_inside_the_fold_equals_folding_the_clipped_update():
     via_copy, fused = WeightedSum.zeros_like(update), WeightedSum.zeros_like(update)
 
     # execute
-    clipped, scale = norm_bound.clip(update, bound)
+    clipped, scale = norms.clip(update, bound)
     via_copy.fold(clipped, weight)
     fused.fold(update, weight, scale=weight * scale)
 

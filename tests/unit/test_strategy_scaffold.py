@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedkube import strategy_client
 from fedkube.aggregator.strategies import scaffold
-from fedkube.aggregator.strategies.fedavg import RoundAggregate
+from fedkube.aggregator.strategies.sums import RoundAggregate
 from fedkube.spec import Strategy
 
 
@@ -18,7 +19,9 @@ def test_the_client_control_update_is_option_two_of_the_paper():
     start, end = {"w": arrays(1.0, 2.0)}, {"w": arrays(0.0, 4.0)}
     c, c_i = {"w": arrays(0.1, -0.2)}, {"w": arrays(0.3, 0.0)}
     # execute
-    new, delta = scaffold.client_control_update(c_i, c, start, end, steps=4, learning_rate=0.5)
+    new, delta = strategy_client.client_control_update(
+        c_i, c, start, end, steps=4, learning_rate=0.5
+    )
     # assert: c_i⁺ = c_i − c + (x − y)/(K·η) = (0.3−0.1+1/2, 0+0.2−2/2) = (0.7, −0.8)
     np.testing.assert_allclose(new["w"], [0.7, -0.8], rtol=1e-6)
     np.testing.assert_allclose(delta["w"], [0.4, -0.8], rtol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedkube.aggregator.strategies import fedadagrad, fedadam, fedavg, fedavgm, fedyogi
-from fedkube.aggregator.strategies.fedavg import RoundAggregate
+from fedkube.aggregator.strategies.sums import RoundAggregate
 from fedkube.spec import Strategy
 
 ADAPTIVE = [fedadam, fedyogi, fedadagrad]
