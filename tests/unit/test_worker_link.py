@@ -6,12 +6,9 @@ milliseconds): the link's reading of each answer is the logic under test.
 
 import asyncio
 import json
-from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from fedkube import codec
 from fedkube.errors import FedkubeError
@@ -22,38 +19,6 @@ from fedkube.workers.pipeline import LocalUpdate, Outgoing
 from fedkube.workers.seat import Identity
 
 IDENTITY = Identity("job", "a", "eu", "a-0", 1)
-
-
-class FakeCombiner:
-    """Answers from a script; records every request it saw."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, str], bytes]] = []
-        self.answers: dict[str, list[tuple[int, Any]]] = {}
-
-    def script(self, path: str, *answers: tuple[int, Any]) -> None:
-        self.answers[path] = list(answers)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.path, dict(request.headers), await request.read()))
-        queue = self.answers.get(request.path) or [(404, "no script")]
-        status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-        if isinstance(body, str):
-            return web.Response(status=status, text=body)
-        return web.json_response(body, status=status)
-
-
-@pytest.fixture
-async def combiner():
-    fake = FakeCombiner()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield fake, str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
 
 
 def outgoing() -> Outgoing:

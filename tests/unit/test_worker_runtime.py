@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from fedkube import codec, signing
 from fedkube.learning import build_model, float_state
@@ -26,43 +23,6 @@ from fedkube.workers.pipeline import LocalUpdate
 from fedkube.workers.runtime import Worker, WorkerConfig
 from fedkube.workers.seat import Seat
 from tests.support import small_job_dict, tenant_signing_key
-
-
-class ScriptedCombiner:
-    """Answers each path from a list (the last answer repeats); records the requests."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, str], bytes]] = []
-        self.answers: dict[str, list[tuple[int, Any]]] = {}
-
-    def script(self, path: str, *answers: tuple[int, Any]) -> None:
-        self.answers[path] = list(answers)
-
-    def bodies(self, path: str) -> list[bytes]:
-        return [body for seen, _headers, body in self.seen if seen == path]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.path, dict(request.headers), await request.read()))
-        queue = self.answers.get(request.path) or [(404, "no script")]
-        status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-        if isinstance(body, bytes):
-            return web.Response(status=status, body=body)
-        if isinstance(body, str):
-            return web.Response(status=status, text=body)
-        return web.json_response(body, status=status)
-
-
-@pytest.fixture
-async def combiner():
-    fake = ScriptedCombiner()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield fake, str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
 
 
 def worker_for(job: FederatedJob, url: str, state: Path, kind: type[Worker] = Worker) -> Worker:
