@@ -21,7 +21,7 @@ from fedkube import faults, norms, privacy
 from fedkube.aggregator.combiner.accumulators import RegionSum, new_accumulator
 from fedkube.aggregator.combiner.admission import Admission, Sender
 from fedkube.aggregator.combiner.model_cache import ModelCache
-from fedkube.aggregator.combiner.region import Region, RegionRound, check_open, task_fields
+from fedkube.aggregator.combiner.region import RegionRound, RegionState, check_open, task_fields
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.errors import UpdateRejected
 from fedkube.logs import fields
@@ -38,9 +38,11 @@ class ClearIntake:
 
     closes_on_failures = True
 
-    def __init__(self, job: FederatedJob, region: Region, admission: Admission, models: ModelCache):
+    def __init__(
+        self, job: FederatedJob, state: RegionState, admission: Admission, models: ModelCache
+    ):
         self.job = job
-        self.region = region
+        self.state = state
         self.admission = admission
         self.models = models
         self.strategy = job.spec.strategy
@@ -79,16 +81,16 @@ class ClearIntake:
             and current.info.state == RoundState.aggregating
             and not current.waits_for_resends(time.monotonic())
         ):
-            self.region.schedule_flush(current)
+            self.state.schedule_flush(current)
 
     async def accept(
         self, sender: Sender, current: RegionRound, body: memoryview
     ) -> dict[str, object]:
         """Decode, check and fold one update whose request checks have passed."""
-        region, metrics = self.region, self.region.metrics
+        state, metrics = self.state, self.state.metrics
         name, here, tenant, client, number = (
-            region.name,
-            region.region,
+            state.name,
+            state.region,
             sender.tenant,
             sender.client,
             sender.round,
@@ -109,9 +111,9 @@ class ClearIntake:
             if clip < 1.0:
                 metrics.updates_clipped.labels(name, here, tenant).inc()
         started = time.perf_counter()
-        async with region.lock:
+        async with state.lock:
             # Re-check under the lock: a flush or a new round may have happened.
-            check_open(region.current, number, client)
+            check_open(state.current, number, client)
             faults.reached(f"combiner.{here}.update{len(current.folded) + 1}", number)
             if current.accumulator is None:
                 current.accumulator = new_accumulator(
@@ -122,7 +124,7 @@ class ClearIntake:
             # an earlier incarnation whose sum died (a resend), or by a try
             # whose fold failed. `folded` (checked above) is what decides.
             try:
-                await region.store.record_report(number, client, sender.weight)
+                await state.store.record_report(number, client, sender.weight)
             except RedisError as exc:
                 raise UpdateRejected(
                     Reason.unavailable.value, f"round state unavailable: {exc}", 503
@@ -140,13 +142,13 @@ class ClearIntake:
         metrics.updates_accepted.labels(name, TIER, here, tenant).inc()
         metrics.bytes_up.labels(name, TIER, here, tenant).inc(len(body))
         metrics.clients_reported.labels(name, here).set(len(current.folded))
-        await region.count(number, bytes_up=len(body))
+        await state.count(number, bytes_up=len(body))
         log.info(
             "update folded",
             extra=fields(job=name, round=number, region=here, tenant=tenant, client=client),
         )
         if complete:
-            region.schedule_flush(current)
+            state.schedule_flush(current)
         return {"status": "accepted", "round": number}
 
     async def reduce(self, current: RegionRound) -> RegionSum | None:
@@ -158,7 +160,7 @@ class ClearIntake:
         # The region's copies go as soon as they are reduced.
         result = await loop.run_in_executor(None, accumulator.reduce)
         if accumulator.timed_reduce:
-            self.region.metrics.aggregation_seconds.labels(
-                self.region.name, TIER, self.region.region
+            self.state.metrics.aggregation_seconds.labels(
+                self.state.name, TIER, self.state.region
             ).observe(time.perf_counter() - started)
         return result

@@ -3,7 +3,7 @@
 One :class:`RegionRound` per round the combiner collects for: the region's
 selected clients, those folded in, those whose task failed, and those owed
 after a restart (reported to an incarnation that died; their workers are
-asked to resend). :class:`Region` holds the current one behind the single
+asked to resend). class:`RegionState` holds the current one behind the single
 lock that orders every change to it, opens rounds (recovering what an earlier
 incarnation left in Redis) and schedules the flush of the partial.
 
@@ -124,7 +124,7 @@ class Intake(Protocol):
         """The region's sum for its partial (under the lock), or None if the region failed."""
 
 
-class Region:
+class RegionState:
     """The current round of one region, behind the lock every change takes."""
 
     def __init__(

@@ -72,7 +72,7 @@ class Routes:
     def __init__(self, combiner: Combiner):
         self.c = combiner
         self.name = combiner.name
-        self.region = combiner.region.region
+        self.region = combiner.region
         self.admission = combiner.admission
 
     def _refuse(self, exc: UpdateRejected, what: str, tenant: str, **where: Any) -> web.Response:
@@ -111,11 +111,11 @@ class Routes:
         except RedisError as exc:  # the task can still be answered from memory
             log.warning("cannot record registration: %s", exc, extra=fields(job=self.name))
         mine = set(clients)
-        answer = await self.c.region.changes.poll(
+        answer = await self.c.state.changes.poll(
             lambda: self.c.tasks_for(mine, after), min(wait_s, MAX_POLL_S)
         )
         if answer is None:
-            current = self.c.region.current
+            current = self.c.state.current
             answer = {"status": "wait", "round": current.info.round if current else 0}
         return web.json_response(answer)
 
@@ -159,9 +159,9 @@ class Routes:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return json_error(503, "unavailable", f"global aggregator unreachable: {exc}")
         self.c.metrics.bytes_down.labels(self.name, TIER, self.region, tenant).inc(len(data))
-        current = self.c.region.current
+        current = self.c.state.current
         if current is not None:
-            await self.c.region.count(current.info.round, bytes_down=len(data))
+            await self.c.state.count(current.info.round, bytes_down=len(data))
         return web.FileResponse(
             self.c.models.path(version), headers={"Content-Type": codec.CONTENT_TYPE}
         )
@@ -172,10 +172,10 @@ class Routes:
             tenant = self.admission.authenticate(request)
             result = await self._accept_update(request, tenant)
         except UpdateRejected as exc:
-            current = self.c.region.current
+            current = self.c.state.current
             round_no = current.info.round if current else None
             if exc.reason in (Reason.duplicate.value, Reason.late.value) and round_no:
-                await self.c.region.count(round_no, **{exc.reason: 1})
+                await self.c.state.count(round_no, **{exc.reason: 1})
             return self._refuse(
                 exc, "update", tenant, round=round_no, client=request.headers.get(H_CLIENT)
             )
@@ -184,7 +184,7 @@ class Routes:
     async def _accept_update(self, request: web.Request, tenant: str) -> dict[str, object]:
         sender = self.admission.sender(request, tenant)
         intake = self.c.intake
-        current = self.c.region.current
+        current = self.c.state.current
         intake.check_open(current, sender)
         assert current is not None
         signature = self.admission.signature(request, tenant)
@@ -214,7 +214,7 @@ class Routes:
                 exc, f"secure aggregation {step}", tenant, client=request.headers.get(H_CLIENT)
             )
         # Key material, counted apart from the masked updates (bytes_up).
-        await self.c.region.count(number, secagg_bytes=size)
+        await self.c.state.count(number, secagg_bytes=size)
         return web.json_response({"status": "accepted", "round": number})
 
     async def refusal(self, request: web.Request) -> web.Response:
@@ -255,7 +255,7 @@ class Routes:
                     extra=fields(job=self.name, region=self.region, tenant=tenant),
                 )
             return json_error(exc.status, exc.reason, exc.detail)
-        await self.c.region.changes.notify()
+        await self.c.state.changes.notify()
         return web.json_response(result)
 
     async def failure(self, request: web.Request) -> web.Response:
@@ -266,13 +266,13 @@ class Routes:
         the deadline. Under secure aggregation the protocol's own deadlines
         decide; the failure is still recorded for the round's record.
         """
-        region = self.c.region
+        state = self.c.state
         tenant = "unknown"
         try:
             tenant = self.admission.authenticate(request)
             report = check_failure(await json_body(request))
             check_client(self.admission.clients, report.client, tenant, self.region)
-            current = region.current
+            current = state.current
             if current is None or report.round != current.info.round:
                 raise UpdateRejected(
                     Reason.wrong_round.value, f"round {report.round} is not open", 409
@@ -302,7 +302,7 @@ class Routes:
                 client=report.client,
             ),
         )
-        async with region.lock:
+        async with state.lock:
             current.failed.add(report.client)
             complete = (
                 self.c.intake.closes_on_failures
@@ -310,5 +310,5 @@ class Routes:
                 and current.heard_from_all()
             )
         if complete:
-            region.schedule_flush(current)
+            state.schedule_flush(current)
         return web.json_response({"recorded": True})

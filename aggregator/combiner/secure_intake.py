@@ -26,7 +26,7 @@ from fedkube import privacy, secagg
 from fedkube.aggregator.combiner.accumulators import RegionSum
 from fedkube.aggregator.combiner.admission import Admission, Sender
 from fedkube.aggregator.combiner.model_cache import ModelCache
-from fedkube.aggregator.combiner.region import Region, RegionRound, task_fields
+from fedkube.aggregator.combiner.region import RegionRound, RegionState, task_fields
 from fedkube.aggregator.combiner.secure_region import Claim, SecureRegion
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.validation import Template, check_structure
@@ -50,13 +50,13 @@ class SecureIntake:
         self,
         job: FederatedJob,
         secure: SecureAggregation,
-        region: Region,
+        state: RegionState,
         admission: Admission,
         models: ModelCache,
     ):
         self.job = job
         self.secure = secure
-        self.region = region
+        self.state = state
         self.admission = admission
         self.models = models
         self.dp = job.spec.privacy.dp
@@ -88,7 +88,7 @@ class SecureIntake:
             raise UpdateRejected(Reason.wrong_round.value, f"round {sender.round} is not open", 409)
 
     async def on_sync(self, current: RegionRound) -> None:
-        async with self.region.lock:
+        async with self.state.lock:
             await self.tick(current)
 
     # -- the protocol's messages ---------------------------------------------
@@ -99,9 +99,9 @@ class SecureIntake:
                 Reason.malformed.value, f"no secure aggregation step {step!r} here", 404
             )
         client, number, document, size = await self._read(request)
-        region = self.region
-        async with region.lock:
-            current = region.current
+        state = self.state
+        async with state.lock:
+            current = state.current
             if current is None or number != current.info.round:
                 raise UpdateRejected(Reason.wrong_round.value, f"round {number} is not open", 409)
             if current.flushed:
@@ -164,14 +164,14 @@ class SecureIntake:
         counted = privacy.counted_weight(self.dp, weight)
         current.secure.session.receive_keys(client, document, self.fold_scale(counted, steps))
         try:
-            await self.region.store.record_report(current.info.round, client, weight)
+            await self.state.store.record_report(current.info.round, client, weight)
         except RedisError as exc:
             del current.secure.session.members[client]
             raise UpdateRejected(
                 Reason.unavailable.value, f"round state unavailable: {exc}", 503
             ) from None
         current.secure.claims[client] = Claim(weight, counted, steps)
-        self.region.metrics.clients_reported.labels(self.job.name, self.region.region).set(
+        self.state.metrics.clients_reported.labels(self.job.name, self.state.region).set(
             len(current.secure.session.members)
         )
 
@@ -179,7 +179,7 @@ class SecureIntake:
         self, sender: Sender, current: RegionRound, body: memoryview
     ) -> dict[str, object]:
         """Step 3: add one masked update (uint32, the model's shapes) to the region's total."""
-        region = self.region
+        state = self.state
         tensors, _metadata = self.admission.decode(body, "masked", sender)
         template = self.models.template
         assert template is not None  # fetched when the first keys came in
@@ -187,9 +187,9 @@ class SecureIntake:
             tensors,
             {name: (shape, np.dtype(np.uint32)) for name, (shape, _) in template.items()},
         )
-        async with region.lock:
+        async with state.lock:
             secure = current.secure
-            if secure is None or region.current is not current:
+            if secure is None or state.current is not current:
                 raise UpdateRejected(
                     Reason.late.value, f"round {sender.round} no longer collects", 410
                 )
@@ -202,10 +202,10 @@ class SecureIntake:
                 )
             secure.session.receive_masked(sender.client, secagg.flatten(tensors))
             await self.tick(current)
-        name, here = region.name, region.region
-        region.metrics.updates_accepted.labels(name, TIER, here, sender.tenant).inc()
-        region.metrics.bytes_up.labels(name, TIER, here, sender.tenant).inc(len(body))
-        await region.count(sender.round, bytes_up=len(body))
+        name, here = state.name, state.region
+        state.metrics.updates_accepted.labels(name, TIER, here, sender.tenant).inc()
+        state.metrics.bytes_up.labels(name, TIER, here, sender.tenant).inc(len(body))
+        await state.count(sender.round, bytes_up=len(body))
         log.info(
             "masked update added",
             extra=fields(
@@ -227,7 +227,7 @@ class SecureIntake:
         secure = current.secure
         if secure is None:
             if flush and current.selected:  # nobody here sent keys by the deadline
-                self.region.schedule_flush(current)
+                self.state.schedule_flush(current)
             return
         now = time.monotonic()
         before = secure.step
@@ -238,38 +238,38 @@ class SecureIntake:
             await self._failed(current, str(exc))
             return
         if secure.step == "finish":
-            self.region.schedule_flush(current)
+            self.state.schedule_flush(current)
         if secure.step != before:
             log.info(
                 "secure aggregation: step %s (%d clients in)",
                 secure.step,
                 len(secure.session.members),
                 extra=fields(
-                    job=self.region.name, round=current.info.round, region=self.region.region
+                    job=self.state.name, round=current.info.round, region=self.state.region
                 ),
             )
-            await self.region.changes.notify()
+            await self.state.changes.notify()
 
     async def _failed(self, current: RegionRound, message: str) -> None:
         """The region sends no partial this round: its reports go, the global tier learns why."""
-        region = self.region
+        state = self.state
         current.flushed = True
         number = current.info.round
-        region.metrics.secagg_failures.labels(region.name, region.region).inc()
+        state.metrics.secagg_failures.labels(state.name, state.region).inc()
         log.error(
             "secure aggregation failed: %s",
             message,
-            extra=fields(job=region.name, round=number, region=region.region),
+            extra=fields(job=state.name, round=number, region=state.region),
         )
         members = sorted(current.secure.session.members) if current.secure else []
         current.secure = None
         try:
-            await region.store.forget_reports(number, members)
-            await region.store.record_region_failure(number, region.region, message)
-            await region.store.publish({"type": "region_failed", "round": number})
+            await state.store.forget_reports(number, members)
+            await state.store.record_region_failure(number, state.region, message)
+            await state.store.publish({"type": "region_failed", "round": number})
         except RedisError as exc:
-            log.warning("region failure not recorded: %s", exc, extra=fields(job=region.name))
-        await region.changes.notify()
+            log.warning("region failure not recorded: %s", exc, extra=fields(job=state.name))
+        await state.changes.notify()
 
     async def reduce(self, current: RegionRound) -> RegionSum | None:
         secure, current.secure = current.secure, None
@@ -286,16 +286,16 @@ class SecureIntake:
             return None
         dropped = sorted(secure.session.members.keys() - secure.session.masked)
         if dropped:
-            region = self.region
-            region.metrics.secagg_dropouts.labels(region.name, region.region).inc(len(dropped))
+            state = self.state
+            state.metrics.secagg_dropouts.labels(state.name, state.region).inc(len(dropped))
             log.warning(
                 "secure aggregation: %d clients dropped out (%s); the sum is the others'",
                 len(dropped),
                 ", ".join(dropped),
-                extra=fields(job=region.name, round=current.info.round, region=region.region),
+                extra=fields(job=state.name, round=current.info.round, region=state.region),
             )
             with contextlib.suppress(RedisError):
-                await region.store.forget_reports(current.info.round, dropped)
+                await state.store.forget_reports(current.info.round, dropped)
         return result
 
 

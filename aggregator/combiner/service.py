@@ -63,7 +63,7 @@ from fedkube.aggregator.combiner.admission import Admission
 from fedkube.aggregator.combiner.bodies import BufferPool
 from fedkube.aggregator.combiner.clear_intake import ClearIntake
 from fedkube.aggregator.combiner.model_cache import ModelCache
-from fedkube.aggregator.combiner.region import Intake, Region, RegionRound
+from fedkube.aggregator.combiner.region import Intake, RegionRound, RegionState
 from fedkube.aggregator.combiner.routes import make_app
 from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.combiner.site_reports import SiteReports
@@ -110,7 +110,8 @@ class Combiner:
             config.job, config.region, config.tenant_digests, config.tenant_keys
         )
         clients = self.admission.clients
-        self.region = Region(
+        self.region = config.region
+        self.state = RegionState(
             self.name,
             config.region,
             set(clients),
@@ -118,7 +119,7 @@ class Combiner:
             self.metrics,
             config.job.spec.participation.round_timeout_seconds,
         )
-        self.region.wire(self._flush, self._background)
+        self.state.wire(self._flush, self._background)
         self.models = ModelCache(
             config.global_url,
             config.region,
@@ -127,9 +128,9 @@ class Combiner:
         )
         secure = config.job.spec.privacy.secure_aggregation
         self.intake: Intake = (
-            ClearIntake(config.job, self.region, self.admission, self.models)
+            ClearIntake(config.job, self.state, self.admission, self.models)
             if secure is None
-            else SecureIntake(config.job, secure, self.region, self.admission, self.models)
+            else SecureIntake(config.job, secure, self.state, self.admission, self.models)
         )
         self.evaluations = SiteReports(self.store, self.name, config.region, clients, self.metrics)
         self.job_status: str | None = None
@@ -144,7 +145,7 @@ class Combiner:
 
     @property
     def current(self) -> RegionRound | None:
-        return self.region.current
+        return self.state.current
 
     def app(self) -> web.Application:
         return make_app(self)
@@ -165,7 +166,7 @@ class Combiner:
         log.info(
             "combiner serving on port %d",
             self.port,
-            extra=fields(job=self.name, region=self.region.region),
+            extra=fields(job=self.name, region=self.region),
         )
 
     async def drain(self, timeout: float = 10) -> None:
@@ -212,7 +213,7 @@ class Combiner:
         ending this task: it reconnects and resynchronises from the round state.
         """
         backoff = Backoff(POLL_INTERVAL_S, 2.0)
-        up = self.metrics.state_store_up.labels(self.name, TIER, self.region.region)
+        up = self.metrics.state_store_up.labels(self.name, TIER, self.region)
         while not self.stopped.is_set():
             try:
                 await self._follow_once(up)
@@ -223,7 +224,7 @@ class Combiner:
                     "Redis unavailable (%s); retrying in %.1fs",
                     exc,
                     backoff.delay,
-                    extra=fields(job=self.name, region=self.region.region),
+                    extra=fields(job=self.name, region=self.region),
                 )
                 await backoff.wait()
 
@@ -249,7 +250,7 @@ class Combiner:
         self.job_status = job.get("status")
         number = int(job.get("round", 0))
         info = await self.store.round_info(number) if number else None
-        current = self.region.current
+        current = self.state.current
         if info is not None and (current is None or current.info.token != info.token):
             await self._begin_round(info)
         elif info is not None and current is not None:
@@ -259,17 +260,17 @@ class Combiner:
         if version is not None:
             self._background(self.models.prefetch(version))
         if self.evaluations.current is not evaluation:
-            await self.region.changes.notify()
+            await self.state.changes.notify()
         if self.job_status in ENDED:
-            await self.region.changes.notify()
+            await self.state.changes.notify()
             return
-        current = self.region.current
+        current = self.state.current
         if current is not None:
             await self.intake.on_sync(current)
 
     async def _begin_round(self, info: RoundInfo) -> None:
-        current = await self.region.begin(info, secure=isinstance(self.intake, SecureIntake))
-        here = self.region.region
+        current = await self.state.begin(info, secure=isinstance(self.intake, SecureIntake))
+        here = self.region
         self.metrics.round_current.labels(self.name, TIER, here).set(info.round)
         self.metrics.clients_selected.labels(self.name, here).set(len(current.selected))
         self.metrics.clients_reported.labels(self.name, here).set(0)
@@ -281,7 +282,7 @@ class Combiner:
         self.models.keep_from(info.version - 1)
         if current.selected:
             self._background(self.models.prefetch(info.version))
-        await self.region.changes.notify()
+        await self.state.changes.notify()
 
     # -- tasks ---------------------------------------------------------------
     def tasks_for(self, clients: set[str], after: int) -> dict[str, Any] | None:
@@ -291,7 +292,7 @@ class Combiner:
         evaluate = self.evaluations.tasks_for(clients)
         if evaluate:
             return {"status": "tasks", "round": evaluate[0]["round"], "tasks": evaluate}
-        current = self.region.current
+        current = self.state.current
         if current is None or current.flushed:
             return None
         tasks = self.intake.tasks_for(current, clients, after)
@@ -302,19 +303,19 @@ class Combiner:
     # -- flushing the partial ------------------------------------------------
     async def _flush(self, current: RegionRound) -> None:
         """Send the partial; retry until the global tier has it or moved on."""
-        async with self.region.lock:
-            await self.region.forget_owed(current)
+        async with self.state.lock:
+            await self.state.forget_owed(current)
             result = await self.intake.reduce(current)
             if result is None:  # the region failed this round; the global tier knows why
                 return
-            encoded = encode_partial(self.name, current.info.round, self.region.region, result)
+            encoded = encode_partial(self.name, current.info.round, self.region, result)
         assert self._http is not None
         await send_partial(
             self._http,
             self.config.global_url,
             self.name,
             current.info.round,
-            self.region.region,
+            self.region,
             encoded,
             result,
             self.stopped,

@@ -15,7 +15,7 @@ import pytest
 
 from fedkube.aggregator.combiner.accumulators import RobustBuffer, RunningSum, new_accumulator
 from fedkube.aggregator.combiner.clear_intake import ClearIntake
-from fedkube.aggregator.combiner.region import REATTACH_S, Region, RegionRound, check_open
+from fedkube.aggregator.combiner.region import REATTACH_S, RegionRound, RegionState, check_open
 from fedkube.errors import UpdateRejected
 from fedkube.metrics import Metrics
 from fedkube.protocol import Reason, RoundState
@@ -48,7 +48,7 @@ def collecting(**fields: object) -> RegionRound:
 
 
 class FakeStore:
-    """What Region.begin reads and writes, in memory."""
+    """What RegionState.begin reads and writes, in memory."""
 
     def __init__(self, selected: set[str], reported: set[str], partials: set[str]):
         self._selected, self._reported, self._partials = selected, reported, partials
@@ -67,8 +67,8 @@ class FakeStore:
         self.forgotten += clients
 
 
-def region_over(store: FakeStore, timeout_s: float = 60.0) -> Region:
-    return Region("job", "eu", {"a", "b", "c"}, store, Metrics(), timeout_s)  # type: ignore[arg-type]
+def region_over(store: FakeStore, timeout_s: float = 60.0) -> RegionState:
+    return RegionState("job", "eu", {"a", "b", "c"}, store, Metrics(), timeout_s)  # type: ignore[arg-type]
 
 
 # -- which update the round still takes ----------------------------------------
