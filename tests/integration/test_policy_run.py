@@ -14,6 +14,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
+from fedkube.aggregator.global_aggregator import rounds
 from fedkube.spec import parse_job
 from tests.integration.test_services import client_headers, start_combiner, start_global
 from tests.support import fedkube_cli, small_job_dict
@@ -106,7 +107,7 @@ async def test_a_refused_tenant_is_left_out_of_the_round_but_counts_in_its_quoru
         await aggregator.store.record_refusal("d", "not here")
         for client in ("a-0", "b-0", "c-0"):
             await aggregator.store.register_clients([client])
-        info = await asyncio.wait_for(aggregator._open(1), timeout=10)
+        info = await asyncio.wait_for(rounds.open_round(aggregator, 1), timeout=10)
         assert await aggregator.store.selected(1) == {"a-0", "b-0", "c-0"}
         assert info.quorum == 3
         # A fresh start of the aggregator keeps the sites' refusals.
