@@ -16,9 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from fedkube.errors import UpdateRejected
-from fedkube.logs import fields
-from fedkube.metrics import Metrics
-from fedkube.web import json_error
+from fedkube.service.logs import fields
+from fedkube.service.metrics import Metrics
+from fedkube.service.web import json_error
 
 
 def refuse(

@@ -1,4 +1,4 @@
-"""The global aggregator's side of evaluation at the sites (:mod:`fedkube.evaluation`).
+"""The global aggregator's side of evaluation at the sites (:mod:`fedkube.training.evaluation`).
 
 Between a round's checkpoint and its close, the new model is published and
 the clients that ``spec.evaluation.sites`` names are asked to evaluate it;
@@ -16,10 +16,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fedkube import evaluation
-from fedkube.logs import fields
-from fedkube.roundstate import RoundStore
+from fedkube.service.logs import fields
 from fedkube.spec import FederatedJob
+from fedkube.state.roundstate import RoundStore
+from fedkube.training import evaluation
 
 log = logging.getLogger("fedkube.global")
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason
 from fedkube.spec import Client
+from fedkube.wire.protocol import Reason
 
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 

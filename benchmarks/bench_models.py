@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from fedkube.learning import ArrayData, DataContext
+from fedkube.datasets import ArrayData, DataContext
 
 
 def make_model(inputs: int = 1000, outputs: int = 1000) -> nn.Module:

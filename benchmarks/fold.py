@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from fedkube import codec, compression
 from fedkube.aggregator.strategies.sums import FOLD_CHUNK, WeightedSum
-from fedkube.protocol import Envelope
 from fedkube.spec import WireCompression
+from fedkube.wire import codec, compression
+from fedkube.wire.protocol import Envelope
 
 MB = 1e6
 GB = 1e9

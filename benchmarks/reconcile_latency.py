@@ -41,7 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedkube.redis_server import RedisServer  # noqa: E402
+from fedkube.state.redis_server import RedisServer  # noqa: E402
 from tests.controlplane import ControlPlane, start_control_plane  # noqa: E402
 from tests.operator_process import OperatorProcess  # noqa: E402
 from tests.support import small_job_dict, wait_for  # noqa: E402

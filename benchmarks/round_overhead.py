@@ -61,11 +61,14 @@ sys.path.insert(0, str(HERE))  # bench_models:make_model / make_data
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedkube import codec, signing  # noqa: E402
 from fedkube.aggregator.combiner import Combiner, CombinerConfig  # noqa: E402
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig  # noqa: E402
-from fedkube.metrics import Metrics  # noqa: E402
-from fedkube.protocol import (  # noqa: E402
+from fedkube.service.metrics import Metrics  # noqa: E402
+from fedkube.service.web import digest, upload  # noqa: E402
+from fedkube.spec import Client, FederatedJob, parse_job  # noqa: E402
+from fedkube.state.redis_server import RedisServer  # noqa: E402
+from fedkube.wire import codec, signing  # noqa: E402
+from fedkube.wire.protocol import (  # noqa: E402
     H_CLIENT,
     H_CODEC,
     H_JOB,
@@ -75,9 +78,6 @@ from fedkube.protocol import (  # noqa: E402
     H_WEIGHT,
     Envelope,
 )
-from fedkube.redis_server import RedisServer  # noqa: E402
-from fedkube.spec import Client, FederatedJob, parse_job  # noqa: E402
-from fedkube.web import digest, upload  # noqa: E402
 
 SCENARIO_TIMEOUT_S = 150.0
 SIM_WEIGHT = 64.0

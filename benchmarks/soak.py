@@ -44,7 +44,8 @@ from typing import Any
 
 import yaml
 
-from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions
+from fedkube.local.launcher import ProcessLauncher
+from fedkube.local.runner import LocalRun, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_JOB = ROOT / "examples" / "digits.yaml"

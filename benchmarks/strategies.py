@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedkube import norms
 from fedkube.aggregator.strategies import (
     fedadagrad,
     fedadam,
@@ -52,8 +51,9 @@ from fedkube.aggregator.strategies import (
     trimmed_mean,
 )
 from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, WeightedSum
-from fedkube.norms import l2_norm
 from fedkube.spec import Robust, Strategy
+from fedkube.training import norms
+from fedkube.training.norms import l2_norm
 
 MB = 1e6
 

@@ -1,7 +1,7 @@
 """The built-in task: a classifier trained with cross-entropy, judged by accuracy.
 
 What a job runs without ``spec.task``: the model from ``spec.model``, the
-data from ``spec.data`` (:class:`~fedkube.learning.ArrayData`, or any
+data from ``spec.data`` (:class:`~fedkube.datasets.ArrayData`, or any
 ``torch.utils.data.Dataset`` of ``(features, label)`` pairs), ``spec.training``'s
 optimizer, epochs and batch size. It is written as any user's task is
 (:mod:`fedkube.task`): the strategy's client side reaches it through the
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedkube.learning import ArrayData
+from fedkube.datasets import ArrayData
 from fedkube.task import Result, TaskContext
 
 # Targets per forward pass in evaluate(): a language model's rows hold one

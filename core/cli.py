@@ -10,6 +10,11 @@ arguments that ``ps`` would show.
 
 Exit codes: 0 success, 1 the job failed, 2 invalid input, 3 lease lost,
 130 interrupted.
+
+Over 400 lines on purpose: one parser, so that every command's flags, help and
+checks read as ``fedkube --help`` shows them; each command's work is a call
+into the package that does it (``fedkube.local``, ``fedkube.tools``, the
+services).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def _env(name: str) -> str:
 
 def _redis_url(url: str) -> str:
     """``--redis-url`` with the password from ``FEDKUBE_REDIS_PASSWORD`` (a Secret) set."""
-    from fedkube.roundstate import REDIS_PASSWORD_ENV, redis_url_with_password
+    from fedkube.state.roundstate import REDIS_PASSWORD_ENV, redis_url_with_password
 
     try:
         return redis_url_with_password(url, os.environ.get(REDIS_PASSWORD_ENV))
@@ -51,7 +56,7 @@ def _redis_url_without_password(url: str) -> str:
     """``--redis-url`` checked; a password must come from ``FEDKUBE_REDIS_PASSWORD``."""
     from urllib.parse import urlsplit
 
-    from fedkube.roundstate import redis_url_with_password
+    from fedkube.state.roundstate import redis_url_with_password
 
     try:
         redis_url_with_password(url, None)  # checks the scheme
@@ -101,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedkube.baselines import compare, compare_strategies
+    from fedkube.tools.baselines import compare, compare_strategies
 
     out = Path(args.out) if args.out else None
     given = [a for a in (args.strategies, args.compression, args.dp) if a is not None]
@@ -159,7 +164,7 @@ def _compression_list(text: str) -> list[str]:
     """``--compression none,int8,topk:0.01``: valid upload compressions, in order, each once."""
     from pydantic import ValidationError
 
-    from fedkube.baselines import compression_setting
+    from fedkube.tools.baselines import compression_setting
 
     labels = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     if not labels:
@@ -210,8 +215,8 @@ def _accuracy(text: str) -> float:
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedkube.aggregator.global_aggregator import GlobalConfig, run_global
-    from fedkube.logs import configure
-    from fedkube.web import AGGREGATOR_TOKEN_ENV, digest, port_file_write, stop_on_signals
+    from fedkube.service.logs import configure
+    from fedkube.service.web import AGGREGATOR_TOKEN_ENV, digest, port_file_write, stop_on_signals
 
     configure("global", args.log_level)
     config = GlobalConfig(
@@ -239,9 +244,14 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 def cmd_combiner(args: argparse.Namespace) -> int:
     from fedkube.aggregator.combiner import CombinerConfig, run_combiner
-    from fedkube.logs import configure
-    from fedkube.signing import load_verify_keys
-    from fedkube.web import AGGREGATOR_TOKEN_ENV, load_digests, port_file_write, stop_on_signals
+    from fedkube.service.logs import configure
+    from fedkube.service.web import (
+        AGGREGATOR_TOKEN_ENV,
+        load_digests,
+        port_file_write,
+        stop_on_signals,
+    )
+    from fedkube.wire.signing import load_verify_keys
 
     configure("combiner", args.log_level)
     job = load_job(args.job)
@@ -271,10 +281,10 @@ def cmd_combiner(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from fedkube.logs import configure
     from fedkube.policy import load_data_binding
-    from fedkube.signing import SIGNING_KEY_ENV, load_signing_key
-    from fedkube.web import TOKEN_ENV, port_file_write, stop_on_signals
+    from fedkube.service.logs import configure
+    from fedkube.service.web import TOKEN_ENV, port_file_write, stop_on_signals
+    from fedkube.wire.signing import SIGNING_KEY_ENV, load_signing_key
     from fedkube.workers.runtime import Worker, WorkerConfig, pick_device, serve_metrics
 
     configure("worker", args.log_level)
@@ -319,7 +329,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedkube.export import export_merged
+    from fedkube.tools.export import export_merged
 
     job = load_job(args.job)
     directory = Path(args.checkpoint_dir or Path("runs") / job.name / "checkpoints")
@@ -333,12 +343,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from fedkube.logs import configure
     from fedkube.operator.config import DEFAULT_IMAGE, DEFAULT_SLIM_IMAGE, OperatorConfig
     from fedkube.operator.leader import Election
     from fedkube.operator.main import Runtime, run
     from fedkube.policy import DEFAULT_ENTRYPOINTS, SitePolicy, load_policy
-    from fedkube.roundstate import REDIS_PASSWORD_ENV
+    from fedkube.service.logs import configure
+    from fedkube.state.roundstate import REDIS_PASSWORD_ENV
 
     configure("operator", args.log_level)
     config = OperatorConfig(

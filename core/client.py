@@ -20,7 +20,7 @@ The job names the script in ``spec.task.script`` (a module, run as
 Everything a worker does around a task still happens: the update is
 ``send()``'s weights minus ``receive()``'s; FedProx's and SCAFFOLD's terms
 reach the script's optimizer steps (``receive`` adds the script's model to
-the round's :class:`fedkube.strategy_hooks.RoundHooks`); DP, compression,
+the round's :class:`fedkube.training.strategy_hooks.RoundHooks`); DP, compression,
 signing, secure aggregation and restarts are the worker's, as for any task.
 The global tier builds the model from ``spec.model``, the factory the script
 is expected to use too: ``receive`` refuses a model whose tensors differ.
@@ -44,11 +44,11 @@ from typing import Any
 
 from torch import nn
 
-from fedkube import strategy_hooks
 from fedkube.classifier import Classifier
 from fedkube.errors import FedkubeError
-from fedkube.learning import call_factory, float_state, load_float_state
 from fedkube.task import Result, TaskContext
+from fedkube.training import strategy_hooks
+from fedkube.training.learning import call_factory, float_state, load_float_state
 
 log = logging.getLogger("fedkube.client")
 

@@ -1,4 +1,10 @@
-"""Data factories for real, tenant-local data.
+"""What a data factory is told and returns, and the built-in factory for real data.
+
+A job's ``spec.data.entrypoint`` (or a tenant's) names a ``module:callable``
+that takes a :class:`DataContext` and returns :class:`ArrayData` (a task's own
+``data`` may return anything its ``train`` reads). These two types are the
+contract, imported by a user's code as ``fedkube.datasets.DataContext`` and
+``fedkube.datasets.ArrayData``.
 
 ``load_npz`` is what a tenant points ``tenants[].data.kwargs.path`` at: an
 ``.npz`` file on the tenant's own storage with arrays ``x`` (features) and
@@ -9,11 +15,42 @@ file (evaluation at the sites). The global tier reads its held-out set from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedkube.learning import ArrayData, DataContext
+from fedkube.spec import Client
+from fedkube.task import Role
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a data factory is told: who is asking, and for which split.
+
+    ``role`` is ``train`` for one client's own partition, ``validation`` for
+    its own held-out part, ``test`` for the global tier's held-out split and
+    ``pooled`` for all training data (the centralised baseline only).
+    """
+
+    role: Role
+    client: Client | None
+    partition_scheme: str
+    alpha: float
+    test_fraction: float
+    seed: int
+    num_tenants: int = 1  # tenants of the job: a simulated split needs it for every role
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Features and integer labels, as numpy arrays."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.y))
 
 
 def load_npz(

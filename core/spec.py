@@ -1,13 +1,19 @@
 """The FederatedJob spec: one typed model, the single source of truth.
 
 The same manifest YAML is read by ``fedkube run`` (embedded runtime), by the
-Ray runtime and (later) by the operator; the CRD schema is derived from these
+Ray runtime and by the operator; the CRD schema (and the chart's copy) is derived from these
 models. Field names on the wire are camelCase, as Kubernetes users expect;
 Python code uses snake_case attributes.
 
 Validation happens here, at the boundary: an invalid manifest raises
 :class:`~fedkube.errors.SpecError` listing every problem with its field path
 (``spec.tenants[1].region``) and the reason.
+
+Over 400 lines on purpose, like Kubernetes' own ``types.go``: one API version's
+types in one file, in the order a manifest reads, because their field
+descriptions are the CRD's and the README's reference (``fedkube.tools.specdoc``);
+the cross-field rules follow the model they check, and :func:`parse_job` is the
+one way in.
 """
 
 from __future__ import annotations
@@ -305,7 +311,7 @@ CompressionScheme = Literal["none", "fp16", "int8", "topk"]
 
 
 class WireCompression(_Model):
-    """How one direction's payloads are compressed (``fedkube.compression``)."""
+    """How one direction's payloads are compressed (``fedkube.wire.compression``)."""
 
     scheme: CompressionScheme = Field(
         default="none", description="none, fp16, int8, or topk (updates only)"
@@ -345,7 +351,7 @@ StrategyName = Literal[
 RobustRuleName = Literal["none", "median", "trimmedMean", "krum", "multiKrum"]
 
 # What each strategy does, where it acts and which `spec.strategy` fields it
-# reads: the README's strategy table is generated from this (fedkube.specdoc),
+# reads: the README's strategy table is generated from this (fedkube.tools.specdoc),
 # and a test checks that it names exactly the strategies and fields above.
 STRATEGY_GUIDE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fedavg": (

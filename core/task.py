@@ -18,7 +18,7 @@ training settings, the data kwargs and a scratch directory.
 
 The strategy's client side is not the task's business: FedProx's proximal
 gradient and SCAFFOLD's correction are added at every optimizer step of
-whatever loop ``train`` runs (:mod:`fedkube.strategy_hooks`), and DP,
+whatever loop ``train`` runs (:mod:`fedkube.training.strategy_hooks`), and DP,
 compression, signing, secure aggregation and LoRA apply to the update the
 trained model gives. Without ``spec.task`` the job runs the built-in
 classifier (:mod:`fedkube.classifier`), which is a task like any other.
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from fedkube.entrypoints import import_target
 from fedkube.errors import EntrypointError, FedkubeError
 from fedkube.spec import MAX_METRICS, Client, FederatedJob, Training
 from fedkube.spec import METRIC_NAME as METRIC_PATTERN
+from fedkube.training.entrypoints import import_target
 
 if TYPE_CHECKING:
     from torch import nn

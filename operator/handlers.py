@@ -5,6 +5,10 @@ The handlers are registered on a registry built per operator instance
 instead of living in module globals. One pass (:func:`fedkube.operator.
 reconcile.reconcile`) serves create, update, resume and the periodic status
 timer; a per-job lock keeps two passes from minting credentials twice.
+
+A little over 400 lines on purpose: every handler kopf registers for a job is
+here, so that what the operator reacts to reads in one file; the decisions they
+call are pure and live in their own modules.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from redis.exceptions import RedisError
 from urllib3.exceptions import HTTPError as TransportError
 
 from fedkube.errors import RefusalNotDelivered, SpecError
-from fedkube.logs import fields
 from fedkube.operator import naming
 from fedkube.operator.builders import TOKEN_KEY, Target, combiner_url
 from fedkube.operator.config import OperatorConfig
@@ -45,8 +48,9 @@ from fedkube.operator.status import (
     refused_status,
 )
 from fedkube.policy import check_central, refused_tenants
-from fedkube.roundstate import RoundStore
+from fedkube.service.logs import fields
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.state.roundstate import RoundStore
 
 log = logging.getLogger("fedkube.operator")
 

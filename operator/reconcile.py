@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from fedkube import signing
 from fedkube.errors import FedkubeError, SigningKeyError
 from fedkube.operator import naming
 from fedkube.operator.builders import (
@@ -35,6 +34,7 @@ from fedkube.operator.kube import CHILD_KINDS, Kube
 from fedkube.operator.status import parse_time
 from fedkube.policy import Refusal, check
 from fedkube.spec import FederatedJob
+from fedkube.wire import signing
 
 Key = tuple[str, str]  # (kind, name)
 # Concurrent writes in one pass: a 100-tenant job has ~400 children, and one

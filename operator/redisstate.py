@@ -13,8 +13,8 @@ from fedkube.operator.config import OperatorConfig
 from fedkube.operator.kube import Kube
 from fedkube.operator.reconcile import NotReady
 from fedkube.operator.status import RoundFacts
-from fedkube.roundstate import RoundStore, redis_url_with_password
 from fedkube.spec import FederatedJob
+from fedkube.state.roundstate import RoundStore, redis_url_with_password
 
 
 def job_redis_url(kube: Kube, job: FederatedJob, namespace: str, config: OperatorConfig) -> str:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from fedkube.errors import RefusalNotDelivered
-from fedkube.protocol import H_TENANT
+from fedkube.wire.protocol import H_TENANT
 
 TIMEOUT_S = 5.0
 

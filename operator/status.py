@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from fedkube import headline
 from fedkube.spec import Evaluation
+from fedkube.training import headline
 
 
 class Phase(str, Enum):

@@ -46,7 +46,8 @@ from matplotlib.ticker import (  # noqa: E402
     PercentFormatter,
 )
 
-from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions  # noqa: E402
+from fedkube.local.launcher import ProcessLauncher  # noqa: E402
+from fedkube.local.runner import LocalRun, RunOptions  # noqa: E402
 from tests.observability.support import (  # noqa: E402
     JOB_OVERVIEW,
     load_dashboard,

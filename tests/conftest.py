@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from fedkube.redis_server import RedisServer
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.state.redis_server import RedisServer
 from tests.support import small_job_dict
 
 

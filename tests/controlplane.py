@@ -59,8 +59,8 @@ import kubernetes.config
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from fedkube.process import die_with_parent
-from fedkube.redis_server import free_port
+from fedkube.service.process import die_with_parent
+from fedkube.state.redis_server import free_port
 from tests.support import ROOT
 
 K8S_VERSION = "v1.35.4"

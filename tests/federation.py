@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from fedkube import checkpoint, signing
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
+from fedkube.service.web import digest
 from fedkube.spec import FederatedJob
-from fedkube.web import digest
+from fedkube.state import checkpoint
+from fedkube.wire import signing
 from fedkube.workers.runtime import Worker, WorkerConfig
 from tests.support import tenant_signing_key, tenant_verify_keys
 

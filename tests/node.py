@@ -67,7 +67,7 @@ from typing import IO, Any
 
 import yaml
 
-from fedkube.redis_server import free_port
+from fedkube.state.redis_server import free_port
 from tests.controlplane import (
     SERVICE_CIDR,
     Component,

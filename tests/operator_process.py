@@ -14,8 +14,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from fedkube.process import die_with_parent
-from fedkube.redis_server import free_port
+from fedkube.service.process import die_with_parent
+from fedkube.state.redis_server import free_port
 from tests.controlplane import ControlPlane
 from tests.support import wait_for
 

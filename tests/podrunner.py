@@ -684,7 +684,7 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     """``preexec_fn``: SIGKILL the child when the thread that started it dies.
 
-    Like fedkube.process.die_with_parent, but with prctl looked up once in the
+    Like fedkube.service.process.die_with_parent, but with prctl looked up once in the
     parent: the runner forks from several threads, and loading a library in a
     child forked from a threaded parent can deadlock on the loader's lock.
     """

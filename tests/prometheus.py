@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from fedkube.process import die_with_parent
-from fedkube.redis_server import free_port
+from fedkube.service.process import die_with_parent
+from fedkube.state.redis_server import free_port
 from tests.support import wait_for
 
 INSTALL_HINT = "run scripts/install-prometheus.sh (Debian package prometheus)"

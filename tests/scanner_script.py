@@ -7,7 +7,7 @@ from torch import nn
 
 import fedkube.client as fl
 from fedkube.examples import digits
-from fedkube.learning import data_context
+from fedkube.training.learning import data_context
 
 site = fl.init()
 assert site is not None and site.client is not None, "run by a fedkube worker"

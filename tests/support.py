@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fedkube import signing
+from fedkube.wire import signing
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedkube import codec
 from fedkube.errors import CodecError, FedkubeError
+from fedkube.wire import codec
 
 
 class ClientState:

@@ -1,6 +1,6 @@
 """Evaluation at the sites: a client's report on a global model, from its own validation data.
 
-When its combiner hands out ``evaluate`` tasks (:mod:`fedkube.evaluation`),
+When its combiner hands out ``evaluate`` tasks (:mod:`fedkube.training.evaluation`),
 the worker evaluates the model each names on the client's validation data
 (role ``validation``) in its executor and reports once per client and round
 (:class:`SiteEvaluations`). Whatever goes wrong in the user's code (loading
@@ -22,13 +22,13 @@ import numpy as np
 from torch import nn
 
 from fedkube.errors import CodecError
-from fedkube.evaluation import Report
-from fedkube.learning import load_data, load_float_state
-from fedkube.logs import fields
 from fedkube.policy import DataBinding
+from fedkube.service.logs import fields
 from fedkube.spec import Client, FederatedJob
-from fedkube.strategy_client import split
 from fedkube.task import Task, TaskContext, TaskFailed, guarded
+from fedkube.training.evaluation import Report
+from fedkube.training.learning import load_data, load_float_state
+from fedkube.training.strategy_client import split
 from fedkube.workers.link import TRANSIT_ERRORS, CombinerLink
 from fedkube.workers.seat import Identity, Seat
 

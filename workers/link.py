@@ -22,11 +22,12 @@ from typing import Any
 
 import aiohttp
 
-from fedkube import codec
-from fedkube.backoff import Backoff
 from fedkube.errors import FedkubeError
-from fedkube.failures import FailureReport
-from fedkube.protocol import (
+from fedkube.service.backoff import Backoff
+from fedkube.service.web import upload
+from fedkube.wire import codec
+from fedkube.wire.failures import FailureReport
+from fedkube.wire.protocol import (
     H_CLIENT,
     H_CODEC,
     H_JOB,
@@ -36,7 +37,6 @@ from fedkube.protocol import (
     H_WEIGHT,
     Reason,
 )
-from fedkube.web import upload
 from fedkube.workers.pipeline import Outgoing
 from fedkube.workers.seat import Identity
 
@@ -186,7 +186,7 @@ class CombinerLink:
             return response.status, await response.text()
 
     async def report_failure(self, report: FailureReport) -> None:
-        """Tell the combiner (fedkube.failures): the round closes without waiting for us.
+        """Tell the combiner (fedkube.wire.failures): the round closes without waiting for us.
 
         Not retried: a report that does not arrive leaves the round to its
         deadline, as for a client that dropped.

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedkube import codec, compression, privacy, signing
-from fedkube.learning import LocalResult
-from fedkube.protocol import M_STEPS, Envelope
 from fedkube.spec import Client, FederatedJob, WireCompression
-from fedkube.strategy_client import CONTROL, ClientStrategy, client_control_update
 from fedkube.task import TaskFailed
+from fedkube.training import privacy
+from fedkube.training.learning import LocalResult
+from fedkube.training.strategy_client import CONTROL, ClientStrategy, client_control_update
+from fedkube.wire import codec, compression, signing
+from fedkube.wire.protocol import M_STEPS, Envelope
 from fedkube.workers.client_state import ClientState
 
 Tensors = dict[str, np.ndarray]

@@ -51,14 +51,14 @@ import numpy as np
 import torch
 from prometheus_client import start_http_server
 
-from fedkube import signing
 from fedkube.errors import CodecError, FedkubeError
-from fedkube.evaluation import Report
-from fedkube.failures import STEPS, FailureReport
-from fedkube.metrics import Metrics
 from fedkube.policy import DataBinding
+from fedkube.service.metrics import Metrics
 from fedkube.spec import Client, FederatedJob
 from fedkube.task import TaskFailed
+from fedkube.training.evaluation import Report
+from fedkube.wire import signing
+from fedkube.wire.failures import STEPS, FailureReport
 from fedkube.workers.client_state import ClientState
 from fedkube.workers.evaluation import SiteEvaluations, failed_report
 from fedkube.workers.link import TRANSIT_ERRORS, CombinerLink, Taken
@@ -101,7 +101,7 @@ class WorkerConfig:
     clients: Sequence[Client]
     combiner_url: str
     token: str
-    # The tenant's private key: every update is signed with it (fedkube.signing).
+    # The tenant's private key: every update is signed with it (fedkube.wire.signing).
     signing_key: signing.SigningKey
     device: str = "cpu"
     poll_wait_s: float = 20.0
@@ -282,7 +282,7 @@ class Worker:
 
         The client sends nothing for the round, which closes on the others;
         the next round runs the task again. Returns the report that tells
-        the combiner (fedkube.failures), so the round need not wait for us.
+        the combiner (fedkube.wire.failures), so the round need not wait for us.
         """
         seat.failed_round = number
         self.metrics.task_failures.labels(*self.identity.labels(), exc.step).inc()

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedkube import secagg
-from fedkube.logs import fields
+from fedkube.service.logs import fields
 from fedkube.spec import Client
+from fedkube.wire import secagg
 from fedkube.workers.client_state import ClientState
 from fedkube.workers.pipeline import Outgoing
 

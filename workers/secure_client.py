@@ -1,4 +1,4 @@
-"""The client side of secure aggregation (:mod:`fedkube.secagg`), through the worker's link.
+"""The client side of secure aggregation (:mod:`fedkube.wire.secagg`), through the worker's link.
 
 Under ``spec.privacy.secureAggregation`` a trained client keeps its update
 and runs the protocol instead of sending it: (1) fresh keys with its weight,
@@ -17,18 +17,20 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from fedkube import codec, faults, privacy, secagg, signing
 from fedkube.errors import FedkubeError, SecureAggregationFailed
-from fedkube.protocol import Envelope
+from fedkube.service import faults
 from fedkube.spec import FederatedJob
-from fedkube.strategy_client import CLIENT_STRATEGIES
+from fedkube.training import privacy
+from fedkube.training.strategy_client import CLIENT_STRATEGIES
+from fedkube.wire import codec, masking, secagg, signing
+from fedkube.wire.protocol import Envelope
 from fedkube.workers.link import CombinerLink
 from fedkube.workers.pipeline import Outgoing, sign
 from fedkube.workers.seat import Identity, Seat
 
 log = logging.getLogger("fedkube.worker")
 
-# The tasks of secure aggregation's steps 2 to 4 (see fedkube.secagg).
+# The tasks of secure aggregation's steps 2 to 4 (see fedkube.wire.secagg).
 SECURE_STEPS = ("share", "mask", "unmask")
 
 # Sends an update through the worker (kept state saved once it is accepted);
@@ -144,9 +146,9 @@ class SecureClient:
         loop = asyncio.get_running_loop()
 
         def masked() -> codec.Encoded:
-            flat = secagg.flatten(delta)
+            flat = masking.flatten(delta)
             values = session.mask(task, flat, ratio / session.weight_total, clip_range)
-            tensors = secagg.unflatten(values, {name: d.shape for name, d in delta.items()})
+            tensors = masking.unflatten(values, {name: d.shape for name, d in delta.items()})
             envelope = Envelope(
                 self.job.name, session.round, seat.client.id, seat.client.tenant, outgoing.weight
             )

@@ -6,7 +6,7 @@ executor. This module owns that: loading a client's data (kept between
 rounds only by a worker with one client, loaded to train and dropped after
 otherwise), the task's context, the client side of the strategy while the
 task's loop trains (FedProx's proximal term, SCAFFOLD's correction, from
-:mod:`fedkube.strategy_client`), and the evaluation of a global model on a
+:mod:`fedkube.training.strategy_client`), and the evaluation of a global model on a
 client's validation data. What happens to the trained weights next is
 :mod:`fedkube.workers.pipeline`'s.
 """
@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedkube.evaluation import Report
-from fedkube.learning import (
-    ArrayData,
+from fedkube.datasets import ArrayData
+from fedkube.policy import DataBinding
+from fedkube.spec import FederatedJob
+from fedkube.task import BUILTIN, Role, TaskContext, load_task
+from fedkube.training.evaluation import Report
+from fedkube.training.learning import (
     build_model,
     float_state,
     load_data,
     load_float_state,
     train_local,
 )
-from fedkube.policy import DataBinding
-from fedkube.spec import FederatedJob
-from fedkube.strategy_client import CLIENT_STRATEGIES, split
-from fedkube.task import BUILTIN, Role, TaskContext, load_task
+from fedkube.training.strategy_client import CLIENT_STRATEGIES, split
 from fedkube.workers.evaluation import evaluate_model, validation_data
 from fedkube.workers.pipeline import (
     SCAFFOLD_STATE,

@@ -25,8 +25,8 @@ from fedkube.aggregator.combiner.update_buffer import UpdateBuffer
 from fedkube.aggregator.strategies import ROBUST_RULES
 from fedkube.aggregator.strategies.sums import Tensors, WeightedSum
 from fedkube.aggregator.validation import Template
-from fedkube.compression import Part
 from fedkube.spec import Strategy
+from fedkube.wire.compression import Part
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 from aiohttp import web
 
-from fedkube import codec, compression, privacy, signing
 from fedkube.aggregator.validation import Template, check_bound, check_update
 from fedkube.errors import CodecError, SigningKeyError, UpdateRejected
-from fedkube.norms import l2_norm
-from fedkube.protocol import (
+from fedkube.service.web import bearer, token_matches
+from fedkube.spec import Client, FederatedJob
+from fedkube.training import privacy
+from fedkube.training.norms import l2_norm
+from fedkube.wire import codec, compression, signing
+from fedkube.wire.protocol import (
     H_CLIENT,
     H_CODEC,
     H_JOB,
@@ -42,8 +45,6 @@ from fedkube.protocol import (
     parse_int,
     parse_weight,
 )
-from fedkube.spec import Client, FederatedJob
-from fedkube.web import bearer, token_matches
 
 # The folded form of an update: dense arrays, or compressed parts folded from their wire form.
 Update = dict[str, np.ndarray | compression.Part]

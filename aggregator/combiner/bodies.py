@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason
+from fedkube.wire.protocol import Reason
 
 _ALIGN = 64 * 1024
 

@@ -17,16 +17,17 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from fedkube import faults, norms, privacy
 from fedkube.aggregator.combiner.accumulators import RegionSum, new_accumulator
 from fedkube.aggregator.combiner.admission import Admission, Sender
 from fedkube.aggregator.combiner.model_cache import ModelCache
 from fedkube.aggregator.combiner.region import RegionRound, RegionState, check_open, task_fields
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.errors import UpdateRejected
-from fedkube.logs import fields
-from fedkube.protocol import M_STEPS, Reason, RoundState, parse_steps
+from fedkube.service import faults
+from fedkube.service.logs import fields
 from fedkube.spec import FederatedJob
+from fedkube.training import norms, privacy
+from fedkube.wire.protocol import M_STEPS, Reason, RoundState, parse_steps
 
 log = logging.getLogger("fedkube.combiner")
 

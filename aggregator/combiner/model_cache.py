@@ -19,9 +19,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from fedkube import codec, compression
 from fedkube.aggregator.validation import Template, template_of
 from fedkube.spec import WireCompression
+from fedkube.wire import codec, compression
 
 
 def _failed(task: asyncio.Task[bytes]) -> bool:

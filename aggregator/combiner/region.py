@@ -27,11 +27,11 @@ from fedkube.aggregator.combiner.accumulators import Accumulator, RegionSum
 from fedkube.aggregator.combiner.admission import Sender
 from fedkube.aggregator.combiner.secure_region import SecureRegion
 from fedkube.errors import UpdateRejected
-from fedkube.logs import fields
-from fedkube.longpoll import Changes
-from fedkube.metrics import Metrics
-from fedkube.protocol import Reason, RoundState
-from fedkube.roundstate import RoundInfo, RoundStore
+from fedkube.service.logs import fields
+from fedkube.service.longpoll import Changes
+from fedkube.service.metrics import Metrics
+from fedkube.state.roundstate import RoundInfo, RoundStore
+from fedkube.wire.protocol import Reason, RoundState
 
 log = logging.getLogger("fedkube.combiner")
 

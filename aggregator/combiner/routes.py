@@ -28,16 +28,16 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import codec
 from fedkube.aggregator.combiner.bodies import json_body, read_body
 from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.validation import check_client
 from fedkube.errors import UpdateRejected
-from fedkube.failures import check_failure
-from fedkube.logs import fields
-from fedkube.protocol import H_CLIENT, Reason, RoundState
-from fedkube.web import json_error
+from fedkube.service.logs import fields
+from fedkube.service.web import json_error
+from fedkube.wire import codec
+from fedkube.wire.failures import check_failure
+from fedkube.wire.protocol import H_CLIENT, Reason, RoundState
 
 if TYPE_CHECKING:
     from fedkube.aggregator.combiner.service import Combiner
@@ -98,7 +98,7 @@ class Routes:
         client a worker hosts: a worker of a thousand virtual clients polls
         as cheaply as a worker of one. The answer lists a task per client
         that has one (``train`` or ``resend``; ``evaluate`` while an
-        evaluation at the sites is open, see :mod:`fedkube.evaluation`), the
+        evaluation at the sites is open, see :mod:`fedkube.training.evaluation`), the
         round the combiner is at, or ``done`` with the job's status.
         """
         try:
@@ -259,7 +259,7 @@ class Routes:
         return web.json_response(result)
 
     async def failure(self, request: web.Request) -> web.Response:
-        """A client's task failed this round (``fedkube.failures``): recorded, not waited for.
+        """A client's task failed this round (``fedkube.wire.failures``): recorded, not waited for.
 
         Once every selected client of the region has sent its update or said
         that its task failed, the region's partial goes up without waiting for

@@ -1,9 +1,9 @@
-"""The secure mode: the server side of :mod:`fedkube.secagg` for one region.
+"""The secure mode: the server side of :mod:`fedkube.wire.secagg` for one region.
 
 The combiner routes its clients' keys and sealed shares, adds their masked
 updates into a uint32 total it cannot read, and decodes the region's sum once
 the survivors revealed the shares that remove the masks. Every message is
-checked by :class:`fedkube.secagg.ServerSession`; when each step is due is
+checked by :class:`fedkube.wire.secagg.ServerSession`; when each step is due is
 :mod:`.secure_region`'s. The decoded sum goes up as the region's partial, as
 in the clear; if too few clients are left the region sends none, and the
 global tier learns why from Redis.
@@ -22,7 +22,6 @@ import numpy as np
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import privacy, secagg
 from fedkube.aggregator.combiner.accumulators import RegionSum
 from fedkube.aggregator.combiner.admission import Admission, Sender
 from fedkube.aggregator.combiner.model_cache import ModelCache
@@ -31,9 +30,11 @@ from fedkube.aggregator.combiner.secure_region import Claim, SecureRegion
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.validation import Template, check_structure
 from fedkube.errors import SecureAggregationFailed, UpdateRejected
-from fedkube.logs import fields
-from fedkube.protocol import H_CLIENT, Reason, RoundState, parse_steps
+from fedkube.service.logs import fields
 from fedkube.spec import FederatedJob, SecureAggregation
+from fedkube.training import privacy
+from fedkube.wire import masking, secagg
+from fedkube.wire.protocol import H_CLIENT, Reason, RoundState, parse_steps
 
 log = logging.getLogger("fedkube.combiner")
 
@@ -200,7 +201,7 @@ class SecureIntake:
                     f"weight {sender.weight:g} differs from the {claim.weight:g} sent with the"
                     " keys",
                 )
-            secure.session.receive_masked(sender.client, secagg.flatten(tensors))
+            secure.session.receive_masked(sender.client, masking.flatten(tensors))
             await self.tick(current)
         name, here = state.name, state.region
         state.metrics.updates_accepted.labels(name, TIER, here, sender.tenant).inc()
@@ -303,7 +304,7 @@ def _decoded(secure: SecureRegion, template: Template) -> RegionSum:
     """The decoded region sum as tensors, its weight, count and weighted steps (in a thread)."""
     flat, survivors = secure.session.finish()
     shapes = {name: shape for name, (shape, _dtype) in template.items()}
-    tensors = secagg.unflatten(flat, shapes)
+    tensors = masking.unflatten(flat, shapes)
     weight = sum(secure.claims[c].counted for c in survivors)
     steps = sum(secure.claims[c].counted * secure.claims[c].steps for c in survivors)
     return RegionSum(tensors, weight, len(survivors), steps)

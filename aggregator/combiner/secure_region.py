@@ -1,6 +1,6 @@
 """When a region's secure aggregation moves on to its next step, and what each client is asked.
 
-:class:`fedkube.secagg.ServerSession` holds the protocol's state and checks
+:class:`fedkube.wire.secagg.ServerSession` holds the protocol's state and checks
 every message; this module decides the timing, with no I/O, so that the
 combiner only feeds it messages and the clock. A step ends when every client
 still in has answered, or when ``phaseTimeoutSeconds`` ran out (the first
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fedkube.errors import SecureAggregationFailed
-from fedkube.secagg import ServerSession
 from fedkube.spec import MIN_SECURE_REGION, SecureAggregation
+from fedkube.wire.secagg import ServerSession
 
 
 class Claim(NamedTuple):

@@ -22,7 +22,7 @@ A rejected update is counted by reason and never touches the sum, so it
 cannot poison the round.
 
 Under ``spec.privacy.secureAggregation`` steps 3 and 4 are the server side
-of :mod:`fedkube.secagg` instead (:mod:`.secure_intake`): the combiner routes
+of :mod:`fedkube.wire.secagg` instead (:mod:`.secure_intake`): the combiner routes
 its clients' keys and sealed shares, adds their masked updates into a uint32
 total it cannot read, and decodes the region's sum once the survivors
 revealed the shares that remove the masks (the timing of the steps is
@@ -58,7 +58,6 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import signing
 from fedkube.aggregator.combiner.admission import Admission
 from fedkube.aggregator.combiner.bodies import BufferPool
 from fedkube.aggregator.combiner.clear_intake import ClearIntake
@@ -68,13 +67,14 @@ from fedkube.aggregator.combiner.routes import make_app
 from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.combiner.site_reports import SiteReports
 from fedkube.aggregator.combiner.uplink import encode_partial, send_partial
-from fedkube.backoff import Backoff
-from fedkube.lease import LEASE_TTL_MS, Lease
-from fedkube.logs import fields
-from fedkube.metrics import Metrics
-from fedkube.roundstate import RoundInfo, RoundStore
+from fedkube.service.backoff import Backoff
+from fedkube.service.logs import fields
+from fedkube.service.metrics import Metrics
+from fedkube.service.web import start_site
 from fedkube.spec import FederatedJob
-from fedkube.web import start_site
+from fedkube.state.lease import LEASE_TTL_MS, Lease
+from fedkube.state.roundstate import RoundInfo, RoundStore
+from fedkube.wire import signing
 
 log = logging.getLogger("fedkube.combiner")
 
@@ -91,7 +91,7 @@ class CombinerConfig:
     global_url: str
     tenant_digests: dict[str, str]
     # Each tenant's public key: its updates must carry a signature made with
-    # the private key that only its workers hold (fedkube.signing).
+    # the private key that only its workers hold (fedkube.wire.signing).
     tenant_keys: Mapping[str, signing.VerifyKey]
     aggregator_token: str
     host: str = "127.0.0.1"

@@ -1,6 +1,6 @@
 """The combiner's side of evaluation at the sites: hand out, check and record reports.
 
-The global aggregator opens an evaluation in Redis (:mod:`fedkube.evaluation`);
+The global aggregator opens an evaluation in Redis (:mod:`fedkube.training.evaluation`);
 the combiner hands each of its expected clients an ``evaluate`` task, checks
 every report at the boundary and folds it into its tenant's sums in Redis.
 Nothing here holds a sum in memory: a restarted combiner carries on from
@@ -19,12 +19,12 @@ from redis.exceptions import RedisError
 
 from fedkube.aggregator.validation import check_client
 from fedkube.errors import UpdateRejected
-from fedkube.evaluation import check_report
-from fedkube.logs import fields
-from fedkube.metrics import Metrics
-from fedkube.protocol import Reason
-from fedkube.roundstate import EvaluationInfo, RoundStore
+from fedkube.service.logs import fields
+from fedkube.service.metrics import Metrics
 from fedkube.spec import Client
+from fedkube.state.roundstate import EvaluationInfo, RoundStore
+from fedkube.training.evaluation import check_report
+from fedkube.wire.protocol import Reason
 
 log = logging.getLogger("fedkube.combiner")
 

@@ -24,10 +24,10 @@ import numpy as np
 from fedkube.aggregator.strategies import RobustRule
 from fedkube.aggregator.strategies.sums import Tensors
 from fedkube.aggregator.validation import Template
-from fedkube.compression import Part
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason
 from fedkube.spec import Robust
+from fedkube.wire.compression import Part
+from fedkube.wire.protocol import Reason
 
 
 @dataclass

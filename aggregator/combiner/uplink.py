@@ -15,13 +15,21 @@ import logging
 
 import aiohttp
 
-from fedkube import codec
 from fedkube.aggregator.combiner.accumulators import RegionSum
-from fedkube.backoff import Backoff
-from fedkube.codec import Encoded
-from fedkube.logs import fields
-from fedkube.protocol import H_CODEC, H_JOB, H_REGION, H_ROUND, M_COUNT, M_WEIGHTED_STEPS, Envelope
-from fedkube.web import upload
+from fedkube.service.backoff import Backoff
+from fedkube.service.logs import fields
+from fedkube.service.web import upload
+from fedkube.wire import codec
+from fedkube.wire.codec import Encoded
+from fedkube.wire.protocol import (
+    H_CODEC,
+    H_JOB,
+    H_REGION,
+    H_ROUND,
+    M_COUNT,
+    M_WEIGHTED_STEPS,
+    Envelope,
+)
 
 log = logging.getLogger("fedkube.combiner")
 

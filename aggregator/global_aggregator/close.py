@@ -3,8 +3,8 @@
 A round closes in this order (the loop in :mod:`.rounds` makes the calls
 and does the I/O between them): reduce the regions' partials to the round's
 mean delta; central DP's Gaussian noise on it, once for the whole hierarchy
-(:func:`fedkube.privacy.central_noise_std`, :func:`privacy_record`); the strategy's server step;
-the central evaluation on the held-out split (:class:`CentralEvaluation`);
+(:func:`fedkube.training.privacy.central_noise_std`, :func:`privacy_record`); the
+strategy's server step; the central evaluation on the held-out split (:class:`CentralEvaluation`);
 the history record (:func:`participation`, :func:`history_record`), which is
 also the checkpoint's metadata; then the clients' evaluation of the new model
 at their sites, shown by :class:`SiteGauges`.
@@ -17,15 +17,15 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fedkube import privacy
 from fedkube.aggregator.global_aggregator.common import log
 from fedkube.aggregator.strategies import StrategyInfo
 from fedkube.aggregator.strategies.sums import Partial, RoundAggregate, Tensors
-from fedkube.learning import load_data, load_float_state
-from fedkube.logs import fields
-from fedkube.metrics import Metrics
+from fedkube.service.logs import fields
+from fedkube.service.metrics import Metrics
 from fedkube.spec import MAX_METRICS, DifferentialPrivacy, FederatedJob, JobSpec
 from fedkube.task import Task, TaskContext, TaskFailed
+from fedkube.training import privacy
+from fedkube.training.learning import load_data, load_float_state
 
 if TYPE_CHECKING:
     import torch.nn as nn

@@ -23,9 +23,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fedkube.failures import describe as describe_failures
-from fedkube.protocol import RoundState
 from fedkube.spec import DifferentialPrivacy, Participation
+from fedkube.wire.failures import describe as describe_failures
+from fedkube.wire.protocol import RoundState
 
 
 @dataclass(frozen=True)

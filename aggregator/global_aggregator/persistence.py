@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from fedkube import checkpoint
 from fedkube.aggregator.global_aggregator.common import POLL_INTERVAL_S, TIER, log
 from fedkube.aggregator.global_aggregator.wire import decode_partial, encode_model
-from fedkube.backoff import Backoff
-from fedkube.logs import fields
-from fedkube.protocol import RoundState
-from fedkube.roundstate import SOCKET_TIMEOUT_S
+from fedkube.service.backoff import Backoff
+from fedkube.service.logs import fields
+from fedkube.state import checkpoint
+from fedkube.state.roundstate import SOCKET_TIMEOUT_S
+from fedkube.wire.protocol import RoundState
 
 if TYPE_CHECKING:
     from fedkube.aggregator.global_aggregator.service import GlobalAggregator

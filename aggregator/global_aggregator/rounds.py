@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fedkube import checkpoint, evaluation, faults, headline, privacy
 from fedkube.aggregator.global_aggregator import close, decision
 from fedkube.aggregator.global_aggregator.common import POLL_INTERVAL_S, TIER, log
 from fedkube.aggregator.global_aggregator.decision import (
@@ -37,10 +36,13 @@ from fedkube.aggregator.global_aggregator.persistence import publish_model
 from fedkube.aggregator.site_evaluation import evaluate_at_sites
 from fedkube.aggregator.strategies.sums import Partial, aggregate_partials
 from fedkube.errors import QuorumNotReached
-from fedkube.logs import fields
-from fedkube.protocol import RoundState
-from fedkube.roundstate import RoundInfo, select_clients
+from fedkube.service import faults
+from fedkube.service.logs import fields
 from fedkube.spec import quorum
+from fedkube.state import checkpoint
+from fedkube.state.roundstate import RoundInfo, select_clients
+from fedkube.training import evaluation, headline, privacy
+from fedkube.wire.protocol import RoundState
 
 if TYPE_CHECKING:
     from fedkube.aggregator.global_aggregator.service import GlobalAggregator

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import checkpoint
 from fedkube.aggregator.global_aggregator.common import TIER, log
 from fedkube.aggregator.global_aggregator.wire import decode_partial
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.strategies.sums import Partial
 from fedkube.errors import UpdateRejected
-from fedkube.logs import fields
-from fedkube.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int
-from fedkube.web import bearer, json_error, send_payload, start_site, token_matches
+from fedkube.service.logs import fields
+from fedkube.service.web import bearer, json_error, send_payload, start_site, token_matches
+from fedkube.state import checkpoint
+from fedkube.wire.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int
 
 if TYPE_CHECKING:
     from fedkube.aggregator.global_aggregator.service import GlobalAggregator

@@ -21,20 +21,20 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube import privacy
 from fedkube.aggregator.global_aggregator import persistence, rounds, routes
 from fedkube.aggregator.global_aggregator.close import CentralEvaluation, SiteGauges, state_summary
 from fedkube.aggregator.global_aggregator.common import TIER, log
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.sums import Partial, Tensors
 from fedkube.aggregator.validation import Template, template_of
-from fedkube.learning import build_model, float_state
-from fedkube.lease import LEASE_TTL_MS, Lease
-from fedkube.logs import fields
-from fedkube.metrics import Metrics
-from fedkube.roundstate import RoundInfo, RoundStore
+from fedkube.service.logs import fields
+from fedkube.service.metrics import Metrics
 from fedkube.spec import FederatedJob
+from fedkube.state.lease import LEASE_TTL_MS, Lease
+from fedkube.state.roundstate import RoundInfo, RoundStore
 from fedkube.task import load_task
+from fedkube.training import privacy
+from fedkube.training.learning import build_model, float_state
 
 
 @dataclass

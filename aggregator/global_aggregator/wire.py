@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkube import codec, compression
 from fedkube.aggregator.strategies.sums import Partial, Tensors
 from fedkube.aggregator.validation import Template, check_finite, check_structure
 from fedkube.errors import CodecError, UpdateRejected
-from fedkube.protocol import (
+from fedkube.spec import WireCompression
+from fedkube.wire import codec, compression
+from fedkube.wire.protocol import (
     M_COUNT,
     M_JOB,
     M_KIND,
@@ -26,7 +27,6 @@ from fedkube.protocol import (
     Reason,
     check_metadata,
 )
-from fedkube.spec import WireCompression
 
 
 def encode_model(

@@ -42,7 +42,7 @@ from fedkube.aggregator.strategies import (
 )
 from fedkube.aggregator.strategies.sums import Tensors
 from fedkube.spec import Robust
-from fedkube.strategy_client import CLIENT_STRATEGIES, ClientStrategy
+from fedkube.training.strategy_client import CLIENT_STRATEGIES, ClientStrategy
 
 RobustRule = Callable[[np.ndarray, np.ndarray, Robust], np.ndarray]
 
@@ -57,7 +57,7 @@ class StrategyInfo:
 
     What its clients must do (FedProx's proximal term, SCAFFOLD's variates,
     FedNova's local steps and fold coefficient) is its
-    :class:`~fedkube.strategy_client.ClientStrategy`, shared with the worker.
+    :class:`~fedkube.training.strategy_client.ClientStrategy`, shared with the worker.
     """
 
     name: str

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, apply_delta, stored_buffer
-from fedkube.norms import l2_norm
+from fedkube.training.norms import l2_norm
 
 if TYPE_CHECKING:
     from fedkube.spec import Strategy

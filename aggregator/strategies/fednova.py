@@ -21,7 +21,7 @@ import numpy as np
 from fedkube.aggregator.strategies.fedavg import init_state, state_summary
 from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, apply_delta
 from fedkube.spec import Strategy
-from fedkube.strategy_client import fednova_fold_scale as fold_scale
+from fedkube.training.strategy_client import fednova_fold_scale as fold_scale
 
 NAME = "fednova"
 

@@ -5,7 +5,7 @@ model it started the round from (``spec.strategy.proximalMu``): the term pulls
 local training back toward the global model and so limits client drift under
 non-IID data. The server side is plain FedAvg, so the combiners fold FedProx
 updates like any other. The term itself is torch code and lives with local
-training (:func:`fedkube.learning.proximal_term`), so that the aggregator tier
+training (:func:`fedkube.training.learning.proximal_term`), so that the aggregator tier
 never imports torch for it.
 """
 

@@ -9,10 +9,10 @@ any one client can move the model by, while honest updates within the bound
 pass unchanged. Sun et al. show this alone defeats most backdoor attacks at
 little cost in accuracy. It needs no buffer, so it works with any fold.
 
-A combiner that folds can skip the scaled copy: :func:`fedkube.norms.clip_scale`
+A combiner that folds can skip the scaled copy: :func:`fedkube.training.norms.clip_scale`
 of the update's norm, passed to ``WeightedSum.fold(delta, w, scale=w·s)``,
 applies the same clipping inside the fold. The clip itself is
-:func:`fedkube.norms.clip`, the same one a worker applies for DP's clipNorm.
+:func:`fedkube.training.norms.clip`, the same one a worker applies for DP's clipNorm.
 """
 
 NAME = "normBound"

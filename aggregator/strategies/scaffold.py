@@ -17,7 +17,7 @@ clients of the job. The means are sample-weighted like FedAvg's (the paper
 uses plain means; with equal client sizes they agree).
 
 The client's side (the payload's ``control/`` split and option II) is in
-:mod:`fedkube.strategy_client`, which the worker imports without this package.
+:mod:`fedkube.training.strategy_client`, which the worker imports without this package.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedkube.aggregator.strategies.sums import RoundAggregate, Tensors, apply_delta
-from fedkube.norms import l2_norm
 from fedkube.spec import Strategy
-from fedkube.strategy_client import CONTROL, split
+from fedkube.training.norms import l2_norm
+from fedkube.training.strategy_client import CONTROL, split
 
 NAME = "scaffold"
 

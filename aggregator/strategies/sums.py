@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedkube.compression import Part
+from fedkube.wire.compression import Part
 
 Tensors = dict[str, np.ndarray]
 
@@ -65,7 +65,7 @@ class WeightedSum:
 
         One cache-sized chunk at a time: memory traffic per element is one
         read of the update and one read-modify-write of the sum, the same as
-        ``a += b``. A compressed update (:class:`fedkube.compression.Part`)
+        ``a += b``. A compressed update (:class:`fedkube.wire.compression.Part`)
         folds from its wire form: int8 dequantised chunk by chunk, top-k as a
         scatter-add. ``weight`` always counts toward ``Σ w_i``; a strategy
         that rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.

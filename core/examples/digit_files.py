@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib import image
 
+from fedkube.datasets import ArrayData
 from fedkube.examples import digits
-from fedkube.learning import ArrayData, data_context
 from fedkube.spec import Client, FederatedJob, load_job
+from fedkube.training.learning import data_context
 
 
 def write_images(job: FederatedJob, out: Path) -> dict[str, int]:

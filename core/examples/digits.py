@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fedkube import partition
-from fedkube.learning import ArrayData, DataContext
+from fedkube.datasets import ArrayData, DataContext
+from fedkube.training import partition
 
 
 def make_model(hidden: int = 64) -> nn.Module:

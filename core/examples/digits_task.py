@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkube.examples import digits
-from fedkube.learning import data_context
 from fedkube.task import Result, TaskContext
+from fedkube.training.learning import data_context
 
 
 class DigitsTask:

@@ -9,7 +9,7 @@ instead: the same job then fine-tunes a real pretrained model, whose
 tokenizer ``make_data``'s ``tokenizer`` must name.
 
 How an LM fits fedkube's classification interface. Training and evaluation
-(``fedkube.learning``) compute ``cross_entropy(model(x), y)`` over a batch of
+(``fedkube.training.learning``) compute ``cross_entropy(model(x), y)`` over a batch of
 rows. Here a row of ``x`` is ``seq_len`` token ids and the same row of ``y``
 is the next token at each position; :class:`CausalLM` returns the logits as
 ``(batch, vocab, seq_len)``, the layout ``cross_entropy`` takes for a target
@@ -17,7 +17,7 @@ of shape ``(batch, seq_len)``. The loss is then the mean next-token
 cross-entropy (perplexity is ``exp(loss)``) and the "accuracy" is next-token
 accuracy, with no change to the worker, combiner or aggregator.
 
-With ``spec.training.peft`` set, ``fedkube.learning.build_model`` wraps this
+With ``spec.training.peft`` set, ``fedkube.training.learning.build_model`` wraps this
 model with LoRA adapters (peft); only the adapters train and travel.
 
 The data. :func:`make_data` follows the DataContext protocol of the other
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkube import partition
+from fedkube.datasets import ArrayData, DataContext
 from fedkube.examples import corpus
-from fedkube.learning import ArrayData, DataContext
+from fedkube.training import partition
 
 SPLITS = ("topic", "partition")
 

@@ -43,9 +43,8 @@ import numpy as np
 from sklearn.datasets import make_classification
 from torch import nn
 
-from fedkube import partition
-from fedkube.datasets import read_npz
-from fedkube.learning import ArrayData, DataContext
+from fedkube.datasets import ArrayData, DataContext, read_npz
+from fedkube.training import partition
 
 # Separate random streams (numpy SeedSequence entropy [seed, purpose, ...]) so
 # that changing one size does not reshuffle an unrelated choice.

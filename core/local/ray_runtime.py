@@ -28,7 +28,7 @@ from typing import Any
 import ray
 
 from fedkube.errors import FedkubeError, SpecError
-from fedkube.logs import LOG_FILE_ENV
+from fedkube.service.logs import LOG_FILE_ENV
 from fedkube.spec import FederatedJob, load_job
 
 # What one service actor reserves of a node's CPUs: the services mostly wait

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedkube import headline
 from fedkube.spec import Evaluation, FederatedJob
+from fedkube.training import headline
 
 if TYPE_CHECKING:
     from fedkube.local.runner import RunResult

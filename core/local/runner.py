@@ -23,28 +23,29 @@ Run directory layout (``runs/<job>`` by default)::
     pids/          each service's process id (processes only; the chaos tests use them)
     history.jsonl  one record per round (or history.csv)
     plot.png       the headline metric (spec.evaluation.metric) and loss per round
+
+Over 400 lines on purpose: :class:`LocalRun` is one supervisor (start in order,
+follow Redis, restart what exited, stop) whose steps share its handles and
+restart budget; where services start is :mod:`.launcher`, the run directory and
+credentials :mod:`.run_dir`, the printing :mod:`.report`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
-from fedkube import signing
-from fedkube.credentials import combiner_checks
-from fedkube.errors import FedkubeError
 from fedkube.local import report
+from fedkube.local.launcher import Handle, Launcher, ProcessLauncher, wait_port
+from fedkube.local.run_dir import credentials_for, prepare_dir
 from fedkube.policy import (
     Refusal,
     SitePolicy,
@@ -53,13 +54,12 @@ from fedkube.policy import (
     load_policy,
     refused_tenants,
 )
-from fedkube.process import die_with_parent
-from fedkube.redis_server import RedisServer
-from fedkube.roundstate import job_prefix
-from fedkube.spec import FederatedJob, load_job
-from fedkube.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV
+from fedkube.service.web import AGGREGATOR_TOKEN_ENV, TOKEN_ENV
+from fedkube.spec import load_job
+from fedkube.state.redis_server import RedisServer
+from fedkube.state.roundstate import job_prefix
+from fedkube.wire import signing
 
-READY_TIMEOUT_S = 120.0
 RESTART_BACKOFF_S = (0.5, 10.0)  # first delay, cap (doubling), as a kubelet's crash back-off
 
 
@@ -91,171 +91,6 @@ class RunResult:
     restarts: dict[str, int] = field(default_factory=dict)
 
 
-class Handle(Protocol):
-    """A started service: where to reach it, and its life."""
-
-    name: str
-    url_host: str  # the address other services use to reach it
-
-    def read_port(self, path: Path) -> int | None:
-        """The port the service wrote to ``path`` (on its own node), once it has."""
-
-    def poll(self) -> int | None: ...
-
-    def terminate(self) -> None: ...
-
-    def wait(self, timeout: float) -> int | None: ...
-
-
-class Launcher(Protocol):
-    """Starts one fedkube service (its CLI argv) somewhere: a process, a Ray actor."""
-
-    host: str
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> Handle: ...
-
-    def reserve_port(self) -> int | None:
-        """A port a service can be told to bind, or None where only the service knows
-        where it will run (a Ray cluster): then its address is read once it started."""
-
-    def close(self) -> None: ...
-
-
-class ProcessHandle:
-    url_host = "127.0.0.1"
-
-    def __init__(self, name: str, process: Any):
-        self.name = name
-        self.process = process
-        self.pid: int = process.pid
-
-    def read_port(self, path: Path) -> int | None:
-        return int(path.read_text()) if path.exists() else None
-
-    def poll(self) -> int | None:
-        return self.process.poll()
-
-    def terminate(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-
-    def wait(self, timeout: float) -> int | None:
-        import subprocess
-
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-class ProcessLauncher:
-    """Each service in its own OS process: ``python -m fedkube.cli ...``."""
-
-    host = "127.0.0.1"
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> Handle:
-        import subprocess
-
-        with open(log, "ab") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fedkube.cli", *argv],
-                env={**os.environ, **env},
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-            )
-        return ProcessHandle(name, process)
-
-    def reserve_port(self) -> int | None:
-        """A free loopback port (the kernel's choice): every service's address is then
-        known before any starts, so they all start at once instead of one tier after
-        another (start-up is the slowest tier's, not the sum)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((self.host, 0))
-            return int(probe.getsockname()[1])
-
-    def close(self) -> None:
-        return None
-
-
-def _prepare_dir(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / "checkpoints").exists() and not (out / "redis").exists():
-            raise FedkubeError(f"--resume: {out} holds no earlier run of this job")
-        return
-    for part in ("redis", "checkpoints", "clients", "logs", "ports", "pids", "secrets"):
-        shutil.rmtree(out / part, ignore_errors=True)
-    for name in ("history.jsonl", "history.csv", "plot.png", "summary.txt"):
-        (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the run's services authenticate with, kept in ``secrets/`` across --resume."""
-
-    tokens: dict[str, str]  # tenant (and "__aggregator__") -> bearer token
-    signing_keys: dict[str, str]  # tenant -> base64 Ed25519 private key (its workers only)
-
-
-def _write_private(path: Path, document: dict[str, str]) -> None:
-    """A JSON file only this user can read (mode 0600 from its creation on)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(json.dumps(document))
-
-
-def _read(path: Path) -> dict[str, str]:
-    return dict(json.loads(path.read_text())) if path.exists() else {}
-
-
-def _secrets(out: Path, job: FederatedJob) -> Credentials:
-    """Per-tenant tokens and signing keys plus the aggregator's token, kept across --resume.
-
-    Workers get their tenant's token and private key through their
-    environment; combiners get only what checks them: the tokens' SHA-256
-    digests (``tenant-digests.json``) and the public keys (``tenant-keys.json``).
-    """
-    folder = out / "secrets"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tokens = _read(folder / "tokens.json")
-    for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
-        tokens.setdefault(name, secrets.token_urlsafe(32))
-    _write_private(folder / "tokens.json", tokens)
-    keys = _read(folder / "signing-keys.json")
-    for tenant in job.spec.tenants:
-        keys.setdefault(tenant.name, signing.generate_key()[0])
-    _write_private(folder / "signing-keys.json", keys)
-    checks = combiner_checks(
-        [t.name for t in job.spec.tenants],
-        tokens,
-        keys,
-        lambda tenant: f"{folder / 'signing-keys.json'}: tenant {tenant!r}",
-    )
-    (folder / "tenant-digests.json").write_text(json.dumps(checks.token_digests))
-    (folder / "tenant-keys.json").write_text(json.dumps(checks.public_keys))
-    return Credentials(tokens, keys)
-
-
-def _wait_port(path: Path, handle: Handle, log: Path, timeout_s: float = READY_TIMEOUT_S) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        port = handle.read_port(path)
-        if port is not None:
-            return port
-        code = handle.poll()
-        if code is not None:
-            raise FedkubeError(
-                f"{handle.name} exited with code {code} before it was ready; its log: {log}"
-            )
-        time.sleep(0.05)
-    raise FedkubeError(
-        f"{handle.name} did not become ready within {timeout_s:.0f}s; its log: {log}"
-    )
-
-
 class LocalRun:
     """One run of one job: the services it started and how to follow them."""
 
@@ -285,12 +120,12 @@ class LocalRun:
 
     def start(self) -> None:
         job, out = self.job, self.out
-        _prepare_dir(out, self.options.resume)
+        prepare_dir(out, self.options.resume)
         for part in ("logs", "ports", "pids"):
             (out / part).mkdir(parents=True, exist_ok=True)
         for stale in [*(out / "ports").glob("*"), *(out / "pids").glob("*")]:
             stale.unlink()
-        credentials = _secrets(out, job)
+        credentials = credentials_for(out, job)
         tokens = credentials.tokens
         external = self.options.redis_url or job.spec.state.redis_url
         if external:
@@ -395,12 +230,12 @@ class LocalRun:
             ("global", "global"),
             *((f"combiner-{r}", r) for r in job.region_names()),
         ]:
-            _wait_port(out / "ports" / path, self.handles[name], self._log(name))
+            wait_port(out / "ports" / path, self.handles[name], self._log(name))
 
     def _url(self, name: str, port_file: Path, reserved: int | None) -> str:
         """Where ``name`` is reached: its reserved port, else the one it announces."""
         handle = self.handles[name]
-        port = reserved or _wait_port(port_file, handle, self._log(name))
+        port = reserved or wait_port(port_file, handle, self._log(name))
         return f"http://{handle.url_host}:{port}"
 
     def _record_refusals(self) -> dict[str, str]:

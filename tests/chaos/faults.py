@@ -6,7 +6,7 @@ it at a chosen moment: the round state in Redis to wait on (a round opened,
 k updates reported, a region's partial delivered), and SIGKILL / SIGSTOP /
 SIGCONT for a named component (``global``, ``combiner-<region>``,
 ``worker-<client>``, ``redis``). Faults that must land at an exact step
-inside a process use ``fedkube.faults`` (an environment variable that only
+inside a process use ``fedkube.service.faults`` (an environment variable that only
 tests set), passed through ``faults=``.
 """
 
@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import redis
 
-from fedkube import checkpoint
-from fedkube.faults import FAULTS_DIR_ENV, FAULTS_ENV
-from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions
-from fedkube.roundstate import job_prefix
+from fedkube.local.launcher import ProcessLauncher
+from fedkube.local.runner import LocalRun, RunOptions
+from fedkube.service.faults import FAULTS_DIR_ENV, FAULTS_ENV
+from fedkube.state import checkpoint
+from fedkube.state.roundstate import job_prefix
 from tests.support import wait_for
 
 

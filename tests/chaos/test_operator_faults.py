@@ -15,8 +15,8 @@ import pytest
 from redis import Redis
 
 from fedkube.operator.handlers import FINALIZER
-from fedkube.redis_server import RedisServer
-from fedkube.roundstate import job_prefix
+from fedkube.state.redis_server import RedisServer
+from fedkube.state.roundstate import job_prefix
 from tests.cluster.jobs import (
     apply,
     children,

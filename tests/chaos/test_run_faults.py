@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fedkube import checkpoint
 from fedkube.local.runner import RunOptions, run_job
+from fedkube.state import checkpoint
 from tests.chaos.faults import Finished, chaos_run
 from tests.support import small_job_dict
 

@@ -17,10 +17,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from fedkube import checkpoint
 from fedkube.aggregator.strategies.fedavg import flat_fedavg
 from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.spec import parse_job
+from fedkube.state import checkpoint
 from tests.integration.test_services import (
     Tier,
     deltas_for,

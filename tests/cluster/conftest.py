@@ -17,7 +17,7 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from fedkube.redis_server import RedisServer
+from fedkube.state.redis_server import RedisServer
 from tests.controlplane import ControlPlane, start_control_plane
 from tests.operator_process import OperatorProcess
 from tests.support import ROOT, wait_for

@@ -20,8 +20,8 @@ from typing import Any
 import kubernetes.client
 from redis import Redis
 
-from fedkube.redis_server import RedisServer
-from fedkube.roundstate import job_prefix
+from fedkube.state.redis_server import RedisServer
+from fedkube.state.roundstate import job_prefix
 from tests.cluster.jobs import apply, job_document, status
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedkube.redis_server import RedisServer
+from fedkube.state.redis_server import RedisServer
 from tests.cluster.jobs import apply, children, job_document
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess

@@ -16,11 +16,11 @@ import pytest
 import yaml
 from redis import Redis
 
-from fedkube import signing
-from fedkube.redis_server import RedisServer
-from fedkube.roundstate import job_prefix
+from fedkube.service.web import digest
 from fedkube.spec import load_job, parse_job
-from fedkube.web import digest
+from fedkube.state.redis_server import RedisServer
+from fedkube.state.roundstate import job_prefix
+from fedkube.wire import signing
 from tests.cluster.jobs import (
     apply,
     children,

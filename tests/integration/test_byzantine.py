@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedkube.learning import ArrayData
-from fedkube.redis_server import RedisServer
+from fedkube.datasets import ArrayData
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.state.redis_server import RedisServer
 from fedkube.workers.pipeline import LocalUpdate
 from fedkube.workers.runtime import Worker
 from fedkube.workers.seat import Seat

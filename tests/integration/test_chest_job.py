@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedkube import headline
 from fedkube.examples import chest
 from fedkube.spec import dump_job, load_job, parse_job
+from fedkube.training import headline
 from tests.federation import federate
 from tests.support import ROOT
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fedkube.examples import digit_files, digits
-from fedkube.learning import build_model, data_context, load_float_state
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.training.learning import build_model, data_context, load_float_state
 from tests.federation import federate
 from tests.support import small_job_dict
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from fedkube import checkpoint, codec, compression
 from fedkube.aggregator.strategies.fedavg import flat_fedavg
 from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.local.runner import RunOptions, run_job
-from fedkube.protocol import Envelope
 from fedkube.spec import WireCompression, parse_job
+from fedkube.state import checkpoint
+from fedkube.wire import codec, compression
+from fedkube.wire.protocol import Envelope
 from fedkube.workers.client_state import ClientState
 from fedkube.workers.pipeline import RESIDUAL_STATE
 from tests.integration.test_services import deltas_for, rejected, running_tier

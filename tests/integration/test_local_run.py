@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from fedkube import signing
-from fedkube.local.runner import LocalRun, ProcessLauncher, RunOptions, run_job
+from fedkube.local.launcher import ProcessLauncher
+from fedkube.local.runner import LocalRun, RunOptions, run_job
+from fedkube.wire import signing
 from tests.support import fedkube_cli, wait_for
 
 pytestmark = pytest.mark.integration

@@ -8,11 +8,11 @@ import math
 import pytest
 import yaml
 
-from fedkube import codec
-from fedkube.export import export_merged
-from fedkube.learning import build_model, float_state
 from fedkube.local.runner import RunOptions, run_job
 from fedkube.spec import load_job, parse_job
+from fedkube.tools.export import export_merged
+from fedkube.training.learning import build_model, float_state
+from fedkube.wire import codec
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration

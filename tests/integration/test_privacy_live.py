@@ -13,9 +13,10 @@ import logging
 import numpy as np
 import pytest
 
-from fedkube import privacy
-from fedkube.learning import ArrayData, build_model, float_state
+from fedkube.datasets import ArrayData
 from fedkube.spec import DpMode, parse_job
+from fedkube.training import privacy
+from fedkube.training.learning import build_model, float_state
 from fedkube.workers.pipeline import LocalUpdate
 from fedkube.workers.runtime import Worker
 from fedkube.workers.seat import Seat

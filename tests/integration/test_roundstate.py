@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedkube.errors import LeaseLost
-from fedkube.protocol import RoundState
-from fedkube.roundstate import RoundStore, select_clients
+from fedkube.state.roundstate import RoundStore, select_clients
+from fedkube.wire.protocol import RoundState
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Secure aggregation through the real tiers: redis-server, HTTP, combiners, global aggregator.
 
 The tests play the workers with the worker's own client session
-(fedkube.secagg.ClientSession) over HTTP, so that they know each client's
+(fedkube.wire.secagg.ClientSession) over HTTP, so that they know each client's
 update, choose who drops out and when, keep what the combiner was sent, and
 send the malformed messages no honest worker would. ``fedkube run`` then runs
 a secure job with real worker processes beside the same job in the clear.
@@ -21,13 +21,13 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fedkube import codec, secagg
 from fedkube.aggregator.strategies.fedavg import flat_fedavg
 from fedkube.aggregator.strategies.sums import apply_delta
-from fedkube.faults import FAULTS_DIR_ENV, FAULTS_ENV
 from fedkube.local.runner import RunOptions, run_job
-from fedkube.protocol import Envelope
+from fedkube.service.faults import FAULTS_DIR_ENV, FAULTS_ENV
 from fedkube.spec import parse_job
+from fedkube.wire import codec, masking, secagg
+from fedkube.wire.protocol import Envelope
 from tests.integration.test_services import (
     client_headers,
     deltas_for,
@@ -118,8 +118,8 @@ class Player:
         task = await self.task("mask")
         total = self.session.weight_total
         counted = self.weight if self.counted is None else self.counted
-        values = self.session.mask(task, secagg.flatten(self.delta), counted / total, 8.0)
-        tensors = secagg.unflatten(values, {n: d.shape for n, d in self.delta.items()})
+        values = self.session.mask(task, masking.flatten(self.delta), counted / total, 8.0)
+        tensors = masking.unflatten(values, {n: d.shape for n, d in self.delta.items()})
         envelope = Envelope(self.tier.job.name, 1, self.client, self.client[0], self.weight)
         self.masked = codec.encode(tensors, envelope.metadata("masked"))
         return await self.tier.send(self.client, 1, self.masked, weight=self.weight)
@@ -186,8 +186,8 @@ async def test_the_secure_round_equals_fedavg_and_no_masked_update_reveals_its_c
         assert record["reported"] == 9
         # assert: what a combiner received of one client looks uniform, its update does not
         tensors, _ = codec.decode(everyone["a-0"].masked)
-        received = secagg.flatten(tensors)
-        plain = secagg.encode(secagg.flatten(everyone["a-0"].delta), 0.1, 8.0)
+        received = masking.flatten(tensors)
+        plain = masking.encode(masking.flatten(everyone["a-0"].delta), 0.1, 8.0)
         assert looks_uniform(received) and not looks_uniform(plain)
         # ... and is the float32 update's size: four bytes a parameter, after the header
         header = 8 + int.from_bytes(everyone["a-0"].masked[:8], "little")

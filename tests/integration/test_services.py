@@ -20,15 +20,16 @@ import aiohttp
 import numpy as np
 import pytest
 
-from fedkube import checkpoint, codec, signing
 from fedkube.aggregator.combiner import Combiner, CombinerConfig
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig
 from fedkube.aggregator.strategies.fedavg import flat_fedavg
 from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.errors import FedkubeError
-from fedkube.protocol import H_SIGNATURE, Envelope
+from fedkube.service.web import digest
 from fedkube.spec import FederatedJob, parse_job
-from fedkube.web import digest
+from fedkube.state import checkpoint
+from fedkube.wire import codec, signing
+from fedkube.wire.protocol import H_SIGNATURE, Envelope
 from fedkube.workers.runtime import Worker, WorkerConfig
 from tests.support import small_job_dict, tenant_signing_key, tenant_verify_keys
 

@@ -14,10 +14,10 @@ import logging
 
 import pytest
 
-from fedkube import headline
 from fedkube.examples import digits
-from fedkube.learning import data_context
 from fedkube.spec import parse_job
+from fedkube.training import headline
+from fedkube.training.learning import data_context
 from tests import tasks
 from tests.federation import federate
 from tests.support import small_job_dict

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fedkube.aggregator.strategies import REGISTRY, scaffold
-from fedkube.learning import load_data
 from fedkube.spec import parse_job
+from fedkube.training.learning import load_data
 from fedkube.workers.client_state import ClientState
 from fedkube.workers.pipeline import SCAFFOLD_STATE
 from tests.federation import federate

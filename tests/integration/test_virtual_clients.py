@@ -22,9 +22,9 @@ import psutil
 import pytest
 import yaml
 
-from fedkube import codec
-from fedkube.learning import build_model
 from fedkube.spec import parse_job
+from fedkube.training.learning import build_model
+from fedkube.wire import codec
 from tests.federation import federate
 from tests.support import ROOT
 

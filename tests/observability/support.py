@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from fedkube.local.runner import LocalRun, ProcessHandle, ProcessLauncher, RunOptions
-from fedkube.metrics import Metrics
+from fedkube.local.launcher import ProcessHandle, ProcessLauncher
+from fedkube.local.runner import LocalRun, RunOptions
 from fedkube.operator.metrics import OperatorMetrics
-from fedkube.protocol import H_CLIENT, H_CODEC, H_JOB, H_ROUND, H_TENANT, H_WEIGHT
+from fedkube.service.metrics import Metrics
+from fedkube.wire.protocol import H_CLIENT, H_CODEC, H_JOB, H_ROUND, H_TENANT, H_WEIGHT
 from tests.controlplane import resolve_bin_dir
 from tests.prometheus import PrometheusServer
 from tests.support import ROOT, small_job_dict, wait_for
@@ -96,7 +97,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def known_series() -> set[str]:
-    """Every sample name the services and the operator can expose (core/metrics.py and
+    """Every sample name the services and the operator can expose (core/service/metrics.py and
     operator/metrics.py), with the suffixes Prometheus sees for counters and histograms."""
     names: set[str] = set()
     for registry in (Metrics().registry, OperatorMetrics().registry):

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from redis import Redis
 
-from fedkube.roundstate import job_prefix
+from fedkube.state.roundstate import job_prefix
 from tests.node import CONTAINERS_CONF, VERSION, NodeCluster, run
 from tests.prometheus import start_prometheus
 from tests.support import ROOT, wait_for

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from fedkube import signing
 from fedkube.errors import ConfigError
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
+from fedkube.service.web import digest
 from fedkube.spec import parse_job
-from fedkube.web import digest
+from fedkube.wire import signing
 from tests.support import small_job_dict, tenant_signing_key
 
 UID = "0f5e2d6c-1111-2222-3333-444455556666"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
-from fedkube import codec
 from fedkube.errors import CodecError
+from fedkube.wire import codec
 
 
 def sample() -> dict[str, np.ndarray]:

@@ -17,10 +17,10 @@ from fedkube.aggregator.combiner.accumulators import RobustBuffer, RunningSum, n
 from fedkube.aggregator.combiner.clear_intake import ClearIntake
 from fedkube.aggregator.combiner.region import REATTACH_S, RegionRound, RegionState, check_open
 from fedkube.errors import UpdateRejected
-from fedkube.metrics import Metrics
-from fedkube.protocol import Reason, RoundState
-from fedkube.roundstate import RoundInfo
+from fedkube.service.metrics import Metrics
 from fedkube.spec import parse_job
+from fedkube.state.roundstate import RoundInfo
+from fedkube.wire.protocol import Reason, RoundState
 from tests.support import small_job_dict
 
 TEMPLATE = {"w": ((2, 2), np.dtype(np.float32)), "b": ((2,), np.dtype(np.float32))}

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedkube.baselines import (
+from fedkube.errors import SpecError
+from fedkube.spec import Evaluation, dump_job, parse_job
+from fedkube.tools.baselines import variant
+from fedkube.tools.compare_report import (
     SeedBaselines,
     Spread,
     StrategyComparison,
@@ -19,10 +22,7 @@ from fedkube.baselines import (
     plot_curves,
     rounds_to_target,
     strategy_rows,
-    variant,
 )
-from fedkube.errors import SpecError
-from fedkube.spec import Evaluation, dump_job, parse_job
 from tests.support import small_job_dict
 
 

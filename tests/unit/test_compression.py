@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube import codec, compression
 from fedkube.aggregator.strategies.sums import WeightedSum
 from fedkube.errors import UpdateRejected
 from fedkube.spec import WireCompression
+from fedkube.wire import codec, compression
 
 SHAPES = {"w": (64, 33), "b": (33,), "tiny": (3,)}
 

@@ -2,8 +2,8 @@
 
 import typing
 
-from fedkube import specdoc
 from fedkube.spec import ROBUST_GUIDE, STRATEGY_GUIDE, Robust, Strategy
+from fedkube.tools import specdoc
 from tests.support import ROOT
 
 
@@ -15,7 +15,7 @@ def between(text: str, begin: str, end: str) -> str:
 def test_readme_manifest_reference_matches_the_spec_model():
     readme = (ROOT / "README.md").read_text()
     assert between(readme, specdoc.BEGIN, specdoc.END) == specdoc.table().strip(), (
-        "README.md's manifest reference is stale: run python -m fedkube.specdoc --write"
+        "README.md's manifest reference is stale: run python -m fedkube.tools.specdoc --write"
     )
 
 
@@ -23,7 +23,7 @@ def test_readme_strategy_reference_matches_the_spec_model():
     readme = (ROOT / "README.md").read_text()
     generated = specdoc.strategy_table().strip()
     assert between(readme, specdoc.STRATEGIES_BEGIN, specdoc.STRATEGIES_END) == generated, (
-        "README.md's strategy reference is stale: run python -m fedkube.specdoc --write"
+        "README.md's strategy reference is stale: run python -m fedkube.tools.specdoc --write"
     )
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from fedkube.errors import UpdateRejected
-from fedkube.evaluation import (
+from fedkube.spec import parse_job
+from fedkube.training.evaluation import (
     Report,
     TenantSums,
     check_report,
@@ -16,7 +17,6 @@ from fedkube.evaluation import (
     summarise,
     tenant_sums,
 )
-from fedkube.spec import parse_job
 from tests.support import small_job_dict
 
 GOOD = {"client": "a-0", "round": 2, "version": 3, "examples": 40, "metrics": {"auroc": 0.8}}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedkube import faults
 from fedkube.errors import FedkubeError
+from fedkube.service import faults
 
 
 def test_fault_points_parse_into_points_and_rounds():

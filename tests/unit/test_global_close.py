@@ -10,8 +10,8 @@ from fedkube.aggregator.global_aggregator.close import (
     privacy_record,
 )
 from fedkube.aggregator.strategies.sums import Partial
-from fedkube.privacy import central_noise_std
 from fedkube.spec import DifferentialPrivacy, DpMode
+from fedkube.training.privacy import central_noise_std
 
 REGION_OF = {"a-0": "eu", "a-1": "eu", "b-0": "us", "c-0": "asia"}
 

@@ -23,8 +23,8 @@ from fedkube.aggregator.global_aggregator.decision import (
     over_budget,
     participants,
 )
-from fedkube.protocol import RoundState
 from fedkube.spec import DifferentialPrivacy, Participation
+from fedkube.wire.protocol import RoundState
 
 TENANT_OF = {"a-0": "a", "a-1": "a", "b-0": "b", "b-1": "b"}
 NOW = 1_000.0

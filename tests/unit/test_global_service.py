@@ -15,7 +15,7 @@ import pytest
 
 from fedkube.aggregator.global_aggregator import service
 from fedkube.errors import LeaseLost
-from fedkube.lease import Lease
+from fedkube.state.lease import Lease
 
 
 class Store:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube import codec
 from fedkube.aggregator.global_aggregator.wire import decode_partial, encode_model
 from fedkube.aggregator.validation import template_of
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import M_JOB, M_KIND, M_VERSION
 from fedkube.spec import WireCompression
+from fedkube.wire import codec
+from fedkube.wire.protocol import M_JOB, M_KIND, M_VERSION
 
 MODEL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedkube import headline
 from fedkube.spec import Evaluation
+from fedkube.training import headline
 
 HISTORY = [
     {"round": 1, "metrics": {"mae": 0.9, "loss": 1.2}},

@@ -63,3 +63,53 @@ def test_every_package_folder_is_listed_in_pyproject_so_an_install_carries_it():
     # operator/ is a namespace folder on purpose (no __init__.py, see operator/README.md).
     on_disk |= {name for name in folders.values()}
     assert on_disk == set(tool["packages"])
+
+
+# What each layer of the core may import, besides the standard library and
+# third-party packages: the shared contracts below it, never a service or an
+# application above it. The applications (cli.py, local/, tools/) start the
+# services, so they are the one place that imports them.
+CORE_LAYERS = {
+    "wire": {"fedkube.errors", "fedkube.spec", "fedkube.wire"},
+    "service": {"fedkube.errors", "fedkube.spec", "fedkube.wire", "fedkube.service"},
+    "state": {"fedkube.errors", "fedkube.spec", "fedkube.wire", "fedkube.service", "fedkube.state"},
+}
+SERVICES = ("fedkube.aggregator", "fedkube.workers", "fedkube.operator")
+APPLICATIONS = ("fedkube.local", "fedkube.tools", "fedkube.cli")
+
+
+def fedkube_imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.startswith("fedkube.")}
+
+
+def within(name: str, prefixes) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def test_the_cores_lower_layers_import_only_what_lies_below_them():
+    for layer, allowed in CORE_LAYERS.items():
+        for path in sorted((ROOT / "core" / layer).glob("*.py")):
+            outside = {name for name in fedkube_imports(path) if not within(name, allowed)}
+            assert not outside, f"core/{layer}/{path.name} imports {sorted(outside)}"
+
+
+def test_the_core_and_the_services_never_import_an_application_and_services_not_each_other():
+    for path in sorted((ROOT / "core").rglob("*.py")):
+        relative = path.relative_to(ROOT / "core")
+        if relative.parts[0] in ("local", "tools") or relative.name == "cli.py":
+            continue
+        wrong = {n for n in fedkube_imports(path) if within(n, SERVICES + APPLICATIONS)}
+        assert not wrong, f"core/{relative} imports {sorted(wrong)}"
+    for service in ("aggregator", "workers", "operator"):
+        others = tuple(s for s in SERVICES if s != f"fedkube.{service}")
+        for path in sorted((ROOT / service).rglob("*.py")):
+            wrong = {n for n in fedkube_imports(path) if within(n, others + APPLICATIONS)}
+            assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedkube import checkpoint, classifier, codec
+from fedkube import classifier
 from fedkube.cli import main
+from fedkube.datasets import ArrayData, DataContext
 from fedkube.examples import corpus, lm
-from fedkube.export import ExportError, export_merged, merge
-from fedkube.learning import (
-    ArrayData,
-    DataContext,
+from fedkube.spec import FederatedJob, parse_job
+from fedkube.state import checkpoint
+from fedkube.task import Role, TaskContext, load_task
+from fedkube.tools.export import ExportError, export_merged, merge
+from fedkube.training.learning import (
     build_model,
     data_context,
     float_state,
@@ -25,8 +27,7 @@ from fedkube.learning import (
     load_float_state,
     train_local,
 )
-from fedkube.spec import FederatedJob, parse_job
-from fedkube.task import Role, TaskContext, load_task
+from fedkube.wire import codec
 
 # Small enough to build in a fraction of a second, wide enough that rank-4
 # adapters on c_attn are about 200 times smaller than the model.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkube import partition
+from fedkube.datasets import DataContext
 from fedkube.examples.digits import make_data
-from fedkube.learning import DataContext
 from fedkube.spec import Client
+from fedkube.training import partition
 
 
 def test_dirichlet_parts_are_disjoint_complete_and_skewed():

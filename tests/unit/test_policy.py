@@ -193,7 +193,7 @@ def test_a_sites_data_binding_replaces_the_central_entrypoint_which_is_then_not_
 def test_the_worker_loads_the_sites_binding_over_the_manifests_kwargs(tmp_path: Path):
     import numpy as np
 
-    from fedkube.learning import load_data
+    from fedkube.training.learning import load_data
 
     path = tmp_path / "c.npz"
     np.savez(path, x=np.ones((5, 3)), y=np.arange(5) % 2)

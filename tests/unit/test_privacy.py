@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube import norms, privacy
 from fedkube.spec import DifferentialPrivacy, DpMode, parse_job
+from fedkube.training import norms, privacy
 from tests.support import small_job_dict
 
 

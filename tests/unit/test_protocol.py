@@ -3,7 +3,7 @@
 import pytest
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import RoundState, can_transition, check_metadata, parse_weight
+from fedkube.wire.protocol import RoundState, can_transition, check_metadata, parse_weight
 
 
 def test_rounds_move_forward_only():

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from fedkube import signing
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, build_children
 from fedkube.operator.reconcile import (
@@ -23,6 +22,7 @@ from fedkube.operator.reconcile import (
     unschedulable_tenants,
 )
 from fedkube.spec import parse_job
+from fedkube.wire import signing
 from tests.unit.test_builders import UID, target, three_tenants
 
 

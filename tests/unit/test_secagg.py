@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from fedkube import secagg
 from fedkube.errors import SecureAggregationFailed, SpecError, UpdateRejected
 from fedkube.spec import SecureAggregation, parse_job
+from fedkube.wire import masking, secagg, shamir
 from tests.support import small_job_dict
 
 
@@ -71,15 +71,15 @@ class Region:
 def test_any_threshold_shares_rebuild_the_secret_and_fewer_do_not():
     # prepare
     secret = bytes(range(32))
-    shares = secagg.split(secret, [1, 2, 3, 4, 5], threshold=3)
+    shares = shamir.split(secret, [1, 2, 3, 4, 5], threshold=3)
     # execute / assert
     for chosen in ([1, 2, 3], [2, 4, 5], [1, 3, 5]):
-        assert secagg.combine({x: shares[x] for x in chosen}) == secret
+        assert shamir.combine({x: shares[x] for x in chosen}) == secret
     # Two points of a degree-2 polynomial give a line, whose value at 0 is another
     # number of the field: almost surely not even one of 32 bytes.
     with pytest.raises(SecureAggregationFailed, match="expected size"):
-        secagg.combine({x: shares[x] for x in (1, 2)})
-    assert all(len(share) == secagg.SHARE_BYTES for share in shares.values())
+        shamir.combine({x: shares[x] for x in (1, 2)})
+    assert all(len(share) == shamir.SHARE_BYTES for share in shares.values())
 
 
 def test_fixed_point_sums_of_extreme_updates_do_not_overflow():
@@ -87,12 +87,12 @@ def test_fixed_point_sums_of_extreme_updates_do_not_overflow():
     clip, n = 8.0, 1000
     top = np.full(4, clip, np.float32)
     # execute: each client's share of the weight is 1/n, so the sum is ±clip
-    up = sum(secagg.encode(top, 1 / n, clip).astype(np.uint64) for _ in range(n))
-    down = sum(secagg.encode(-top, 1 / n, clip).astype(np.uint64) for _ in range(n))
+    up = sum(masking.encode(top, 1 / n, clip).astype(np.uint64) for _ in range(n))
+    down = sum(masking.encode(-top, 1 / n, clip).astype(np.uint64) for _ in range(n))
     # assert: the mod-2^32 sums decode to ±clip·(total weight n) within the bound
-    bound = secagg.sum_error_bound(n, n, clip)
+    bound = masking.sum_error_bound(n, n, clip)
     for total, want in ((up, clip * n), (down, -clip * n)):
-        decoded = secagg.decode((total % 2**32).astype(np.uint32), n, clip)
+        decoded = masking.decode((total % 2**32).astype(np.uint32), n, clip)
         assert np.all(np.abs(decoded - want) <= bound), decoded
 
 
@@ -107,7 +107,7 @@ def test_masks_cancel_and_survivors_sum_exactly():
     total, survivors = region.server.finish()
     # assert
     assert survivors == set(region.names)
-    bound = secagg.sum_error_bound(6, region.server.weight_total, region.config.clip_range)
+    bound = masking.sum_error_bound(6, region.server.weight_total, region.config.clip_range)
     np.testing.assert_allclose(total, region.expected(survivors), atol=bound + 1e-6)
 
 
@@ -123,7 +123,7 @@ def test_clients_dropped_after_sharing_are_recovered(dropped):
     total, survivors = region.server.finish()
     # assert: exactly the survivors' sum
     assert survivors == set(region.names) - set(dropped)
-    bound = secagg.sum_error_bound(7, region.server.weight_total, region.config.clip_range)
+    bound = masking.sum_error_bound(7, region.server.weight_total, region.config.clip_range)
     np.testing.assert_allclose(total, region.expected(survivors), atol=bound + 1e-6)
 
 
@@ -148,7 +148,7 @@ def test_a_masked_update_looks_uniform_and_its_plain_encoding_does_not():
     # execute
     region.mask()
     # assert: the test would fail for an update sent without masks
-    plain = secagg.encode(region.updates["c00"], 0.2, region.config.clip_range)
+    plain = masking.encode(region.updates["c00"], 0.2, region.config.clip_range)
     assert not looks_uniform(plain)
     assert all(looks_uniform(masked) for masked in region.sent.values())
 
@@ -197,11 +197,11 @@ def test_a_client_never_reveals_both_secrets_of_one_neighbour():
 
 def test_the_neighbour_graph_is_symmetric_of_the_asked_degree():
     roster = [f"c{i:03d}" for i in range(100)]
-    graph = secagg.neighbours(roster, secagg.default_degree(100), b"seed")
-    assert secagg.default_degree(100) == 16
+    graph = masking.neighbours(roster, masking.default_degree(100), b"seed")
+    assert masking.default_degree(100) == 16
     assert all(len(peers) == 16 for peers in graph.values())
     assert all(u in graph[v] for u, peers in graph.items() for v in peers)
-    assert secagg.neighbours(roster[:8], 16, b"seed")["c000"] == roster[1:8]  # complete
+    assert masking.neighbours(roster[:8], 16, b"seed")["c000"] == roster[1:8]  # complete
 
 
 def test_a_region_too_small_to_hide_a_client_is_refused():

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from fedkube import codec, signing
 from fedkube.errors import SigningKeyError, UpdateRejected
+from fedkube.wire import codec, signing
 
 DIGEST = hashlib.sha256(b"an update").digest()
 FIELDS = ("job", 3, "a-0", DIGEST)

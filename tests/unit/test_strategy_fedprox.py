@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedkube.learning import ArrayData, train_local
+from fedkube.datasets import ArrayData
 from fedkube.spec import parse_job
-from fedkube.strategy_hooks import client_strategy
 from fedkube.task import TaskContext, load_task
+from fedkube.training.learning import train_local
+from fedkube.training.strategy_hooks import client_strategy
 from tests.support import small_job_dict
 
 

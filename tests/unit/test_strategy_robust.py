@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkube import norms
 from fedkube.aggregator.strategies import krum, median, trimmed_mean
 from fedkube.aggregator.strategies.sums import WeightedSum
 from fedkube.spec import Robust
+from fedkube.training import norms
 
 
 def matrix(rows) -> np.ndarray:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedkube import strategy_client
 from fedkube.aggregator.strategies import scaffold
 from fedkube.aggregator.strategies.sums import RoundAggregate
 from fedkube.spec import Strategy
+from fedkube.training import strategy_client
 
 
 def arrays(*values: float) -> np.ndarray:

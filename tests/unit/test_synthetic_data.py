@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedkube.datasets import ArrayData, DataContext
 from fedkube.examples import synthetic
-from fedkube.learning import ArrayData, DataContext
 from fedkube.spec import Client
 
 # Small enough to be quick; the same structure as examples/synthetic.yaml.

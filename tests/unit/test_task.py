@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fedkube.errors import EntrypointError, SpecError
-from fedkube.learning import build_model, load_data
 from fedkube.operator.config import DEFAULT_IMAGE
 from fedkube.policy import check, check_central, parse_policy
 from fedkube.spec import parse_job
 from fedkube.task import MAX_METRICS, Result, Task, TaskContext, TaskFailed, check_result
+from fedkube.training.learning import build_model, load_data
 from tests.support import small_job_dict
 
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedkube import signing
 from fedkube.aggregator.strategies import scaffold
-from fedkube.learning import build_model, float_state, load_data, load_float_state
 from fedkube.spec import FederatedJob, parse_job
+from fedkube.training.learning import build_model, float_state, load_data, load_float_state
+from fedkube.wire import signing
 from fedkube.workers.pipeline import LocalUpdate, round_seed
 from fedkube.workers.runtime import Worker, WorkerConfig
 from tests.support import small_job_dict, tenant_signing_key

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from fedkube import codec
 from fedkube.errors import FedkubeError
-from fedkube.failures import FailureReport
-from fedkube.protocol import H_CLIENT, H_JOB, H_ROUND, H_SIGNATURE, H_TENANT, H_WEIGHT
+from fedkube.wire import codec
+from fedkube.wire.failures import FailureReport
+from fedkube.wire.protocol import H_CLIENT, H_JOB, H_ROUND, H_SIGNATURE, H_TENANT, H_WEIGHT
 from fedkube.workers.link import RETRY_MIN_S, CombinerLink, Taken, answer_of
 from fedkube.workers.pipeline import LocalUpdate, Outgoing
 from fedkube.workers.seat import Identity

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from fedkube import codec, compression, signing
-from fedkube.learning import LocalResult
-from fedkube.protocol import M_STEPS
 from fedkube.spec import Client, WireCompression, parse_job
-from fedkube.strategy_client import CLIENT_STRATEGIES, CONTROL
 from fedkube.task import TaskFailed
+from fedkube.training.learning import LocalResult
+from fedkube.training.strategy_client import CLIENT_STRATEGIES, CONTROL
+from fedkube.wire import codec, compression, signing
+from fedkube.wire.protocol import M_STEPS
 from fedkube.workers.client_state import ClientState
 from fedkube.workers.pipeline import (
     RESIDUAL_STATE,

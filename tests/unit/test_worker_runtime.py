@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from fedkube import codec, signing
-from fedkube.learning import build_model, float_state
-from fedkube.protocol import H_SIGNATURE
 from fedkube.spec import FederatedJob, parse_job
 from fedkube.task import TaskFailed
+from fedkube.training.learning import build_model, float_state
+from fedkube.wire import codec, signing
+from fedkube.wire.protocol import H_SIGNATURE
 from fedkube.workers.pipeline import LocalUpdate
 from fedkube.workers.runtime import Worker, WorkerConfig
 from fedkube.workers.seat import Seat

@@ -1,14 +1,14 @@
 """What a worker needs of the job's strategy, from the one definition both sides share.
 
-fedkube.strategy_client exists so that the worker need not import
+fedkube.training.strategy_client exists so that the worker need not import
 fedkube.aggregator; the server side takes the same pieces from it.
 """
 
 import numpy as np
 import pytest
 
-from fedkube import strategy_client
 from fedkube.aggregator.strategies import REGISTRY, scaffold
+from fedkube.training import strategy_client
 
 
 def test_every_server_strategy_has_a_client_side():

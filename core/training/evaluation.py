@@ -6,7 +6,7 @@ the clients that ``spec.evaluation.sites`` names evaluate it on their own
 validation data (role ``validation``) and report their task's metrics with
 the number of examples. Their combiner checks each report here
 (:func:`check_report`) and folds it into per-tenant sums in Redis
-(:meth:`fedkube.roundstate.RoundStore.record_evaluation`); the global tier
+(:meth:`fedkube.state.roundstate.RoundStore.record_evaluation`); the global tier
 turns the sums into example-weighted means per tenant and overall
 (:func:`summarise`) and writes them into the round's history record under
 ``sites``. After the last round every client evaluates the final model
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason, first_line, int_field
 from fedkube.spec import MAX_METRICS, METRIC_NAME, FederatedJob
+from fedkube.wire.protocol import Reason, first_line, int_field
 
 # A failure's reason as a report carries it (its first line): longer is cut.
 MAX_ERROR_CHARS = 500

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from fedkube import signing
-from fedkube.web import digest
+from fedkube.service.web import digest
+from fedkube.wire import signing
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from fedkube.errors import FedkubeError
-from fedkube.process import die_with_parent
+from fedkube.service.process import die_with_parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:

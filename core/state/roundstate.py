@@ -29,6 +29,11 @@ hash tag, so every key of one job lives in one slot and MULTI works)::
 
 A closed round's keys expire after ``spec.state.keyTtlSeconds``; when the job
 ends every key of the job gets that TTL, so a finished job leaves nothing.
+
+Over 400 lines on purpose: every round-state key above is written by
+:class:`RoundStore` and nowhere else (the Lua scripts included), so that the
+layout and the code that keeps it can be checked against each other in one
+file.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 
 from fedkube.errors import LeaseLost
-from fedkube.protocol import RoundState, can_transition
+from fedkube.wire.protocol import RoundState, can_transition
 
 REDIS_PASSWORD_ENV = "FEDKUBE_REDIS_PASSWORD"
 SOCKET_TIMEOUT_S = 5.0
@@ -454,7 +459,7 @@ class RoundStore:
                 pipe.rpush(self.key("history"), *[json.dumps(r, sort_keys=True) for r in kept])
             await pipe.execute()
 
-    # -- evaluation at the sites (fedkube.evaluation) ----------------------
+    # -- evaluation at the sites (fedkube.training.evaluation) ----------------------
     async def open_evaluation(
         self, number: int, version: int, clients: Sequence[str], timeout_s: float, final: bool
     ) -> EvaluationInfo:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedkube.compression import Part
+from fedkube.wire.compression import Part
 
 Tensors = dict[str, np.ndarray]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedkube.errors import UpdateRejected
-from fedkube.protocol import Reason, first_line, int_field
+from fedkube.wire.protocol import Reason, first_line, int_field
 
 STEPS = ("model", "data", "train", "evaluate")
 MAX_MESSAGE_CHARS = 500

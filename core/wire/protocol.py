@@ -70,7 +70,7 @@ class Reason(str, Enum):
     # of the wrong length, or not the one this step asks for.
     bad_share = "bad_share"
     # No signature, or one that does not verify with the tenant's public key
-    # for this job, round, client and body (fedkube.signing).
+    # for this job, round, client and body (fedkube.wire.signing).
     bad_signature = "bad_signature"
     # Not the update's fault: the round state (Redis) could not record it. The
     # worker keeps the update and sends it again.
@@ -85,7 +85,7 @@ H_CLIENT = "X-Fedkube-Client"
 H_REGION = "X-Fedkube-Region"
 H_CODEC = "X-Fedkube-Codec"
 H_WEIGHT = "X-Fedkube-Weight"
-H_SIGNATURE = "X-Fedkube-Signature"  # an update's Ed25519 signature (fedkube.signing)
+H_SIGNATURE = "X-Fedkube-Signature"  # an update's Ed25519 signature (fedkube.wire.signing)
 
 # Keys in the safetensors ``__metadata__`` of a payload.
 M_JOB = "fedkube.job"

@@ -7,7 +7,7 @@ TTL, ``fedkube:{job}:lease:<role>``) decides which copy writes: the holder
 renews it three times per TTL; a copy that finds it held by another stops.
 A Redis outage is not a loss: renewal retakes a lease that lapsed meanwhile
 (``RoundStore.renew_lease``), and only a lease that another process holds now
-raises :class:`~fedkube.roundstate.LeaseLost`.
+raises :class:`~fedkube.state.roundstate.LeaseLost`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import secrets
 
 from redis.exceptions import RedisError
 
-from fedkube.logs import fields
-from fedkube.roundstate import LeaseLost, RoundStore
+from fedkube.service.logs import fields
+from fedkube.state.roundstate import LeaseLost, RoundStore
 
 # Long enough to ride out a scheduling hiccup on a busy node, short enough
 # that a replacement takes over within seconds of a crash.
 LEASE_TTL_MS = 5000
 
-log = logging.getLogger("fedkube.lease")
+log = logging.getLogger("fedkube.state.lease")
 
 
 class Lease:

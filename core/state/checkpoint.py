@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fedkube import codec
 from fedkube.errors import CheckpointError, CodecError
+from fedkube.wire import codec
 
 KEEP = 5
 

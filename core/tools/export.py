@@ -17,10 +17,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkube import checkpoint, codec
 from fedkube.errors import ExportError, FedkubeError
-from fedkube.learning import build_model, float_state, is_adapted, load_float_state
 from fedkube.spec import FederatedJob
+from fedkube.state import checkpoint
+from fedkube.training.learning import build_model, float_state, is_adapted, load_float_state
+from fedkube.wire import codec
 
 KIND = "merged-model"
 

@@ -19,43 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkube.entrypoints import resolve
+from fedkube.datasets import DataContext
 from fedkube.errors import EntrypointError
 from fedkube.spec import Client, FederatedJob, Lora
-from fedkube.strategy_hooks import client_strategy
 from fedkube.task import Role, Task, TaskContext, load_task
+from fedkube.training.entrypoints import resolve
+from fedkube.training.strategy_hooks import client_strategy
 
 if TYPE_CHECKING:
     from fedkube.policy import DataBinding
-
-
-@dataclass(frozen=True)
-class DataContext:
-    """What a data factory is told: who is asking, and for which split.
-
-    ``role`` is ``train`` for one client's own partition, ``validation`` for
-    its own held-out part, ``test`` for the global tier's held-out split and
-    ``pooled`` for all training data (the centralised baseline only).
-    """
-
-    role: Role
-    client: Client | None
-    partition_scheme: str
-    alpha: float
-    test_fraction: float
-    seed: int
-    num_tenants: int = 1  # tenants of the job: a simulated split needs it for every role
-
-
-@dataclass(frozen=True)
-class ArrayData:
-    """Features and integer labels, as numpy arrays."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __len__(self) -> int:
-        return int(len(self.y))
 
 
 def build_model(job: FederatedJob, task: Task | None = None) -> nn.Module:
@@ -220,7 +192,7 @@ class LocalResult:
     examples: int
     metrics: Mapping[str, float]
     steps: int  # optimizer steps over the model (τ)
-    rate: float  # their mean effective learning rate (fedkube.strategy_hooks.StepLog.rate)
+    rate: float  # their mean effective learning rate (fedkube.training.strategy_hooks.StepLog.rate)
 
     @property
     def loss(self) -> float:
@@ -239,7 +211,7 @@ def train_local(
 
     ``proximal_mu`` adds FedProx's proximal gradient and ``correction``
     SCAFFOLD's ``c − c_i`` at every optimizer step of the task's loop
-    (:func:`fedkube.strategy_hooks.client_strategy`).
+    (:func:`fedkube.training.strategy_hooks.client_strategy`).
     """
     with client_strategy(model, proximal_mu, correction) as steps:
         result = task.train(model, data, ctx)

@@ -2,7 +2,7 @@
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
 Language Models"): every client's update is clipped to L2 norm ``S``
-(``spec.privacy.dp.clipNorm``; the worker uses ``fedkube.norms.clip``, the same
+(``spec.privacy.dp.clipNorm``; the worker uses ``fedkube.training.norms.clip``, the same
 clip as the robust rule's) and counts once in the mean, whatever its
 sample count, so that one client moves the sum by at most ``S``. Gaussian
 noise of standard deviation ``z·S`` (``z`` the noise multiplier) is added to
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from fedkube.errors import UpdateRejected
-from fedkube.norms import clip
-from fedkube.protocol import Reason
 from fedkube.spec import DifferentialPrivacy, DpMode, JobSpec
+from fedkube.training.norms import clip
+from fedkube.wire.protocol import Reason
 
 # A clipped update's norm may exceed S by float rounding, never by more.
 CLIP_TOLERANCE = 1e-5

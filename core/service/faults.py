@@ -21,7 +21,7 @@ from fedkube.errors import FedkubeError
 FAULTS_ENV = "FEDKUBE_TEST_FAULTS"
 FAULTS_DIR_ENV = "FEDKUBE_TEST_FAULTS_DIR"
 
-log = logging.getLogger("fedkube.faults")
+log = logging.getLogger("fedkube.service.faults")
 
 
 def parse(text: str) -> dict[str, set[int]]:

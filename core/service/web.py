@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from fedkube.codec import CHUNK_BYTES, CONTENT_TYPE, Encoded
+from fedkube.wire.codec import CHUNK_BYTES, CONTENT_TYPE, Encoded
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fedkube.errors import SigningKeyError, UpdateRejected
-from fedkube.protocol import H_SIGNATURE, Reason
+from fedkube.wire.protocol import H_SIGNATURE, Reason
 
 SIGNING_KEY_ENV = "FEDKUBE_SIGNING_KEY"
 DOMAIN = b"fedkube-update-v1"
