@@ -8,7 +8,7 @@
 #                                          pyproject.toml lists what it leaves out)
 #
 # `scripts/build-images.sh` builds both with podman, from a Debian base that it makes
-# itself (mmdebstrap), with no container registry; tests/images/test_image.py builds them and
+# itself (mmdebstrap), with no container registry; tests/realnode/test_images.py builds them and
 # runs them. With a registry at hand, `docker build --target full .` works as it is.
 #
 # Layers are ordered so that a code change rebuilds in seconds: the dependencies (from
