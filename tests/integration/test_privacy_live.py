@@ -105,8 +105,11 @@ async def test_the_global_tier_adds_noise_once_with_the_calibrated_deviation(
 async def test_every_client_is_clipped_and_an_unclipped_update_is_refused_by_name(
     redis_server, tmp_path, caplog
 ):
-    # prepare: a small clip bound; one client does not clip
-    job = parse_job(dp_job("clip", 2, clipNorm=0.05, noiseMultiplier=0.5))
+    # prepare: a small clip bound; one client does not clip. Each round waits out its
+    # deadline for that client, so the deadline is short (the others take about a second).
+    document = dp_job("clip", 2, clipNorm=0.05, noiseMultiplier=0.5)
+    document["spec"]["participation"]["roundTimeoutSeconds"] = 12
+    job = parse_job(document)
     caplog.set_level(logging.WARNING, logger="fedkube")
     # execute
     outcome = await federate(job, redis_server.url, tmp_path, {"t0-0": UnclippedWorker})

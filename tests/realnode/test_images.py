@@ -98,7 +98,7 @@ def test_the_full_image_trains_a_round_of_digits_with_precompiled_modules():
     script = (
         "import importlib.util, torch, sklearn\n"
         "from fedkube.examples import digits\n"
-        "from fedkube import learning\n"
+        "from fedkube.training import learning\n"
         "missing = [m for m in ('torch', 'torch.nn', 'fedkube.cli', 'fedkube.workers.runtime')"
         " if not importlib.util.find_spec(m).cached"
         " or not __import__('os').path.exists(importlib.util.find_spec(m).cached)]\n"
