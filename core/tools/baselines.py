@@ -10,9 +10,9 @@ With ``--strategies a,b,c`` (and ``--seeds N``) it runs the same job once per
 strategy and seed, changing only ``spec.strategy.name`` (and ``spec.seed``),
 so the strategies see the same split, initialisation and budget; the
 baselines depend on neither the strategy nor anything but the seed, so they
-are trained once per seed. :func:`strategy_rows` and :func:`metric_curves`
-turn the runs into the table and the plot without running anything, which
-keeps the arithmetic testable on its own.
+are trained once per seed. :mod:`.compare_report` turns the runs into the
+tables and the plot without running anything, which keeps the arithmetic
+testable on its own.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ masked update is exactly the size of its float32 form):
   most ``n/2`` from rounding: below 2^31 for any region of fewer than 2^30
   clients, so the int32 reading of the sum is exact (no overflow);
 * decoded, ``Σ q_u / 2^f · S`` is ``Σ s_u·x_u`` to within
-  ``|U3|·S/2^(f+1)`` per coordinate (:func:`sum_error_bound`).
+  ``|U3|·S/2^(f+1)`` per coordinate (:func:`.masking.sum_error_bound`).
 
 What it assumes: an honest-but-curious combiner (it follows the protocol but
 may read everything it gets) and clients that follow the protocol. It does
