@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 
 from fedkube.aggregator.combiner import Combiner, CombinerConfig  # noqa: E402
 from fedkube.aggregator.global_aggregator import GlobalAggregator, GlobalConfig  # noqa: E402
+from fedkube.service.bodies import read_response  # noqa: E402
 from fedkube.service.metrics import Metrics  # noqa: E402
 from fedkube.service.web import digest, upload  # noqa: E402
 from fedkube.spec import Client, FederatedJob, parse_job  # noqa: E402
@@ -196,7 +197,7 @@ async def sim_client(
             marks["task"].append(time.time())
             async with http.get(f"{url}/v1/model/{version}") as response:
                 response.raise_for_status()
-                payload = await response.read()
+                payload = await read_response(response)  # as the worker reads it
             marks["model"].append(time.time())
             tensors, _meta = codec.decode(payload)
             delta = {name: np.zeros(array.shape, np.float32) for name, array in tensors.items()}

@@ -111,6 +111,7 @@ sys.path.insert(0, str(HERE))  # round_overhead, flower_side, bench_models
 
 FLOWER_PYTHON = ROOT / ".cache" / "flower-venv" / "bin" / "python"
 FLOWER_SIDE = HERE / "flower_side.py"
+FLOWER_DEPLOYMENT = HERE / "flower_deployment.py"
 CASE_TIMEOUT_S = 1200.0
 JOB_NAME = "vs-flower"
 
@@ -131,6 +132,12 @@ class Sizes:
     c3_n: int
     startup_clients: int
     startup_n: int
+    deploy_clients: int  # the deployment rows: this many clients, one process each
+    deploy_ns: tuple[int, ...]
+    fleet_tenants: int  # the 100,000-client row
+    fleet_replicas: int
+    fleet_fraction: float
+    fleet_n: int
 
     @property
     def c3_clients(self) -> int:
@@ -140,9 +147,58 @@ class Sizes:
     def c3_per_round(self) -> int:
         return round(self.c3_clients * self.c3_fraction)
 
+    @property
+    def fleet_clients(self) -> int:
+        return self.fleet_tenants * self.fleet_replicas
 
-FULL = Sizes(6, 10, 10, 1000, 10, 2, 3162, 2, 5000, 0.01, 1000, 10, 1000)
-QUICK = Sizes(2, 2, 2, 100, 2, 1, 300, 2, 25, 0.1, 100, 4, 100)
+    @property
+    def fleet_per_round(self) -> int:
+        return round(self.fleet_clients * self.fleet_fraction)
+
+
+FULL = Sizes(
+    rounds=6,
+    c1_tenants=10,
+    c1_replicas=10,
+    c1_n=1000,
+    c2_tenants=10,
+    c2_replicas=2,
+    c2_n=3162,
+    c3_tenants=2,
+    c3_replicas=5000,
+    c3_fraction=0.01,
+    c3_n=1000,
+    startup_clients=10,
+    startup_n=1000,
+    deploy_clients=20,
+    deploy_ns=(1000, 3162),
+    fleet_tenants=2,
+    fleet_replicas=50_000,
+    fleet_fraction=0.01,
+    fleet_n=100,
+)
+QUICK = Sizes(
+    rounds=2,
+    c1_tenants=2,
+    c1_replicas=2,
+    c1_n=100,
+    c2_tenants=2,
+    c2_replicas=1,
+    c2_n=300,
+    c3_tenants=2,
+    c3_replicas=25,
+    c3_fraction=0.1,
+    c3_n=100,
+    startup_clients=4,
+    startup_n=100,
+    deploy_clients=2,
+    deploy_ns=(100,),
+    fleet_tenants=2,
+    fleet_replicas=100,
+    fleet_fraction=0.05,
+    fleet_n=10,
+)
+CASES = ("1", "2", "3", "startup", "deploy", "100k")
 
 
 def params_of(n: int) -> int:
@@ -153,7 +209,9 @@ def human_params(n: int) -> str:
     count = params_of(n)
     if count >= 1_000_000:
         return f"{count / 1e6:.0f}M"
-    return f"{count / 1e3:.0f}k"
+    if count >= 1_000:
+        return f"{count / 1e3:.0f}k"
+    return str(count)
 
 
 # -- fedkube: in-process services (round_overhead's machinery) ---------------------
@@ -396,7 +454,36 @@ def fedkube_startup(sizes: Sizes) -> dict[str, Any]:
     return fedkube_cli_case(manifest, 2 * half)
 
 
+def fedkube_deployment(sizes: Sizes, n: int) -> dict[str, Any]:
+    """The deployment rows: ``fedkube run`` with every client a worker process of its own
+    (no ``spec.simulation``), as each Flower SuperNode is a process of its own."""
+    tenants = sizes.deploy_clients // 2
+    manifest = cli_manifest(f"{JOB_NAME}-deploy", sizes.rounds, tenants, 2, n)
+    return fedkube_cli_case(manifest, sizes.deploy_clients)
+
+
+def fedkube_fleet(sizes: Sizes) -> dict[str, Any]:
+    """100,000 virtual clients (2 tenants x 50,000), 1,000 per round, a small model."""
+    manifest = cli_manifest(
+        f"{JOB_NAME}-fleet100k",
+        sizes.rounds,
+        sizes.fleet_tenants,
+        sizes.fleet_replicas,
+        sizes.fleet_n,
+        fraction=sizes.fleet_fraction,
+        clients_per_worker=sizes.fleet_replicas,
+    )
+    return fedkube_cli_case(manifest, sizes.fleet_per_round)
+
+
 # -- Flower ---------------------------------------------------------------------------
+def flower_deployment_case(
+    clients: int, n: int, rounds: int, python: Path = FLOWER_PYTHON
+) -> dict[str, Any]:
+    """flower_deployment.py: SuperLink and one SuperNode per client, processes over gRPC."""
+    return flower_case(clients, clients, n, rounds, python, script=FLOWER_DEPLOYMENT)
+
+
 def flower_case(
     clients: int,
     per_round: int,
@@ -404,8 +491,9 @@ def flower_case(
     rounds: int,
     python: Path = FLOWER_PYTHON,
     timeout_s: float = CASE_TIMEOUT_S,
+    script: Path = FLOWER_SIDE,
 ) -> dict[str, Any]:
-    """flower_side.py in the Flower virtual environment; its JSON line."""
+    """flower_side.py (or ``script``) in the Flower virtual environment; its JSON line."""
     if not python.exists():
         raise RuntimeError(f"{python} not found: run scripts/flower-venv.sh")
     with tempfile.TemporaryDirectory(prefix="flower-vs-fedkube-") as tmp:
@@ -414,9 +502,9 @@ def flower_case(
             launched = time.time()
             argv = [
                 str(python),
-                str(FLOWER_SIDE),
+                str(script),
                 f"--clients={clients}",
-                f"--per-round={per_round}",
+                *([f"--per-round={per_round}"] if script == FLOWER_SIDE else []),
                 f"--inputs={n}",
                 f"--outputs={n}",
                 f"--rounds={rounds}",
@@ -433,11 +521,11 @@ def flower_case(
                     start_new_session=True,
                 )
             except subprocess.TimeoutExpired as exc:
-                raise RuntimeError(f"flower_side.py did not end within {timeout_s:.0f}s") from exc
+                raise RuntimeError(f"{script.name} did not end within {timeout_s:.0f}s") from exc
         errors = console.read_text(errors="replace")
     lines = [line for line in done.stdout.decode().splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"flower_side.py exited {done.returncode}: {errors.strip()[-800:]}")
+        raise RuntimeError(f"{script.name} exited {done.returncode}: {errors.strip()[-800:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     spans = [r["span_s"] for r in result["rounds"][1:]]
     result["spans_s"] = spans
@@ -448,7 +536,7 @@ def flower_case(
 @dataclasses.dataclass
 class Row:
     case: str
-    goal: float  # fedkube / Flower at most this
+    goal: float | None  # fedkube / Flower at most this; None: reported, no goal
     unit: str  # "s" or "GB"
     fedkube: float | None = None
     flower: float | None = None
@@ -470,13 +558,13 @@ class Row:
         if self.fedkube is not None and self.flower:
             value = self.fedkube / self.flower
             ratio = f"{value:.2f}x"
-            met = "yes" if value <= self.goal else "no"
+            met = "-" if self.goal is None else "yes" if value <= self.goal else "no"
         return [
             self.case,
             show(self.fedkube, self.fedkube_error, "fedkube"),
             show(self.flower, self.flower_error, "Flower"),
             ratio,
-            f"<= {self.goal:g}x",
+            "reported" if self.goal is None else f"<= {self.goal:g}x",
             met,
         ]
 
@@ -537,7 +625,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)
-    wanted = set(args.cases.split(",")) if args.cases else {"1", "2", "3", "startup"}
+    wanted = set(args.cases.split(",")) if args.cases else set(CASES)
     flower_python = Path(args.flower_python)
     raw: dict[str, Any] = {"machine": machine(), "quick": args.quick, "cases": {}}
     rows: list[Row] = []
@@ -557,12 +645,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row.incomplete.append(side)
         rows.append(row)
 
-    # Cases 1 and 2: every client in every round, only the sizes differ.
+    # Cases 1 and 2: every client in every round, only the sizes and the goals differ.
     all_per_round = (
-        ("1", sizes.c1_tenants, sizes.c1_replicas, sizes.c1_n),
-        ("2", sizes.c2_tenants, sizes.c2_replicas, sizes.c2_n),
+        ("1", sizes.c1_tenants, sizes.c1_replicas, sizes.c1_n, 0.33),
+        ("2", sizes.c2_tenants, sizes.c2_replicas, sizes.c2_n, 0.5),
     )
-    for key, tenants, replicas, n in all_per_round:
+    for key, tenants, replicas, n, goal in all_per_round:
         if key not in wanted:
             continue
         clients = tenants * replicas
@@ -580,7 +668,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"Flower {label}", flower_case, clients, clients, n, sizes.rounds, flower_python
         )
         record(key, fk, fl)
-        add(key, Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
+        add(key, Row(label, goal, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
+
+    def gb(result: dict[str, Any] | None, key: str) -> float | None:
+        return None if result is None else result[key] / 2**30
+
+    def fleet_rows(
+        key: str, label: str, fk: Any, fl: Any, round_goal: float | None, memory_goal: float | None
+    ) -> None:
+        record(key, fk, fl)
+        add(
+            key,
+            Row(
+                f"{label}: median round",
+                round_goal,
+                "s",
+                median_of(fk[0]),
+                median_of(fl[0]),
+                fk[1],
+                fl[1],
+            ),
+        )
+        for field, what in (("peak_pss_bytes", "PSS"), ("peak_rss_bytes", "RSS")):
+            row = Row(
+                f"{label}: peak memory ({what}), process tree",
+                memory_goal,
+                "GB",
+                gb(fk[0], field),
+                gb(fl[0], field),
+                fk[1],
+                fl[1],
+            )
+            add(key, row)
 
     if "3" in wanted:
         label = (
@@ -598,28 +717,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sizes.rounds,
             flower_python,
         )
-        record("3", fk, fl)
-        add(
-            "3",
-            Row(
-                f"{label}: median round", 1.0, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]
-            ),
-        )
-
-        def gb(result: dict[str, Any] | None, key: str) -> float | None:
-            return None if result is None else result[key] / 2**30
-
-        for key, what in (("peak_pss_bytes", "PSS"), ("peak_rss_bytes", "RSS")):
-            row = Row(
-                f"{label}: peak memory ({what}), process tree",
-                1.0,
-                "GB",
-                gb(fk[0], key),
-                gb(fl[0], key),
-                fk[1],
-                fl[1],
-            )
-            add("3", row)
+        fleet_rows("3", label, fk, fl, 0.25, 0.8)
 
     if "startup" in wanted:
         label = (
@@ -641,7 +739,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "startup",
             Row(
                 label,
-                1.0,
+                0.5,
                 "s",
                 None if fk[0] is None else fk[0]["startup_s"],
                 None if fl[0] is None else fl[0]["startup_from_launch_s"],
@@ -649,6 +747,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fl[1],
             ),
         )
+
+    if "deploy" in wanted:
+        for n in sizes.deploy_ns:
+            key = f"deploy-{human_params(n)}"
+            label = (
+                f"deployment: {sizes.deploy_clients} clients x {human_params(n)}, "
+                "a process each: median round"
+            )
+            fk = attempt(f"fedkube {label}", fedkube_deployment, sizes, n)
+            fl = attempt(
+                f"Flower {label}",
+                flower_deployment_case,
+                sizes.deploy_clients,
+                n,
+                sizes.rounds,
+                flower_python,
+            )
+            record(key, fk, fl)
+            add(key, Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
+
+    if "100k" in wanted:
+        label = (
+            f"{sizes.fleet_clients:,} clients, {sizes.fleet_per_round:,}/round, "
+            f"{human_params(sizes.fleet_n)}"
+        )
+        fk = attempt(f"fedkube {label} (fedkube run, spec.simulation)", fedkube_fleet, sizes)
+        fl = attempt(
+            f"Flower {label}",
+            flower_case,
+            sizes.fleet_clients,
+            sizes.fleet_per_round,
+            sizes.fleet_n,
+            sizes.rounds,
+            flower_python,
+        )
+        fleet_rows("100k", label, fk, fl, None, None)
 
     raw["rows"] = [
         {
@@ -729,7 +863,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: a smoke run")
     parser.add_argument("--rounds", type=int, help="rounds per case (default 6, quick 2)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
-    parser.add_argument("--cases", help="comma-separated subset of 1,2,3,startup (default: all)")
+    parser.add_argument(
+        "--cases", help=f"comma-separated subset of {','.join(CASES)} (default: all)"
+    )
     parser.add_argument(
         "--flower-python",
         default=str(FLOWER_PYTHON),
@@ -738,8 +874,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 2:
         parser.error("--rounds must be at least 2: round 1 is a warm-up and is discarded")
-    if args.cases and not set(args.cases.split(",")) <= {"1", "2", "3", "startup"}:
-        parser.error("--cases takes a comma-separated subset of 1,2,3,startup")
+    if args.cases and not set(args.cases.split(",")) <= set(CASES):
+        parser.error(f"--cases takes a comma-separated subset of {','.join(CASES)}")
     raw = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2, default=str) + "\n")

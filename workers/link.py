@@ -24,6 +24,7 @@ import aiohttp
 
 from fedkube.errors import FedkubeError
 from fedkube.service.backoff import Backoff
+from fedkube.service.bodies import read_response
 from fedkube.service.web import upload
 from fedkube.wire import codec
 from fedkube.wire.failures import FailureReport
@@ -143,11 +144,11 @@ class CombinerLink:
                 )
             return dict(await response.json())
 
-    async def model(self, version: int) -> bytes:
+    async def model(self, version: int) -> bytearray:
         """Model ``version`` as the combiner serves it (encoded, maybe compressed)."""
         async with self.http.get(f"{self.url}/v1/model/{version}") as response:
             response.raise_for_status()
-            return await response.read()
+            return await read_response(response)
 
     # -- what a worker reports ---------------------------------------------------------
     async def send_update(self, client: str, number: int, outgoing: Outgoing) -> Taken:

@@ -109,7 +109,11 @@ def form_update(
             "the steps of a torch optimizer",
         )
     delta = {name: end[name] - start[name] for name in start}
-    bad = next((name for name, d in delta.items() if not np.isfinite(d).all()), None)
+    # A float64 sum of float32 values cannot overflow, and NaN or ±Inf anywhere
+    # makes it non-finite: one pass, no model-sized temporary.
+    bad = next(
+        (name for name, d in delta.items() if not np.isfinite(d.sum(dtype=np.float64))), None
+    )
     if bad is not None:
         raise TaskFailed(task, "train", f"the trained {bad} is not finite")
     update = LocalUpdate(

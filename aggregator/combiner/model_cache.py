@@ -20,11 +20,12 @@ import aiohttp
 import numpy as np
 
 from fedkube.aggregator.validation import Template, template_of
+from fedkube.service.bodies import read_response
 from fedkube.spec import WireCompression
 from fedkube.wire import codec, compression
 
 
-def _failed(task: asyncio.Task[bytes]) -> bool:
+def _failed(task: asyncio.Task[bytearray]) -> bool:
     """Whether a finished task failed or was cancelled (reading its exception marks it seen)."""
     return task.done() and (task.cancelled() or task.exception() is not None)
 
@@ -36,14 +37,14 @@ class ModelCache:
         self.global_url = global_url
         self.region = region
         self.down = down
-        self.models: dict[int, bytes] = {}
+        self.models: dict[int, bytearray] = {}
         self.template: Template | None = None
         # In flight, shielded from their waiters: stop() cancels them itself.
-        self.fetches: dict[int, asyncio.Task[bytes]] = {}
+        self.fetches: dict[int, asyncio.Task[bytearray]] = {}
         self.http: aiohttp.ClientSession | None = None
         self._dir = Path(tempfile.mkdtemp(prefix=prefix))
 
-    async def get(self, version: int) -> bytes:
+    async def get(self, version: int) -> bytearray:
         """Model ``version`` from the cache, fetched from the global tier once."""
         if version in self.models:
             return self.models[version]
@@ -85,12 +86,12 @@ class ModelCache:
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    async def _fetch(self, version: int) -> bytes:
+    async def _fetch(self, version: int) -> bytearray:
         assert self.http is not None
         url = f"{self.global_url}/v1/model/{version}"
         async with self.http.get(url, params={"region": self.region}) as response:
             response.raise_for_status()
-            data = await response.read()
+            data = await read_response(response)
         tensors, meta = codec.decode(data)
         if self.down.scheme == "none":
             self.template = template_of(tensors)

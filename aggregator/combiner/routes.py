@@ -28,11 +28,11 @@ import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from fedkube.aggregator.combiner.bodies import json_body, read_body
 from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.validation import check_client
 from fedkube.errors import UpdateRejected
+from fedkube.service.bodies import json_body, read_body
 from fedkube.service.logs import fields
 from fedkube.service.web import json_error
 from fedkube.wire import codec
@@ -106,10 +106,13 @@ class Routes:
             clients, after, wait_s = await self._poll_request(request, tenant)
         except UpdateRejected as exc:
             return json_error(exc.status, exc.reason, exc.detail)
-        try:
-            await self.c.store.register_clients(clients)
-        except RedisError as exc:  # the task can still be answered from memory
-            log.warning("cannot record registration: %s", exc, extra=fields(job=self.name))
+        due = self.c.registrations.due(clients)
+        if due:
+            try:
+                await self.c.store.register_clients(due)
+                self.c.registrations.written(due)
+            except RedisError as exc:  # the task can still be answered from memory
+                log.warning("cannot record registration: %s", exc, extra=fields(job=self.name))
         mine = set(clients)
         answer = await self.c.state.changes.poll(
             lambda: self.c.tasks_for(mine, after), min(wait_s, MAX_POLL_S)

@@ -59,15 +59,16 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from fedkube.aggregator.combiner.admission import Admission
-from fedkube.aggregator.combiner.bodies import BufferPool
 from fedkube.aggregator.combiner.clear_intake import ClearIntake
 from fedkube.aggregator.combiner.model_cache import ModelCache
 from fedkube.aggregator.combiner.region import Intake, RegionRound, RegionState
+from fedkube.aggregator.combiner.registrations import Registrations
 from fedkube.aggregator.combiner.routes import make_app
 from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.combiner.site_reports import SiteReports
 from fedkube.aggregator.combiner.uplink import encode_partial, send_partial
 from fedkube.service.backoff import Backoff
+from fedkube.service.bodies import BufferPool
 from fedkube.service.logs import fields
 from fedkube.service.metrics import Metrics
 from fedkube.service.web import start_site
@@ -135,6 +136,7 @@ class Combiner:
         self.evaluations = SiteReports(self.store, self.name, config.region, clients, self.metrics)
         self.job_status: str | None = None
         self.buffers = BufferPool()
+        self.registrations = Registrations(config.job.spec.participation.registration_ttl_seconds)
         self.lease = Lease(self.store, f"combiner-{config.region}", config.lease_ttl_ms)
         self._tasks: list[asyncio.Task[None]] = []
         self._background_tasks: set[asyncio.Task[None]] = set()
@@ -179,6 +181,9 @@ class Combiner:
         """
         if self._background_tasks:
             await asyncio.wait(set(self._background_tasks), timeout=timeout)
+        writer = self.state.writer
+        if writer is not None:
+            await asyncio.wait({writer}, timeout=timeout)
 
     async def stop(self) -> None:
         # Loops check `stopped` as well: a cancellation that races with a
@@ -187,6 +192,8 @@ class Combiner:
         # Model fetches too: they are shielded from their waiters, so nothing
         # else cancels them, and they would fail on the closed session below.
         tasks = [*self._tasks, *self._background_tasks, *self.models.fetches.values()]
+        if self.state.writer is not None:
+            tasks.append(self.state.writer)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -309,6 +316,8 @@ class Combiner:
             if result is None:  # the region failed this round; the global tier knows why
                 return
             encoded = encode_partial(self.name, current.info.round, self.region, result)
+        # The round's byte counters are read when it closes: in Redis before the partial.
+        await self.state.counted()
         assert self._http is not None
         await send_partial(
             self._http,

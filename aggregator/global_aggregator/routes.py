@@ -20,10 +20,15 @@ from fedkube.aggregator.global_aggregator.wire import decode_partial
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.strategies.sums import Partial
 from fedkube.errors import UpdateRejected
+from fedkube.service.bodies import read_body
 from fedkube.service.logs import fields
 from fedkube.service.web import bearer, json_error, send_payload, start_site, token_matches
 from fedkube.state import checkpoint
 from fedkube.wire.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int
+
+# A partial is a sum over the model's float32 tensors: as large as an update, with room
+# for metadata; the limit on a body is this times spec.transport.maxUpdateBytes.
+PARTIAL_LIMIT_FACTOR = 4
 
 if TYPE_CHECKING:
     from fedkube.aggregator.global_aggregator.service import GlobalAggregator
@@ -31,7 +36,9 @@ if TYPE_CHECKING:
 
 def app(agg: GlobalAggregator) -> web.Application:
     routes = Routes(agg)
-    application = web.Application(client_max_size=agg.spec.transport.max_update_bytes * 4)
+    application = web.Application(
+        client_max_size=PARTIAL_LIMIT_FACTOR * agg.spec.transport.max_update_bytes
+    )
     application.router.add_get("/v1/model/{version}", routes.model)
     application.router.add_post("/v1/partial", routes.partial)
     application.router.add_get("/v1/status", routes.status)
@@ -111,7 +118,7 @@ class Routes:
         agg.arrived.set()
         return web.json_response({"status": "accepted", "region": partial.region})
 
-    async def _accept(self, request: web.Request, region: str) -> tuple[Partial, bytes]:
+    async def _accept(self, request: web.Request, region: str) -> tuple[Partial, bytearray]:
         agg = self.agg
         if request.headers.get(H_JOB) != agg.name:
             raise UpdateRejected(Reason.metadata_mismatch.value, "partial for another job")
@@ -127,7 +134,11 @@ class Routes:
             raise UpdateRejected(
                 Reason.duplicate.value, f"{region} already sent round {number}", 409
             )
-        body = await request.read()
+        # Read once into its own buffer (aiohttp's read() copies a body twice); the
+        # partial's tensors are views of it until the round closes.
+        body, _length = await read_body(
+            request, PARTIAL_LIMIT_FACTOR * agg.spec.transport.max_update_bytes
+        )
         partial = decode_partial(body, agg.name, number, region, agg.template)
         # Durable before acknowledged: a restarted aggregator reloads it.
         await asyncio.get_running_loop().run_in_executor(

@@ -45,7 +45,9 @@ def encode_model(
     )
 
 
-def decode_partial(body: bytes, job: str, number: int, region: str, template: Template) -> Partial:
+def decode_partial(
+    body: bytes | bytearray, job: str, number: int, region: str, template: Template
+) -> Partial:
     """``region``'s partial for round ``number``, checked; raises UpdateRejected."""
     try:
         tensors, metadata = codec.decode(body)

@@ -178,11 +178,21 @@ def float_state(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_float_state(model: nn.Module, tensors: dict[str, np.ndarray]) -> None:
-    """Copy arrays into the model's matching floating-point tensors."""
+    """Copy arrays into the model's matching floating-point tensors, once each.
+
+    The arrays are often read-only views of a downloaded model: a float32 CPU
+    tensor takes them with one numpy copy into its memory; any other goes
+    through a writable copy that torch can wrap (it refuses read-only memory).
+    """
     state = model.state_dict()
     with torch.no_grad():
         for name, array in tensors.items():
-            state[name].copy_(torch.from_numpy(np.array(array, copy=True)))
+            target = state[name]
+            if target.device.type == "cpu" and target.dtype == torch.float32:
+                target_array = target.numpy()
+                np.copyto(target_array, np.asarray(array).reshape(target_array.shape))
+                continue
+            target.copy_(torch.from_numpy(np.array(array, copy=True)))
 
 
 @dataclass(frozen=True)

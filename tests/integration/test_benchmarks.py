@@ -67,6 +67,7 @@ def test_fold_benchmark_prints_bandwidths_fold_rates_and_memory():
     ):
         assert figure_rows(rows, label), f"no figures for {label!r} in:\n{output}"
     assert re.search(r"fold/in-place-add traffic ratio \(safetensors views\): best\s+\d", output)
+    assert re.search(r"fold/unweighted-add ratio \(safetensors views\): best\s+\d", output)
     for label in (
         "int8, one scale per tensor",
         "int8, 4096-value blocks",
@@ -120,6 +121,9 @@ def test_the_flower_comparison_runs_both_systems_and_prints_the_side_by_side_tab
         "50 clients, 5/round, 10k: median round",
         "50 clients, 5/round, 10k: peak memory (PSS)",
         "start-up to end of round 1",
+        "deployment: 2 clients x 10k, a process each: median round",
+        "200 clients, 10/round, 110: median round",
+        "200 clients, 10/round, 110: peak memory (PSS)",
     ):
         found = [row for row in rows if label in row]
         assert found and "n/a" not in found[0], f"no figures for {label!r} in:\n{output}"

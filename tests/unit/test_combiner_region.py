@@ -67,6 +67,19 @@ class FakeStore:
         self.forgotten += clients
 
 
+class CountingStore(FakeStore):
+    """Records each counter write; each write waits for a go, as a Redis round trip would."""
+
+    def __init__(self) -> None:
+        super().__init__(set(), set(), set())
+        self.writes: list[tuple[int, dict[str, int]]] = []
+        self.go = asyncio.Event()
+
+    async def add_counters(self, number: int, **deltas: int) -> None:
+        await self.go.wait()
+        self.writes.append((number, deltas))
+
+
 def region_over(store: FakeStore, timeout_s: float = 60.0) -> RegionState:
     return RegionState("job", "eu", {"a", "b", "c"}, store, Metrics(), timeout_s)  # type: ignore[arg-type]
 
@@ -216,3 +229,30 @@ def test_a_robust_rule_buffers_updates_and_sends_its_estimate_times_the_weight()
     assert isinstance(accumulator, RobustBuffer)
     np.testing.assert_allclose(result.tensors["b"], np.full(2, 6.0))
     assert (result.weight, result.count) == (3.0, 3)
+
+
+# -- the round's counters ------------------------------------------------------
+
+
+def test_counts_made_while_a_write_is_in_flight_go_in_one_write_and_are_all_in_before_the_partial():
+    async def scenario() -> list[tuple[int, dict[str, int]]]:
+        # prepare: Redis holds the first write until told to go
+        store = CountingStore()
+        region = region_over(store)
+        # execute: one count starts a write; ten more arrive while it waits
+        await region.count(3, bytes_down=100)
+        await asyncio.sleep(0)  # the writer task starts and waits on "Redis"
+        for _ in range(10):
+            await region.count(3, bytes_up=40, duplicate=0)
+        await region.count(4, late=1)
+        store.go.set()
+        await region.counted()
+        return store.writes
+
+    writes = asyncio.run(scenario())
+    # assert: the first write alone, then the eleven others batched per round; nothing lost
+    assert writes == [
+        (3, {"bytes_down": 100}),
+        (3, {"bytes_up": 400, "duplicate": 0}),
+        (4, {"late": 1}),
+    ]

@@ -13,6 +13,7 @@ from fedkube.aggregator.strategies.sums import (
     apply_delta,
     reduce_partials,
 )
+from fedkube.wire import codec
 
 
 def updates(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -86,3 +87,30 @@ def test_server_step_returns_new_arrays():
     np.testing.assert_array_equal(result["w"], np.full(3, 2.0, np.float32))
     np.testing.assert_array_equal(weights["w"], np.ones(3, np.float32))
     assert result["w"].dtype == np.float32
+
+
+def test_the_fused_fold_and_the_chunked_fold_for_other_dtypes_give_the_same_sum():
+    # prepare: the same deltas as float32 (BLAS saxpy) and as float64 (the chunked path)
+    deltas, weights = updates(3, seed=4), [2.0, 0.25, 5.0]
+    fused, chunked = WeightedSum.zeros_like(deltas[0]), WeightedSum.zeros_like(deltas[0])
+    # execute
+    for delta, weight in zip(deltas, weights, strict=True):
+        fused.fold(delta, weight)
+        chunked.fold({k: v.astype(np.float64) for k, v in delta.items()}, weight)
+    # assert: both in place, in float32, equal to rounding
+    for name in fused.sums:
+        assert fused.sums[name].dtype == np.float32
+        np.testing.assert_allclose(fused.sums[name], chunked.sums[name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_fold_into_a_read_only_safetensors_view_of_an_update_reads_it_in_place():
+    # prepare: an update decoded from its wire bytes, as the combiner folds it
+    delta = updates(1, seed=9)[0]
+    views, _ = codec.decode(codec.encode(delta, {"k": "v"}))
+    acc = WeightedSum.zeros_like(delta)
+    # execute
+    acc.fold(views, 3.0)
+    # assert
+    for name in delta:
+        assert not views[name].flags.writeable
+        np.testing.assert_allclose(acc.sums[name], 3.0 * delta[name], rtol=1e-6)
