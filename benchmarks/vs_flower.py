@@ -113,6 +113,8 @@ FLOWER_PYTHON = ROOT / ".cache" / "flower-venv" / "bin" / "python"
 FLOWER_SIDE = HERE / "flower_side.py"
 FLOWER_DEPLOYMENT = HERE / "flower_deployment.py"
 CASE_TIMEOUT_S = 1200.0
+# Flower's simulation of 100,000 clients did not finish 6 rounds in 20 minutes here.
+FLEET_TIMEOUT_S = 3600.0
 JOB_NAME = "vs-flower"
 
 
@@ -781,6 +783,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sizes.fleet_n,
             sizes.rounds,
             flower_python,
+            FLEET_TIMEOUT_S,
         )
         fleet_rows("100k", label, fk, fl, None, None)
 
