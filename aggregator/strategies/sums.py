@@ -20,10 +20,8 @@ only accepted updates, and the caller passes the list of partials, empty ones
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import numpy as np
 
@@ -35,47 +33,6 @@ Tensors = dict[str, np.ndarray]
 # chunk stays in cache, large enough that Python's per-call overhead is negligible;
 # benchmarks/fold.py measured 1 << 18 ahead of 1 << 16 here.
 FOLD_CHUNK = 1 << 18
-
-
-# BLAS takes 32-bit lengths: longer vectors go in pieces of this many elements.
-AXPY_PIECE = 1 << 30
-
-
-@functools.cache
-def _saxpy() -> Callable[..., np.ndarray]:
-    """scipy's BLAS ``saxpy``, imported on the first fold (0.3 s that most processes skip).
-
-    Its OpenBLAS is held to one thread: a fold runs in an executor thread of a
-    service whose event loop needs the other cores, and OpenBLAS's idle
-    threads spin. With its default pool, a 100-client round's service CPU went
-    from 0.8 s to 1.5 s and the round from 0.9 s to 1.2 s (vs_flower.py, case 1);
-    one thread already folds at numpy's ``a += b`` speed (benchmarks/fold.py).
-    """
-    from scipy.linalg.blas import saxpy
-    from threadpoolctl import ThreadpoolController
-
-    controller = ThreadpoolController()
-    scipys = [lib.filepath for lib in controller.lib_controllers if "scipy" in lib.filepath]
-    scipys = [path for path in scipys if "numpy" not in path]
-    if scipys:
-        controller.select(filepath=scipys).limit(limits=1)  # for the process's lifetime
-    return cast(Callable[..., np.ndarray], saxpy)
-
-
-def axpy_into(dst: np.ndarray, src: np.ndarray, alpha: float) -> None:
-    """``dst += alpha·src`` in place, in one fused pass (1-D float32, ``dst`` contiguous).
-
-    BLAS writes ``dst`` in place when it is a contiguous float32 vector, which
-    the caller guarantees; a copy would be a silent lost update, so one is
-    written back rather than trusted away.
-    """
-    saxpy = _saxpy()
-    for start in range(0, dst.size, AXPY_PIECE):
-        stop = min(start + AXPY_PIECE, dst.size)
-        target = dst[start:stop]
-        out = saxpy(src[start:stop], target, a=alpha)
-        if out is not target:
-            target[...] = out
 
 
 @dataclass
@@ -106,13 +63,12 @@ class WeightedSum:
     ) -> None:
         """Add ``scale·delta`` in place (``scale`` defaults to ``weight``).
 
-        A dense float32 update folds with BLAS ``saxpy`` (``y += a·x`` in one
-        pass: one read of the update, one read-modify-write of the sum, the
-        memory traffic of ``a += b``; benchmarks/fold.py compares the two). A
-        compressed update (:class:`fedkube.wire.compression.Part`) folds from
-        its wire form: int8 dequantised chunk by chunk, top-k as a
-        scatter-add. ``weight`` always counts toward ``Σ w_i``; a strategy that
-        rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.
+        One cache-sized chunk at a time: memory traffic per element is one
+        read of the update and one read-modify-write of the sum, the same as
+        ``a += b``. A compressed update (:class:`fedkube.wire.compression.Part`)
+        folds from its wire form: int8 dequantised chunk by chunk, top-k as a
+        scatter-add. ``weight`` always counts toward ``Σ w_i``; a strategy
+        that rescales updates (FedNova's ``w_i/τ_i``) passes its own ``scale``.
         """
         factor = np.float32(weight if scale is None else scale)
         for name, total in self.sums.items():
@@ -122,9 +78,6 @@ class WeightedSum:
                 part.fold_into(dst, factor)
                 continue
             src = part.reshape(-1)
-            if src.dtype == np.float32 and dst.flags.c_contiguous:
-                axpy_into(dst, src, float(factor))
-                continue
             for start in range(0, dst.size, FOLD_CHUNK):
                 stop = min(start + FOLD_CHUNK, dst.size)
                 scaled = self._scratch[: stop - start]

@@ -89,20 +89,6 @@ def test_server_step_returns_new_arrays():
     assert result["w"].dtype == np.float32
 
 
-def test_the_fused_fold_and_the_chunked_fold_for_other_dtypes_give_the_same_sum():
-    # prepare: the same deltas as float32 (BLAS saxpy) and as float64 (the chunked path)
-    deltas, weights = updates(3, seed=4), [2.0, 0.25, 5.0]
-    fused, chunked = WeightedSum.zeros_like(deltas[0]), WeightedSum.zeros_like(deltas[0])
-    # execute
-    for delta, weight in zip(deltas, weights, strict=True):
-        fused.fold(delta, weight)
-        chunked.fold({k: v.astype(np.float64) for k, v in delta.items()}, weight)
-    # assert: both in place, in float32, equal to rounding
-    for name in fused.sums:
-        assert fused.sums[name].dtype == np.float32
-        np.testing.assert_allclose(fused.sums[name], chunked.sums[name], rtol=1e-6, atol=1e-6)
-
-
 def test_a_fold_into_a_read_only_safetensors_view_of_an_update_reads_it_in_place():
     # prepare: an update decoded from its wire bytes, as the combiner folds it
     delta = updates(1, seed=9)[0]
