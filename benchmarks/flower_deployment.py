@@ -111,7 +111,6 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -122,7 +121,7 @@ from pathlib import Path  # noqa: E402
 from typing import IO, Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flower_side import TreeRSS, _version, model_arrays  # noqa: E402
+from flower_side import TreeRSS, _version, model_arrays, round_timings  # noqa: E402
 
 CONNECTION = "bench"
 
@@ -584,19 +583,14 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
             if deployment.procs.get("superlink") and deployment.procs["superlink"].poll() is None:
                 status = run_status(deployment, run_id)
         finally:
-            peak = rss.stop()
+            rss.stop()
             deployment.stop()
     if finished is None:
         finished = time.time()
 
     marks = read_marks(marks_file)
-    rounds = [
-        {"round": n, **marks[n], "span_s": marks[n]["end"] - marks[n]["start"]}
-        for n in sorted(marks)
-        if "start" in marks[n] and "end" in marks[n]
-    ]
-    periods = [b["end"] - a["end"] for a, b in zip(rounds, rounds[1:], strict=False)]
-    spans = [r["span_s"] for r in rounds[1:]]  # round 1 is the warm-up
+    timings = round_timings(marks, T0, args.launched_at, finished, rss)
+    rounds = timings["rounds"]
     complete = (
         error is None
         and len(rounds) == args.rounds
@@ -622,22 +616,8 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
         "complete": complete,
         "run_id": run_id,
         "run_status": status,
-        "rounds": rounds,
-        "periods_s": periods,  # end[n] - end[n-1], n >= 2
-        "median_period_s": statistics.median(periods) if periods else None,
-        "median_span_s": statistics.median(spans) if spans else None,
-        "script_started_at": T0,
-        "launched_at": args.launched_at,
         "flwr_run_started_at": flwr_run_started,
-        "startup_s": rounds[0]["end"] - T0 if rounds else None,
-        "startup_from_launch_s": (
-            rounds[0]["end"] - args.launched_at if rounds and args.launched_at else None
-        ),
-        "total_s": finished - T0,
-        "peak_rss_bytes": peak,
-        "peak_pss_bytes": rss.peak_pss_bytes,
-        "peak_rss_processes": rss.peak_processes,
-        "rss_samples": rss.samples,
+        **timings,
         "rss_sample_s": sample_s,
         "stray_processes": stray,
     }

@@ -119,6 +119,41 @@ class TreeRSS(threading.Thread):
         return self.peak_bytes
 
 
+def round_timings(
+    marks: dict[int, dict[str, Any]], t0: float, launched_at: float, finished: float, rss: TreeRSS
+) -> dict[str, Any]:
+    """The rounds from their ``start``/``end`` marks, their medians, start-up and peak memory.
+
+    Shared by both Flower engines (this script and flower_deployment.py), so
+    that a round, a period and start-up mean the same on each. ``t0`` is the
+    calling script's first line; round 1 is the warm-up, left out of the medians.
+    """
+    rounds = [
+        {"round": n, **marks[n], "span_s": marks[n]["end"] - marks[n]["start"]}
+        for n in sorted(marks)
+        if "start" in marks[n] and "end" in marks[n]
+    ]
+    periods = [b["end"] - a["end"] for a, b in zip(rounds, rounds[1:], strict=False)]
+    spans = [r["span_s"] for r in rounds[1:]]
+    return {
+        "rounds": rounds,
+        "periods_s": periods,  # end[n] - end[n-1], n >= 2
+        "median_period_s": statistics.median(periods) if periods else None,
+        "median_span_s": statistics.median(spans) if spans else None,
+        "script_started_at": t0,
+        "launched_at": launched_at,
+        "startup_s": rounds[0]["end"] - t0 if rounds else None,
+        "startup_from_launch_s": (
+            rounds[0]["end"] - launched_at if rounds and launched_at else None
+        ),
+        "total_s": finished - t0,
+        "peak_rss_bytes": rss.peak_bytes,
+        "peak_pss_bytes": rss.peak_pss_bytes,
+        "peak_rss_processes": rss.peak_processes,
+        "rss_samples": rss.samples,
+    }
+
+
 def model_arrays(inputs: int, outputs: int) -> list[Any]:
     """``[weight (outputs x inputs), bias (outputs)]``, float32: as ``nn.Linear``."""
     import numpy as np
@@ -206,16 +241,11 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
             verbose_logging=args.verbose,
         )
     finally:
-        peak = rss.stop()
+        rss.stop()
     finished = time.time()
 
-    rounds = [
-        {"round": n, **marks[n], "span_s": marks[n]["end"] - marks[n]["start"]}
-        for n in sorted(marks)
-        if "start" in marks[n] and "end" in marks[n]
-    ]
-    periods = [b["end"] - a["end"] for a, b in zip(rounds, rounds[1:], strict=False)]
-    spans = [r["span_s"] for r in rounds[1:]]  # round 1 is the warm-up
+    timings = round_timings(marks, T0, args.launched_at, finished, rss)
+    rounds = timings["rounds"]
     complete = len(rounds) == args.rounds and all(
         r["results"] == args.per_round and r["failures"] == 0 for r in rounds
     )
@@ -233,22 +263,8 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         "actors": int(cpus / args.client_cpus),
         "max_workers": args.max_workers or args.per_round,
         "complete": complete,
-        "rounds": rounds,
-        "periods_s": periods,  # end[n] - end[n-1], n >= 2
-        "median_period_s": statistics.median(periods) if periods else None,
-        "median_span_s": statistics.median(spans) if spans else None,
-        "script_started_at": T0,
-        "launched_at": args.launched_at,
         "simulation_started_at": began,
-        "startup_s": rounds[0]["end"] - T0 if rounds else None,
-        "startup_from_launch_s": (
-            rounds[0]["end"] - args.launched_at if rounds and args.launched_at else None
-        ),
-        "total_s": finished - T0,
-        "peak_rss_bytes": peak,
-        "peak_pss_bytes": rss.peak_pss_bytes,
-        "peak_rss_processes": rss.peak_processes,
-        "rss_samples": rss.samples,
+        **timings,
     }
 
 

@@ -231,7 +231,7 @@ async def sign(
 ) -> str:
     """The signature of ``body`` as ``client``'s update of round ``number``.
 
-    Once per update, in a thread (hashlib releases the GIL), over the
+    Once per update, in a thread (BLAKE3 releases the GIL), over the
     pieces that will be sent: nothing is joined or copied.
     """
     loop = asyncio.get_running_loop()

@@ -151,7 +151,7 @@ class Admission:
         from an earlier round fails here even though its bytes are unchanged.
         """
         loop = asyncio.get_running_loop()
-        # hashlib releases the GIL: the loop goes on reading other updates.
+        # BLAKE3 releases the GIL: the loop goes on reading other updates.
         digest = await loop.run_in_executor(None, signing.payload_digest, (body,))
         signing.verify(
             self.tenant_keys[sender.tenant],

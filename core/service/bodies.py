@@ -76,6 +76,29 @@ class BufferPool:
             self._idle_bytes += len(buffer)
 
 
+async def _fill(buffer: bytearray, length: int, stream: aiohttp.StreamReader) -> int:
+    """Copy a body of ``length`` announced bytes into ``buffer``; the bytes that came.
+
+    Returns ``length + 1`` as soon as more than announced arrives, fewer than
+    ``length`` if the body ended early: each caller refuses those its own way.
+    """
+    view = memoryview(buffer)
+    filled = 0
+    try:
+        while filled < length:
+            chunk = await stream.readany()
+            if not chunk:
+                break
+            end = filled + len(chunk)
+            if end > length:
+                return length + 1
+            view[filled:end] = chunk
+            filled = end
+    finally:
+        view.release()
+    return filled
+
+
 async def read_body(
     request: web.Request, limit: int, pool: BufferPool | None = None
 ) -> tuple[bytearray, int]:
@@ -92,26 +115,13 @@ async def read_body(
     if length > limit:
         raise UpdateRejected(Reason.oversized.value, f"{length} bytes > {limit}", 413)
     buffer = pool.take(length) if pool is not None else bytearray(length)
-    view = memoryview(buffer)
-    filled = 0
-    try:
-        while filled < length:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            end = filled + len(chunk)
-            if end > length:
-                raise UpdateRejected(Reason.malformed.value, "body longer than Content-Length")
-            view[filled:end] = chunk
-            filled = end
-        if filled != length:
-            raise UpdateRejected(Reason.malformed.value, f"body ended at {filled} of {length}")
-    except UpdateRejected:
-        view.release()
+    filled = await _fill(buffer, length, request.content)
+    if filled != length:
         if pool is not None:
             pool.give(buffer)
-        raise
-    view.release()
+        if filled > length:
+            raise UpdateRejected(Reason.malformed.value, "body longer than Content-Length")
+        raise UpdateRejected(Reason.malformed.value, f"body ended at {filled} of {length}")
     return buffer, length
 
 
@@ -120,25 +130,16 @@ async def read_response(response: aiohttp.ClientResponse) -> bytearray:
 
     ``ClientResponse.read()`` collects the pieces and joins them: two copies
     of every model a worker or a combiner downloads. A response without a
-    Content-Length, or one that ends short or runs long, is read the usual
-    way (and a short one refused by aiohttp itself).
+    Content-Length is read the usual way; one that ends short or runs long is
+    refused as aiohttp refuses a broken payload.
     """
     length = response.content_length
     if length is None:
         return bytearray(await response.read())
     buffer = bytearray(length)
-    view = memoryview(buffer)
-    filled = 0
-    try:
-        while filled < length:
-            chunk = await response.content.readany()
-            if not chunk:
-                raise aiohttp.ClientPayloadError(f"response ended at {filled} of {length} bytes")
-            end = filled + len(chunk)
-            if end > length:
-                raise aiohttp.ClientPayloadError(f"response longer than its {length} bytes")
-            view[filled:end] = chunk
-            filled = end
-    finally:
-        view.release()
+    filled = await _fill(buffer, length, response.content)
+    if filled > length:
+        raise aiohttp.ClientPayloadError(f"response longer than its {length} bytes")
+    if filled < length:
+        raise aiohttp.ClientPayloadError(f"response ended at {filled} of {length} bytes")
     return buffer
