@@ -1,5 +1,5 @@
 # The README's commands. Each one installs what it needs first (scripts/setup.sh).
-.PHONY: setup demo compare test lint bench bench-flower cluster cluster-kwok images
+.PHONY: setup demo compare test lint bench bench-flower fuzz cluster cluster-kwok images
 
 setup:
 	./scripts/setup.sh
@@ -41,6 +41,14 @@ bench: setup
 	.venv/bin/python benchmarks/soak.py
 	.venv/bin/python benchmarks/reconcile_latency.py
 	.venv/bin/python benchmarks/secagg.py
+	.venv/bin/python benchmarks/hostile_load.py
+
+# The decoders of what a tenant or a site sends (safetensors, compressed updates, secure
+# aggregation's messages, signatures, JSON bodies, manifests, policies), fuzzed with
+# hypothesis' long profile: 25 times the inputs `make test` tries (tests/fuzz, profile ci),
+# each test's count printed. About four minutes here.
+fuzz: setup
+	FEDKUBE_FUZZ_PROFILE=long .venv/bin/python -m pytest tests/fuzz -q -p no:cacheprovider --hypothesis-show-statistics
 
 # fedkube against Flower's simulation (flwr[simulation] 1.42), one run on this
 # machine: a markdown table of round times, peak memory and start-up. Flower lives

@@ -5,7 +5,8 @@ message, a region's partial) is seen three ways, and the three must agree:
 ``fedkube_updates_rejected_total{reason}`` for dashboards and alerts, a
 structured warning naming job, round, region, tenant and client for the
 operator reading logs, and a JSON error ``{"error": reason, "detail": ...}``
-with the HTTP status that tells the sender whether to retry.
+with the HTTP status that tells the sender whether to retry (and, for a
+busy combiner, a Retry-After header that says when).
 """
 
 from __future__ import annotations
@@ -41,4 +42,7 @@ def refuse(
         exc.detail,
         extra=fields(job=job, region=region, tenant=tenant or None, reason=exc.reason, **where),
     )
-    return json_error(exc.status, exc.reason, exc.detail)
+    response = json_error(exc.status, exc.reason, exc.detail)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

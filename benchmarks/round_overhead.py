@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,8 +213,14 @@ async def sim_client(
                 H_SIGNATURE: signing.sign(key, job.name, number, client.id, digest),
                 **framing,
             }
-            async with http.post(f"{url}/v1/update", data=body, headers=headers) as response:
-                answer = await response.json(content_type=None)
+            while True:
+                async with http.post(f"{url}/v1/update", data=body, headers=headers) as response:
+                    answer = await response.json(content_type=None)
+                if answer.get("error") != "busy":
+                    break
+                # As a Worker does: the same update again once the combiner has room.
+                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                body, _framing = upload(encoded)
             marks["done"].append(time.time())
             last = number
             if response.status >= 300:
@@ -269,9 +276,12 @@ async def run_clients(config: dict[str, Any], ready: asyncio.Event | None = None
     worker_log = logging.getLogger("fedkube.worker")
     timing: TrainingTimes | None = None
     if config["mode"] == "sim":
+        # "skip_tenants": tenants whose clients someone else plays (hostile_load.py's attacker).
+        skip = set(config.get("skip_tenants", ()))
         coros = [
             sim_client(job, c, urls[c.region], tokens[c.tenant], keys[c.tenant], stats)
             for c in job.clients()
+            if c.tenant not in skip
         ]
     else:
         import torch
@@ -324,6 +334,34 @@ def client_child_main() -> None:
     print(json.dumps(stats), flush=True)
 
 
+async def start_child(
+    script: Path, flag: str, config: dict[str, Any]
+) -> asyncio.subprocess.Process:
+    """``script FLAG`` in a process of its own, given ``config`` on stdin; once it says READY."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        flag,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(json.dumps(config).encode())
+    child.stdin.close()
+    line = await asyncio.wait_for(child.stdout.readline(), 120)
+    if line.strip() != b"READY":
+        raise RuntimeError(f"{script.name} {flag} did not start: {line!r}")
+    return child
+
+
+async def last_json_line(child: asyncio.subprocess.Process) -> dict[str, Any]:
+    """What a child printed last (its result, as JSON), once it has exited."""
+    assert child.stdout is not None
+    out = await asyncio.wait_for(child.stdout.read(), 120)
+    await child.wait()
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of another process (Linux /proc)."""
     try:
@@ -348,66 +386,97 @@ class Result:
     client_cpu_per_round: float | None = None  # None: clients share the services' process
 
 
-async def run_scenario(sc: Scenario) -> Result:
-    job = parse_job(sc.manifest)
+@dataclass
+class Services:
+    """The services of one job, running in this process, and what a client needs to reach them."""
+
+    agg: GlobalAggregator
+    combiners: list[Combiner]
+    redis: RedisServer
+    tokens: dict[str, str]  # tenant -> bearer token
+    signing_keys: dict[str, str]  # tenant -> private key (base64)
+
+    def client_config(self, manifest: dict[str, Any], mode: str) -> dict[str, Any]:
+        """What :func:`run_clients` (here or in a child process) takes, as JSON."""
+        return {
+            "manifest": manifest,
+            "mode": mode,
+            "tokens": self.tokens,
+            "signing_keys": self.signing_keys,
+            "urls": {c.region: f"http://127.0.0.1:{c.port}" for c in self.combiners},
+        }
+
+
+@contextlib.asynccontextmanager
+async def running_services(job: FederatedJob) -> AsyncIterator[Services]:
+    """redis-server, the global aggregator and a combiner per region, with fresh credentials."""
     tokens = {t.name: secrets.token_urlsafe(24) for t in job.spec.tenants}
     key_pairs = {t.name: signing.generate_key() for t in job.spec.tenants}
-    aggregator_token = secrets.token_urlsafe(24)
-    started = time.perf_counter()
+    region_tokens = {r: secrets.token_urlsafe(24) for r in job.region_names()}
+    region_keys = {r: signing.generate_key() for r in job.region_names()}
     with tempfile.TemporaryDirectory(prefix="fedkube-bench-") as tmp, RedisServer() as redis:
         agg = GlobalAggregator(
             GlobalConfig(
                 job=job,
                 redis_url=redis.url,
                 checkpoint_dir=Path(tmp) / "checkpoints",
-                aggregator_digest=digest(aggregator_token),
+                region_digests={r: digest(tok) for r, tok in region_tokens.items()},
+                region_keys={
+                    r: signing.load_verify_key(public, f"public key of {r}")
+                    for r, (_private, public) in region_keys.items()
+                },
             )
         )
         await agg.start()
-        combiners = []
-        for region in job.region_names():
-            combiner = Combiner(
-                CombinerConfig(
-                    job=job,
-                    region=region,
-                    redis_url=redis.url,
-                    global_url=f"http://127.0.0.1:{agg.port}",
-                    tenant_digests={name: digest(tok) for name, tok in tokens.items()},
-                    tenant_keys={
-                        name: signing.load_verify_key(public, f"public key of {name}")
-                        for name, (_private, public) in key_pairs.items()
-                    },
-                    aggregator_token=aggregator_token,
+        combiners: list[Combiner] = []
+        try:
+            for region in job.region_names():
+                combiner = Combiner(
+                    CombinerConfig(
+                        job=job,
+                        region=region,
+                        redis_url=redis.url,
+                        global_url=f"http://127.0.0.1:{agg.port}",
+                        tenant_digests={name: digest(tok) for name, tok in tokens.items()},
+                        tenant_keys={
+                            name: signing.load_verify_key(public, f"public key of {name}")
+                            for name, (_private, public) in key_pairs.items()
+                        },
+                        aggregator_token=region_tokens[region],
+                        signing_key=signing.load_signing_key(
+                            region_keys[region][0], f"signing key of {region}"
+                        ),
+                    )
                 )
+                await combiner.start()
+                combiners.append(combiner)
+            yield Services(
+                agg,
+                combiners,
+                redis,
+                tokens,
+                {name: private for name, (private, _public) in key_pairs.items()},
             )
-            await combiner.start()
-            combiners.append(combiner)
-        config = {
-            "manifest": sc.manifest,
-            "mode": sc.mode,
-            "tokens": tokens,
-            "signing_keys": {name: private for name, (private, _public) in key_pairs.items()},
-            "urls": {c.region: f"http://127.0.0.1:{c.port}" for c in combiners},
-        }
+        finally:
+            for combiner in combiners:
+                await combiner.drain()
+                await combiner.stop()
+            await agg.stop()
+
+
+async def run_scenario(sc: Scenario) -> Result:
+    job = parse_job(sc.manifest)
+    started = time.perf_counter()
+    async with running_services(job) as services:
+        agg, redis = services.agg, services.redis
+        config = services.client_config(sc.manifest, sc.mode)
         params = sum(int(a.size) for a in agg.weights.values())
         model_bytes = sum(int(a.nbytes) for a in agg.weights.values())
 
         child = None
         client_task: asyncio.Task[dict[str, Any]] | None = None
         if sc.clients_where == "child":
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                __file__,
-                "--client-child",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert child.stdin is not None and child.stdout is not None
-            child.stdin.write(json.dumps(config).encode())
-            child.stdin.close()
-            line = await asyncio.wait_for(child.stdout.readline(), 120)
-            if line.strip() != b"READY":
-                raise RuntimeError(f"client process did not start: {line!r}")
+            child = await start_child(Path(__file__), "--client-child", config)
         else:
             ready = asyncio.Event()
             client_task = asyncio.create_task(run_clients(config, ready))
@@ -418,10 +487,7 @@ async def run_scenario(sc: Scenario) -> Result:
             status = await asyncio.wait_for(agg.run(), SCENARIO_TIMEOUT_S)
             service_cpu = time.process_time() - cpu + proc_cpu_s(redis.process.pid) - redis_cpu
             if child is not None:
-                assert child.stdout is not None
-                out = await asyncio.wait_for(child.stdout.read(), 60)
-                await child.wait()
-                stats = json.loads(out.decode().strip().splitlines()[-1])
+                stats = await last_json_line(child)
             else:
                 assert client_task is not None
                 stats = await asyncio.wait_for(client_task, 60)
@@ -438,10 +504,6 @@ async def run_scenario(sc: Scenario) -> Result:
                 client_task.cancel()
                 with contextlib.suppress(BaseException):
                     await client_task
-            for combiner in combiners:
-                await combiner.drain()
-                await combiner.stop()
-            await agg.stop()
 
     result = Result(
         sc,

@@ -4,9 +4,10 @@ User commands: ``run`` (the embedded runtime, or Ray), ``compare`` (federated
 vs centralised vs each tenant alone, or strategies or compressions side by
 side), ``validate``, ``export`` (a LoRA job's merged model). Service commands (what
 the pods and the local runtime execute): ``aggregator``, ``combiner``,
-``worker``. Secrets come from the environment (``FEDKUBE_TOKEN``,
-``FEDKUBE_SIGNING_KEY``, ``FEDKUBE_AGGREGATOR_TOKEN``) or files, never from
-arguments that ``ps`` would show.
+``worker``. Secrets come from the environment (``FEDKUBE_TOKEN`` and
+``FEDKUBE_SIGNING_KEY``: a worker's tenant's, or a combiner's region's;
+``FEDKUBE_AGGREGATOR_TOKEN``: a combiner's token to the global tier) or files,
+never from arguments that ``ps`` would show.
 
 Exit codes: 0 success, 1 the job failed, 2 invalid input, 3 lease lost,
 130 interrupted.
@@ -216,14 +217,16 @@ def _accuracy(text: str) -> float:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedkube.aggregator.global_aggregator import GlobalConfig, run_global
     from fedkube.service.logs import configure
-    from fedkube.service.web import AGGREGATOR_TOKEN_ENV, digest, port_file_write, stop_on_signals
+    from fedkube.service.web import load_digests, port_file_write, stop_on_signals
+    from fedkube.wire.signing import load_verify_keys
 
     configure("global", args.log_level)
     config = GlobalConfig(
         job=load_job(args.job),
         redis_url=_redis_url(args.redis_url),
         checkpoint_dir=Path(args.checkpoint_dir),
-        aggregator_digest=digest(_env(AGGREGATOR_TOKEN_ENV)),
+        region_digests=load_digests(args.region_tokens),
+        region_keys=load_verify_keys(args.region_keys, "--region-keys"),
         host=args.host,
         port=args.port,
         resume=args.resume,
@@ -251,7 +254,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
         port_file_write,
         stop_on_signals,
     )
-    from fedkube.wire.signing import load_verify_keys
+    from fedkube.wire.signing import SIGNING_KEY_ENV, load_signing_key, load_verify_keys
 
     configure("combiner", args.log_level)
     job = load_job(args.job)
@@ -265,6 +268,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
         tenant_digests=load_digests(args.tenant_tokens),
         tenant_keys=load_verify_keys(args.tenant_keys),
         aggregator_token=_env(AGGREGATOR_TOKEN_ENV),
+        signing_key=load_signing_key(os.environ.get(SIGNING_KEY_ENV), f"${SIGNING_KEY_ENV}"),
         host=args.host,
         port=args.port,
     )
@@ -469,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = service("aggregator", "global aggregator service")
     p.add_argument("--redis-url", required=True)
     p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument(
+        "--region-tokens", required=True, help="JSON file: region -> its combiner's token digest"
+    )
+    p.add_argument(
+        "--region-keys",
+        required=True,
+        help="JSON file: region -> base64 Ed25519 public key (its partials' signatures)",
+    )
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_aggregator)

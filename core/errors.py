@@ -72,13 +72,16 @@ class UpdateRejected(FedkubeError):
     """A worker's update (or a combiner's partial) failed validation.
 
     ``reason`` is a short stable token used as the ``reason`` label of
-    ``fedkube_updates_rejected_total``; ``status`` is the HTTP status returned.
+    ``fedkube_updates_rejected_total``; ``status`` is the HTTP status returned;
+    ``retry_after`` (seconds), when set, goes out as the Retry-After header of
+    a refusal that asks the sender to come back (busy).
     """
 
-    def __init__(self, reason: str, detail: str, status: int = 400):
+    def __init__(self, reason: str, detail: str, status: int = 400, retry_after: int | None = None):
         self.reason = reason
         self.detail = detail
         self.status = status
+        self.retry_after = retry_after
         super().__init__(f"{reason}: {detail}")
 
 

@@ -24,7 +24,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -36,7 +35,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from fedkube.errors import PolicyError
-from fedkube.spec import ENTRYPOINT, QUANTITY, FederatedJob, Tenant, _field_path
+from fedkube.spec import (
+    ENTRYPOINT,
+    QUANTITY,
+    FederatedJob,
+    Tenant,
+    _field_path,
+    check_tree,
+    read_yaml,
+)
 
 # What a site accepts when its policy says nothing: the examples installed
 # with fedkube and fedkube's own loaders of tenant-local files.
@@ -127,7 +134,8 @@ class SitePolicy(_Model):
     @field_validator("entrypoints")
     @classmethod
     def _entrypoint_rules(cls, value: list[str]) -> list[str]:
-        bad = [item for item in value if not re.match(ENTRYPOINT_RULE, item)]
+        # fullmatch: the rule's $ would let match() take "fedkube.examples.\n" too.
+        bad = [item for item in value if not re.fullmatch(ENTRYPOINT_RULE, item)]
         if bad:
             raise ValueError(
                 f"{bad} are neither module:callable, a module prefix ending with '.' or ':', "
@@ -309,6 +317,7 @@ def parse_policy(document: Any) -> SitePolicy:
         document = {}
     if not isinstance(document, dict):
         raise PolicyError([("<root>", "a site policy must be a mapping")])
+    check_tree(document, PolicyError)  # its data bindings go to the workers as JSON
     try:
         return SitePolicy.model_validate(document)
     except ValidationError as exc:
@@ -319,15 +328,10 @@ def parse_policy(document: Any) -> SitePolicy:
 
 def load_policy(path: str | Path) -> SitePolicy:
     """Read a policy file (YAML or JSON: the chart renders it into a ConfigMap)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise PolicyError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError([("<root>", f"not valid YAML: {exc}")]) from None
-    return parse_policy(document)
+    documents = read_yaml(path, PolicyError)
+    if len(documents) > 1:
+        raise PolicyError([("<root>", f"expected one policy in {path}, found {len(documents)}")])
+    return parse_policy(documents[0] if documents else None)
 
 
 def data_binding_document(binding: DataBinding) -> dict[str, Any]:
@@ -336,12 +340,11 @@ def data_binding_document(binding: DataBinding) -> dict[str, Any]:
 
 
 def load_data_binding(path: str | Path) -> DataBinding:
+    documents = read_yaml(path, PolicyError, "--data-binding")
+    if len(documents) > 1:
+        raise PolicyError([("--data-binding", f"{path} holds {len(documents)} documents, not one")])
     try:
-        document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise PolicyError([("--data-binding", f"cannot read {path}: {exc}")]) from None
-    try:
-        return DataBinding.model_validate(document or {})
+        return DataBinding.model_validate(documents[0] if documents else {})
     except ValidationError as exc:
         raise PolicyError(
             [(_field_path(err["loc"]) or "<root>", err["msg"]) for err in exc.errors()]

@@ -19,6 +19,7 @@ one way in.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -537,17 +538,64 @@ class Evaluation(_Model):
     )
 
 
+INFLIGHT_BELOW_UPDATE = (
+    "below maxUpdateBytes: an update of the largest size could never be received"
+)
+
+
 class Transport(_Model):
+    """What a combiner takes from its tenants' workers, and how much of it at once.
+
+    The in-flight budgets bound the memory that update bodies can hold in a
+    combiner whatever its clients do: a tenant that opens uploads announcing
+    large bodies and sends them slowly is answered ``busy`` (503 or 429, with
+    Retry-After; an honest worker sends again) rather than growing the
+    combiner until it fails every tenant of its region.
+    """
+
     max_update_bytes: int = Field(
         default=256 * 1024 * 1024,
         ge=1024,
         description="larger updates are rejected (reason oversized)",
+    )
+    max_inflight_bytes: int = Field(
+        default=2 * 1024 * 1024 * 1024,
+        ge=1024,
+        description="update bytes (as announced) a combiner receives at once; an upload beyond "
+        "it is answered 503 busy with Retry-After and sent again by the worker",
+    )
+    max_inflight_bytes_per_tenant: int | None = Field(
+        default=None,
+        ge=1024,
+        description="one tenant's share of maxInflightBytes (beyond it: 429 busy); default: "
+        "half of it where the region has several tenants, all of it otherwise",
+    )
+    body_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="how far an update body may fall behind minUploadBytesPerSecond: at t "
+        "seconds it must have delivered minUploadBytesPerSecond x (t - this) bytes, else it is "
+        "refused (408 slow_body) and its budget freed",
+    )
+    min_upload_bytes_per_second: int = Field(
+        default=256 * 1024,
+        ge=1,
+        description="the slowest upload a combiner waits for, on average (see bodyTimeoutSeconds)",
     )
     norm_bound: float | None = Field(
         default=None,
         gt=0,
         description="reject updates whose L2 norm exceeds it (reason norm_bound)",
     )
+
+    def inflight_per_tenant(self, tenants: int) -> int:
+        """One tenant's in-flight budget in a region of ``tenants`` tenants."""
+        if self.max_inflight_bytes_per_tenant is not None:
+            return min(self.max_inflight_bytes_per_tenant, self.max_inflight_bytes)
+        if tenants <= 1:
+            return self.max_inflight_bytes
+        return max(self.max_inflight_bytes // 2, self.max_update_bytes)
 
 
 class SecretKeyRef(_Model):
@@ -716,7 +764,14 @@ class JobSpec(_Model):
         description="container image of the workers and the global aggregator, which run "
         "the job's code (default: the operator's --image; combiners run its --slim-image)",
     )
-    seed: int = Field(default=0, description="model initialisation, selection, partitioning")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        # numpy and torch take non-negative 64-bit seeds; 2^53 - 1 is the largest that
+        # every JSON parser on the way (kubectl's included) reads exactly.
+        le=2**53 - 1,
+        description="model initialisation, selection, partitioning (0 to 2^53 - 1)",
+    )
     task: TaskSpec | None = Field(
         default=None,
         description="the user's training code (fedkube.task); unset: the built-in "
@@ -897,6 +952,7 @@ def _cross_field_problems(spec: JobSpec) -> list[tuple[str, str]]:
             ("spec.data.entrypoint", "required unless spec.task names a task that loads the data")
         )
     problems += _task_problems(spec)
+    problems += _transport_problems(spec.transport)
     region_names = [region.name for region in spec.regions]
     for index, name in enumerate(region_names):
         if region_names.index(name) != index:
@@ -1049,6 +1105,18 @@ def _privacy_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return problems
 
 
+def _transport_problems(transport: Transport) -> list[tuple[str, str]]:
+    """A budget smaller than one update would refuse that update for ever."""
+    problems: list[tuple[str, str]] = []
+    for field, budget in (
+        ("maxInflightBytes", transport.max_inflight_bytes),
+        ("maxInflightBytesPerTenant", transport.max_inflight_bytes_per_tenant),
+    ):
+        if budget is not None and budget < transport.max_update_bytes:
+            problems.append((f"spec.transport.{field}", INFLIGHT_BELOW_UPDATE))
+    return problems
+
+
 def _strategy_problems(spec: JobSpec, region_names: list[str]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     strategy, robust = spec.strategy, spec.strategy.robust
@@ -1109,6 +1177,7 @@ def parse_job(document: Any) -> FederatedJob:
     """Validate a manifest already parsed from YAML/JSON."""
     if not isinstance(document, dict):
         raise SpecError([("<root>", "a FederatedJob manifest must be a mapping")])
+    check_tree(document, SpecError)
     try:
         job = FederatedJob.model_validate(document)
     except ValidationError as exc:
@@ -1120,16 +1189,93 @@ def parse_job(document: Any) -> FederatedJob:
     return job
 
 
-def load_job(path: str | Path) -> FederatedJob:
-    """Read and validate a manifest file (the YAML that ``kubectl apply`` takes)."""
+def read_yaml(
+    path: str | Path, error: type[SpecError] = SpecError, field: str | None = None
+) -> list[Any]:
+    """The non-empty YAML documents of a file, each a plain tree; ``error`` names what is wrong.
+
+    Shared by manifests and site policies (``error`` is :class:`PolicyError`
+    there); ``field`` replaces ``<file>`` and ``<root>`` as the problem's place.
+    """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise SpecError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+        raise error([(field or "<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise error(
+            [(field or "<file>", f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}")]
+        ) from None
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
-        raise SpecError([("<root>", f"not valid YAML: {exc}")]) from None
+        raise error([(field or "<root>", f"not valid YAML: {exc}")]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise error(
+            [(field or "<root>", "not valid YAML: collections nest deeper than it can read")]
+        ) from None
+    for document in documents:
+        check_tree(document, error, field or "<root>")
+    return documents
+
+
+# What one document may expand to (its YAML aliases followed), and how deep it may
+# nest: what the operator stores and each worker receives as JSON. pydantic's
+# serializer gives up near 255 levels (dump_job); no manifest needs 20.
+MAX_DOCUMENT_VALUES = 1_000_000
+MAX_DOCUMENT_DEPTH = 100
+_END: tuple[Any, Any] = (None, None)  # told apart by identity: no pair is this one
+
+
+def check_tree(document: Any, error: type[SpecError], field: str = "<root>") -> None:
+    """Refuse a document that JSON cannot hold, or that could not be written back as JSON.
+
+    A collection that contains itself (``kwargs: &x {a: *x}``) would pass into
+    an Any-typed field (the kwargs) and fail only when the job is written as
+    JSON for the operator or a worker; so would kwargs nested deeper than the
+    serializer follows; YAML's ``.inf`` and ``.nan`` are no JSON numbers (in
+    kwargs, dump_job wrote them as null); and aliases of aliases expand
+    exponentially (a "billion laughs"). Walked without recursion, so that
+    depth costs no stack.
+    """
+    values = 0
+    on_path: set[int] = set()
+    where: list[str | int] = []  # the keys and indices down to the collection walked
+    stack: list[tuple[int | None, Iterator[tuple[Any, Any]]]] = [(None, iter([("", document)]))]
+    while stack:
+        item = next(stack[-1][1], _END)
+        if item is _END:
+            owner, _ = stack.pop()
+            if owner is not None:
+                on_path.discard(owner)
+                where.pop()
+            continue
+        key, node = item
+        values += 1
+        if values > MAX_DOCUMENT_VALUES:
+            raise error(
+                [(field, f"more than {MAX_DOCUMENT_VALUES} values once YAML aliases are expanded")]
+            )
+        if isinstance(node, float) and not math.isfinite(node):
+            path = _field_path(tuple([*where[1:9], key] if len(where) else []))
+            place = f"{field} {path}".strip() if field != "<root>" else path or field
+            raise error([(place, f"{node} is not a JSON number")])
+        if isinstance(node, dict | list):
+            where.append(key if isinstance(key, int) and not isinstance(key, bool) else str(key))
+            path = _field_path(tuple(where[1:9])) + ("..." if len(where) > 9 else "")
+            # Under the file's own name (--data-binding) when it has one, else the path.
+            place = f"{field} {path}".strip() if field != "<root>" else path or field
+            if len(where) - 1 > MAX_DOCUMENT_DEPTH:
+                raise error([(place, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels")])
+            if id(node) in on_path:
+                raise error([(place, "a YAML alias refers to a collection that contains it")])
+            on_path.add(id(node))
+            pairs = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.append((id(node), iter(pairs)))
+
+
+def load_job(path: str | Path) -> FederatedJob:
+    """Read and validate a manifest file (the YAML that ``kubectl apply`` takes)."""
+    documents = read_yaml(path)
     jobs = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
     if len(jobs) != 1:
         raise SpecError([("<root>", f"expected exactly one {KIND} in {path}, found {len(jobs)}")])

@@ -27,11 +27,13 @@ import yaml
 from fedkube.operator.status import JobStatus
 from fedkube.spec import (
     API_VERSION,
+    INFLIGHT_BELOW_UPDATE,
     KIND,
     MAX_JOB_NAME,
     MAX_WORKERS_PER_TENANT,
     JobSpec,
     Simulation,
+    Transport,
 )
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -113,6 +115,17 @@ SPEC_RULES: list[dict[str, str]] = [
         "fieldPath": ".privacy.dp",
         "reason": "FieldValueInvalid",
     },
+    *(
+        {
+            "rule": f"!has(self.transport) || !has(self.transport.{field}) || "
+            f"self.transport.{field} >= (has(self.transport.maxUpdateBytes) ? "
+            f"self.transport.maxUpdateBytes : {Transport().max_update_bytes})",
+            "message": INFLIGHT_BELOW_UPDATE,
+            "fieldPath": f".transport.{field}",
+            "reason": "FieldValueInvalid",
+        }
+        for field in ("maxInflightBytes", "maxInflightBytesPerTenant")
+    ),
     {
         "rule": "has(self.simulation) || self.tenants.all(t, !has(t.replicas) || "
         f"t.replicas <= {MAX_WORKERS_PER_TENANT})",

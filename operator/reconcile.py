@@ -193,46 +193,48 @@ def _secret_value(secret: Mapping[str, Any] | None, key: str) -> str | None:
 
 def read_tokens(
     secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob
-) -> tuple[str, dict[str, str]]:
-    """Reuse the credentials already issued; mint the missing ones.
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Reuse the credentials already issued; mint the missing ones: per region, per tenant.
 
     Tokens are minted once and then read back from their Secrets: minting
-    again would lock out workers that already hold the old token.
+    again would lock out the workers (or the combiner) that hold the old one.
     """
     by_name = _owned_secrets(secrets_seen, uid)
 
     def token(name: str) -> str:
         return _secret_value(by_name.get(name), TOKEN_KEY) or secrets.token_urlsafe(32)
 
-    return token(naming.aggregator_name(job.name)), {
+    return {r: token(naming.combiner_name(job.name, r)) for r in job.region_names()}, {
         t.name: token(naming.tenant_name(job.name, t.name)) for t in job.spec.tenants
     }
 
 
 def read_signing_keys(
     secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob
-) -> dict[str, str]:
-    """Each tenant's private signing key: read back from its Secret, or minted once.
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each region's and each tenant's private signing key: read back, or minted once.
 
     As with tokens, a pass never rotates a key: a new one would make the
-    combiner refuse every update the tenant's running workers sign. A key
-    that is there but not a key (a hand edit) stops the pass, naming the
-    Secret, rather than being replaced silently.
+    combiner refuse every update the tenant's running workers sign (or the
+    global tier every partial the running combiner signs). A key that is
+    there but not a key (a hand edit) stops the pass, naming the Secret,
+    rather than being replaced silently.
     """
     by_name = _owned_secrets(secrets_seen, uid)
-    keys: dict[str, str] = {}
-    for tenant in job.spec.tenants:
-        name = naming.tenant_name(job.name, tenant.name)
+
+    def key(name: str) -> str:
         text = _secret_value(by_name.get(name), SIGNING_KEY_KEY)
         if text is None:
-            keys[tenant.name] = signing.generate_key()[0]
-            continue
+            return signing.generate_key()[0]
         try:
             signing.load_signing_key(text, f"Secret {name} key {SIGNING_KEY_KEY}")
         except SigningKeyError as exc:
             raise NotReady(f"{exc}; delete that key (or the Secret) to mint a new one") from None
-        keys[tenant.name] = text
-    return keys
+        return text
+
+    return {r: key(naming.combiner_name(job.name, r)) for r in job.region_names()}, {
+        t.name: key(naming.tenant_name(job.name, t.name)) for t in job.spec.tenants
+    }
 
 
 def _check_copied_secret(kube: Kube, namespace: str, job: FederatedJob, tenant: str) -> None:
@@ -271,16 +273,18 @@ def reconcile(
         for tenant in job.spec.tenants:
             if tenant.site == config.site and tenant.name not in refused:
                 _check_copied_secret(kube, namespace, job, tenant.name)
-    aggregator_token, tenant_tokens = read_tokens(existing, uid, job)
+    region_tokens, tenant_tokens = read_tokens(existing, uid, job)
+    region_keys, tenant_keys = read_signing_keys(existing, uid, job)
     target = Target(
         job=job,
         namespace=namespace,
         uid=uid,
         config=config,
         mode=mode,
-        aggregator_token=aggregator_token,
+        region_tokens=region_tokens,
+        region_signing_keys=region_keys,
         tenant_tokens=tenant_tokens,
-        tenant_signing_keys=read_signing_keys(existing, uid, job),
+        tenant_signing_keys=tenant_keys,
         refused=refused,
     )
     try:

@@ -25,9 +25,13 @@ from fedkube.spec import FederatedJob
 from fedkube.state import checkpoint
 from fedkube.wire import signing
 from fedkube.workers.runtime import Worker, WorkerConfig
-from tests.support import tenant_signing_key, tenant_verify_keys
+from tests.support import (
+    region_checks,
+    region_credential,
+    tenant_signing_key,
+    tenant_verify_keys,
+)
 
-AGG_TOKEN = "aggregator-secret"
 SETTLED_ROUNDS = 5  # accuracy is compared as the mean of the last rounds: one round is noisy
 
 
@@ -72,7 +76,7 @@ async def federate(
     simulates) to a worker class of the test's."""
     checkpoints = workdir / "ckpt"
     aggregator = GlobalAggregator(
-        GlobalConfig(job, redis_url, checkpoints, aggregator_digest=digest(AGG_TOKEN))
+        GlobalConfig(job, redis_url, checkpoints, **region_checks(job.region_names()))
     )
     await aggregator.start()
     combiners = {
@@ -84,7 +88,7 @@ async def federate(
                 global_url=f"http://127.0.0.1:{aggregator.port}",
                 tenant_digests={t.name: digest(tenant_token(t.name)) for t in job.spec.tenants},
                 tenant_keys=tenant_verify_keys(t.name for t in job.spec.tenants),
-                aggregator_token=AGG_TOKEN,
+                **region_credential(region),
             )
         )
         for region in job.region_names()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from fedkube.service.web import digest
 from fedkube.wire import signing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,37 @@ def tenant_verify_keys(tenants: Iterable[str]) -> dict[str, signing.VerifyKey]:
             signing.public_key_of(tenant_signing_key(tenant), tenant), tenant
         )
         for tenant in tenants
+    }
+
+
+def region_token(region: str) -> str:
+    """A fixed token per region: what its combiner presents to the global tier."""
+    return f"combiner-token-{region}"
+
+
+def region_signing_key(region: str) -> str:
+    """A fixed Ed25519 private key (base64) per region: its combiner signs partials with it."""
+    seed = hashlib.sha256(f"fedkube-test-region-key:{region}".encode()).digest()
+    return base64.b64encode(seed).decode()
+
+
+def region_checks(regions: Iterable[str]) -> dict[str, Any]:
+    """What a test's global aggregator checks its combiners with (GlobalConfig's keywords)."""
+    names = list(regions)
+    return {
+        "region_digests": {r: digest(region_token(r)) for r in names},
+        "region_keys": {
+            r: signing.load_verify_key(signing.public_key_of(region_signing_key(r), r), r)
+            for r in names
+        },
+    }
+
+
+def region_credential(region: str) -> dict[str, Any]:
+    """A test's combiner's own credential (CombinerConfig's keywords)."""
+    return {
+        "aggregator_token": region_token(region),
+        "signing_key": signing.load_signing_key(region_signing_key(region), region),
     }
 
 

@@ -16,7 +16,9 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -59,8 +61,21 @@ class Taken(enum.Enum):
     """What became of an update sent to the combiner."""
 
     accepted = "accepted"  # recorded, or an earlier try of it was (a duplicate)
-    later = "later"  # the combiner could not record it now (503): send it again
+    later = "later"  # the combiner could not take it now (unavailable, busy): send it again
     refused = "refused"  # refused for good (logged with the reason)
+
+
+def retry_after(headers: Mapping[str, str]) -> float:
+    """A Retry-After header's delay in seconds (the number form; 0 when absent or a date).
+
+    Capped at :data:`RETRY_MAX_S` times ten: a combiner (or something posing
+    as one) must not be able to park a worker for a day.
+    """
+    try:
+        value = float(headers.get("Retry-After", "0"))
+    except ValueError:
+        return 0.0
+    return min(max(value, 0.0), 10 * RETRY_MAX_S) if math.isfinite(value) else 0.0
 
 
 class CombinerLink:
@@ -75,6 +90,8 @@ class CombinerLink:
             H_TENANT: identity.tenant,
         }
         self.backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
+        # What a busy combiner's Retry-After asked for: the next pause waits at least that.
+        self.retry_after = 0.0
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> CombinerLink:
@@ -99,8 +116,14 @@ class CombinerLink:
         return self._http
 
     async def pause(self) -> None:
-        """Wait before asking again (the delays double while nothing gets through)."""
-        await self.backoff.wait()
+        """Wait before asking again (the delays double while nothing gets through).
+
+        At least as long as a busy combiner's Retry-After asked: it is
+        receiving all it can, and asking sooner only costs it a refusal.
+        """
+        delay = max(self.backoff.next(), self.retry_after)
+        self.retry_after = 0.0
+        await asyncio.sleep(delay)
 
     # -- tasks and models ---------------------------------------------------------
     async def tasks(
@@ -142,7 +165,13 @@ class CombinerLink:
                 raise aiohttp.ClientResponseError(
                     response.request_info, (), status=response.status, message=detail
                 )
-            return dict(await response.json())
+            # Bytes, not text(): whatever charset the answer claims, it is read as UTF-8.
+            text = (await response.read()).decode("utf-8", "replace")
+        answer = answer_of(response.status, text)
+        if "status" not in answer:
+            # Not a poll's answer: as a combiner that answers nothing, asked again.
+            raise aiohttp.ClientPayloadError(f"poll answer is not a task list: {text[:200]!r}")
+        return answer
 
     async def model(self, version: int) -> bytearray:
         """Model ``version`` as the combiner serves it (encoded, maybe compressed)."""
@@ -172,6 +201,11 @@ class CombinerLink:
                 answer.get("detail"),
                 extra=where,
             )
+            return Taken.later
+        if response.status in (429, 503) and answer.get("error") == Reason.busy.value:
+            # The combiner is receiving all its budget allows: not a fault, so not a warning.
+            self.retry_after = max(self.retry_after, retry_after(response.headers))
+            log.info("combiner busy (%s); sending again", answer.get("detail"), extra=where)
             return Taken.later
         if response.status < 300 or answer.get("error") == "duplicate":
             # A duplicate means an earlier try of this very update was accepted.
@@ -234,9 +268,13 @@ class CombinerLink:
 
 
 def answer_of(status: int, text: str) -> dict[str, Any]:
-    """A combiner's JSON answer, or what to log of one that is not JSON."""
+    """A combiner's JSON answer, or what to log of one that is not JSON.
+
+    Whatever the text (deep nesting raises RecursionError, an over-long
+    integer ValueError), a worker never fails on what a combiner answered.
+    """
     try:
         answer = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {"error": f"http {status}", "detail": text[:200]}
     return answer if isinstance(answer, dict) else {"error": f"http {status}", "detail": text[:200]}

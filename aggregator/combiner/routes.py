@@ -32,7 +32,7 @@ from fedkube.aggregator.combiner.secure_intake import SecureIntake
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.validation import check_client
 from fedkube.errors import UpdateRejected
-from fedkube.service.bodies import json_body, read_body
+from fedkube.service.bodies import Pace, announced_length, json_body, read_body
 from fedkube.service.logs import fields
 from fedkube.service.web import json_error
 from fedkube.wire import codec
@@ -191,14 +191,19 @@ class Routes:
         intake.check_open(current, sender)
         assert current is not None
         signature = self.admission.signature(request, tenant)
+        transport = self.c.job.spec.transport
+        length = announced_length(request, transport.max_update_bytes)
         pool = self.c.buffers
-        buffer, length = await read_body(request, self.c.job.spec.transport.max_update_bytes, pool)
-        try:
-            body = memoryview(buffer)[:length]
-            await self.admission.verify(sender, signature, body)
-            return await intake.accept(sender, current, body)
-        finally:
-            pool.give(buffer)
+        # Counted from before the buffer is taken until it is given back: what a
+        # tenant's uploads can hold in this combiner is bounded whatever they announce.
+        with self.c.inflight.hold(tenant, length):
+            buffer = await read_body(request, length, pool, Pace.of(transport))
+            try:
+                body = memoryview(buffer)[:length]
+                await self.admission.verify(sender, signature, body)
+                return await intake.accept(sender, current, body)
+            finally:
+                pool.give(buffer)
 
     async def secagg(self, request: web.Request) -> web.Response:
         """``POST /v1/secagg/{keys,shares,unmask}``: one client's message for one step."""
@@ -230,12 +235,12 @@ class Routes:
         """
         try:
             tenant = self.admission.authenticate(request)
-            document = await request.json()
+            document = await json_body(request)
+            if not isinstance(document, dict):
+                raise UpdateRejected(Reason.malformed.value, 'expected {"message": "..."}')
             message = str(document.get("message", ""))[:MAX_REFUSAL_CHARS] or "refused"
         except UpdateRejected as exc:
             return json_error(exc.status, exc.reason, exc.detail)
-        except (ValueError, AttributeError):
-            return json_error(400, Reason.malformed.value, 'expected {"message": "..."}')
         await self.c.store.record_refusal(tenant, message)
         log.warning(
             "tenant refused at its site: %s",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from fedkube.aggregator.combiner.secure_region import Claim, SecureRegion
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.validation import Template, check_structure
 from fedkube.errors import SecureAggregationFailed, UpdateRejected
+from fedkube.service.bodies import json_body_sized
 from fedkube.service.logs import fields
 from fedkube.spec import FederatedJob, SecureAggregation
 from fedkube.training import privacy
@@ -125,11 +125,7 @@ class SecureIntake:
     async def _read(self, request: web.Request) -> tuple[str, int, dict[str, Any], int]:
         """The checked JSON of one protocol message: its client, round, body and size."""
         client = request.headers.get(H_CLIENT, "")
-        raw = await request.read()
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            raise UpdateRejected(Reason.malformed.value, "the body is not JSON") from None
+        document, size = await json_body_sized(request)
         if not isinstance(document, dict):
             raise UpdateRejected(Reason.malformed.value, "expected a JSON object")
         number = document.get("round")
@@ -140,7 +136,7 @@ class SecureIntake:
                 Reason.metadata_mismatch.value,
                 f"body client {document.get('client')!r} but request says {client!r}",
             )
-        return client, number, document, len(raw)
+        return client, number, document, size
 
     async def _receive_keys(
         self, current: RegionRound, tenant: str, client: str, document: dict[str, Any]

@@ -69,6 +69,7 @@ from fedkube.aggregator.combiner.site_reports import SiteReports
 from fedkube.aggregator.combiner.uplink import encode_partial, send_partial
 from fedkube.service.backoff import Backoff
 from fedkube.service.bodies import BufferPool
+from fedkube.service.inflight import InflightBudget
 from fedkube.service.logs import fields
 from fedkube.service.metrics import Metrics
 from fedkube.service.web import start_site
@@ -94,7 +95,10 @@ class CombinerConfig:
     # Each tenant's public key: its updates must carry a signature made with
     # the private key that only its workers hold (fedkube.wire.signing).
     tenant_keys: Mapping[str, signing.VerifyKey]
+    # The region's own credential to the global tier: its token, and the key that
+    # signs its partials (the global tier holds the digest and the public key).
     aggregator_token: str
+    signing_key: signing.SigningKey
     host: str = "127.0.0.1"
     port: int = 0
     lease_ttl_ms: int = LEASE_TTL_MS
@@ -136,6 +140,11 @@ class Combiner:
         self.evaluations = SiteReports(self.store, self.name, config.region, clients, self.metrics)
         self.job_status: str | None = None
         self.buffers = BufferPool()
+        transport = config.job.spec.transport
+        tenants = {t.name for t in config.job.spec.tenants if t.region == config.region}
+        self.inflight = InflightBudget(
+            transport.max_inflight_bytes, transport.inflight_per_tenant(len(tenants))
+        )
         self.registrations = Registrations(config.job.spec.participation.registration_ttl_seconds)
         self.lease = Lease(self.store, f"combiner-{config.region}", config.lease_ttl_ms)
         self._tasks: list[asyncio.Task[None]] = []
@@ -316,6 +325,13 @@ class Combiner:
             if result is None:  # the region failed this round; the global tier knows why
                 return
             encoded = encode_partial(self.name, current.info.round, self.region, result)
+        # BLAKE3 releases the GIL: the loop goes on serving while the partial is hashed.
+        digest = await asyncio.get_running_loop().run_in_executor(
+            None, signing.payload_digest, encoded.chunks()
+        )
+        signature = signing.sign_partial(
+            self.config.signing_key, self.name, current.info.round, self.region, digest
+        )
         # The round's byte counters are read when it closes: in Redis before the partial.
         await self.state.counted()
         assert self._http is not None
@@ -326,6 +342,7 @@ class Combiner:
             current.info.round,
             self.region,
             encoded,
+            signature,
             result,
             self.stopped,
         )

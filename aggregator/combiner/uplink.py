@@ -26,6 +26,7 @@ from fedkube.wire.protocol import (
     H_JOB,
     H_REGION,
     H_ROUND,
+    H_SIGNATURE,
     M_COUNT,
     M_WEIGHTED_STEPS,
     Envelope,
@@ -52,11 +53,19 @@ async def send_partial(
     number: int,
     region: str,
     encoded: Encoded,
+    signature: str,
     result: RegionSum,
     stopped: asyncio.Event,
 ) -> None:
-    """POST the partial until the global tier has it (or moved on), or ``stopped``."""
-    headers = {H_JOB: job, H_ROUND: str(number), H_REGION: region, H_CODEC: codec.CODEC}
+    """POST the partial, signed with the region's key, until the global tier has it (or
+    moved on), or ``stopped``."""
+    headers = {
+        H_JOB: job,
+        H_ROUND: str(number),
+        H_REGION: region,
+        H_CODEC: codec.CODEC,
+        H_SIGNATURE: signature,
+    }
     backoff = Backoff(0.2, 5.0)
     while not stopped.is_set():
         body, framing = upload(encoded)

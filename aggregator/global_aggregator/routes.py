@@ -5,11 +5,17 @@
 partial is made durable (the checkpoint volume) before it is acknowledged;
 a refused one is counted, logged and answered by
 :func:`fedkube.aggregator.refusals.refuse`.
+
+Every request carries a region combiner's token; a partial is taken only
+from the credential of the region it is for, and only if that region's key
+signed it: one combiner (or its stolen token) cannot post another region's
+sums.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -20,11 +26,12 @@ from fedkube.aggregator.global_aggregator.wire import decode_partial
 from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.strategies.sums import Partial
 from fedkube.errors import UpdateRejected
-from fedkube.service.bodies import read_body
+from fedkube.service.bodies import Pace, announced_length, read_own_body
 from fedkube.service.logs import fields
-from fedkube.service.web import bearer, json_error, send_payload, start_site, token_matches
+from fedkube.service.web import bearer, digest, json_error, send_payload, start_site
 from fedkube.state import checkpoint
-from fedkube.wire.protocol import H_JOB, H_REGION, H_ROUND, Reason, parse_int
+from fedkube.wire import signing
+from fedkube.wire.protocol import H_JOB, H_REGION, H_ROUND, H_SIGNATURE, Reason, parse_int
 
 # A partial is a sum over the model's float32 tensors: as large as an update, with room
 # for metadata; the limit on a body is this times spec.transport.maxUpdateBytes.
@@ -58,8 +65,21 @@ class Routes:
     def __init__(self, agg: GlobalAggregator):
         self.agg = agg
 
+    def _credential(self, request: web.Request) -> str | None:
+        """The region whose combiner's token the request carries (None: no region's)."""
+        presented = bearer(request)
+        if presented is None:
+            return None
+        seen = digest(presented)
+        owners = [
+            region
+            for region, expected in self.agg.config.region_digests.items()
+            if hmac.compare_digest(seen, expected)  # every one compared: no early exit
+        ]
+        return owners[0] if owners else None
+
     def _authorised(self, request: web.Request) -> bool:
-        return token_matches(bearer(request), self.agg.config.aggregator_digest)
+        return self._credential(request) is not None
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "round": self.agg.round_no})
@@ -100,8 +120,15 @@ class Routes:
         region = request.headers.get(H_REGION, "")
         label = region if region in agg.regions else "unknown"
         try:
-            if not self._authorised(request):
+            owner = self._credential(request)
+            if owner is None:
                 raise UpdateRejected(Reason.unauthenticated.value, "bad or missing token", 401)
+            if owner != region:
+                raise UpdateRejected(
+                    Reason.wrong_region.value,
+                    f"the credential of region {owner!r} cannot send region {region!r}'s partial",
+                    403,
+                )
             partial, body = await self._accept(request, region)
         except UpdateRejected as exc:
             return refuse(
@@ -118,7 +145,7 @@ class Routes:
         agg.arrived.set()
         return web.json_response({"status": "accepted", "region": partial.region})
 
-    async def _accept(self, request: web.Request, region: str) -> tuple[Partial, bytearray]:
+    async def _accept(self, request: web.Request, region: str) -> tuple[Partial, memoryview]:
         agg = self.agg
         if request.headers.get(H_JOB) != agg.name:
             raise UpdateRejected(Reason.metadata_mismatch.value, "partial for another job")
@@ -136,8 +163,20 @@ class Routes:
             )
         # Read once into its own buffer (aiohttp's read() copies a body twice); the
         # partial's tensors are views of it until the round closes.
-        body, _length = await read_body(
-            request, PARTIAL_LIMIT_FACTOR * agg.spec.transport.max_update_bytes
+        transport = agg.spec.transport
+        length = announced_length(request, PARTIAL_LIMIT_FACTOR * transport.max_update_bytes)
+        body = memoryview(await read_own_body(request, length, Pace.of(transport)))
+        # BLAKE3 releases the GIL: the loop goes on with other regions' partials.
+        body_digest = await asyncio.get_running_loop().run_in_executor(
+            None, signing.payload_digest, (body,)
+        )
+        signing.verify_partial(
+            agg.config.region_keys[region],
+            request.headers.get(H_SIGNATURE),
+            agg.name,
+            number,
+            region,
+            body_digest,
         )
         partial = decode_partial(body, agg.name, number, region, agg.template)
         # Durable before acknowledged: a restarted aggregator reloads it.

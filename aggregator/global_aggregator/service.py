@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from fedkube.aggregator.global_aggregator.common import TIER, log
 from fedkube.aggregator.strategies import REGISTRY
 from fedkube.aggregator.strategies.sums import Partial, Tensors
 from fedkube.aggregator.validation import Template, template_of
+from fedkube.errors import SigningKeyError
 from fedkube.service.logs import fields
 from fedkube.service.metrics import Metrics
 from fedkube.spec import FederatedJob
@@ -35,14 +36,24 @@ from fedkube.state.roundstate import RoundInfo, RoundStore
 from fedkube.task import load_task
 from fedkube.training import privacy
 from fedkube.training.learning import build_model, float_state
+from fedkube.wire.signing import VerifyKey
 
 
 @dataclass
 class GlobalConfig:
+    """What the global tier runs with; per region, what checks its combiner's credential.
+
+    Each region's combiner holds a token and an Ed25519 key of its own: the
+    global tier holds only the token's digest and the public key, takes a
+    partial only from the credential of the region it is for, and only if
+    that region's key signed it (:mod:`fedkube.wire.signing`).
+    """
+
     job: FederatedJob
     redis_url: str
     checkpoint_dir: Path
-    aggregator_digest: str
+    region_digests: Mapping[str, str]
+    region_keys: Mapping[str, VerifyKey]
     host: str = "127.0.0.1"
     port: int = 0
     resume: bool = False
@@ -64,6 +75,14 @@ class GlobalAggregator:
         self.region_of = {c.id: c.region for c in self.clients}
         self.tenant_of = {c.id: c.tenant for c in self.clients}
         self.regions = set(config.job.region_names())
+        missing = sorted(self.regions - (set(config.region_digests) & set(config.region_keys)))
+        if missing:
+            raise SigningKeyError(
+                [
+                    ("--region-tokens, --region-keys", f"nothing checks region {r!r}'s combiner")
+                    for r in missing
+                ]
+            )
         self.task = load_task(config.job)
         self.model = build_model(config.job, self.task)
         self.weights = float_state(self.model)

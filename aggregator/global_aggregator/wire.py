@@ -46,7 +46,7 @@ def encode_model(
 
 
 def decode_partial(
-    body: bytes | bytearray, job: str, number: int, region: str, template: Template
+    body: bytes | bytearray | memoryview, job: str, number: int, region: str, template: Template
 ) -> Partial:
     """``region``'s partial for round ``number``, checked; raises UpdateRejected."""
     try:

@@ -1,6 +1,6 @@
 """The run directory: cleared for a fresh run, kept for ``--resume``; and the run's
 credentials in ``secrets/`` (tokens and signing keys, mode 0600; the combiners
-get only the digests and public keys that check them)."""
+and the global aggregator get only the digests and public keys that check them)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedkube.errors import FedkubeError
-from fedkube.service.credentials import combiner_checks
+from fedkube.service.credentials import credential_checks
 from fedkube.spec import FederatedJob
 from fedkube.wire import signing
 
@@ -33,8 +34,10 @@ def prepare_dir(out: Path, resume: bool) -> None:
 class Credentials:
     """What the run's services authenticate with, kept in ``secrets/`` across --resume."""
 
-    tokens: dict[str, str]  # tenant (and "__aggregator__") -> bearer token
+    tokens: dict[str, str]  # tenant -> bearer token
     signing_keys: dict[str, str]  # tenant -> base64 Ed25519 private key (its workers only)
+    region_tokens: dict[str, str]  # region -> its combiner's token to the global tier
+    region_keys: dict[str, str]  # region -> its combiner's private key (signs partials)
 
 
 def write_private(path: Path, document: dict[str, str]) -> None:
@@ -49,28 +52,39 @@ def read_json(path: Path) -> dict[str, str]:
 
 
 def credentials_for(out: Path, job: FederatedJob) -> Credentials:
-    """Per-tenant tokens and signing keys plus the aggregator's token, kept across --resume.
+    """Per-tenant and per-region tokens and signing keys, kept across --resume.
 
     Workers get their tenant's token and private key through their
-    environment; combiners get only what checks them: the tokens' SHA-256
-    digests (``tenant-digests.json``) and the public keys (``tenant-keys.json``).
+    environment, each combiner its region's; a combiner gets only what checks
+    its tenants (the tokens' SHA-256 digests, ``tenant-digests.json``, and the
+    public keys, ``tenant-keys.json``), the global aggregator only what checks
+    the combiners (``region-digests.json``, ``region-keys.json``).
     """
     folder = out / "secrets"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tokens = read_json(folder / "tokens.json")
-    for name in [t.name for t in job.spec.tenants] + ["__aggregator__"]:
-        tokens.setdefault(name, secrets.token_urlsafe(32))
-    write_private(folder / "tokens.json", tokens)
-    keys = read_json(folder / "signing-keys.json")
-    for tenant in job.spec.tenants:
-        keys.setdefault(tenant.name, signing.generate_key()[0])
-    write_private(folder / "signing-keys.json", keys)
-    checks = combiner_checks(
-        [t.name for t in job.spec.tenants],
-        tokens,
-        keys,
-        lambda tenant: f"{folder / 'signing-keys.json'}: tenant {tenant!r}",
+    tenants, regions = [t.name for t in job.spec.tenants], job.region_names()
+    tokens = _kept(folder / "tokens.json", tenants, lambda: secrets.token_urlsafe(32))
+    keys = _kept(folder / "signing-keys.json", tenants, lambda: signing.generate_key()[0])
+    region_tokens = _kept(folder / "region-tokens.json", regions, lambda: secrets.token_urlsafe(32))
+    region_keys = _kept(
+        folder / "region-signing-keys.json", regions, lambda: signing.generate_key()[0]
     )
-    (folder / "tenant-digests.json").write_text(json.dumps(checks.token_digests))
-    (folder / "tenant-keys.json").write_text(json.dumps(checks.public_keys))
-    return Credentials(tokens, keys)
+    for prefix, names, held, private, source in (
+        ("tenant", tenants, tokens, keys, folder / "signing-keys.json"),
+        ("region", regions, region_tokens, region_keys, folder / "region-signing-keys.json"),
+    ):
+        checks = credential_checks(
+            names, held, private, lambda name, s=source, p=prefix: f"{s}: {p} {name!r}"
+        )
+        (folder / f"{prefix}-digests.json").write_text(json.dumps(checks.token_digests))
+        (folder / f"{prefix}-keys.json").write_text(json.dumps(checks.public_keys))
+    return Credentials(tokens, keys, region_tokens, region_keys)
+
+
+def _kept(path: Path, names: list[str], mint: Callable[[], str]) -> dict[str, str]:
+    """``{name: secret}`` from ``path``, with one minted for each name it lacks (written back)."""
+    held = read_json(path)
+    for name in names:
+        held.setdefault(name, mint())
+    write_private(path, held)
+    return held

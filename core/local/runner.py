@@ -16,8 +16,8 @@ Run directory layout (``runs/<job>`` by default)::
     redis/         Redis append-only file (round state; kept for --resume)
     checkpoints/   global model per round (safetensors + JSON)
     clients/       each client's durable state (SCAFFOLD's c_i), kept for --resume
-    secrets/       tenant and aggregator tokens, tenant signing keys (mode 0600);
-                   the combiners' token digests and public keys
+    secrets/       tenant and region tokens and signing keys (mode 0600); the token
+                   digests and public keys that combiners and the global tier check
     logs/          one JSON-lines log per process
     ports/         ports the services bound
     pids/          each service's process id (processes only; the chaos tests use them)
@@ -136,7 +136,7 @@ class LocalRun:
         job_file = str(self.options.job_path.resolve())
         refused = self._record_refusals()
         bindings = self._write_bindings()
-        base_env = {AGGREGATOR_TOKEN_ENV: tokens["__aggregator__"], **self.options.extra_env}
+        secrets_dir = out / "secrets"
         host = self.launcher.host
         argv = [
             "aggregator",
@@ -146,6 +146,10 @@ class LocalRun:
             self.redis_url,
             "--checkpoint-dir",
             str(out / "checkpoints"),
+            "--region-tokens",
+            str(secrets_dir / "region-digests.json"),
+            "--region-keys",
+            str(secrets_dir / "region-keys.json"),
             "--host",
             host,
             "--port",
@@ -155,7 +159,9 @@ class LocalRun:
         ]
         reserved = {name: self.launcher.reserve_port() for name in ["global", *job.region_names()]}
         argv[argv.index("--port") + 1] = str(reserved["global"] or 0)
-        self._start("global", argv + (["--resume"] if self.options.resume else []), base_env)
+        self._start(
+            "global", argv + (["--resume"] if self.options.resume else []), self.options.extra_env
+        )
         global_url = self._url("global", out / "ports" / "global", reserved["global"])
         combiner_urls: dict[str, str] = {}
         for region in job.region_names():
@@ -172,9 +178,9 @@ class LocalRun:
                     "--global-url",
                     global_url,
                     "--tenant-tokens",
-                    str(out / "secrets" / "tenant-digests.json"),
+                    str(secrets_dir / "tenant-digests.json"),
                     "--tenant-keys",
-                    str(out / "secrets" / "tenant-keys.json"),
+                    str(secrets_dir / "tenant-keys.json"),
                     "--host",
                     host,
                     "--port",
@@ -182,7 +188,11 @@ class LocalRun:
                     "--port-file",
                     str(out / "ports" / region),
                 ],
-                base_env,
+                {
+                    AGGREGATOR_TOKEN_ENV: credentials.region_tokens[region],
+                    signing.SIGNING_KEY_ENV: credentials.region_keys[region],
+                    **self.options.extra_env,
+                },
             )
         for region in job.region_names():
             combiner_urls[region] = self._url(

@@ -37,7 +37,7 @@ class Checkpoint:
     state: dict[str, np.ndarray]
 
 
-def _atomic_write(path: Path, data: bytes | bytearray) -> None:
+def _atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
@@ -104,7 +104,9 @@ def partial_dir(directory: Path, number: int) -> Path:
     return directory / "partials" / f"round-{number:06d}"
 
 
-def save_partial(directory: Path, number: int, region: str, body: bytes | bytearray) -> None:
+def save_partial(
+    directory: Path, number: int, region: str, body: bytes | bytearray | memoryview
+) -> None:
     target = partial_dir(directory, number)
     target.mkdir(parents=True, exist_ok=True)
     _atomic_write(target / f"{region}.safetensors", body)

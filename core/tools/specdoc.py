@@ -146,7 +146,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     if "--write" in sys.argv:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
+        readme = Path(__file__).resolve().parents[2] / "README.md"  # core/tools/ -> the root
         text = replace_between(readme.read_text(), BEGIN, END, table())
         readme.write_text(replace_between(text, STRATEGIES_BEGIN, STRATEGIES_END, strategy_table()))
     else:

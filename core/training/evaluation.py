@@ -91,13 +91,18 @@ def check_report(document: Any) -> Report:
         raise _refuse(f"metrics: {len(metrics)} names; at most {MAX_METRICS}")
     checked: dict[str, float] = {}
     for name, value in metrics.items():
-        if not isinstance(name, str) or not NAME.match(name):
+        # fullmatch: the pattern's $ would let match() take "accuracy\n" too.
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise _refuse(f"metrics: name {name!r} is not [a-z][a-z0-9_]*")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise _refuse(f"metrics.{name}: expected a number, got {type(value).__name__}")
-        if not math.isfinite(float(value)):
-            raise _refuse(f"metrics.{name}: {value} is not finite")
-        checked[name] = float(value)
+        try:
+            real = float(value)
+        except OverflowError:  # a JSON integer beyond float's range (10**400)
+            real = math.inf
+        if not math.isfinite(real):
+            raise _refuse(f"metrics.{name}: {str(value)[:40]} is not finite")
+        checked[name] = real
     return Report(client, number, version, examples, checked)
 
 

@@ -21,6 +21,7 @@ directions are written here rather than with the safetensors library:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,15 @@ from fedkube.errors import CodecError
 CODEC = "safetensors"
 CONTENT_TYPE = "application/vnd.fedkube.safetensors"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# What a header may claim, each refused by name beyond it: a tensor entry costs the
+# receiver an array object, and a shape's product is counted in Python integers,
+# so no claim can overflow into a size that seems to fit the payload.
+MAX_TENSORS = 100_000
+MAX_NAME_CHARS = 1024
+MAX_RANK = 32  # numpy's own limit on dimensions is 64 (32 before numpy 2)
+_MAX_INDEX = int(np.iinfo(np.intp).max)
+# A header is an object of tensor entries, each an object holding lists: three levels.
+MAX_HEADER_DEPTH = 3
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -88,6 +98,8 @@ def encode_parts(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str])
     buffers: list[memoryview] = []
     offset = 0
     for name, array in tensors.items():
+        if name == "__metadata__":  # decode() would read the tensor's entry as the metadata
+            raise CodecError("a tensor cannot be named __metadata__: the header's metadata is")
         little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         contiguous = np.require(array, dtype=little, requirements="C")  # keeps 0-d as 0-d
         kind = _NAMES.get(contiguous.dtype)
@@ -116,7 +128,8 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[Tensors, dict[str, str
 
     Raises :class:`CodecError` naming the problem for anything that is not a
     well-formed safetensors payload: truncated input, a header that is not
-    JSON, unknown dtypes, offsets outside the buffer, overlapping tensors.
+    UTF-8 JSON or nests deeper than a header does, unknown dtypes, shapes
+    beyond the limits above, offsets outside the buffer, overlapping tensors.
     """
     view = memoryview(data)
     if len(view) < 8:
@@ -125,9 +138,14 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[Tensors, dict[str, str
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(view):
         raise CodecError(f"header length {header_len} does not fit a {len(view)}-byte payload")
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # UTF-8 only, as the format says (json.loads would also guess UTF-16 and -32).
+        header = json.loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of over 4300 digits
         raise CodecError(f"header is not JSON: {exc}") from None
+    except RecursionError:
+        # ``[[[[...`` a hundred thousand deep: json's C parser recurses once per level
+        # and gives up at the interpreter's recursion limit, long before the bytes end.
+        raise CodecError(f"header nests deeper than {MAX_HEADER_DEPTH} levels") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object")
     raw_meta = header.pop("__metadata__", None) or {}
@@ -135,6 +153,8 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[Tensors, dict[str, str
         isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
     ):
         raise CodecError("__metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise CodecError(f"header names {len(header)} tensors, more than {MAX_TENSORS}")
     body = view[8 + header_len :]
     tensors: Tensors = {}
     spans: list[tuple[int, int]] = []
@@ -147,26 +167,45 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[Tensors, dict[str, str
     return tensors, dict(raw_meta)
 
 
+def _integer(value: object) -> bool:
+    """A JSON integer: ``true`` is an ``int`` to Python, not to a header."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _tensor_view(name: str, info: object, body: memoryview, spans: list[tuple[int, int]]):
+    if len(name) > MAX_NAME_CHARS:
+        raise CodecError(
+            f"tensor {name[:40]!r}...: name of {len(name)} characters, more than {MAX_NAME_CHARS}"
+        )
     if not isinstance(info, dict):
         raise CodecError(f"tensor {name!r}: header entry is not an object")
     dtype = _DTYPES.get(str(info.get("dtype")))
     if dtype is None:
-        raise CodecError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+        raise CodecError(f"tensor {name!r}: unsupported dtype {str(info.get('dtype'))[:40]!r}")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_integer(d) and d >= 0 for d in shape)):
         raise CodecError(f"tensor {name!r}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_RANK:
+        raise CodecError(f"tensor {name!r}: shape of rank {len(shape)}, more than {MAX_RANK}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(_integer(o) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= len(body)
     ):
         raise CodecError(f"tensor {name!r}: data_offsets outside the payload")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python integers: numpy's int64 product of [2**32, 2**32] wraps to 0, which an
+    # empty byte range would then seem to match.
+    count = math.prod(shape)
+    # numpy refuses a shape whose non-zero dimensions multiply past its index type,
+    # empty or not ([2**63, 0] raised "Maximum allowed dimension exceeded").
+    if math.prod(d for d in shape if d) > _MAX_INDEX:
+        raise CodecError(f"tensor {name!r}: shape {str(shape)[:200]} is beyond numpy's indexing")
     if offsets[1] - offsets[0] != count * dtype.itemsize:
-        raise CodecError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape}")
+        raise CodecError(
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {str(shape)[:200]}"
+        )
     spans.append((offsets[0], offsets[1]))
     array = np.frombuffer(body, dtype=dtype, count=count, offset=offsets[0])
     return array.reshape(shape)

@@ -53,6 +53,8 @@ BLOCK_KEY = "fedkube.int8_block"
 # A model sent as one flat int8 vector names its tensors' shapes here (JSON).
 SHAPES_KEY = "fedkube.shapes"
 FP16_MAX = float(np.finfo(np.float16).max)
+# The largest int8 scale whose products q·s (|q| ≤ 127) are all finite float32 values.
+INT8_MAX_SCALE = float(np.finfo(np.float32).max) / 127
 # Elements per step of a fold, as the dense fold (strategies.sums.FOLD_CHUNK):
 # the temporary stays in cache, the per-call overhead is negligible.
 CHUNK = 1 << 18
@@ -110,7 +112,8 @@ def encode(
         if scheme.block_size:
             q, scales = _quantise(flat, scheme.block_size, random)
         else:  # one scale per tensor
-            pieces = [_quantise(flat[o : o + n], max(n, 1), random) for _, o, n in places]
+            # An empty tensor still has its scale (0): the receiver expects one per tensor.
+            pieces = [_quantise(flat[o : o + n], max(n, 1), random, 1) for _, o, n in places]
             q = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int8)
             scales = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.float32)
         wire = {"int8/q": q, "int8/scale": scales}
@@ -127,9 +130,9 @@ def encode(
 
 
 def _quantise(
-    flat: np.ndarray, block: int, rng: np.random.Generator | None
+    flat: np.ndarray, block: int, rng: np.random.Generator | None, least: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    blocks = -(-flat.size // block)
+    blocks = max(-(-flat.size // block), least)
     padded = np.zeros(blocks * block, np.float32)
     padded[: flat.size] = flat
     rows = padded.reshape(blocks, block)
@@ -343,6 +346,12 @@ def _int8_parts(
     _finite(scales, "int8/scale")
     if (scales < 0).any():
         raise UpdateRejected(Reason.malformed.value, "int8/scale: a scale is negative")
+    # Finite is not enough: 127 · 3e38 is inf in float32, so the dense value would not be.
+    if (scales > INT8_MAX_SCALE).any():
+        raise UpdateRejected(
+            Reason.non_finite.value,
+            f"int8/scale: a scale above {INT8_MAX_SCALE:.4g} makes q·scale overflow float32",
+        )
     if block:
         return {name: Int8(q[o : o + n], scales, block, o) for name, o, n in places}
     return {name: Int8(q[o : o + n], scales[i : i + 1]) for i, (name, o, n) in enumerate(places)}
@@ -417,13 +426,24 @@ def shapes_of(
     scheme = scheme_of(metadata)
     if scheme in ("none", "fp16"):
         return {name: tuple(array.shape) for name, array in tensors.items()}
+    refused = UpdateRejected(
+        Reason.malformed.value,
+        f"a {scheme} model must say its shapes in {SHAPES_KEY}: a JSON object of tensor "
+        "name -> list of non-negative integers",
+    )
     try:
         document = json.loads(metadata[SHAPES_KEY])
-        return {str(name): tuple(int(d) for d in shape) for name, shape in document.items()}
-    except (KeyError, ValueError, TypeError, AttributeError):
-        raise UpdateRejected(
-            Reason.malformed.value, f"a {scheme} model must say its shapes in {SHAPES_KEY}"
-        ) from None
+    except (KeyError, ValueError, RecursionError):  # RecursionError: nested too deep
+        raise refused from None
+    # Checked, not coerced: int() of 1e999 overflows, and a negative dimension would
+    # shift every later tensor's slice of the flat vector (layout() adds the sizes).
+    if not isinstance(document, dict) or not all(
+        isinstance(shape, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        for shape in document.values()
+    ):
+        raise refused
+    return {name: tuple(shape) for name, shape in document.items()}
 
 
 def parse_model(

@@ -75,6 +75,15 @@ class Reason(str, Enum):
     # Not the update's fault: the round state (Redis) could not record it. The
     # worker keeps the update and sends it again.
     unavailable = "unavailable"
+    # Not the update's fault either: the combiner is receiving as many bytes as its
+    # in-flight budget (spec.transport.maxInflightBytes, or the tenant's share)
+    # allows. Answered 503 (the combiner's budget) or 429 (the tenant's) with
+    # Retry-After; the worker keeps the update and sends it again.
+    busy = "busy"
+    # The body came slower than spec.transport.minUploadBytesPerSecond allows (408).
+    slow_body = "slow_body"
+    # A partial posted with the credential of another region's combiner (403).
+    wrong_region = "wrong_region"
 
 
 # HTTP headers (lower-case, as aiohttp normalises lookups).

@@ -174,7 +174,8 @@ class ClientSession:
                     c=usable_key(unb64(peer["c"], f"{name}'s c key", KEY_BYTES)),
                     s=usable_key(unb64(peer["s"], f"{name}'s s key", KEY_BYTES)),
                 )
-        except (KeyError, TypeError, ValueError, UpdateRejected) as exc:
+        # OverflowError: a point of 1e999 (json reads it as inf), a total of 10**400.
+        except (KeyError, TypeError, ValueError, OverflowError, UpdateRejected) as exc:
             raise SecureAggregationFailed(f"a share task we cannot use: {exc}") from None
         xs = [own, *(peer.x for peer in self.peers.values())]
         if len(set(xs)) != len(xs) or min(xs) < 1:

@@ -56,6 +56,9 @@ from fedkube.wire.protocol import H_SIGNATURE, Reason
 
 SIGNING_KEY_ENV = "FEDKUBE_SIGNING_KEY"
 DOMAIN = b"fedkube-update-v2-blake3"
+# A region's partial, signed by its combiner's key for the global tier: a domain of
+# its own, so that no update's signature can pass for a partial's or the reverse.
+PARTIAL_DOMAIN = b"fedkube-partial-v1-blake3"
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 DIGEST_BYTES = 32  # BLAKE3-256
@@ -127,8 +130,10 @@ def load_verify_keys(path: str | Path, flag: str = "--tenant-keys") -> dict[str,
         document = json.loads(Path(path).read_text())
     except OSError as exc:
         raise SigningKeyError([(source, f"cannot be read: {exc.strerror}")]) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of over 4300 digits
         raise SigningKeyError([(source, f"is not JSON: {exc}")]) from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise SigningKeyError([(source, "is not JSON: nested deeper than a keys file")]) from None
     if not isinstance(document, dict):
         raise SigningKeyError(
             [(source, "expected a JSON object of tenant -> base64 Ed25519 public key")]
@@ -163,7 +168,9 @@ def _field(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def signed_message(job: str, number: int, client: str, digest: bytes) -> bytes:
+def signed_message(
+    job: str, number: int, client: str, digest: bytes, domain: bytes = DOMAIN
+) -> bytes:
     """The bytes an update's signature covers: one encoding for one tuple, and only one.
 
     Every field is prefixed with its length (4 bytes, big-endian), the round
@@ -175,7 +182,16 @@ def signed_message(job: str, number: int, client: str, digest: bytes) -> bytes:
         raise ValueError(
             f"a payload digest is {DIGEST_BYTES} bytes (BLAKE3-256), got {len(digest)}"
         )
-    fields = (DOMAIN, job.encode(), str(int(number)).encode(), client.encode(), digest)
+    # surrogatepass: a header that is not UTF-8 reaches Python with lone surrogates
+    # (aiohttp decodes with surrogateescape); each string still has one encoding,
+    # distinct from every other string's, instead of a UnicodeEncodeError.
+    fields = (
+        domain,
+        job.encode("utf-8", "surrogatepass"),
+        str(int(number)).encode(),
+        client.encode("utf-8", "surrogatepass"),
+        digest,
+    )
     return b"".join(_field(value) for value in fields)
 
 
@@ -221,4 +237,32 @@ def verify(
             f"signature does not verify with the key of tenant {tenant!r} for job {job}, "
             f"round {number}, client {client}: signed with another key, or for another "
             "job, round, client or body"
+        ) from None
+
+
+# -- partials: a region's identity upward ----------------------------------------------------
+
+
+def sign_partial(key: SigningKey, job: str, number: int, region: str, digest: bytes) -> str:
+    """The base64 signature of region ``region``'s partial for round ``number``."""
+    return _b64(key.sign(signed_message(job, number, region, digest, PARTIAL_DOMAIN)))
+
+
+def verify_partial(
+    key: VerifyKey, header: str | None, job: str, number: int, region: str, digest: bytes
+) -> None:
+    """Refuse (``bad_signature``) unless ``region``'s combiner key signed exactly this partial."""
+    if not header:
+        raise _rejected(f"no {H_SIGNATURE} header: region {region!r}'s partial must be signed")
+    raw = _unb64(header)
+    if raw is None or len(raw) != SIGNATURE_BYTES:
+        raise _rejected(
+            f"{H_SIGNATURE} is not an Ed25519 signature ({SIGNATURE_BYTES} bytes in base64)"
+        )
+    try:
+        key.verify(raw, signed_message(job, number, region, digest, PARTIAL_DOMAIN))
+    except InvalidSignature:
+        raise _rejected(
+            f"signature does not verify with the key of region {region!r} for job {job}, "
+            f"round {number}: signed with another key, or for another job, round or body"
         ) from None

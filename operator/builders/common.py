@@ -27,7 +27,7 @@ TOKENS_DIR = "/etc/fedkube/tokens"
 CHECKPOINT_DIR = "/var/lib/fedkube/checkpoints"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
 TOKENS_FILE = f"{TOKENS_DIR}/tokens.json"
-KEYS_FILE = f"{TOKENS_DIR}/keys.json"  # the combiner's: tenant -> public key
+KEYS_FILE = f"{TOKENS_DIR}/keys.json"  # name -> public key (a combiner's tenants, the regions)
 TOKEN_KEY = "token"
 # The tenant Secret's Ed25519 private key, next to its token (fedkube.wire.signing).
 SIGNING_KEY_KEY = "signing-key"
@@ -60,7 +60,10 @@ class Target:
     uid: str
     config: OperatorConfig
     mode: RunMode = RunMode.active
-    aggregator_token: str = ""
+    # Each region's combiner: its token to the global tier and the base64 Ed25519
+    # private key that signs its partials; the global tier gets their images.
+    region_tokens: Mapping[str, str] = field(default_factory=dict)
+    region_signing_keys: Mapping[str, str] = field(default_factory=dict)
     tenant_tokens: Mapping[str, str] = field(default_factory=dict)
     # Each tenant's base64 Ed25519 private key; combiners get the public halves.
     tenant_signing_keys: Mapping[str, str] = field(default_factory=dict)

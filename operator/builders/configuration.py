@@ -1,6 +1,7 @@
-"""The objects the pods read: the job's ConfigMap, the credentials' Secrets (the
-aggregator's token, each tenant's token and signing key, each combiner's checks,
-a site's data binding, the Redis password) and each tenant's ServiceAccount."""
+"""The objects the pods read: the job's ConfigMap, the credentials' Secrets (what the
+global aggregator checks combiners with, each tenant's token and signing key, each
+combiner's own credential and its checks, a site's data binding, the Redis password)
+and each tenant's ServiceAccount."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fedkube.operator.builders.common import (
     object_metadata,
 )
 from fedkube.policy import DataBinding, data_binding_document
-from fedkube.service.credentials import combiner_checks
+from fedkube.service.credentials import credential_checks
 from fedkube.spec import Tenant, dump_job
 
 
@@ -54,12 +55,26 @@ def opaque_secret(
 
 
 def build_aggregator_secret(target: Target) -> dict[str, Any]:
-    """The token that combiners present to the global aggregator."""
+    """What checks each region's combiner: its token's digest and its public key.
+
+    The global aggregator holds no combiner's token or private key, so it can
+    pose as none of them; each region's credential is in its combiner's Secret.
+    """
+    regions = target.job.region_names()
+    checks = credential_checks(
+        regions,
+        target.region_tokens,
+        target.region_signing_keys,
+        lambda region: f"Secret {naming.combiner_name(target.name, region)} key {SIGNING_KEY_KEY}",
+    )
     return opaque_secret(
         target,
         naming.aggregator_name(target.name),
         naming.labels(target.name, naming.ROLE_CREDENTIALS),
-        {TOKEN_KEY: target.aggregator_token},
+        {
+            "tokens.json": json.dumps(checks.token_digests, sort_keys=True),
+            "keys.json": json.dumps(checks.public_keys, sort_keys=True),
+        },
     )
 
 
@@ -79,12 +94,14 @@ def build_tenant_secret(target: Target, tenant: Tenant) -> dict[str, Any]:
 
 
 def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
-    """What checks the region's tenants: their tokens' digests and their public keys.
+    """The region's own credential to the global tier (its token and the key that signs
+    its partials), and what checks the region's tenants: their tokens' digests and their
+    public keys.
 
-    A combiner never holds a token or a private key itself, so it can neither
+    A combiner never holds a tenant's token or private key, so it can neither
     pose as a tenant nor sign an update for one.
     """
-    checks = combiner_checks(
+    checks = credential_checks(
         [t.name for t in target.job.spec.tenants if t.region == region],
         target.tenant_tokens,
         target.tenant_signing_keys,
@@ -95,6 +112,8 @@ def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
         naming.combiner_name(target.name, region),
         naming.labels(target.name, naming.ROLE_CREDENTIALS, region=region),
         {
+            TOKEN_KEY: target.region_tokens[region],
+            SIGNING_KEY_KEY: target.region_signing_keys[region],
             "tokens.json": json.dumps(checks.token_digests, sort_keys=True),
             "keys.json": json.dumps(checks.public_keys, sort_keys=True),
         },

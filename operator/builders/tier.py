@@ -10,6 +10,8 @@ from fedkube.operator.builders.common import (
     CHECKPOINT_DIR,
     JOB_FILE,
     KEYS_FILE,
+    SIGNING_KEY_KEY,
+    TOKEN_KEY,
     TOKENS_DIR,
     TOKENS_FILE,
     RunMode,
@@ -27,6 +29,7 @@ from fedkube.operator.builders.containers import (
     service_url,
 )
 from fedkube.service.web import AGGREGATOR_TOKEN_ENV
+from fedkube.wire.signing import SIGNING_KEY_ENV
 
 
 def _deployment(
@@ -74,6 +77,12 @@ def _deployment(
     }
 
 
+def checks_volume(secret: str) -> dict[str, Any]:
+    """The token digests and public keys of a Secret, as files: never its own credential."""
+    items = [{"key": name, "path": name} for name in ("tokens.json", "keys.json")]
+    return {"name": "checks", "secret": {"secretName": secret, "items": items}}
+
+
 def _service(target: Target, name: str, role: str, **label_extra: str) -> dict[str, Any]:
     port = target.config.service_port
     return {
@@ -98,15 +107,12 @@ def _tier_deployment(
     requests: dict[str, str],
     *,
     image: str | None = None,
+    credentials: list[dict[str, Any]] | None = None,
     **label_extra: str,
 ) -> dict[str, Any]:
-    """A service of the aggregator tier: it holds the aggregator token and serves HTTP."""
+    """A service of the aggregator tier: it serves HTTP, with ``credentials`` in its env."""
     port = target.config.service_port
-    env = [
-        *base_env(target),
-        *redis_env(target),
-        secret_env(AGGREGATOR_TOKEN_ENV, naming.aggregator_name(target.name)),
-    ]
+    env = [*base_env(target), *redis_env(target), *(credentials or [])]
     container = fedkube_container(
         target,
         role,
@@ -131,6 +137,8 @@ def build_aggregator_deployment(target: Target) -> dict[str, Any]:
         else {"name": "checkpoints", "emptyDir": {}}
     )
     mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_DIR})
+    volumes.append(checks_volume(naming.aggregator_name(target.name)))
+    mounts.append({"name": "checks", "mountPath": TOKENS_DIR, "readOnly": True})
     port = target.config.service_port
     args = [
         "aggregator",
@@ -140,6 +148,10 @@ def build_aggregator_deployment(target: Target) -> dict[str, Any]:
         target.redis_url(),
         "--checkpoint-dir",
         CHECKPOINT_DIR,
+        "--region-tokens",
+        TOKENS_FILE,
+        "--region-keys",
+        KEYS_FILE,
         "--host",
         "$(POD_IP)",
         "--port",
@@ -168,10 +180,9 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
     job's code (no model, no data), only fedkube's, and needs no torch.
     """
     volumes, mounts = config_volumes(target)
-    volumes.append(
-        {"name": "tokens", "secret": {"secretName": naming.combiner_name(target.name, region)}}
-    )
-    mounts.append({"name": "tokens", "mountPath": TOKENS_DIR, "readOnly": True})
+    secret = naming.combiner_name(target.name, region)
+    volumes.append(checks_volume(secret))
+    mounts.append({"name": "checks", "mountPath": TOKENS_DIR, "readOnly": True})
     port = target.config.service_port
     args = [
         "combiner",
@@ -201,6 +212,10 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         mounts,
         {"cpu": target.config.combiner_cpu, "memory": target.config.combiner_memory},
         image=target.config.slim_image,
+        credentials=[
+            secret_env(AGGREGATOR_TOKEN_ENV, secret, TOKEN_KEY),
+            secret_env(SIGNING_KEY_ENV, secret, SIGNING_KEY_KEY),
+        ],
         region=region,
     )
 

@@ -21,6 +21,8 @@ from fedkube.aggregator.strategies.fedavg import flat_fedavg
 from fedkube.aggregator.strategies.sums import apply_delta
 from fedkube.spec import parse_job
 from fedkube.state import checkpoint
+from fedkube.wire import signing
+from fedkube.wire.protocol import H_SIGNATURE
 from tests.integration.test_services import (
     Tier,
     deltas_for,
@@ -29,7 +31,7 @@ from tests.integration.test_services import (
     start_combiner,
     start_global,
 )
-from tests.support import small_job_dict
+from tests.support import region_signing_key, region_token, small_job_dict, tenant_signing_key
 
 pytestmark = pytest.mark.integration
 
@@ -198,3 +200,83 @@ async def test_a_round_that_cannot_reach_quorum_names_the_region_without_a_combi
     finally:
         await eu.stop()
         await aggregator.stop()
+
+
+async def post_partial(
+    tier: Tier, region: str, token: str, body: bytes, signature: str | None
+) -> tuple[int, dict]:
+    """POST a partial for ``region`` to the global tier, as a combiner holding ``token`` would."""
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "X-Fedkube-Job": tier.job.name,
+        "X-Fedkube-Round": "1",
+        "X-Fedkube-Region": region,
+        "X-Fedkube-Codec": "safetensors",
+        **({H_SIGNATURE: signature} if signature is not None else {}),
+    }
+    url = f"http://127.0.0.1:{tier.aggregator.port}/v1/partial"
+    async with tier.http.post(url, data=body, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+def sign_partial(region: str, body: bytes, signer: str | None = None) -> str:
+    """A partial's signature made with region ``signer``'s key (default: its own)."""
+    key = signing.load_signing_key(region_signing_key(signer or region), "test")
+    digest = signing.payload_digest([body])
+    return signing.sign_partial(key, "small", 1, region, digest)
+
+
+async def test_a_combiners_credential_posts_only_its_own_regions_partial_signed_by_its_key(
+    redis_server, tmp_path
+):
+    # prepare: round 1 open, both combiners running; a partial body as us would send it
+    participation = {"minFraction": 1.0, "roundTimeoutSeconds": 20}
+    job = parse_job(small_job_dict(rounds=1, participation=participation))
+    async with running_tier(job, redis_server.url, tmp_path / "ckpt") as tier:
+        await tier.wait_round(1)
+        start = {k: v.copy() for k, v in tier.aggregator.weights.items()}
+        body = b"a partial's bytes"
+        # execute: eu's token posting us's partial; us's token with eu's signature, with
+        # none, with an update's signature (another domain); a token of no region
+        key_a = signing.load_signing_key(tenant_signing_key("a"), "test")
+        update_signature = signing.sign(key_a, "small", 1, "us", signing.payload_digest([body]))
+        refused = {
+            "eu's credential": await post_partial(
+                tier, "us", region_token("eu"), body, sign_partial("us", body)
+            ),
+            "eu's key": await post_partial(
+                tier, "us", region_token("us"), body, sign_partial("us", body, signer="eu")
+            ),
+            "unsigned": await post_partial(tier, "us", region_token("us"), body, None),
+            "an update's signature": await post_partial(
+                tier, "us", region_token("us"), body, update_signature
+            ),
+            "no region's token": await post_partial(
+                tier, "us", "tok-c", body, sign_partial("us", body)
+            ),
+        }
+        # ... then the honest round
+        clients = ["a-0", "b-0", "c-0", "d-0"]
+        good = {c: deltas_for(tier.aggregator, i) for i, c in enumerate(clients)}
+        for client, delta in good.items():
+            assert (await tier.send(client, 1, delta))[0] == 200
+        await tier.wait_closed(1)
+        metrics = await tier.aggregator_metrics()
+    # assert: each refused by name, before a byte of it was decoded
+    assert refused["eu's credential"][0] == 403
+    assert refused["eu's credential"][1]["error"] == "wrong_region"
+    assert (
+        "credential of region 'eu' cannot send region 'us'"
+        in refused["eu's credential"][1]["detail"]
+    )
+    for case in ("eu's key", "unsigned", "an update's signature"):
+        assert refused[case][0] == 403 and refused[case][1]["error"] == "bad_signature", case
+    assert "with the key of region 'us'" in refused["eu's key"][1]["detail"]
+    assert refused["no region's token"][0] == 401
+    assert 'reason="wrong_region"' in metrics and 'reason="bad_signature"' in metrics
+    # ... and the round is FedAvg of the four clients, from the two honest partials
+    expected = apply_delta(start, flat_fedavg(list(good.values()), [10.0] * 4), 1.0)
+    saved = checkpoint.load_latest(tmp_path / "ckpt", job.name)
+    assert saved is not None and saved.round == 1
+    for name in expected:
+        np.testing.assert_allclose(saved.weights[name], expected[name], rtol=1e-5, atol=1e-7)

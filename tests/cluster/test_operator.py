@@ -141,6 +141,12 @@ INVALID = {
         lambda spec: spec.update(privacy={"dp": {"clipNorm": 1.0}}),
         "spec.privacy.dp",
     ),
+    "an in-flight budget smaller than one update": (
+        lambda spec: spec.update(
+            transport={"maxUpdateBytes": 64 * 1024 * 1024, "maxInflightBytesPerTenant": 1024}
+        ),
+        "spec.transport.maxInflightBytesPerTenant",
+    ),
     "too many virtual-client workers": (
         lambda spec: (
             spec["tenants"][0].update(replicas=5000),

@@ -135,3 +135,17 @@ def test_the_secure_aggregation_benchmark_prints_both_jobs_side_by_side():
     rows = table_rows(output, "| measure | clear | secure |")
     for label in ("| round time", "| update upload per client", "| key material per client"):
         assert figure_rows(rows, label), f"no {label!r} row with figures in:\n{output}"
+
+
+def test_the_hostile_load_benchmark_keeps_every_round_exact_under_attack():
+    output = run_benchmark("hostile_load.py", "--quick", timeout=600)
+    rows = table_rows(output, "| scenario | clients | status |")
+    for label in ("| baseline (mallory honest)", "| under attack"):
+        found = figure_rows(rows, label)
+        assert found, f"no {label!r} row with figures in:\n{output}"
+        # succeeded, every client every round, model bit-identical
+        cells = [cell.strip() for cell in found[0].split("|")]
+        assert "succeeded" in cells and cells.count("yes") == 2, found[0]
+    for answer in ("429 busy", "408 slow_body", "400 malformed", "413 oversized"):
+        assert re.search(rf"^  {answer}\s+\d+$", output, re.M), f"no {answer!r} in:\n{output}"
+    assert "5xx other than busy: 0" in output, output

@@ -251,7 +251,8 @@ def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_fil
         "--tenant-keys",
         str(tmp_path / "keys.json"),
     ]
-    env = {**os.environ, "FEDKUBE_AGGREGATOR_TOKEN": "t"}
+    region_key = signing.generate_key()[0]
+    env = {**os.environ, "FEDKUBE_AGGREGATOR_TOKEN": "t", "FEDKUBE_SIGNING_KEY": region_key}
     # execute
     done = fedkube_cli(*args, timeout=60, env=env)
     # assert
@@ -259,6 +260,35 @@ def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_fil
     assert "tenant 'b': no public key (--tenant-keys) to check its updates in region eu" in (
         done.stderr
     )
+
+
+def test_a_combiner_without_its_regions_signing_key_stops_naming_the_variable(job_file, tmp_path):
+    # prepare: the tenants' checks are fine; the region's own key is not set
+    (tmp_path / "digests.json").write_text(json.dumps({"a": "0" * 64, "b": "1" * 64}))
+    keys = {t: signing.generate_key()[1] for t in ("a", "b")}
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    args = [
+        "combiner",
+        "--job",
+        str(job_file()),
+        "--region",
+        "eu",
+        "--redis-url",
+        "redis://127.0.0.1:9/0",
+        "--global-url",
+        "http://127.0.0.1:9",
+        "--tenant-tokens",
+        str(tmp_path / "digests.json"),
+        "--tenant-keys",
+        str(tmp_path / "keys.json"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "FEDKUBE_SIGNING_KEY"}
+    env["FEDKUBE_AGGREGATOR_TOKEN"] = "t"
+    # execute
+    done = fedkube_cli(*args, timeout=60, env=env)
+    # assert: exit 2, naming the variable, before anything is served
+    assert done.returncode == 2, done.stderr
+    assert "$FEDKUBE_SIGNING_KEY: no private key" in done.stderr
 
 
 def test_run_job_in_process_returns_the_history(job_file, tmp_path):

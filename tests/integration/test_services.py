@@ -31,11 +31,16 @@ from fedkube.state import checkpoint
 from fedkube.wire import codec, signing
 from fedkube.wire.protocol import H_SIGNATURE, Envelope
 from fedkube.workers.runtime import Worker, WorkerConfig
-from tests.support import small_job_dict, tenant_signing_key, tenant_verify_keys
+from tests.support import (
+    region_checks,
+    region_credential,
+    small_job_dict,
+    tenant_signing_key,
+    tenant_verify_keys,
+)
 
 pytestmark = pytest.mark.integration
 
-AGG_TOKEN = "aggregator-secret"
 TOKENS = {"a": "tok-a", "b": "tok-b", "c": "tok-c", "d": "tok-d"}
 
 
@@ -91,6 +96,11 @@ class Tier:
 
     async def metrics(self, region: str) -> str:
         async with self.http.get(self.url(region) + "/metrics") as response:
+            return await response.text()
+
+    async def aggregator_metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.aggregator.port}/metrics"
+        async with self.http.get(url) as response:
             return await response.text()
 
     def encode(
@@ -165,7 +175,7 @@ def global_aggregator(
             job=job,
             redis_url=redis_url,
             checkpoint_dir=checkpoints,
-            aggregator_digest=digest(AGG_TOKEN),
+            **region_checks(job.region_names()),
             resume=resume,
             port=port,
         )
@@ -189,7 +199,7 @@ async def start_combiner(
             global_url=f"http://127.0.0.1:{aggregator.port}",
             tenant_digests={t: digest(v) for t, v in TOKENS.items()},
             tenant_keys=tenant_verify_keys(TOKENS),
-            aggregator_token=AGG_TOKEN,
+            **region_credential(region),
         )
     )
     await combiner.start()

@@ -16,7 +16,7 @@ from fedkube.operator.config import OperatorConfig
 from fedkube.service.web import digest
 from fedkube.spec import parse_job
 from fedkube.wire import signing
-from tests.support import small_job_dict, tenant_signing_key
+from tests.support import region_signing_key, small_job_dict, tenant_signing_key
 
 UID = "0f5e2d6c-1111-2222-3333-444455556666"
 
@@ -41,7 +41,8 @@ def target(document: dict[str, Any] | None = None, **overrides: Any) -> Target:
         "namespace": "team-a",
         "uid": UID,
         "config": OperatorConfig(),
-        "aggregator_token": "agg-token",
+        "region_tokens": {r: f"token-{r}" for r in job.region_names()},
+        "region_signing_keys": {r: region_signing_key(r) for r in job.region_names()},
         "tenant_tokens": {t.name: f"token-{t.name}" for t in job.spec.tenants},
         "tenant_signing_keys": {t.name: tenant_signing_key(t.name) for t in job.spec.tenants},
     }
@@ -285,9 +286,11 @@ def test_a_tenants_secret_holds_its_token_and_private_signing_key():
 def test_combiners_hold_only_the_public_keys_of_their_regions_tenants():
     # execute
     secrets = by_kind(build_children(target()), "Secret")
-    # assert: region eu's tenants' public keys, nothing of us, no private key anywhere
+    # assert: region eu's tenants' public keys, nothing of us, no tenant's private key;
+    # beside them the combiner's own credential to the global tier
     data = secret_data(secrets["mnist-combiner-eu"])
-    assert set(data) == {"tokens.json", "keys.json"}
+    assert set(data) == {"token", "signing-key", "tokens.json", "keys.json"}
+    assert data["token"] == "token-eu" and data["signing-key"] == region_signing_key("eu")
     assert json.loads(data["keys.json"]) == {
         name: signing.public_key_of(tenant_signing_key(name), name) for name in ("a", "b")
     }
@@ -296,12 +299,46 @@ def test_combiners_hold_only_the_public_keys_of_their_regions_tenants():
         assert not any(tenant_signing_key(name) in text for name in ("a", "b", "c"))
 
 
-def test_a_combiner_is_started_with_its_public_keys_file_from_its_secret():
+CHECKS_ITEMS = [
+    {"key": "tokens.json", "path": "tokens.json"},
+    {"key": "keys.json", "path": "keys.json"},
+]
+
+
+def test_a_combiner_is_started_with_its_public_keys_file_and_its_own_credential():
     deployment = by_kind(build_children(target()), "Deployment")["mnist-combiner-us"]
     pod = deployment["spec"]["template"]["spec"]
-    args = pod["containers"][0]["args"]
+    container = pod["containers"][0]
+    args = container["args"]
     assert args[args.index("--tenant-keys") + 1] == "/etc/fedkube/tokens/keys.json"
-    assert {"name": "tokens", "secret": {"secretName": "mnist-combiner-us"}} in pod["volumes"]
+    # the checks as files; its own token and key only in its environment
+    checks = {"secretName": "mnist-combiner-us", "items": CHECKS_ITEMS}
+    assert {"name": "checks", "secret": checks} in pod["volumes"]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
+    assert env["FEDKUBE_AGGREGATOR_TOKEN"] == {"name": "mnist-combiner-us", "key": "token"}
+    assert env["FEDKUBE_SIGNING_KEY"] == {"name": "mnist-combiner-us", "key": "signing-key"}
+
+
+def test_the_global_aggregator_holds_what_checks_each_region_never_a_combiners_credential():
+    # execute
+    children = build_children(target())
+    secret = secret_data(by_kind(children, "Secret")["mnist-aggregator"])
+    pod = by_kind(children, "Deployment")["mnist-aggregator"]["spec"]["template"]["spec"]
+    # assert: per region, its token's digest and its public key; no token, no private key
+    assert json.loads(secret["tokens.json"]) == {r: digest(f"token-{r}") for r in ("eu", "us")}
+    assert json.loads(secret["keys.json"]) == {
+        r: signing.public_key_of(region_signing_key(r), r) for r in ("eu", "us")
+    }
+    text = json.dumps(secret)
+    assert not any(f'"token-{r}"' in text or region_signing_key(r) in text for r in ("eu", "us"))
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--region-tokens") + 1] == "/etc/fedkube/tokens/tokens.json"
+    assert args[args.index("--region-keys") + 1] == "/etc/fedkube/tokens/keys.json"
+    assert {
+        "name": "checks",
+        "secret": {"secretName": "mnist-aggregator", "items": CHECKS_ITEMS},
+    } in pod["volumes"]
+    assert not [e for e in pod["containers"][0]["env"] if "secretKeyRef" in e.get("valueFrom", {})]
 
 
 def test_a_tenants_network_policy_allows_its_combiner_and_dns_only():

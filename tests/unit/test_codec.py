@@ -116,3 +116,65 @@ def header_payload(header: dict, body: bytes) -> bytes:
 def test_malformed_payloads_are_refused_with_a_reason(payload, words):
     with pytest.raises(CodecError, match=words):
         codec.decode(payload)
+
+
+def test_a_header_nested_a_hundred_thousand_deep_is_refused_by_name():
+    # prepare: [[[[...]]]] as the whole header; json's C parser recurses once per level
+    text = b"[" * 100_000 + b"]" * 100_000
+    payload = struct.pack("<Q", len(text)) + text
+    # execute / assert: a CodecError naming the nesting, not a RecursionError (a 500)
+    with pytest.raises(CodecError, match="nests deeper than 3 levels"):
+        codec.decode(payload)
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        # int64 products that wrap to 0 bytes, which an empty range would match
+        ({"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, "beyond numpy"),
+        ({"dtype": "U8", "shape": [2**62, 4], "data_offsets": [0, 0]}, "beyond numpy"),
+        # beyond int64 altogether (numpy raised OverflowError)
+        ({"dtype": "F32", "shape": [2**70], "data_offsets": [0, 0]}, "beyond numpy"),
+        # JSON true is not a dimension or an offset, though Python counts it an int
+        ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "non-negative integers"),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}, "data_offsets"),
+        ({"dtype": "U8", "shape": [1] * 33, "data_offsets": [0, 1]}, "rank 33, more than 32"),
+        # empty, yet numpy's reshape raised "Maximum allowed dimension exceeded"
+        ({"dtype": "U8", "shape": [2**63, 0], "data_offsets": [0, 0]}, "beyond numpy's indexing"),
+    ],
+)
+def test_a_shape_or_offset_that_would_overflow_or_mislead_numpy_is_refused_by_name(entry, words):
+    with pytest.raises(CodecError, match=words):
+        codec.decode(header_payload({"w": entry}, b"0000"))
+
+
+def test_too_many_tensors_or_too_long_a_name_is_refused_by_name():
+    # prepare
+    empty = {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+    crowded = header_payload({str(i): empty for i in range(codec.MAX_TENSORS + 1)}, b"")
+    long_name = header_payload({"n" * (codec.MAX_NAME_CHARS + 1): empty}, b"")
+    # execute / assert
+    with pytest.raises(CodecError, match="100001 tensors, more than 100000"):
+        codec.decode(crowded)
+    with pytest.raises(CodecError, match="name of 1025 characters"):
+        codec.decode(long_name)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"w": {"dtype": "U8", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 1]}}',
+        json.dumps({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode("utf-16"),
+    ],
+    ids=["integer-of-5000-digits", "utf-16"],
+)
+def test_a_header_json_cannot_read_as_utf8_json_is_refused_by_name(text):
+    # json.loads raised a bare ValueError for the first, and read the second
+    with pytest.raises(CodecError, match="header is not JSON"):
+        codec.decode(struct.pack("<Q", len(text)) + text + b"0")
+
+
+def test_a_tensor_named_like_the_metadata_is_refused_when_encoded():
+    # decode() reads the header's __metadata__ entry as the metadata, never as a tensor
+    with pytest.raises(CodecError, match="__metadata__"):
+        codec.encode({"__metadata__": np.zeros(2, np.float32)}, {})

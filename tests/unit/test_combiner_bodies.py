@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from fedkube.aggregator.combiner.registrations import Registrations
 from fedkube.service.bodies import BufferPool
+
+MB = 1024 * 1024
+
+
+def resident_bytes() -> int:
+    """This process's resident memory, from the kernel (/proc/self/statm)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_the_pool_keeps_as_many_buffers_as_were_in_use_at_once_and_reuses_them():
@@ -38,6 +49,22 @@ def test_the_pool_hands_out_the_smallest_buffer_that_fits():
     pool.give(small)
     assert pool.take(500_000) is small
     assert pool.take(2_000_000) is large
+
+
+def test_a_fresh_buffer_commits_memory_only_as_the_body_arrives():
+    # prepare: a sender announces 512 MB (a pool with nothing idle to hand out)
+    pool = BufferPool()
+    before = resident_bytes()
+    # execute: its buffer is taken, and 8 MB of its body arrive
+    buffer = pool.take(512 * MB)
+    announced = resident_bytes() - before
+    buffer[: 8 * MB] = b"\x01" * (8 * MB)
+    arrived = resident_bytes() - before
+    # assert: the claim cost nothing resident, the bytes that came cost their size
+    # (a bytearray of the announced size zero-fills, and so commits, all 512 MB)
+    assert announced < 32 * MB, announced
+    assert 8 * MB <= arrived < 64 * MB, arrived
+    assert len(buffer) >= 512 * MB and buffer[8 * MB] == 0
 
 
 def test_a_registration_is_written_once_per_quarter_of_the_ttl_per_client():

@@ -159,13 +159,23 @@ def test_a_topk_update_with_more_entries_than_its_fraction_is_refused_as_oversiz
     ("tamper", "reason"),
     [
         (lambda w, m: w.update({"int8/scale": -w["int8/scale"]}), "malformed"),
+        # finite, but 127 · 3e38 is inf once dequantised in float32
+        (lambda w, m: w["int8/scale"].__setitem__(0, 3e38), "non_finite"),
         (lambda w, m: w.update({"int8/scale": np.ones(3, np.float32)}), "wrong_shape"),
         (lambda w, m: w.update({"int8/q": w["int8/q"].astype(np.int16)}), "wrong_dtype"),
         (lambda w, m: m.update({"fedkube.int8_block": "x"}), "malformed"),
         (lambda w, m: m.update({"fedkube.int8_block": "256"}), "metadata_mismatch"),
         (lambda w, m: m.update({"fedkube.compression": "fp16"}), "metadata_mismatch"),
     ],
-    ids=["negative-scale", "scale-count", "q-dtype", "block", "other-block", "other-scheme"],
+    ids=[
+        "negative-scale",
+        "huge-scale",
+        "scale-count",
+        "q-dtype",
+        "block",
+        "other-block",
+        "other-scheme",
+    ],
 )
 def test_a_malformed_int8_update_is_refused_by_name(tamper, reason):
     scheme = WireCompression(scheme="int8", block_size=128)
@@ -188,3 +198,38 @@ def test_a_compressed_model_decodes_to_float32_with_the_models_shapes():
         for name in SHAPES:
             assert model[name].dtype == np.float32
             np.testing.assert_array_equal(model[name], decoded[name])
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        '{"w": [-1], "b": [3]}',  # a negative size shifted every later tensor's slice
+        '{"w": [1e999]}',  # int() of inf raised OverflowError
+        '{"w": [true, 2]}',
+        '{"w": [2.0]}',
+        '{"w": "12"}',
+        "[" * 100_000,  # json's parser raised RecursionError
+    ],
+    ids=["negative", "infinite", "bool", "float", "string", "nested"],
+)
+def test_a_compressed_model_whose_shapes_are_not_sizes_is_refused_by_name(shapes):
+    # prepare: an int8 model whose metadata names its shapes
+    scheme = WireCompression(scheme="int8")
+    wire, meta, _ = compression.encode(update(), scheme, np.random.default_rng(0), True)
+    meta[compression.SHAPES_KEY] = shapes
+    # execute / assert
+    with pytest.raises(UpdateRejected) as refused:
+        compression.parse_model(wire, meta, scheme)
+    assert refused.value.reason == "malformed" and compression.SHAPES_KEY in refused.value.detail
+
+
+def test_an_empty_tensor_travels_in_int8_with_its_own_scale():
+    # prepare: a model with a zero-size tensor, one scale per tensor
+    tensors = {"empty": np.zeros((0, 4), np.float32), "w": np.ones(3, np.float32)}
+    scheme = WireCompression(scheme="int8")
+    # execute: the sender's encoder checks its own output with parse()
+    wire, meta, decoded = compression.encode(tensors, scheme, np.random.default_rng(0))
+    # assert
+    assert wire["int8/scale"].shape == (2,)
+    parts = compression.parse(wire, meta, {"empty": (0, 4), "w": (3,)}, scheme)
+    np.testing.assert_array_equal(parts["w"].dense(), decoded["w"])

@@ -40,6 +40,13 @@ def test_a_good_report_is_read_as_sent():
         ({"metrics": {"auroc": math.nan}}, "metrics.auroc: nan is not finite"),
         ({"metrics": {f"m{i}": 0.0 for i in range(17)}}, "metrics: 17 names; at most 16"),
         ({"error": 3}, "error: expected the failure's first line"),
+        # JSON keeps 10**400 an int: float() of it raised OverflowError (a 500)
+        (
+            {"metrics": {"auroc": 10**400}},
+            "metrics.auroc: 1000000000000000000000000000000000000000 is not finite",
+        ),
+        # re.match's $ took the name with its final newline
+        ({"metrics": {"auroc\n": 0.8}}, "metrics: name 'auroc\\n' is not [a-z][a-z0-9_]*"),
     ],
 )
 def test_a_bad_report_is_refused_naming_the_field(change, problem):

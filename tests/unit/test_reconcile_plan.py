@@ -125,15 +125,14 @@ def test_objects_being_deleted_are_waited_for():
 
 def test_issued_tokens_are_read_back_and_only_missing_ones_minted():
     job = parse_job(three_tenants())
-    secret = {
-        "kind": "Secret",
-        "metadata": {"name": "mnist-tenant-a", "ownerReferences": [{"uid": UID}]},
-        "data": {"token": base64.b64encode(b"issued-before").decode()},
-    }
-    aggregator, tenants = read_tokens([secret], UID, job)
-    assert tenants["a"] == "issued-before"
+    existing = [
+        tenant_secret("mnist-tenant-a", {"token": "issued-before"}),
+        tenant_secret("mnist-combiner-eu", {"token": "eu-issued-before"}),
+    ]
+    regions, tenants = read_tokens(existing, UID, job)
+    assert tenants["a"] == "issued-before" and regions["eu"] == "eu-issued-before"
     assert len(tenants["b"]) >= 32 and tenants["b"] != tenants["c"]
-    assert len(aggregator) >= 32
+    assert len(regions["us"]) >= 32 and regions["us"] not in tenants.values()
 
 
 def tenant_secret(name: str, data: dict[str, str], uid: str = UID) -> dict[str, Any]:
@@ -153,14 +152,16 @@ def test_signing_keys_are_read_back_and_only_missing_ones_minted():
         tenant_secret("mnist-tenant-b", {"token": "t"}),
         tenant_secret("mnist-tenant-c", {"token": "t", "signing-key": issued}, uid="another"),
     ]
+    existing.append(tenant_secret("mnist-combiner-eu", {"token": "t", "signing-key": issued}))
     # execute
-    keys = read_signing_keys(existing, UID, job)
-    again = read_signing_keys(existing, UID, job)
-    # assert: a's is kept on every pass; b and c get new ones, each its own
-    assert keys["a"] == again["a"] == issued
-    assert len({keys["a"], keys["b"], keys["c"]}) == 3
+    regions, keys = read_signing_keys(existing, UID, job)
+    regions_again, again = read_signing_keys(existing, UID, job)
+    # assert: a's and eu's are kept on every pass; b, c and us get new ones, each its own
+    assert keys["a"] == again["a"] == issued and regions["eu"] == regions_again["eu"] == issued
+    assert len({keys["a"], keys["b"], keys["c"], regions["us"]}) == 4
     for name in ("b", "c"):
         signing.load_signing_key(keys[name], name)
+    signing.load_signing_key(regions["us"], "us")
 
 
 def test_a_hand_edited_signing_key_stops_the_pass_naming_the_secret():

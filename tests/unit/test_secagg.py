@@ -237,3 +237,26 @@ def test_a_client_leaves_rather_than_share_under_a_threshold_of_half_or_less():
         region.clients["c00"].share({**task, "threshold": 2})
     with pytest.raises(SecureAggregationFailed, match="a share task we cannot use"):
         region.clients["c01"].share({**task, "peers": {"c02": {"x": 3}}})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # json reads 1e999 as inf: int(inf) raised OverflowError
+        lambda task: {
+            **task,
+            "peers": {v: {**p, "x": float("inf")} for v, p in task["peers"].items()},
+        },
+        # json keeps 10**400 an int: float(10**400) raised OverflowError
+        lambda task: {**task, "weightTotal": 10**400},
+    ],
+    ids=["infinite-point", "huge-weight-total"],
+)
+def test_a_share_task_with_numbers_beyond_float_makes_the_client_leave_by_name(change):
+    # prepare
+    region = Region(5)
+    region.advertise()
+    task = change(region.server.share_task("c00"))
+    # execute / assert
+    with pytest.raises(SecureAggregationFailed, match="a share task we cannot use"):
+        region.clients["c00"].share(task)

@@ -154,7 +154,15 @@ def test_a_public_keys_file_is_read_and_a_bad_entry_names_the_tenant(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "says"),
-    [(None, "cannot be read"), ("{", "is not JSON"), ("[]", "expected a JSON object")],
+    [
+        (None, "cannot be read"),
+        ("{", "is not JSON"),
+        ("[]", "expected a JSON object"),
+        # json raised RecursionError and a bare ValueError for these two
+        ("[" * 100_000 + "]" * 100_000, "is not JSON: nested deeper"),
+        ('{"a": ' + "1" * 5000 + "}", "is not JSON"),
+    ],
+    ids=["missing", "not-json", "not-an-object", "nested", "integer-of-5000-digits"],
 )
 def test_a_missing_or_malformed_public_keys_file_is_named(tmp_path, content, says):
     path = tmp_path / "keys.json"
@@ -163,3 +171,13 @@ def test_a_missing_or_malformed_public_keys_file_is_named(tmp_path, content, say
     with pytest.raises(SigningKeyError, match=says) as caught:
         signing.load_verify_keys(path)
     assert str(path) in str(caught.value)
+
+
+def test_a_client_or_job_that_is_not_utf8_is_signed_and_checked_like_any_other():
+    # prepare: aiohttp hands a header of bytes that are not UTF-8 over with lone surrogates
+    key, verify_key = keys()
+    fields = ("job", 3, "a-\udcff", DIGEST)
+    # execute / assert: it has its own signature, and another client's does not verify
+    signing.verify(verify_key, signing.sign(key, *fields), *fields, tenant="a")
+    other = signing.sign(key, "job", 3, "a-\udcfe", DIGEST)
+    assert rejection(verify_key, other, *fields).reason == "bad_signature"

@@ -193,3 +193,18 @@ def test_more_than_a_thousand_workers_for_a_tenant_is_refused_naming_the_field()
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_manifest_is_valid(path):
     assert load_job(path).spec.rounds >= 1
+
+
+def test_an_inflight_budget_that_could_never_hold_the_largest_update_names_its_field():
+    # prepare: updates up to 3 GiB, the combiner's budget left at its 2 GiB default
+    document = small_job_dict(transport={"maxUpdateBytes": 3 * 1024**3})
+    # execute
+    problems = problems_of(document)
+    # assert: the budget is named, and why it cannot stand
+    assert "below maxUpdateBytes" in problems["spec.transport.maxInflightBytes"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**53])
+def test_a_seed_that_numpy_or_torch_would_refuse_is_refused_by_name(seed):
+    # numpy refuses a negative seed; past 2^53 - 1 not every JSON parser reads it exactly
+    assert "spec.seed" in problems_of(small_job_dict(seed=seed))

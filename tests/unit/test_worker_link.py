@@ -14,7 +14,7 @@ from fedkube.errors import FedkubeError
 from fedkube.wire import codec
 from fedkube.wire.failures import FailureReport
 from fedkube.wire.protocol import H_CLIENT, H_JOB, H_ROUND, H_SIGNATURE, H_TENANT, H_WEIGHT
-from fedkube.workers.link import RETRY_MIN_S, CombinerLink, Taken, answer_of
+from fedkube.workers.link import RETRY_MIN_S, CombinerLink, Taken, answer_of, retry_after
 from fedkube.workers.pipeline import LocalUpdate, Outgoing
 from fedkube.workers.seat import Identity
 
@@ -39,6 +39,19 @@ async def test_the_poll_is_retried_while_the_combiner_fails_and_the_backoff_rese
     assert headers["Authorization"] == "Bearer token"
     assert headers[H_JOB] == "job" and headers[H_TENANT] == "a"
     assert json.loads(body) == {"clients": ["a-0"], "after": 1, "wait": 0.5}
+
+
+async def test_a_poll_answer_that_is_not_a_task_list_is_asked_again(combiner):
+    # prepare: JSON nested past the parser's limit, a list, then a real answer
+    fake, url = combiner
+    fake.script("/v1/tasks", (200, "[" * 100_000), (200, [1, 2]), (200, {"status": "wait"}))
+    async with CombinerLink(url, "token", IDENTITY) as link:
+        # execute
+        answer = await asyncio.wait_for(link.tasks(["a-0"], 1, 0.5, asyncio.Event()), 10)
+    # assert: neither broke the worker; the third answer is the one it acts on
+    assert answer == {"status": "wait"} and len(fake.seen) == 3
+    assert answer_of(500, "[" * 100_000)["error"] == "http 500"
+    assert answer_of(200, "1" * 5000)["error"] == "http 200"  # past int's digit limit
 
 
 async def test_refused_credentials_end_the_worker_and_a_stopped_one_stops_polling(combiner):
@@ -73,6 +86,37 @@ async def test_an_updates_answer_says_whether_it_was_taken(combiner, status, ans
     assert headers[H_CLIENT] == "a-0" and headers[H_ROUND] == "2"
     assert headers[H_WEIGHT] == "5.0" and headers[H_SIGNATURE] == sent.signature
     assert body == sent.body.tobytes()
+
+
+async def test_a_busy_combiner_gets_the_update_again_after_its_retry_after(combiner, monkeypatch):
+    # prepare: the combiner is full (429, then 503 at its total) and says when to come back
+    fake, url = combiner
+    busy = {"error": "busy", "detail": "receiving all it can"}
+    fake.script("/v1/update", (429, busy, {"Retry-After": "3"}), (503, busy, {"Retry-After": "1"}))
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+
+    monkeypatch.setattr("fedkube.workers.link.asyncio.sleep", sleep)
+    async with CombinerLink(url, "token", IDENTITY) as link:
+        # execute: two tries, each followed by the runtime's pause
+        first = await link.send_update("a-0", 2, outgoing())
+        await link.pause()
+        second = await link.send_update("a-0", 2, outgoing())
+        await link.pause()
+    # assert: kept to be sent again (not refused), each pause as long as the combiner asked
+    assert first is Taken.later and second is Taken.later
+    assert slept == [3.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("header", "delay"),
+    [("2", 2.0), ("0.5", 0.5), ("-4", 0.0), ("nan", 0.0), ("86400", 20.0), ("soon", 0.0)],
+)
+def test_a_retry_after_header_is_read_in_seconds_and_capped(header, delay):
+    assert retry_after({"Retry-After": header}) == delay
+    assert retry_after({}) == 0.0
 
 
 async def test_secure_aggregation_messages_are_taken_refused_or_asked_again(combiner):
