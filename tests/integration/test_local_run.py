@@ -232,14 +232,14 @@ def test_a_worker_without_a_valid_signing_key_stops_naming_the_variable_and_tena
     assert "secret!" not in malformed.stderr
 
 
-def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_file, tmp_path):
-    # prepare: region eu serves tenants a and b; the keys file has a's only
-    (tmp_path / "digests.json").write_text(json.dumps({"a": "0" * 64, "b": "1" * 64}))
-    (tmp_path / "keys.json").write_text(json.dumps({"a": signing.generate_key()[1]}))
-    args = [
+def combiner_argv(job: Path, checks: Path, public_keys: dict[str, str]) -> list[str]:
+    """``fedkube combiner`` for region eu (tenants a and b) with these public keys."""
+    (checks / "digests.json").write_text(json.dumps({"a": "0" * 64, "b": "1" * 64}))
+    (checks / "keys.json").write_text(json.dumps(public_keys))
+    return [
         "combiner",
         "--job",
-        str(job_file()),
+        str(job),
         "--region",
         "eu",
         "--redis-url",
@@ -247,10 +247,15 @@ def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_fil
         "--global-url",
         "http://127.0.0.1:9",
         "--tenant-tokens",
-        str(tmp_path / "digests.json"),
+        str(checks / "digests.json"),
         "--tenant-keys",
-        str(tmp_path / "keys.json"),
+        str(checks / "keys.json"),
     ]
+
+
+def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_file, tmp_path):
+    # prepare: region eu serves tenants a and b; the keys file has a's only
+    args = combiner_argv(job_file(), tmp_path, {"a": signing.generate_key()[1]})
     region_key = signing.generate_key()[0]
     env = {**os.environ, "FEDKUBE_AGGREGATOR_TOKEN": "t", "FEDKUBE_SIGNING_KEY": region_key}
     # execute
@@ -264,24 +269,8 @@ def test_a_combiner_missing_a_tenants_public_key_stops_naming_the_tenant(job_fil
 
 def test_a_combiner_without_its_regions_signing_key_stops_naming_the_variable(job_file, tmp_path):
     # prepare: the tenants' checks are fine; the region's own key is not set
-    (tmp_path / "digests.json").write_text(json.dumps({"a": "0" * 64, "b": "1" * 64}))
     keys = {t: signing.generate_key()[1] for t in ("a", "b")}
-    (tmp_path / "keys.json").write_text(json.dumps(keys))
-    args = [
-        "combiner",
-        "--job",
-        str(job_file()),
-        "--region",
-        "eu",
-        "--redis-url",
-        "redis://127.0.0.1:9/0",
-        "--global-url",
-        "http://127.0.0.1:9",
-        "--tenant-tokens",
-        str(tmp_path / "digests.json"),
-        "--tenant-keys",
-        str(tmp_path / "keys.json"),
-    ]
+    args = combiner_argv(job_file(), tmp_path, keys)
     env = {k: v for k, v in os.environ.items() if k != "FEDKUBE_SIGNING_KEY"}
     env["FEDKUBE_AGGREGATOR_TOKEN"] = "t"
     # execute
