@@ -226,7 +226,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         redis_url=_redis_url(args.redis_url),
         checkpoint_dir=Path(args.checkpoint_dir),
         region_digests=load_digests(args.region_tokens),
-        region_keys=load_verify_keys(args.region_keys, "--region-keys"),
+        region_keys=load_verify_keys(args.region_keys, "--region-keys", "region"),
         host=args.host,
         port=args.port,
         resume=args.resume,

@@ -123,8 +123,10 @@ def public_key_of(private: str, source: str) -> str:
     return _b64(load_signing_key(private, source).public_key().public_bytes_raw())
 
 
-def load_verify_keys(path: str | Path, flag: str = "--tenant-keys") -> dict[str, VerifyKey]:
-    """``{tenant: public key}`` from a JSON object of tenant -> base64 public key."""
+def load_verify_keys(
+    path: str | Path, flag: str = "--tenant-keys", what: str = "tenant"
+) -> dict[str, VerifyKey]:
+    """``{name: public key}`` from a JSON object of ``what`` (tenant, region) -> base64 key."""
     source = f"{flag} {path}"
     try:
         document = json.loads(Path(path).read_text())
@@ -136,11 +138,11 @@ def load_verify_keys(path: str | Path, flag: str = "--tenant-keys") -> dict[str,
         raise SigningKeyError([(source, "is not JSON: nested deeper than a keys file")]) from None
     if not isinstance(document, dict):
         raise SigningKeyError(
-            [(source, "expected a JSON object of tenant -> base64 Ed25519 public key")]
+            [(source, f"expected a JSON object of {what} -> base64 Ed25519 public key")]
         )
     return {
         str(tenant): load_verify_key(
-            text if isinstance(text, str) else None, f"{source}: tenant {tenant!r}"
+            text if isinstance(text, str) else None, f"{source}: {what} {tenant!r}"
         )
         for tenant, text in document.items()
     }
