@@ -42,7 +42,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,14 @@ def default_state_dir(job: str) -> Path:
     """
     root = os.environ.get(STATE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedkube-state"
     return Path(root) / job
+
+
+def trained_summary(loss: float, metrics: Mapping[str, float]) -> str:
+    """What a round's training reported, for the log: the task's own metrics when it
+    returns any (``mse 0.41``), else the loss (a user's task may report no loss)."""
+    if metrics:
+        return ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items())[:4])
+    return f"loss {loss:.4f}"
 
 
 @dataclass
@@ -371,8 +379,8 @@ class Worker:
         self.metrics.worker_rounds.labels(*self.identity.labels()).inc()
         self.metrics.bytes_up.labels(*self.identity.byte_labels()).inc(len(outgoing.body))
         log.info(
-            "update sent: loss %.4f, %d samples, %.2fs training",
-            outgoing.update.loss,
+            "update sent: %s, %d samples, %.2fs training",
+            trained_summary(outgoing.update.loss, outgoing.update.metrics),
             int(outgoing.weight),
             outgoing.train_s,
             extra=self._f(number, seat.client.id),

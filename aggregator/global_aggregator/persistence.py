@@ -42,7 +42,7 @@ async def restore(agg: GlobalAggregator) -> None:
     spec = agg.spec
     if not agg.config.resume:
         checkpoint.clear(directory)
-        await agg.store.delete_all(keep_leases=True)
+        await agg.store.delete_all(keep_live=True)
         await agg.store.start_job(spec.rounds)
         return
     saved = checkpoint.load_latest(directory, agg.name)

@@ -250,18 +250,23 @@ class RoundStore:
             count += 1
         return count
 
-    async def delete_all(self, keep_leases: bool = False) -> int:
+    async def delete_all(self, keep_live: bool = False) -> int:
         """Remove every key of the job (the operator's finalizer uses this).
 
-        ``keep_leases`` spares the lease keys: a fresh start of the global
-        aggregator must not take the leases of combiners already running. It
-        also spares the sites' refusals, which come from outside the run too.
+        ``keep_live`` spares what services already running keep up to date,
+        for a fresh start of the global aggregator: the combiners' leases,
+        the clients' registrations and the sites' refusals. Combiners and
+        workers start beside the global tier, and a combiner rewrites a
+        client's registration only once a quarter of its TTL has passed:
+        deleting them made every fresh ``fedkube run`` wait up to 75 s for
+        its first round. Registrations carry their own time, so a stale one
+        is still seen as stale.
         """
-        spared = (self.prefix + "lease:", self.key("refused"))
+        spared = (self.prefix + "lease:", self.key("refused"), self.key("clients"))
         keys = [
             k
             async for k in self.redis.scan_iter(match=self.prefix + "*", count=500)
-            if not (keep_leases and k.startswith(spared))
+            if not (keep_live and k.startswith(spared))
         ]
         if keys:
             await self.redis.delete(*keys)

@@ -46,7 +46,10 @@ def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarra
     folder = tmp_path_factory.mktemp("undisturbed")
     job = write_job(folder, "chaos", rounds=3, participation=STRICT)
     result = run_job(RunOptions(job_path=job, out_dir=folder / "chaos", quiet=True))
+    # run_job, in process, returns the history it wrote
     assert result.status == "succeeded", result.message
+    assert [r["round"] for r in result.history] == [1, 2, 3]
+    assert result.history_path is not None and result.history_path.exists()
     saved = checkpoint.load_latest(folder / "chaos" / "checkpoints", "chaos")
     assert saved is not None
     return saved.weights

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedkube.local.launcher import ProcessLauncher
-from fedkube.local.runner import LocalRun, RunOptions, run_job
+from fedkube.local.runner import LocalRun, RunOptions
 from fedkube.wire import signing
 from tests.support import fedkube_cli, wait_for
 
@@ -278,10 +278,3 @@ def test_a_combiner_without_its_regions_signing_key_stops_naming_the_variable(jo
     # assert: exit 2, naming the variable, before anything is served
     assert done.returncode == 2, done.stderr
     assert "$FEDKUBE_SIGNING_KEY: no private key" in done.stderr
-
-
-def test_run_job_in_process_returns_the_history(job_file, tmp_path):
-    result = run_job(RunOptions(job_path=job_file(rounds=2), out_dir=tmp_path / "run", quiet=True))
-    assert result.status == "succeeded"
-    assert [r["round"] for r in result.history] == [1, 2]
-    assert result.history_path and result.history_path.exists()

@@ -110,8 +110,11 @@ async def test_a_refused_tenant_is_left_out_of_the_round_but_counts_in_its_quoru
         info = await asyncio.wait_for(rounds.open_round(aggregator, 1), timeout=10)
         assert await aggregator.store.selected(1) == {"a-0", "b-0", "c-0"}
         assert info.quorum == 3
-        # A fresh start of the aggregator keeps the sites' refusals.
-        await aggregator.store.delete_all(keep_leases=True)
+        # A fresh start of the aggregator keeps the sites' refusals and the clients'
+        # registrations (the combiners that wrote them will not rewrite them for a while).
+        await aggregator.store.delete_all(keep_live=True)
         assert await aggregator.store.refused_tenants() == {"d": "not here"}
+        registered = await aggregator.store.registered_clients(60, ["a-0", "b-0", "c-0"])
+        assert registered == {"a-0", "b-0", "c-0"}
     finally:
         await aggregator.stop()
