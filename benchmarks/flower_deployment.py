@@ -111,6 +111,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -431,10 +432,13 @@ class Deployment:
         return "\n".join(out)
 
 
-def wait_http(url: str, deadline: float, deployment: Deployment, what: str) -> None:
+def wait_http(
+    url: str, deadline: float, deployment: Deployment, what: str, ca: Path | None = None
+) -> None:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -493,11 +497,29 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     write_app(app_dir, args)
 
     superlink_port, *node_ports = free_ports(1 + args.clients)
+    # --tls-dir: the SuperLink serves TLS with that folder's certificate; the SuperNodes and
+    # flwr run verify it against its ca.crt (Flower has no client certificates).
+    tls: Path | None = Path(args.tls_dir).resolve() if args.tls_dir else None
+    trust = f'root-certificates = "{tls / "ca.crt"}"' if tls else "insecure = true"
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
-        f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{superlink_port}"\n{trust}\n'
     )
+    link_tls = (
+        [
+            "--ssl-certfile",
+            str(tls / "tls.crt"),
+            "--ssl-keyfile",
+            str(tls / "tls.key"),
+            "--ssl-ca-certfile",
+            str(tls / "ca.crt"),
+        ]
+        if tls
+        else ["--insecure"]
+    )
+    node_tls = ["--root-certificates", str(tls / "ca.crt")] if tls else ["--insecure"]
+    scheme = "https" if tls else "http"
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -520,14 +542,14 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     flwr_run_started = None
     try:
         deployment.start(
-            "superlink", ["flower-superlink", "--insecure", "--port", str(superlink_port)]
+            "superlink", ["flower-superlink", *link_tls, "--port", str(superlink_port)]
         )
         for i, port in enumerate(node_ports):
             deployment.start(
                 f"supernode-{i:03d}",
                 [
                     "flower-supernode",
-                    "--insecure",
+                    *node_tls,
                     "--superlink",
                     f"127.0.0.1:{superlink_port}",
                     "--port",
@@ -536,7 +558,13 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
                     f"partition-id={i} num-partitions={args.clients}",
                 ],
             )
-        wait_http(f"http://127.0.0.1:{superlink_port}/health", deadline, deployment, "SuperLink")
+        wait_http(
+            f"{scheme}://127.0.0.1:{superlink_port}/health",
+            deadline,
+            deployment,
+            "SuperLink",
+            tls / "ca.crt" if tls else None,
+        )
         for i, port in enumerate(node_ports):
             wait_http(f"http://127.0.0.1:{port}/health", deadline, deployment, f"SuperNode {i}")
 
@@ -602,7 +630,8 @@ def run_case(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
         "side": "flower-deployment",
         "engine": (
             "flwr deployment engine: flower-superlink + "
-            f"{args.clients} flower-supernode processes, HTTP on loopback, --insecure, "
+            f"{args.clients} flower-supernode processes, on loopback, "
+            f"{'TLS (SuperLink certificate)' if args.tls_dir else 'HTTP, --insecure'}, "
             "isolation subprocess (SuperExec -> flwr-serverapp, flwr-clientapp per message), "
             "submitted with flwr run --stream"
         ),
@@ -647,6 +676,10 @@ def main() -> None:
         "--timeout", type=float, default=900.0, help="seconds for everything (default 900)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--tls-dir",
+        help="serve the SuperLink over TLS: a folder of ca.crt, tls.crt, tls.key (for 127.0.0.1)",
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="stream the run's logs (flwr run) to stderr"
     )

@@ -47,6 +47,16 @@ What each side runs:
   0.01`` (100 per round). Start-up = 10 clients x 1M on both sides: on
   fedkube 2 tenants x 5 virtual clients (2 worker processes).
 
+* The deployment rows (``deploy``): every client a process of its own on both
+  sides, ``fedkube run`` without ``spec.simulation`` against
+  ``flower_deployment.py`` (a SuperLink and one SuperNode per client). The
+  ``tls`` rows run the same again with every connection under TLS: fedkube
+  with ``spec.transport.tls.mode: mutual`` (each worker and combiner presents
+  its certificate, the run mints the CA), Flower with a certificate on the
+  SuperLink (``--ssl-certfile``; SuperNodes and ``flwr run`` verify it against
+  the CA; Flower has no client certificates). Their ratio to the plain rows
+  is TLS's cost on each side.
+
 What the numbers mean:
 
 * round time: a round's span, from its start to its end. fedkube: from the
@@ -101,6 +111,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -200,7 +211,7 @@ QUICK = Sizes(
     fleet_fraction=0.05,
     fleet_n=10,
 )
-CASES = ("1", "2", "3", "startup", "deploy", "100k")
+CASES = ("1", "2", "3", "startup", "deploy", "tls", "100k")
 
 
 def params_of(n: int) -> int:
@@ -456,12 +467,27 @@ def fedkube_startup(sizes: Sizes) -> dict[str, Any]:
     return fedkube_cli_case(manifest, 2 * half)
 
 
-def fedkube_deployment(sizes: Sizes, n: int) -> dict[str, Any]:
+def fedkube_deployment(sizes: Sizes, n: int, tls: bool = False) -> dict[str, Any]:
     """The deployment rows: ``fedkube run`` with every client a worker process of its own
-    (no ``spec.simulation``), as each Flower SuperNode is a process of its own."""
+    (no ``spec.simulation``), as each Flower SuperNode is a process of its own; with
+    ``tls``, under ``spec.transport.tls.mode: mutual`` (the run mints its CA)."""
     tenants = sizes.deploy_clients // 2
-    manifest = cli_manifest(f"{JOB_NAME}-deploy", sizes.rounds, tenants, 2, n)
+    name = f"{JOB_NAME}-deploy-tls" if tls else f"{JOB_NAME}-deploy"
+    manifest = cli_manifest(name, sizes.rounds, tenants, 2, n)
+    if tls:
+        manifest["spec"]["transport"] = {"tls": {"mode": "mutual"}}
     return fedkube_cli_case(manifest, sizes.deploy_clients)
+
+
+def loopback_tls(folder: Path) -> Path:
+    """A CA and a certificate for 127.0.0.1, for Flower's SuperLink (``--tls-dir``)."""
+    from fedkube.service import certificates
+
+    ca = certificates.mint_ca(JOB_NAME)
+    leaf = certificates.mint_leaf(
+        ca, certificates.identity(JOB_NAME, "global"), ["127.0.0.1", "localhost"]
+    )
+    return certificates.write(folder, ca.cert_pem, leaf)
 
 
 def fedkube_fleet(sizes: Sizes) -> dict[str, Any]:
@@ -480,10 +506,12 @@ def fedkube_fleet(sizes: Sizes) -> dict[str, Any]:
 
 # -- Flower ---------------------------------------------------------------------------
 def flower_deployment_case(
-    clients: int, n: int, rounds: int, python: Path = FLOWER_PYTHON
+    clients: int, n: int, rounds: int, python: Path = FLOWER_PYTHON, tls: Path | None = None
 ) -> dict[str, Any]:
-    """flower_deployment.py: SuperLink and one SuperNode per client, processes over gRPC."""
-    return flower_case(clients, clients, n, rounds, python, script=FLOWER_DEPLOYMENT)
+    """flower_deployment.py: SuperLink and one SuperNode per client, processes over HTTP;
+    with ``tls`` (a folder of ca.crt, tls.crt, tls.key) the SuperLink serves TLS."""
+    extra = [f"--tls-dir={tls}"] if tls else []
+    return flower_case(clients, clients, n, rounds, python, script=FLOWER_DEPLOYMENT, extra=extra)
 
 
 def flower_case(
@@ -494,6 +522,7 @@ def flower_case(
     python: Path = FLOWER_PYTHON,
     timeout_s: float = CASE_TIMEOUT_S,
     script: Path = FLOWER_SIDE,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """flower_side.py (or ``script``) in the Flower virtual environment; its JSON line."""
     if not python.exists():
@@ -511,6 +540,7 @@ def flower_case(
                 f"--outputs={n}",
                 f"--rounds={rounds}",
                 f"--launched-at={launched!r}",
+                *extra,
             ]
             try:
                 done = subprocess.run(
@@ -768,6 +798,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             record(key, fk, fl)
             add(key, Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
+
+    if "tls" in wanted:
+        # The deployment rows again, every connection under TLS: fedkube's mutual (each
+        # worker and combiner presents its certificate), Flower's SuperLink certificate.
+        with tempfile.TemporaryDirectory(prefix="vs-flower-tls-") as tmp:
+            tls_dir = loopback_tls(Path(tmp))
+            for n in sizes.deploy_ns:
+                key = f"tls-{human_params(n)}"
+                label = (
+                    f"deployment under TLS: {sizes.deploy_clients} clients x "
+                    f"{human_params(n)}, a process each: median round"
+                )
+                fk = attempt(f"fedkube {label} (mutual TLS)", fedkube_deployment, sizes, n, True)
+                fl = attempt(
+                    f"Flower {label} (SuperLink TLS)",
+                    flower_deployment_case,
+                    sizes.deploy_clients,
+                    n,
+                    sizes.rounds,
+                    flower_python,
+                    tls_dir,
+                )
+                record(key, fk, fl)
+                add(key, Row(label, 0.25, "s", median_of(fk[0]), median_of(fl[0]), fk[1], fl[1]))
 
     if "100k" in wanted:
         label = (

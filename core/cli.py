@@ -27,9 +27,14 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedkube.errors import FedkubeError, SpecError
 from fedkube.spec import load_job
+
+if TYPE_CHECKING:
+    from fedkube.service.tls import Tls
+    from fedkube.spec import FederatedJob
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -214,6 +219,16 @@ def _accuracy(text: str) -> float:
     return value
 
 
+def _tls(job: FederatedJob, args: argparse.Namespace) -> Tls | None:
+    """The service's TLS for ``spec.transport.tls`` (None: disabled), its files checked."""
+    from fedkube.service.tls import TlsError, configured
+
+    try:
+        return configured(job.spec.transport.tls.mode, args.tls_dir)
+    except TlsError as exc:
+        raise SpecError([("--tls-dir", str(exc))]) from None
+
+
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedkube.aggregator.global_aggregator import GlobalConfig, run_global
     from fedkube.service.logs import configure
@@ -221,8 +236,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from fedkube.wire.signing import load_verify_keys
 
     configure("global", args.log_level)
+    job = load_job(args.job)
     config = GlobalConfig(
-        job=load_job(args.job),
+        job=job,
         redis_url=_redis_url(args.redis_url),
         checkpoint_dir=Path(args.checkpoint_dir),
         region_digests=load_digests(args.region_tokens),
@@ -230,6 +246,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         resume=args.resume,
+        tls=_tls(job, args),
     )
 
     async def main() -> str:
@@ -271,6 +288,7 @@ def cmd_combiner(args: argparse.Namespace) -> int:
         signing_key=load_signing_key(os.environ.get(SIGNING_KEY_ENV), f"${SIGNING_KEY_ENV}"),
         host=args.host,
         port=args.port,
+        tls=_tls(job, args),
     )
 
     async def main() -> None:
@@ -317,6 +335,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=pick_device(tenant.resources.gpu),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         data_binding=load_data_binding(args.data_binding) if args.data_binding else None,
+        tls=_tls(job, args),
     )
     worker = Worker(config)
     if args.metrics_port is not None:
@@ -468,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--host", default="127.0.0.1")
         s.add_argument("--port-file", help="write the bound port here (for --port 0)")
         s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+        s.add_argument(
+            "--tls-dir",
+            help="with spec.transport.tls: the folder of ca.crt, tls.crt and tls.key (default "
+            "$FEDKUBE_TLS_DIR)",
+        )
         return s
 
     p = service("aggregator", "global aggregator service")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -543,6 +543,36 @@ INFLIGHT_BELOW_UPDATE = (
 )
 
 
+class TlsMode(str, Enum):
+    disabled = "disabled"
+    server = "server"
+    mutual = "mutual"
+
+
+class Tls(_Model):
+    """TLS between the tiers: workers to combiners, combiners to the global tier.
+
+    ``fedkube run`` mints a CA for the run and a certificate for each service
+    and tenant; the operator mints them into Secrets (see the README's
+    Security section).
+    """
+
+    mode: TlsMode = Field(
+        default=TlsMode.disabled,
+        description="disabled: plain HTTP (inside a cluster whose network is trusted); "
+        "server: every connection is TLS and each caller verifies the service's certificate "
+        "against the job's CA; mutual: callers present certificates too, and a tenant's "
+        "requests must come with that tenant's certificate and a combiner's with its "
+        "region's (403 bad_certificate), beside their tokens",
+    )
+    server_names: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="more DNS names or IP addresses for the combiners' and the global "
+        "tier's certificates: the names that other sites reach them by (an ingress host)",
+    )
+
+
 class Transport(_Model):
     """What a combiner takes from its tenants' workers, and how much of it at once.
 
@@ -588,6 +618,7 @@ class Transport(_Model):
         gt=0,
         description="reject updates whose L2 norm exceeds it (reason norm_bound)",
     )
+    tls: Tls = Field(default_factory=Tls, description="TLS between the tiers")
 
     def inflight_per_tenant(self, tenants: int) -> int:
         """One tenant's in-flight budget in a region of ``tenants`` tenants."""

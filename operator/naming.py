@@ -42,6 +42,11 @@ def redis_secret_name(job: str) -> str:
     return f"{job}-redis"
 
 
+def tls_ca_name(job: str) -> str:
+    """The job's certificate authority (spec.transport.tls): read by the operator only."""
+    return f"{job}-tls-ca"
+
+
 def tenant_name(job: str, tenant: str) -> str:
     """The tenant's Secret, ServiceAccount and NetworkPolicy."""
     return f"{job}-tenant-{tenant}"

@@ -22,18 +22,22 @@ from typing import Any
 from fedkube.errors import FedkubeError, SigningKeyError
 from fedkube.operator import naming
 from fedkube.operator.builders import (
+    CA_KEY_KEY,
     SIGNING_KEY_KEY,
     TOKEN_KEY,
     RunMode,
     Target,
     build_children,
+    service_hosts,
 )
 from fedkube.operator.config import OperatorConfig
 from fedkube.operator.drift import drift
 from fedkube.operator.kube import CHILD_KINDS, Kube
 from fedkube.operator.status import parse_time
 from fedkube.policy import Refusal, check
-from fedkube.spec import FederatedJob
+from fedkube.service import certificates
+from fedkube.service.certificates import CA_FILE, CERT_FILE, KEY_FILE, Issued, identity
+from fedkube.spec import FederatedJob, TlsMode
 from fedkube.wire import signing
 
 Key = tuple[str, str]  # (kind, name)
@@ -237,19 +241,84 @@ def read_signing_keys(
     }
 
 
+def read_tls(
+    secrets_seen: Iterable[Mapping[str, Any]], uid: str, job: FederatedJob, namespace: str
+) -> tuple[Issued | None, dict[str, Issued]]:
+    """Under spec.transport.tls, the job's CA and every identity's certificate.
+
+    Read back from the Secrets while still good (issued by the CA, for the
+    names wanted now, more than 30 days from expiry), else minted: a pass
+    renews a certificate a month ahead, and a changed ``serverNames`` reissues
+    the tier's. The CA is minted once per job (``<job>-tls-ca``); one that no
+    longer loads (a hand edit) stops the pass, naming the Secret.
+    """
+    if job.spec.transport.tls.mode is TlsMode.disabled:
+        return None, {}
+    by_name = _owned_secrets(secrets_seen, uid)
+    ca_name = naming.tls_ca_name(job.name)
+    held = by_name.get(ca_name)
+    ca_pem, ca_key = _secret_value(held, CA_FILE), _secret_value(held, CA_KEY_KEY)
+    if ca_pem and ca_key:
+        ca = Issued(ca_pem.encode(), ca_key.encode())
+        try:
+            ca.certificate()
+            ca.private_key()
+        except ValueError as exc:
+            raise NotReady(
+                f"Secret {ca_name}: the CA does not load ({exc}); delete the Secret to mint "
+                "a new CA (and new certificates for every service and tenant)"
+            ) from None
+    else:
+        ca = certificates.mint_ca(job.name)
+    extra = job.spec.transport.tls.server_names
+    wanted = {
+        "global": (
+            naming.aggregator_name(job.name),
+            identity(job.name, "global"),
+            service_hosts(namespace, naming.aggregator_name(job.name), extra),
+        )
+    }
+    for region in job.region_names():
+        service = naming.combiner_name(job.name, region)
+        wanted[f"region/{region}"] = (
+            service,
+            identity(job.name, "region", region),
+            service_hosts(namespace, service, extra),
+        )
+    for tenant in job.spec.tenants:
+        wanted[f"tenant/{tenant.name}"] = (
+            naming.tenant_name(job.name, tenant.name),
+            identity(job.name, "tenant", tenant.name),
+            [],
+        )
+    leaves: dict[str, Issued] = {}
+    for who, (secret_name, uri, hosts) in wanted.items():
+        secret = by_name.get(secret_name)
+        cert, key = _secret_value(secret, CERT_FILE), _secret_value(secret, KEY_FILE)
+        if cert and key and certificates.still_good(ca, cert.encode(), uri, hosts):
+            leaves[who] = Issued(cert.encode(), key.encode())
+        else:
+            leaves[who] = certificates.mint_leaf(ca, uri, hosts)
+    return ca, leaves
+
+
 def _check_copied_secret(kube: Kube, namespace: str, job: FederatedJob, tenant: str) -> None:
     """Site mode: wait until the tenant's Secret, copied from the central cluster, is complete.
 
-    Its workers read both the token and the signing key from it; a pod
-    whose Secret lacks a key would not even start.
+    Its workers read the token and the signing key from it (and, under
+    spec.transport.tls, the tenant's certificate); a pod whose Secret lacks a
+    key would not even start.
     """
     name = naming.tenant_name(job.name, tenant)
     secret = kube.get("Secret", namespace, name)
     data = (secret or {}).get("data") or {}
-    missing = [key for key in (TOKEN_KEY, SIGNING_KEY_KEY) if key not in data]
+    wanted = [TOKEN_KEY, SIGNING_KEY_KEY]
+    if job.spec.transport.tls.mode is not TlsMode.disabled:
+        wanted += [CA_FILE, CERT_FILE, KEY_FILE]
+    missing = [key for key in wanted if key not in data]
     if missing:
         raise NotReady(
-            f"waiting for Secret {name!r} with the token and signing key of tenant {tenant!r} "
+            f"waiting for Secret {name!r} with the credentials of tenant {tenant!r} "
             f"(copy it from the central cluster; missing: {', '.join(missing)})"
         )
 
@@ -275,6 +344,9 @@ def reconcile(
                 _check_copied_secret(kube, namespace, job, tenant.name)
     region_tokens, tenant_tokens = read_tokens(existing, uid, job)
     region_keys, tenant_keys = read_signing_keys(existing, uid, job)
+    tls_ca, tls_leaves = (
+        read_tls(existing, uid, job, namespace) if config.site is None else (None, {})
+    )
     target = Target(
         job=job,
         namespace=namespace,
@@ -286,6 +358,8 @@ def reconcile(
         tenant_tokens=tenant_tokens,
         tenant_signing_keys=tenant_keys,
         refused=refused,
+        tls_ca=tls_ca,
+        tls_leaves=tls_leaves,
     )
     try:
         desired = build_children(target)

@@ -27,6 +27,7 @@ import aiohttp
 from fedkube.errors import FedkubeError
 from fedkube.service.backoff import Backoff
 from fedkube.service.bodies import read_response
+from fedkube.service.tls import Tls, client_ssl
 from fedkube.service.web import upload
 from fedkube.wire import codec
 from fedkube.wire.failures import FailureReport
@@ -81,8 +82,9 @@ def retry_after(headers: Mapping[str, str]) -> float:
 class CombinerLink:
     """The HTTP session to one combiner, opened with ``async with``."""
 
-    def __init__(self, url: str, token: str, identity: Identity):
+    def __init__(self, url: str, token: str, identity: Identity, tls: Tls | None = None):
         self.url = url
+        self.tls = tls
         self.identity = identity
         self.headers = {
             "Authorization": f"Bearer {token}",
@@ -96,7 +98,11 @@ class CombinerLink:
 
     async def __aenter__(self) -> CombinerLink:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-        self._http = aiohttp.ClientSession(headers=self.headers, timeout=timeout)
+        self._http = aiohttp.ClientSession(
+            headers=self.headers,
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(ssl=client_ssl(self.tls)),
+        )
         return self
 
     async def __aexit__(

@@ -54,6 +54,7 @@ from prometheus_client import start_http_server
 from fedkube.errors import CodecError, FedkubeError
 from fedkube.policy import DataBinding
 from fedkube.service.metrics import Metrics
+from fedkube.service.tls import Tls
 from fedkube.spec import Client, FederatedJob
 from fedkube.task import TaskFailed
 from fedkube.training.evaluation import Report
@@ -117,6 +118,9 @@ class WorkerConfig:
     # The site's own data binding (fedkube.policy): it overrides the manifest's.
     data_binding: DataBinding | None = None
     name: str | None = None  # the worker group's name; default: the only client's id
+    # spec.transport.tls: the job's CA that the combiner's certificate must chain to,
+    # and (mutual) the tenant's certificate (None: plain HTTP).
+    tls: Tls | None = None
 
 
 class Worker:
@@ -140,7 +144,7 @@ class Worker:
         self.identity = Identity(
             self.job.name, self.tenant, self.region, self.name, len(self.seats)
         )
-        self.link = CombinerLink(config.combiner_url, config.token, self.identity)
+        self.link = CombinerLink(config.combiner_url, config.token, self.identity, config.tls)
         self.last_round = 0
         self.rounds_done = 0
         self.resent = 0

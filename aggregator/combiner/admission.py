@@ -1,7 +1,8 @@
 """Who may send what: the checks an update passes before it can touch the region's sum.
 
 In the order a request meets them: the tenant's token (and that the client is
-the tenant's, in this region), the request's headers (job, codec, round,
+the tenant's, in this region; under mutual TLS, that the request came with the
+tenant's certificate), the request's headers (job, codec, round,
 weight under the tenant's cap), the signature header, and once the body is
 read, the tenant's signature over job, round, client and body, the payload's
 metadata against the headers, and finally the tensors themselves against the
@@ -21,6 +22,8 @@ from aiohttp import web
 
 from fedkube.aggregator.validation import Template, check_bound, check_update
 from fedkube.errors import CodecError, SigningKeyError, UpdateRejected
+from fedkube.service.certificates import identity
+from fedkube.service.tls import Tls, require_peer
 from fedkube.service.web import bearer, token_matches
 from fedkube.spec import Client, FederatedJob
 from fedkube.training import privacy
@@ -69,8 +72,10 @@ class Admission:
         region: str,
         tenant_digests: Mapping[str, str],
         tenant_keys: Mapping[str, signing.VerifyKey],
+        tls: Tls | None = None,
     ):
         self.job = job
+        self.tls = tls
         self.name = job.name
         self.region = region
         self.clients: dict[str, Client] = {c.id: c for c in job.clients() if c.region == region}
@@ -100,6 +105,7 @@ class Admission:
             raise UpdateRejected(
                 Reason.unauthenticated.value, f"bad or missing token for tenant {tenant!r}", 401
             )
+        require_peer(request, self.tls, identity(self.name, "tenant", tenant))
         client = request.headers.get(H_CLIENT, "")
         if client and (client not in self.clients or self.clients[client].tenant != tenant):
             raise UpdateRejected(

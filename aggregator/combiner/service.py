@@ -72,6 +72,7 @@ from fedkube.service.bodies import BufferPool
 from fedkube.service.inflight import InflightBudget
 from fedkube.service.logs import fields
 from fedkube.service.metrics import Metrics
+from fedkube.service.tls import Tls, client_ssl, describe
 from fedkube.service.web import start_site
 from fedkube.spec import FederatedJob
 from fedkube.state.lease import LEASE_TTL_MS, Lease
@@ -102,6 +103,9 @@ class CombinerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     lease_ttl_ms: int = LEASE_TTL_MS
+    # spec.transport.tls: what it serves its workers with and dials the global tier
+    # with (None: plain HTTP).
+    tls: Tls | None = None
 
 
 class Combiner:
@@ -112,7 +116,7 @@ class Combiner:
         self.metrics = metrics or Metrics()
         self.store = RoundStore.connect(config.redis_url, self.name)
         self.admission = Admission(
-            config.job, config.region, config.tenant_digests, config.tenant_keys
+            config.job, config.region, config.tenant_digests, config.tenant_keys, config.tls
         )
         clients = self.admission.clients
         self.region = config.region
@@ -167,16 +171,20 @@ class Combiner:
         self._http = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.config.aggregator_token}"},
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            connector=aiohttp.TCPConnector(ssl=client_ssl(self.config.tls)),
         )
         self.models.http = self._http
-        self._runner, self.port = await start_site(self.app(), self.config.host, self.config.port)
+        self._runner, self.port = await start_site(
+            self.app(), self.config.host, self.config.port, self.config.tls
+        )
         self._tasks = [
             asyncio.create_task(self._follow_rounds()),
             asyncio.create_task(self.lease.keep(self.stopped)),
         ]
         log.info(
-            "combiner serving on port %d",
+            "combiner serving on port %d (%s)",
             self.port,
+            describe(self.config.tls),
             extra=fields(job=self.name, region=self.region),
         )
 

@@ -9,7 +9,8 @@ a refused one is counted, logged and answered by
 Every request carries a region combiner's token; a partial is taken only
 from the credential of the region it is for, and only if that region's key
 signed it: one combiner (or its stolen token) cannot post another region's
-sums.
+sums. Under mutual TLS (``spec.transport.tls``) the request must also come
+with that region's certificate.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from fedkube.aggregator.refusals import refuse
 from fedkube.aggregator.strategies.sums import Partial
 from fedkube.errors import UpdateRejected
 from fedkube.service.bodies import Pace, announced_length, read_own_body
+from fedkube.service.certificates import identity
 from fedkube.service.logs import fields
+from fedkube.service.tls import require_peer
 from fedkube.service.web import bearer, digest, json_error, send_payload, start_site
 from fedkube.state import checkpoint
 from fedkube.wire import signing
@@ -56,7 +59,7 @@ def app(agg: GlobalAggregator) -> web.Application:
 
 async def serve(agg: GlobalAggregator) -> tuple[web.AppRunner, int]:
     """Serve :func:`app` on the configured address; the runner and the port bound."""
-    return await start_site(app(agg), agg.config.host, agg.config.port)
+    return await start_site(app(agg), agg.config.host, agg.config.port, agg.config.tls)
 
 
 class Routes:
@@ -78,15 +81,22 @@ class Routes:
         ]
         return owners[0] if owners else None
 
-    def _authorised(self, request: web.Request) -> bool:
-        return self._credential(request) is not None
+    def _caller(self, request: web.Request) -> str:
+        """The region calling: its combiner's token and, under mutual TLS, its certificate."""
+        owner = self._credential(request)
+        if owner is None:
+            raise UpdateRejected(Reason.unauthenticated.value, "bad or missing token", 401)
+        require_peer(request, self.agg.config.tls, identity(self.agg.name, "region", owner))
+        return owner
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "round": self.agg.round_no})
 
     async def status(self, request: web.Request) -> web.Response:
-        if not self._authorised(request):
-            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        try:
+            self._caller(request)
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
         agg = self.agg
         return web.json_response(
             {
@@ -98,8 +108,10 @@ class Routes:
         )
 
     async def model(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorised(request):
-            return json_error(401, Reason.unauthenticated.value, "bad or missing token")
+        try:
+            self._caller(request)
+        except UpdateRejected as exc:
+            return json_error(exc.status, exc.reason, exc.detail)
         try:
             version = int(request.match_info["version"])
         except ValueError:
@@ -120,9 +132,7 @@ class Routes:
         region = request.headers.get(H_REGION, "")
         label = region if region in agg.regions else "unknown"
         try:
-            owner = self._credential(request)
-            if owner is None:
-                raise UpdateRejected(Reason.unauthenticated.value, "bad or missing token", 401)
+            owner = self._caller(request)
             if owner != region:
                 raise UpdateRejected(
                     Reason.wrong_region.value,

@@ -30,6 +30,7 @@ from fedkube.aggregator.validation import Template, template_of
 from fedkube.errors import SigningKeyError
 from fedkube.service.logs import fields
 from fedkube.service.metrics import Metrics
+from fedkube.service.tls import Tls, describe
 from fedkube.spec import FederatedJob
 from fedkube.state.lease import LEASE_TTL_MS, Lease
 from fedkube.state.roundstate import RoundInfo, RoundStore
@@ -58,6 +59,7 @@ class GlobalConfig:
     port: int = 0
     resume: bool = False
     lease_ttl_ms: int = LEASE_TTL_MS
+    tls: Tls | None = None  # spec.transport.tls: the files it serves with (None: plain HTTP)
 
 
 class GlobalAggregator:
@@ -136,8 +138,9 @@ class GlobalAggregator:
         self._runner, self.port = await routes.serve(self)
         self.lease_task = asyncio.create_task(self.lease.keep(self.stopping))
         log.info(
-            "global aggregator serving on port %d, next round %d",
+            "global aggregator serving on port %d (%s), next round %d",
             self.port,
+            describe(self.config.tls),
             self.round_no + 1 if self.continuing is None else self.continuing.round,
             extra=fields(job=self.name),
         )

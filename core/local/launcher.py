@@ -45,6 +45,9 @@ class Launcher(Protocol):
         """A port a service can be told to bind, or None where only the service knows
         where it will run (a Ray cluster): then its address is read once it started."""
 
+    def service_hosts(self) -> list[str]:
+        """Every address a service may be reached at (its TLS certificate names them all)."""
+
     def close(self) -> None: ...
 
 
@@ -102,6 +105,9 @@ class ProcessLauncher:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind((self.host, 0))
             return int(probe.getsockname()[1])
+
+    def service_hosts(self) -> list[str]:
+        return [self.host, "localhost"]
 
     def close(self) -> None:
         return None

@@ -256,6 +256,13 @@ class RayLauncher:
         """None: a service's node (and so its address) is known only once it is placed."""
         return None
 
+    def service_hosts(self) -> list[str]:
+        """Loopback and every live node's address: a service may be placed on any of them."""
+        import ray
+
+        nodes = [str(n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive")]
+        return list(dict.fromkeys([self.host, "127.0.0.1", "localhost", *nodes]))
+
     def _job(self, argv: list[str]) -> FederatedJob:
         if self.job is None:
             self.job = load_job(Path(_flag(argv, "--job")))

@@ -40,10 +40,12 @@ class ProgressPrinter:
         if not self.enabled:
             return
         spec = self.job.spec
+        tls = spec.transport.tls.mode.value
         print(
             f"fedkube run {self.job.name}: {len(spec.tenants)} tenants, "
             f"{len(self.job.clients())} clients, {len(spec.regions)} regions, "
-            f"{spec.rounds} rounds, strategy {spec.strategy.name}, runtime {runtime}",
+            f"{spec.rounds} rounds, strategy {spec.strategy.name}, runtime {runtime}"
+            + ("" if tls == "disabled" else f", TLS {tls} (the run's own CA)"),
             flush=True,
         )
         print(f"run directory {out}", flush=True)

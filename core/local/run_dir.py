@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkube.errors import FedkubeError
+from fedkube.service import certificates
+from fedkube.service.certificates import Issued, identity
 from fedkube.service.credentials import credential_checks
-from fedkube.spec import FederatedJob
+from fedkube.spec import FederatedJob, TlsMode
 from fedkube.wire import signing
 
 
@@ -88,3 +90,38 @@ def _kept(path: Path, names: list[str], mint: Callable[[], str]) -> dict[str, st
         held.setdefault(name, mint())
     write_private(path, held)
     return held
+
+
+def tls_for(out: Path, job: FederatedJob, hosts: list[str]) -> dict[str, Path]:
+    """Under ``spec.transport.tls``, each service's and tenant's TLS folder (else none).
+
+    ``global``, ``region/<r>`` and ``tenant/<t>`` map to folders under
+    ``secrets/tls`` holding ``ca.crt``, ``tls.crt`` and ``tls.key``. The run's
+    CA is minted once and kept across --resume (its key stays in
+    ``secrets/tls/ca``, mode 0600); the services' certificates are minted
+    again at every start, for the ``hosts`` they are reached at this time.
+    """
+    settings = job.spec.transport.tls
+    if settings.mode is TlsMode.disabled:
+        return {}
+    folder = out / "secrets" / "tls"
+    ca_dir = folder / "ca"
+    try:
+        ca = Issued((ca_dir / "ca.crt").read_bytes(), (ca_dir / "ca.key").read_bytes())
+    except FileNotFoundError:
+        ca = certificates.mint_ca(job.name)
+        ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (ca_dir / "ca.crt").write_bytes(ca.cert_pem)
+        descriptor = os.open(ca_dir / "ca.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(ca.key_pem)
+    served = [*hosts, *settings.server_names]
+    leaves: dict[str, tuple[str, list[str]]] = {"global": (identity(job.name, "global"), served)}
+    for region in job.region_names():
+        leaves[f"region/{region}"] = (identity(job.name, "region", region), served)
+    for tenant in job.spec.tenants:
+        leaves[f"tenant/{tenant.name}"] = (identity(job.name, "tenant", tenant.name), [])
+    return {
+        name: certificates.write(folder / name, ca.cert_pem, certificates.mint_leaf(ca, uri, names))
+        for name, (uri, names) in leaves.items()
+    }

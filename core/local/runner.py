@@ -45,7 +45,7 @@ import redis
 
 from fedkube.local import report
 from fedkube.local.launcher import Handle, Launcher, ProcessLauncher, wait_port
-from fedkube.local.run_dir import credentials_for, prepare_dir
+from fedkube.local.run_dir import credentials_for, prepare_dir, tls_for
 from fedkube.policy import (
     Refusal,
     SitePolicy,
@@ -107,6 +107,7 @@ class LocalRun:
         self._redis_down_since: float | None = None
         self.stopping = False  # set by stop() (from another thread): follow() returns
         self.redis_server: RedisServer | None = None
+        self.tls_dirs: dict[str, Path] = {}  # spec.transport.tls: who -> its folder (run_dir)
         self._client: redis.Redis | None = None
         self.policy: SitePolicy | None = (
             load_policy(options.policy_path) if options.policy_path else None
@@ -126,6 +127,7 @@ class LocalRun:
         for stale in [*(out / "ports").glob("*"), *(out / "pids").glob("*")]:
             stale.unlink()
         credentials = credentials_for(out, job)
+        self.tls_dirs = tls_for(out, job, self.launcher.service_hosts())
         tokens = credentials.tokens
         external = self.options.redis_url or job.spec.state.redis_url
         if external:
@@ -156,6 +158,7 @@ class LocalRun:
             "0",
             "--port-file",
             str(out / "ports" / "global"),
+            *self._tls_args("global"),
         ]
         reserved = {name: self.launcher.reserve_port() for name in ["global", *job.region_names()]}
         argv[argv.index("--port") + 1] = str(reserved["global"] or 0)
@@ -187,6 +190,7 @@ class LocalRun:
                     str(reserved[region] or 0),
                     "--port-file",
                     str(out / "ports" / region),
+                    *self._tls_args(f"region/{region}"),
                 ],
                 {
                     AGGREGATOR_TOKEN_ENV: credentials.region_tokens[region],
@@ -225,6 +229,7 @@ class LocalRun:
                     "--state-dir",
                     str(out / "clients"),
                     *(["--data-binding", str(binding)] if binding else []),
+                    *self._tls_args(f"tenant/{group.tenant}"),
                 ],
                 {
                     TOKEN_ENV: tokens[group.tenant],
@@ -246,7 +251,12 @@ class LocalRun:
         """Where ``name`` is reached: its reserved port, else the one it announces."""
         handle = self.handles[name]
         port = reserved or wait_port(port_file, handle, self._log(name))
-        return f"http://{handle.url_host}:{port}"
+        scheme = "https" if self.tls_dirs else "http"
+        return f"{scheme}://{handle.url_host}:{port}"
+
+    def _tls_args(self, who: str) -> list[str]:
+        """``--tls-dir`` for ``who`` (``global``, ``region/<r>``, ``tenant/<t>``) under TLS."""
+        return ["--tls-dir", str(self.tls_dirs[who])] if self.tls_dirs else []
 
     def _record_refusals(self) -> dict[str, str]:
         """Tell the round state who the policy refuses (exactly these, this run).

@@ -14,10 +14,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from fedkube.wire.codec import CHUNK_BYTES, CONTENT_TYPE, Encoded
+
+if TYPE_CHECKING:
+    from fedkube.service.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +59,14 @@ def json_error(status: int, reason: str, detail: str) -> web.Response:
     return web.json_response({"error": reason, "detail": detail}, status=status)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``app``; returns the runner and the port actually bound (for port 0)."""
+async def start_site(
+    app: web.Application, host: str, port: int, tls: Tls | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` (over TLS with ``tls``); the runner and the port bound (for port 0)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    context = tls.server_context() if tls is not None else None
+    site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the socket
     sockets = getattr(server, "sockets", None) or []

@@ -84,6 +84,9 @@ class Reason(str, Enum):
     slow_body = "slow_body"
     # A partial posted with the credential of another region's combiner (403).
     wrong_region = "wrong_region"
+    # Under spec.transport.tls.mode mutual: the request came without the client
+    # certificate of the tenant or region its token is for (403).
+    bad_certificate = "bad_certificate"
 
 
 # HTTP headers (lower-case, as aiohttp normalises lookups).

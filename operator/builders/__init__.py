@@ -20,7 +20,22 @@ ones the handlers and the reconciler use.
 """
 
 from fedkube.operator.builders.children import build_children
-from fedkube.operator.builders.common import SIGNING_KEY_KEY, TOKEN_KEY, RunMode, Target
-from fedkube.operator.builders.containers import combiner_url
+from fedkube.operator.builders.common import (
+    CA_KEY_KEY,
+    SIGNING_KEY_KEY,
+    TOKEN_KEY,
+    RunMode,
+    Target,
+)
+from fedkube.operator.builders.containers import combiner_url, service_hosts
 
-__all__ = ["SIGNING_KEY_KEY", "TOKEN_KEY", "RunMode", "Target", "build_children", "combiner_url"]
+__all__ = [
+    "CA_KEY_KEY",
+    "SIGNING_KEY_KEY",
+    "TOKEN_KEY",
+    "RunMode",
+    "Target",
+    "build_children",
+    "combiner_url",
+    "service_hosts",
+]

@@ -14,6 +14,7 @@ from fedkube.operator.builders.configuration import (
     build_redis_secret,
     build_service_account,
     build_tenant_secret,
+    build_tls_ca_secret,
     redis_password_ref,
 )
 from fedkube.operator.builders.tier import (
@@ -36,6 +37,8 @@ def build_children(target: Target) -> list[dict[str, Any]]:
     children: list[dict[str, Any]] = [build_config_map(target)]
     tenants = target.local_tenants()
     if target.config.site is None:
+        if target.tls:
+            children.append(build_tls_ca_secret(target))
         children.append(build_aggregator_secret(target))
         if redis_password_ref(target) == (
             naming.redis_secret_name(target.name),

@@ -16,7 +16,8 @@ import yaml
 from fedkube.operator import naming
 from fedkube.operator.config import OperatorConfig
 from fedkube.policy import DataBinding
-from fedkube.spec import API_VERSION, KIND, FederatedJob, Tenant
+from fedkube.service.certificates import Issued
+from fedkube.spec import API_VERSION, KIND, FederatedJob, Tenant, TlsMode
 
 CONFIG_DIR = "/etc/fedkube/config"
 DATA_BINDING_DIR = "/etc/fedkube/data-binding"
@@ -32,6 +33,9 @@ TOKEN_KEY = "token"
 # The tenant Secret's Ed25519 private key, next to its token (fedkube.wire.signing).
 SIGNING_KEY_KEY = "signing-key"
 REDIS_PASSWORD_KEY = "password"
+# spec.transport.tls: a service's or tenant's ca.crt, tls.crt and tls.key, from its Secret.
+TLS_DIR = "/etc/fedkube/tls"
+CA_KEY_KEY = "ca.key"  # the CA's private key, in the job's tls-ca Secret only
 
 # libyaml's emitter when present: the ConfigMap is rebuilt on every pass, and
 # the pure-Python emitter took most of a no-op pass for a 100-tenant job.
@@ -69,6 +73,14 @@ class Target:
     tenant_signing_keys: Mapping[str, str] = field(default_factory=dict)
     # Tenants this site's policy refuses: nothing of theirs is built here.
     refused: frozenset[str] = frozenset()
+    # spec.transport.tls (central mode): the job's CA, and the certificate of each
+    # identity that fedkube.service.certificates names (global, region/<r>, tenant/<t>).
+    tls_ca: Issued | None = None
+    tls_leaves: Mapping[str, Issued] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return self.job.spec.transport.tls.mode is not TlsMode.disabled
 
     @property
     def name(self) -> str:

@@ -13,6 +13,7 @@ import yaml
 
 from fedkube.operator import naming
 from fedkube.operator.builders.common import (
+    CA_KEY_KEY,
     DATA_BINDING_KEY,
     REDIS_PASSWORD_KEY,
     SIGNING_KEY_KEY,
@@ -23,6 +24,8 @@ from fedkube.operator.builders.common import (
     object_metadata,
 )
 from fedkube.policy import DataBinding, data_binding_document
+from fedkube.service import certificates
+from fedkube.service.certificates import CA_FILE
 from fedkube.service.credentials import credential_checks
 from fedkube.spec import Tenant, dump_job
 
@@ -54,6 +57,37 @@ def opaque_secret(
     }
 
 
+def tls_files(target: Target, who: str) -> dict[str, str]:
+    """``who``'s ca.crt, tls.crt and tls.key under spec.transport.tls (else nothing).
+
+    ``who`` is ``global``, ``region/<r>`` or ``tenant/<t>`` (see
+    :func:`fedkube.operator.reconcile.read_tls`, which mints or reuses them).
+    """
+    if not target.tls or target.tls_ca is None:
+        return {}
+    leaf = target.tls_leaves[who]
+    return {
+        name: data.decode()
+        for name, data in certificates.files(target.tls_ca.cert_pem, leaf).items()
+    }
+
+
+def build_tls_ca_secret(target: Target) -> dict[str, Any]:
+    """The job's CA (spec.transport.tls): its certificate and key, which no pod mounts.
+
+    The operator reads it back on every pass to check and issue the job's
+    certificates; deleting it mints a new CA, and with it new certificates
+    for every service and tenant.
+    """
+    assert target.tls_ca is not None  # build_children builds it only under TLS
+    return opaque_secret(
+        target,
+        naming.tls_ca_name(target.name),
+        naming.labels(target.name, naming.ROLE_CREDENTIALS),
+        {CA_FILE: target.tls_ca.cert_pem.decode(), CA_KEY_KEY: target.tls_ca.key_pem.decode()},
+    )
+
+
 def build_aggregator_secret(target: Target) -> dict[str, Any]:
     """What checks each region's combiner: its token's digest and its public key.
 
@@ -74,6 +108,7 @@ def build_aggregator_secret(target: Target) -> dict[str, Any]:
         {
             "tokens.json": json.dumps(checks.token_digests, sort_keys=True),
             "keys.json": json.dumps(checks.public_keys, sort_keys=True),
+            **tls_files(target, "global"),
         },
     )
 
@@ -89,6 +124,7 @@ def build_tenant_secret(target: Target, tenant: Tenant) -> dict[str, Any]:
         {
             TOKEN_KEY: target.tenant_tokens[tenant.name],
             SIGNING_KEY_KEY: target.tenant_signing_keys[tenant.name],
+            **tls_files(target, f"tenant/{tenant.name}"),
         },
     )
 
@@ -116,6 +152,7 @@ def build_combiner_secret(target: Target, region: str) -> dict[str, Any]:
             SIGNING_KEY_KEY: target.region_signing_keys[region],
             "tokens.json": json.dumps(checks.token_digests, sort_keys=True),
             "keys.json": json.dumps(checks.public_keys, sort_keys=True),
+            **tls_files(target, f"region/{region}"),
         },
     )
 

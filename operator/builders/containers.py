@@ -3,13 +3,15 @@ the environment, the config volumes, the health probe and the Services' URLs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from fedkube.operator import naming
-from fedkube.operator.builders.common import CONFIG_DIR, TOKEN_KEY, Target
+from fedkube.operator.builders.common import CONFIG_DIR, TLS_DIR, TOKEN_KEY, Target
 from fedkube.operator.builders.configuration import redis_password_ref
 from fedkube.operator.config import OperatorConfig
+from fedkube.service.certificates import CA_FILE, CERT_FILE, KEY_FILE
 from fedkube.state.roundstate import REDIS_PASSWORD_ENV
 
 
@@ -89,12 +91,49 @@ def fedkube_container(
     }
 
 
-def service_probe(port: int) -> dict[str, Any]:
-    return {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 5}
+def with_tls(
+    target: Target,
+    secret: str,
+    args: list[str],
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Under ``spec.transport.tls``: ``secret``'s certificate files at ``--tls-dir``.
+
+    Only the three TLS keys of the Secret are mounted (a combiner's and a
+    tenant's Secret hold their token and signing key too, which go to the
+    environment), read-only and not world-readable.
+    """
+    if not target.tls:
+        return args, volumes, mounts
+    items = [{"key": name, "path": name} for name in (CA_FILE, CERT_FILE, KEY_FILE)]
+    volume = {"name": "tls", "secret": {"secretName": secret, "items": items, "defaultMode": 0o440}}
+    return (
+        [*args, "--tls-dir", TLS_DIR],
+        [*volumes, volume],
+        [*mounts, {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}],
+    )
+
+
+def service_probe(port: int, tls: bool = False) -> dict[str, Any]:
+    """The readiness probe: ``/healthz``, over HTTPS under TLS (a kubelet verifies no
+    certificate and presents none; the route needs neither)."""
+    get: dict[str, Any] = {"path": "/healthz", "port": port}
+    if tls:
+        get["scheme"] = "HTTPS"
+    return {"httpGet": get, "periodSeconds": 5}
 
 
 def service_url(target: Target, service: str) -> str:
-    return f"http://{service}.{target.namespace}.svc:{target.config.service_port}"
+    scheme = "https" if target.tls else "http"
+    return f"{scheme}://{service}.{target.namespace}.svc:{target.config.service_port}"
+
+
+def service_hosts(namespace: str, service: str, extra: Sequence[str] = ()) -> list[str]:
+    """The names a Service is reached by, for its certificate (``extra``: the spec's
+    serverNames, the names other sites use)."""
+    short = f"{service}.{namespace}"
+    return [service, short, f"{short}.svc", f"{short}.svc.cluster.local", *extra]
 
 
 def combiner_url(target: Target, region: str) -> str:

@@ -27,6 +27,7 @@ from fedkube.operator.builders.containers import (
     secret_env,
     service_probe,
     service_url,
+    with_tls,
 )
 from fedkube.service.web import AGGREGATOR_TOKEN_ENV
 from fedkube.wire.signing import SIGNING_KEY_ENV
@@ -62,6 +63,8 @@ def _deployment(
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(port),
+                        # /metrics needs no client certificate, but under TLS it is HTTPS.
+                        "prometheus.io/scheme": "https" if target.tls else "http",
                     },
                 },
                 "spec": {
@@ -123,7 +126,7 @@ def _tier_deployment(
         {"requests": requests, "limits": {"memory": requests["memory"]}},
         image=image,
     )
-    container["readinessProbe"] = service_probe(port)
+    container["readinessProbe"] = service_probe(port, target.tls)
     return _deployment(target, name, role, container, volumes, **label_extra)
 
 
@@ -158,6 +161,9 @@ def build_aggregator_deployment(target: Target) -> dict[str, Any]:
         str(port),
         "--resume",
     ]
+    args, volumes, mounts = with_tls(
+        target, naming.aggregator_name(target.name), args, volumes, mounts
+    )
     return _tier_deployment(
         target,
         naming.aggregator_name(target.name),
@@ -203,6 +209,7 @@ def build_combiner_deployment(target: Target, region: str) -> dict[str, Any]:
         "--port",
         str(port),
     ]
+    args, volumes, mounts = with_tls(target, secret, args, volumes, mounts)
     return _tier_deployment(
         target,
         naming.combiner_name(target.name, region),

@@ -25,6 +25,7 @@ from fedkube.operator.builders.containers import (
     fedkube_container,
     pod_security,
     secret_env,
+    with_tls,
 )
 from fedkube.policy import DataVolume
 from fedkube.service.web import TOKEN_ENV
@@ -80,6 +81,7 @@ def build_worker_pod(target: Target, tenant: Tenant, group: WorkerGroup) -> dict
         str(port),
     ]
     credentials = naming.tenant_name(target.name, tenant.name)
+    args, volumes, mounts = with_tls(target, credentials, args, volumes, mounts)
     env = [
         *base_env(target),
         secret_env(TOKEN_ENV, credentials),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from redis import Redis
 
 from fedkube.service.web import digest
@@ -35,6 +36,14 @@ from tests.cluster.jobs import (
 from tests.controlplane import ControlPlane
 from tests.operator_process import OperatorProcess
 from tests.support import ROOT, small_job_dict, wait_for
+
+
+def wait_for_every_child(cp: ControlPlane, namespace: str, job: str = "mnist") -> None:
+    wait_for(
+        lambda: expected_children(job) <= owned_children(children(cp, namespace, job)),
+        30,
+        "every child of the job",
+    )
 
 
 def test_applying_a_job_creates_every_child_with_gpu_limits_on_kwok_gpu_nodes(
@@ -248,18 +257,67 @@ def test_an_operator_killed_mid_reconcile_converges_without_duplicates_and_then_
     assert 'fedkube_operator_writes_total{action="apply"' not in operator.metrics()
 
 
+def test_under_tls_the_operator_mints_the_jobs_ca_and_each_owners_certificate_once(
+    control_plane: ControlPlane, namespace: str, operator: OperatorProcess
+):
+    # prepare: a job under mutual TLS
+    document = job_document()
+    document["spec"]["transport"] = {"tls": {"mode": "mutual"}}
+    # execute
+    apply(control_plane, namespace, document)
+    wait_for(
+        lambda: ("Secret", "mnist-tls-ca") in names(children(control_plane, namespace, "mnist")),
+        30,
+        "the job's CA Secret",
+    )
+    wait_for_every_child(control_plane, namespace)
+    secrets = {
+        s["metadata"]["name"]: {k: base64.b64decode(v) for k, v in s["data"].items()}
+        for s in get_json(control_plane, namespace, "secrets")["items"]
+    }
+    ca = x509.load_pem_x509_certificate(secrets["mnist-tls-ca"]["ca.crt"])
+    # assert: each owner's Secret holds a certificate of that CA for its own identity
+    owners = {
+        "mnist-aggregator": "fedkube://mnist/global",
+        "mnist-combiner-eu": "fedkube://mnist/region/eu",
+        "mnist-combiner-us": "fedkube://mnist/region/us",
+        "mnist-tenant-a": "fedkube://mnist/tenant/a",
+        "mnist-tenant-c": "fedkube://mnist/tenant/c",
+    }
+    for name, uri in owners.items():
+        data = secrets[name]
+        assert data["ca.crt"] == secrets["mnist-tls-ca"]["ca.crt"], name
+        cert = x509.load_pem_x509_certificate(data["tls.crt"])
+        cert.verify_directly_issued_by(ca)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [uri], name
+    combiner_names = (
+        x509.load_pem_x509_certificate(secrets["mnist-combiner-eu"]["tls.crt"])
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert f"mnist-combiner-eu.{namespace}.svc" in combiner_names.get_values_for_type(x509.DNSName)
+    # ... and later passes read them back: the operator's restart rewrites nothing
+    before = resource_versions(control_plane, namespace, "mnist")
+    operator.stop()
+    operator.start()
+    operator.wait_serving()
+    wait_for(
+        lambda: (
+            'fedkube_operator_reconcile_duration_seconds_count{trigger="timer"} 1.0'
+            in operator.metrics()
+        ),
+        30,
+        "a timer pass after the restart",
+    )
+    assert resource_versions(control_plane, namespace, "mnist") == before
+
+
 def test_a_child_edited_by_hand_is_put_back_and_the_operator_then_idles(
     control_plane: ControlPlane, namespace: str, operator: OperatorProcess
 ):
     apply(control_plane, namespace, job_document())
-    wait_for(
-        lambda: (
-            expected_children("mnist")
-            <= owned_children(children(control_plane, namespace, "mnist"))
-        ),
-        30,
-        "every child of the job",
-    )
+    wait_for_every_child(control_plane, namespace)
     egress = get_json(control_plane, namespace, "networkpolicy", "mnist-tenant-a")["spec"]["egress"]
     # Someone scales the aggregator away and opens tenant a's egress to everything.
     control_plane.kubectl(

@@ -113,15 +113,16 @@ def test_strategies_benchmark_prints_every_strategy_beside_the_fold():
 
 def test_the_flower_comparison_runs_both_systems_and_prints_the_side_by_side_table():
     # Flower's own virtualenv (make test builds it: scripts/flower-venv.sh). One case of
-    # each kind: case 2 runs case 1's code at other sizes, and the 100k row case 3's.
-    output = run_benchmark("vs_flower.py", "--quick", "--cases", "1,3,startup,deploy", timeout=600)
+    # each kind: case 2 runs case 1's code at other sizes, the 100k row case 3's, and the
+    # plain deployment rows those under TLS without the certificates.
+    output = run_benchmark("vs_flower.py", "--quick", "--cases", "1,3,startup,tls", timeout=600)
     rows = table_rows(output, "fedkube median")
     for label in (
         "4 clients x 10k, all/round: median round",
         "50 clients, 5/round, 10k: median round",
         "50 clients, 5/round, 10k: peak memory (PSS)",
         "start-up to end of round 1",
-        "deployment: 2 clients x 10k, a process each: median round",
+        "deployment under TLS: 2 clients x 10k, a process each: median round",
     ):
         found = [row for row in rows if label in row]
         assert found and "n/a" not in found[0], f"no figures for {label!r} in:\n{output}"

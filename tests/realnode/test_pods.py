@@ -256,12 +256,14 @@ def test_a_client_api_script_from_the_users_image_trains_in_real_pods_and_deleti
     assert list(redis.scan_iter(match=job_prefix("digits") + "*")) == []
 
 
-def test_a_combiner_pod_deleted_mid_round_is_replaced_and_no_update_is_lost(
+def test_a_combiner_pod_deleted_mid_round_under_mutual_tls_is_replaced_and_no_update_is_lost(
     central: NodeCluster,
 ):
     cp = central.cp
-    # Long enough local training that the kill lands while the round is collecting.
+    # Long enough local training that the kill lands while the round is collecting. Every
+    # tier speaks mutual TLS, with the certificates the operator minted into Secrets.
     document = digits_job("chaos", rounds=4, epochs=40)
+    document["spec"]["transport"] = {"tls": {"mode": "mutual"}}
     cp.kubectl("apply", "-n", JOBS, "-f", "-", input=yaml.safe_dump(document))
     prefix = job_prefix("chaos")
     wait_for(lambda: pods(central, JOBS, "fedkube.io/job=chaos"), 60, "the job's pods created")
@@ -290,7 +292,18 @@ def test_a_combiner_pod_deleted_mid_round_is_replaced_and_no_update_is_lost(
         central, JOBS, "fedkube.io/job=chaos,fedkube.io/role=combiner,fedkube.io/region=eu"
     )
     assert combiner["metadata"]["name"] not in {p["metadata"]["name"] for p in replaced}
+    # ... and the replacement served mutual TLS, its workers and the global tier dialling https.
+    log = cp.kubectl("logs", "-n", JOBS, replaced[0]["metadata"]["name"]).stdout
+    assert "(mutual TLS)" in log, log[-2000:]
+    worker = kubectl_json(central, "get", "pod", "chaos-hospital-a-0", "-n", JOBS)
+    args = worker["spec"]["containers"][0]["args"]
+    assert args[args.index("--combiner-url") + 1].startswith("https://chaos-combiner-eu."), args
     cp.kubectl("delete", "fedjob", "chaos", "-n", JOBS, "--timeout=120s")
+    wait_for(
+        lambda: cp.kubectl("get", "secret", "chaos-tls-ca", "-n", JOBS, check=False).returncode,
+        120,
+        "the job's CA Secret deleted with the job",
+    )
 
 
 def _redis_or_none(cluster: NodeCluster) -> Redis | None:

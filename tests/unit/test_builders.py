@@ -8,11 +8,13 @@ import json
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from fedkube.errors import ConfigError
 from fedkube.operator import naming
 from fedkube.operator.builders import RunMode, Target, build_children
 from fedkube.operator.config import OperatorConfig
+from fedkube.operator.reconcile import read_tls
 from fedkube.service.web import digest
 from fedkube.spec import parse_job
 from fedkube.wire import signing
@@ -515,3 +517,68 @@ def test_the_aggregator_tiers_resources_come_from_the_operator_config():
 def test_an_operator_flag_that_is_not_a_quantity_is_refused_by_name():
     with pytest.raises(ConfigError, match="--combiner-memory"):
         OperatorConfig(combiner_memory="lots")
+
+
+def tls_target(mode: str = "mutual") -> Target:
+    """A job under spec.transport.tls, with the CA and certificates a pass would hold."""
+    document = three_tenants()
+    document["spec"]["transport"] = {"tls": {"mode": mode}}
+    job = parse_job(document)
+    ca, leaves = read_tls([], UID, job, "team-a")
+    return target(document, tls_ca=ca, tls_leaves=leaves)
+
+
+def test_under_tls_each_pod_mounts_only_its_own_certificate_and_dials_https():
+    # execute
+    children = build_children(tls_target())
+    secrets = by_kind(children, "Secret")
+    # assert: the CA's key is in a Secret no pod mounts
+    ca = secret_data(secrets["mnist-tls-ca"])
+    assert set(ca) == {"ca.crt", "ca.key"}
+    for child in children:
+        if child["kind"] in ("Pod", "Deployment"):
+            spec = child["spec"] if child["kind"] == "Pod" else child["spec"]["template"]["spec"]
+            mounted = {v.get("secret", {}).get("secretName") for v in spec["volumes"]}
+            assert "mnist-tls-ca" not in mounted, child["metadata"]["name"]
+    # each Secret carries its owner's certificate, issued by the job's CA
+    owners = {
+        "mnist-aggregator": "fedkube://mnist/global",
+        "mnist-combiner-eu": "fedkube://mnist/region/eu",
+        "mnist-tenant-c": "fedkube://mnist/tenant/c",
+    }
+    for name, uri in owners.items():
+        data = secret_data(secrets[name])
+        assert data["ca.crt"] == ca["ca.crt"], name
+        assert f"URI:{uri}" in x509_names(data["tls.crt"]), name
+    # a worker mounts its tenant's certificate files (not its token or key) and dials https
+    pod = by_kind(children, "Pod")["mnist-c-0"]["spec"]
+    container = pod["containers"][0]
+    tls_volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert tls_volume["secret"]["secretName"] == "mnist-tenant-c"
+    assert [i["key"] for i in tls_volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    args = container["args"]
+    assert args[args.index("--tls-dir") + 1] == "/etc/fedkube/tls"
+    assert args[args.index("--combiner-url") + 1] == "https://mnist-combiner-us.team-a.svc:8080"
+    # the tier: probes over HTTPS, the combiner dials the global tier over https
+    deployments = by_kind(children, "Deployment")
+    combiner = deployments["mnist-combiner-eu"]["spec"]["template"]["spec"]["containers"][0]
+    assert combiner["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert combiner["args"][combiner["args"].index("--global-url") + 1].startswith("https://")
+
+
+def x509_names(pem: str) -> str:
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return ", ".join(
+        f"URI:{n.value}" if isinstance(n, x509.UniformResourceIdentifier) else str(n.value)
+        for n in names
+    )
+
+
+def test_without_tls_no_pod_gets_a_certificate_and_every_url_is_http():
+    children = build_children(target())
+    assert "mnist-tls-ca" not in by_kind(children, "Secret")
+    for container in containers(children):
+        assert "--tls-dir" not in container["args"]
+        assert not any(a.startswith("https://") for a in container["args"])
+    assert "ca.crt" not in secret_data(by_kind(children, "Secret")["mnist-tenant-c"])

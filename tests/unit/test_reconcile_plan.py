@@ -17,6 +17,7 @@ from fedkube.operator.reconcile import (
     container_restarts,
     plan_changes,
     read_signing_keys,
+    read_tls,
     read_tokens,
     run_mode,
     unschedulable_tenants,
@@ -225,3 +226,31 @@ def test_the_run_mode_follows_suspend_the_phase_and_the_workers_left():
     assert run_mode({"spec": {}, "status": ended}, done_pod, now) is RunMode.finished
     later = now + timedelta(seconds=FINISH_GRACE_S)
     assert run_mode({"spec": {}, "status": ended}, running_pod, later) is RunMode.finished
+
+
+def test_tls_certificates_are_minted_once_read_back_and_reissued_when_their_names_change():
+    # prepare: a first pass under TLS, then what the cluster lists back
+    document = three_tenants()
+    document["spec"]["transport"] = {"tls": {"mode": "server"}}
+    job = parse_job(document)
+    ca, leaves = read_tls([], UID, job, "team-a")
+    existing = as_existing(
+        build_children(target(document, tls_ca=ca, tls_leaves=leaves, mode=RunMode.active))
+    )
+    # execute: the next pass, and one after the tier gets another name
+    ca_again, again = read_tls(existing, UID, job, "team-a")
+    document["spec"]["transport"]["tls"]["serverNames"] = ["fl.example.org"]
+    renamed_ca, renamed = read_tls(existing, UID, parse_job(document), "team-a")
+    # assert: nothing re-minted; a new name reissues the tier's certificates only
+    assert ca_again == ca and again == leaves
+    assert renamed_ca == ca
+    assert renamed["global"] != leaves["global"] and renamed["region/eu"] != leaves["region/eu"]
+    assert renamed["tenant/a"] == leaves["tenant/a"]
+
+
+def test_a_hand_edited_ca_stops_the_pass_naming_its_secret():
+    document = three_tenants()
+    document["spec"]["transport"] = {"tls": {"mode": "mutual"}}
+    existing = [tenant_secret("mnist-tls-ca", {"ca.crt": "edited", "ca.key": "edited"})]
+    with pytest.raises(NotReady, match="Secret mnist-tls-ca: the CA does not load"):
+        read_tls(existing, UID, parse_job(document), "team-a")
