@@ -36,7 +36,7 @@ from fedkube.operator.kube import CHILD_KINDS, Kube
 from fedkube.operator.status import parse_time
 from fedkube.policy import Refusal, check
 from fedkube.service import certificates
-from fedkube.service.certificates import CA_FILE, CERT_FILE, KEY_FILE, Issued, identity
+from fedkube.service.certificates import CA_FILE, CERT_FILE, KEY_FILE, Issued
 from fedkube.spec import FederatedJob, TlsMode
 from fedkube.wire import signing
 
@@ -271,26 +271,19 @@ def read_tls(
     else:
         ca = certificates.mint_ca(job.name)
     extra = job.spec.transport.tls.server_names
-    wanted = {
-        "global": (
-            naming.aggregator_name(job.name),
-            identity(job.name, "global"),
-            service_hosts(namespace, naming.aggregator_name(job.name), extra),
-        )
+    secret_of = {"global": naming.aggregator_name(job.name)}
+    secret_of |= {f"region/{r}": naming.combiner_name(job.name, r) for r in job.region_names()}
+    secret_of |= {
+        f"tenant/{t.name}": naming.tenant_name(job.name, t.name) for t in job.spec.tenants
     }
-    for region in job.region_names():
-        service = naming.combiner_name(job.name, region)
-        wanted[f"region/{region}"] = (
-            service,
-            identity(job.name, "region", region),
-            service_hosts(namespace, service, extra),
+    wanted = {
+        who: (
+            secret_of[who],
+            uri,
+            service_hosts(namespace, secret_of[who], extra) if serves else [],
         )
-    for tenant in job.spec.tenants:
-        wanted[f"tenant/{tenant.name}"] = (
-            naming.tenant_name(job.name, tenant.name),
-            identity(job.name, "tenant", tenant.name),
-            [],
-        )
+        for who, (uri, serves) in certificates.identities(job).items()
+    }
     leaves: dict[str, Issued] = {}
     for who, (secret_name, uri, hosts) in wanted.items():
         secret = by_name.get(secret_name)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedkube.errors import FedkubeError
 from fedkube.service import certificates
-from fedkube.service.certificates import Issued, identity
+from fedkube.service.certificates import Issued
 from fedkube.service.credentials import credential_checks
 from fedkube.spec import FederatedJob, TlsMode
 from fedkube.wire import signing
@@ -116,12 +116,9 @@ def tls_for(out: Path, job: FederatedJob, hosts: list[str]) -> dict[str, Path]:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(ca.key_pem)
     served = [*hosts, *settings.server_names]
-    leaves: dict[str, tuple[str, list[str]]] = {"global": (identity(job.name, "global"), served)}
-    for region in job.region_names():
-        leaves[f"region/{region}"] = (identity(job.name, "region", region), served)
-    for tenant in job.spec.tenants:
-        leaves[f"tenant/{tenant.name}"] = (identity(job.name, "tenant", tenant.name), [])
     return {
-        name: certificates.write(folder / name, ca.cert_pem, certificates.mint_leaf(ca, uri, names))
-        for name, (uri, names) in leaves.items()
+        who: certificates.write(
+            folder / who, ca.cert_pem, certificates.mint_leaf(ca, uri, served if serves else [])
+        )
+        for who, (uri, serves) in certificates.identities(job).items()
     }

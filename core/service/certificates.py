@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedkube.spec import FederatedJob
+
 CA_FILE = "ca.crt"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
@@ -54,6 +56,17 @@ class Issued:
 def identity(job: str, kind: str, name: str = "") -> str:
     """The URI that names a job's ``global`` tier, a ``region``'s combiner or a ``tenant``."""
     return f"fedkube://{job}/{kind}/{name}" if name else f"fedkube://{job}/{kind}"
+
+
+def identities(job: FederatedJob) -> dict[str, tuple[str, bool]]:
+    """Who gets a certificate: ``global``, ``region/<r>``, ``tenant/<t>`` -> its URI, and
+    whether it serves (the tier's certificates name the hosts it is reached at)."""
+    found = {"global": (identity(job.name, "global"), True)}
+    for region in job.region_names():
+        found[f"region/{region}"] = (identity(job.name, "region", region), True)
+    for tenant in job.spec.tenants:
+        found[f"tenant/{tenant.name}"] = (identity(job.name, "tenant", tenant.name), False)
+    return found
 
 
 def _key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
